@@ -1,0 +1,1 @@
+"""Fast bidirectional RNN layers for PyTorch."""

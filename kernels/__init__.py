@@ -1,0 +1,1 @@
+"""Triton kernels of birnn_fast, shipped as birnn_fast.kernels."""

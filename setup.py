@@ -1,0 +1,48 @@
+"""Build birnn_fast: the Python package, the Triton kernels (as birnn_fast.kernels) and the C++ op
+library birnn_fast._C.
+
+Knobs (as flash-attention): MAX_JOBS limits ninja's parallel compiles; BIRNN_FAST_CUDA_ARCHS
+(e.g. "8.0;9.0") names CUDA targets for the day csrc/cuda/ holds sources -- it is read from the
+environment, never from torch.cuda.is_available(), since wheel builders have no GPU.
+BIRNN_FAST_SKIP_BUILD=1 installs the pure-Python package only (the reference and Triton backends).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    if os.environ.get("BIRNN_FAST_SKIP_BUILD") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("BIRNN_FAST_NATIVE", "0") == "1":
+        cxx_flags.append("-march=native")
+    ext = CppExtension(
+        "birnn_fast._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="birnn_fast",
+    version="0.1.0",
+    description="Fast bidirectional LSTM/GRU/RNN layers for PyTorch: fused Triton (GPU) and C++ (CPU) kernels",
+    packages=["birnn_fast", "birnn_fast.kernels"],
+    package_dir={"birnn_fast": "birnn_fast", "birnn_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+)
