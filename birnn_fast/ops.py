@@ -67,3 +67,53 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weig
     return (input.new_empty(input.shape), weight_ih.new_empty(weight_ih.shape),
             weight_hh.new_empty(weight_hh.shape), bias_hh.new_empty(bias_hh.shape),
             bias_hh.new_empty(bias_hh.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape))
+
+
+class BiRNNFunction(torch.autograd.Function):
+    """One bidirectional layer through a compiled backend; backward runs that backend's own BPTT op."""
+
+    @staticmethod
+    def forward(ctx, cell, backend, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths):
+        from .backends import implementation
+
+        forward_op, ctx.backward_op = implementation(backend, input.device)
+        output, h_n, c_n, workspace = forward_op(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths)
+        ctx.cell = cell
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias_hh, h0, c0, lengths, output, workspace)
+        return output, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        input, weight_ih, weight_hh, bias_hh, h0, c0, lengths, output, workspace = ctx.saved_tensors
+        grads = ctx.backward_op(
+            ctx.cell,
+            _materialize(grad_output, output),
+            _materialize(grad_h_n, h0),
+            _materialize(grad_c_n, c0),
+            input, weight_ih, weight_hh, bias_hh, h0, c0, lengths, output, workspace,
+        )
+        grad_c0 = grads[6] if ctx.cell == "LSTM" else None
+        return (None, None, *grads[:6], grad_c0, None)
+
+
+def _materialize(grad, like):
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def birnn_layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, backend=None):
+    """One bidirectional layer of ``cell`` (see the module docstring for shapes).
+
+    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_ih, bias_hh: (2, G*H);
+    h0: (2, B, H); c0: (2, B, H) for LSTM, else an empty tensor; lengths: (B,) int64.
+    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or empty.
+    ``backend`` defaults to ``backends.select(input.device, input.dtype)``.
+    """
+    from . import backends, reference
+
+    if backend is None:
+        backend = backends.select(input.device, input.dtype)
+    args = (input.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih.contiguous(),
+            bias_hh.contiguous(), h0.contiguous(), c0.contiguous(), lengths.to(input.device, torch.int64))
+    if backend == "reference":
+        return reference.birnn_layer(cell, *args)
+    return BiRNNFunction.apply(cell, backend, *args)

@@ -1,0 +1,102 @@
+"""Which implementation runs a layer.
+
+- ``cpu``: the C++ kernels of ``birnn_fast._C`` (csrc/), default for CPU tensors (fp32, fp64).
+- ``triton``: the Triton kernels of ``birnn_fast.kernels``, default for CUDA tensors (fp32, fp16,
+  bf16); on CPU tensors only under ``TRITON_INTERPRET=1``, which the tests use.
+- ``reference``: ``birnn_fast.reference``, pure PyTorch, any device and dtype.
+
+``BIRNN_FAST_BACKEND=cpu|triton|reference`` forces one: a forced backend that cannot run raises
+with the reason. Without it, a tensor no compiled backend can take falls back to ``reference``
+with a warning, once per reason.
+"""
+import glob
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cpu", "triton", "reference")
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+_load_errors = {}
+_warned = set()
+
+
+def _load_cpu():
+    """Load the C++ library once; return None or the reason it cannot be used."""
+    if "cpu" not in _load_errors:
+        from . import ops  # noqa: F401  (the schemas must exist before the kernels register)
+
+        libraries = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so"))
+        if not libraries:
+            _load_errors["cpu"] = "the C++ library birnn_fast._C is not built (pip install --no-build-isolation -e .)"
+        else:
+            try:
+                torch.ops.load_library(libraries[0])
+                _load_errors["cpu"] = None
+            except OSError as error:
+                _load_errors["cpu"] = f"birnn_fast._C failed to load: {error}"
+    return _load_errors["cpu"]
+
+
+def _load_triton():
+    """Import the Triton kernels once and register them as the CUDA implementation of the ops."""
+    if "triton" not in _load_errors:
+        try:
+            from .kernels import birnn
+        except ImportError as error:
+            _load_errors["triton"] = f"Triton kernels are unavailable: {error}"
+        else:
+            torch.library.impl("birnn_fast::forward", "CUDA")(birnn.forward)
+            torch.library.impl("birnn_fast::backward", "CUDA")(birnn.backward)
+            _load_errors["triton"] = None
+    return _load_errors["triton"]
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def why_not(backend, device, dtype):
+    """The reason ``backend`` cannot run tensors of this device and dtype, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend runs CPU tensors, got a {device.type} tensor"
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a {device.type} tensor"
+    if dtype not in _DTYPES[backend]:
+        names = ", ".join(str(d) for d in _DTYPES[backend])
+        return f"the {backend} backend supports {names}, got {dtype}"
+    return _load_cpu() if backend == "cpu" else _load_triton()
+
+
+def select(device, dtype):
+    """The backend that runs a layer on tensors of this device and dtype."""
+    forced = os.environ.get("BIRNN_FAST_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"BIRNN_FAST_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        reason = why_not(forced, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"BIRNN_FAST_BACKEND={forced} cannot run: {reason}")
+        return forced
+    preferred = "triton" if device.type == "cuda" else "cpu"
+    reason = why_not(preferred, device, dtype)
+    if reason is None:
+        return preferred
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"birnn_fast falls back to the slow reference implementation: {reason}", stacklevel=3)
+    return "reference"
+
+
+def implementation(backend, device):
+    """(forward, backward) callables with the signatures of the birnn_fast ops."""
+    if backend == "triton" and device.type == "cpu":
+        from .kernels import birnn
+
+        return birnn.forward, birnn.backward
+    return torch.ops.birnn_fast.forward, torch.ops.birnn_fast.backward

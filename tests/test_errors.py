@@ -1,0 +1,103 @@
+"""Bad arguments raise torch's exception types and messages; lengths errors name lengths."""
+import pytest
+import torch
+from torch import nn
+
+from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN, backends
+
+
+def torch_error(callable_):
+    with pytest.raises(Exception) as info:
+        callable_()
+    return info.type, str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"hidden_size": 0}, {"num_layers": 0}, {"dropout": 1.5}, {"dropout": -0.1}, {"dropout": "x"},
+])
+def test_constructor_errors_are_torchs(kwargs):
+    arguments = {"input_size": 3, "hidden_size": 4, **kwargs}
+    for fast_cls, torch_cls in [(FastBiLSTM, nn.LSTM), (FastBiGRU, nn.GRU), (FastBiRNN, nn.RNN)]:
+        expected = torch_error(lambda: torch_cls(bidirectional=True, **arguments))
+        assert torch_error(lambda: fast_cls(**arguments)) == expected
+
+
+def test_unsupported_arguments_raise():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        FastBiLSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="bidirectional only"):
+        FastBiLSTM(3, 4, bidirectional=False)
+    with pytest.raises(ValueError, match="Unknown nonlinearity"):
+        FastBiRNN(3, 4, nonlinearity="gelu")
+
+
+CASES = {
+    "wrong input size": (lambda: torch.randn(5, 2, 4), None),
+    "4-D input": (lambda: torch.randn(5, 2, 3, 1), None),
+    "1-D input": (lambda: torch.randn(5), None),
+    "wrong dtype": (lambda: torch.randn(5, 2, 3, dtype=torch.float64), None),
+    "hidden batch": (lambda: torch.randn(5, 2, 3), lambda lstm: (torch.randn(4, 3, 4), torch.randn(4, 2, 4))),
+    "cell batch": (lambda: torch.randn(5, 2, 3), lambda lstm: (torch.randn(4, 2, 4), torch.randn(4, 3, 4))),
+    "hidden layers": (lambda: torch.randn(5, 2, 3), lambda lstm: (torch.randn(2, 2, 4), torch.randn(4, 2, 4))),
+    "2-D hx for batched input": (lambda: torch.randn(5, 2, 3), lambda lstm: (torch.randn(4, 4), torch.randn(4, 4))),
+    "3-D hx for unbatched input": (lambda: torch.randn(5, 3), lambda lstm: (torch.randn(4, 1, 4), torch.randn(4, 1, 4))),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_forward_errors_are_torchs(case, cell):
+    if case == "cell batch" and cell != "LSTM":
+        pytest.skip("only an LSTM has a cell state")
+    fast_cls, torch_cls = {"LSTM": (FastBiLSTM, nn.LSTM), "GRU": (FastBiGRU, nn.GRU), "RNN": (FastBiRNN, nn.RNN)}[cell]
+    fast = fast_cls(3, 4, num_layers=2)
+    expected = torch_cls(3, 4, num_layers=2, bidirectional=True)
+    make_input, make_hx = CASES[case]
+    x = make_input()
+    hx = make_hx(cell == "LSTM") if make_hx else None
+    if hx is not None and cell != "LSTM":
+        hx = hx[0]
+    before = [p.clone() for p in fast.parameters()]
+    assert torch_error(lambda: fast(x, hx)) == torch_error(lambda: expected(x, hx))
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))
+
+
+@pytest.mark.parametrize("lengths,message", [
+    ([5, 6], "lengths must be <= the input's sequence length 5"),
+    ([5, 0], "lengths must be >= 1"),
+    ([5, -1], "lengths must be >= 1"),
+    ([5], r"expected shape \(2,\), got \(1,\)"),
+    ([5, 2, 1], r"expected shape \(2,\), got \(3,\)"),
+    (torch.tensor([5.0, 2.0]), "lengths must be an integer tensor"),
+    (torch.tensor([[5, 2]]), r"expected shape \(2,\), got \(1, 2\)"),
+    ("ab", "lengths must be"),
+])
+def test_lengths_errors(lengths, message):
+    fast = FastBiLSTM(3, 4)
+    with pytest.raises(ValueError, match=message):
+        fast(torch.randn(5, 2, 3), lengths=lengths)
+
+
+def test_lengths_with_packed_sequence_raises():
+    fast = FastBiLSTM(3, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(ValueError, match="lengths must not be given with a PackedSequence"):
+        fast(packed, lengths=[5, 3])
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("BIRNN_FAST_BACKEND", "cpu")
+    fast = FastBiLSTM(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="BIRNN_FAST_BACKEND=cpu cannot run: .*bfloat16"):
+        fast(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+    monkeypatch.setenv("BIRNN_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="BIRNN_FAST_BACKEND must be one of"):
+        FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
+
+
+def test_automatic_fallback_warns(monkeypatch):
+    monkeypatch.delenv("BIRNN_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
+    fast = FastBiLSTM(3, 4, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="falls back to the slow reference"):
+        fast(torch.randn(5, 2, 3, dtype=torch.bfloat16))

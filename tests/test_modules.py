@@ -1,0 +1,244 @@
+"""The drop-in contract: FastBiLSTM / FastBiGRU / FastBiRNN against torch.nn.LSTM / GRU / RNN,
+forward and every gradient, on every backend that can run here."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN
+
+from conftest import DEVICE, assert_close
+
+CELLS = {
+    "LSTM": (FastBiLSTM, nn.LSTM, {}),
+    "GRU": (FastBiGRU, nn.GRU, {}),
+    "RNN_TANH": (FastBiRNN, nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (FastBiRNN, nn.RNN, {"nonlinearity": "relu"}),
+}
+BACKENDS = ["cpu", "reference"]
+
+
+def make_pair(cell, input_size, hidden_size, dtype=torch.float64, **kwargs):
+    fast_cls, torch_cls, extra = CELLS[cell]
+    fast = fast_cls(input_size, hidden_size, device=DEVICE, dtype=dtype, **extra, **kwargs)
+    expected = torch_cls(input_size, hidden_size, bidirectional=True, device=DEVICE, dtype=dtype, **extra, **kwargs)
+    expected.load_state_dict(fast.state_dict())
+    return fast, expected
+
+
+def random_hx(cell, layers, batch, hidden, dtype, unbatched=False):
+    shape = (2 * layers, hidden) if unbatched else (2 * layers, batch, hidden)
+    states = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2 if cell == "LSTM" else 1)]
+    return tuple(states) if cell == "LSTM" else states[0]
+
+
+def outputs_and_grads(module, x, hx, lengths=None, pack=False, cotangents=None):
+    """Run module, backpropagate fixed random cotangents; return outputs, grads and cotangents."""
+    x = x.detach().requires_grad_()
+    leaves = [x]
+    if hx is not None:
+        hx = tuple(h.detach().requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.detach().requires_grad_()
+        leaves += list(hx) if isinstance(hx, tuple) else [hx]
+    if pack:
+        time_major = x.transpose(0, 1) if module.batch_first else x
+        packed = pack_padded_sequence(time_major, torch.as_tensor(lengths), enforce_sorted=False)
+        output, state = module(packed, hx)
+        output = pad_packed_sequence(output, total_length=time_major.shape[0])[0]
+        output = output.transpose(0, 1) if module.batch_first else output
+    elif lengths is not None:
+        output, state = module(x, hx, lengths=lengths)
+    else:
+        output, state = module(x, hx)
+    results = [output, *(state if isinstance(state, tuple) else (state,))]
+    if cotangents is None:
+        cotangents = [torch.randn_like(r) for r in results]
+    loss = sum((r * c).sum() for r, c in zip(results, cotangents))
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return [r.detach() for r in results], list(grads), cotangents
+
+
+def check_same(cell, fast, expected, x, hx=None, lengths=None, dtype=torch.float64):
+    names = ["output", "h_n", "c_n"][: 3 if cell == "LSTM" else 2]
+    want, want_grads, cotangents = outputs_and_grads(expected, x, hx, lengths, pack=lengths is not None)
+    got, got_grads, _ = outputs_and_grads(fast, x, hx, lengths, cotangents=cotangents)
+    for name, a, b in zip(names, got, want):
+        assert_close(a, b, dtype, name)
+    grad_names = ["input"] + (["h0", "c0"][: len(hx) if isinstance(hx, tuple) else 1] if hx is not None else [])
+    grad_names += [name for name, _ in fast.named_parameters()]
+    for name, a, b in zip(grad_names, got_grads, want_grads):
+        assert_close(a, b, dtype, "grad " + name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layers,bias,batch_first", [(1, True, False), (2, False, True), (3, True, True)])
+def test_matches_torch(use_backend, backend, cell, dtype, layers, bias, batch_first):
+    use_backend(backend, dtype)
+    fast, expected = make_pair(cell, 5, 7, dtype, num_layers=layers, bias=bias, batch_first=batch_first)
+    T, B = 11, 4
+    x = torch.randn((B, T, 5) if batch_first else (T, B, 5), device=DEVICE, dtype=dtype)
+    check_same(cell, fast, expected, x, random_hx(cell, layers, B, 7, dtype), dtype=dtype)
+    check_same(cell, fast, expected, x, None, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lengths_match_packed_sequence(use_backend, backend, cell, batch_first):
+    use_backend(backend)
+    fast, expected = make_pair(cell, 3, 6, num_layers=2, batch_first=batch_first)
+    T, lengths = 9, [9, 1, 4, 9, 2, 7]
+    B = len(lengths)
+    x = torch.randn((B, T, 3) if batch_first else (T, B, 3), device=DEVICE, dtype=torch.float64)
+    check_same(cell, fast, expected, x, random_hx(cell, 2, B, 6, torch.float64), lengths=lengths)
+    check_same(cell, fast, expected, x, None, lengths=torch.tensor(lengths, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence_in_packed_sequence_out(use_backend, backend, cell, enforce_sorted):
+    use_backend(backend)
+    fast, expected = make_pair(cell, 4, 5)
+    lengths = [8, 6, 6, 3, 1] if enforce_sorted else [3, 8, 1, 6, 6]
+    x = torch.randn(8, 5, 4, device=DEVICE, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+    hx = random_hx(cell, 1, 5, 5, torch.float64)
+    got_output, got_state = fast(packed, hx)
+    want_output, want_state = expected(packed, hx)
+    assert isinstance(got_output, type(want_output))
+    assert torch.equal(got_output.batch_sizes, want_output.batch_sizes)
+    assert_close(got_output.data, want_output.data, torch.float64, "packed output")
+    for got, want in zip(got_state if cell == "LSTM" else [got_state], want_state if cell == "LSTM" else [want_state]):
+        assert_close(got, want, torch.float64, "state in caller's batch order")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", ["LSTM", "RNN_TANH"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched(use_backend, backend, cell, batch_first):
+    use_backend(backend)
+    fast, expected = make_pair(cell, 3, 7, num_layers=2, batch_first=batch_first)
+    x = torch.randn(6, 3, device=DEVICE, dtype=torch.float64)
+    check_same(cell, fast, expected, x, random_hx(cell, 2, 1, 7, torch.float64, unbatched=True))
+    check_same(cell, fast, expected, x, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_odd_sizes_and_noncontiguous_input(use_backend, backend, cell):
+    use_backend(backend)
+    for T, B, I, H in [(1, 1, 1, 1), (1, 3, 2, 7), (13, 1, 5, 1), (7, 5, 9, 33)]:
+        fast, expected = make_pair(cell, I, H)
+        x = torch.randn(B, T, 2 * I, device=DEVICE, dtype=torch.float64)[:, :, ::2].transpose(0, 1)
+        assert x.numel() == 1 or not x.is_contiguous()
+        check_same(cell, fast, expected, x, random_hx(cell, 1, B, H, torch.float64))
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        check_same(cell, fast, expected, x, None, lengths=lengths)
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_long_sequence(use_backend, backend, cell):
+    use_backend(backend)
+    fast, expected = make_pair(cell, 4, 8, torch.float32)
+    x = torch.randn(520, 3, 4, device=DEVICE)
+    check_same(cell, fast, expected, x, None, lengths=[520, 1, 333], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_shapes_and_lengths(use_backend, cell, data):
+    use_backend("cpu")
+    T = data.draw(st.integers(1, 24), "T")
+    B = data.draw(st.integers(1, 9), "B")
+    I = data.draw(st.integers(1, 12), "I")
+    H = data.draw(st.integers(1, 20), "H")
+    layers = data.draw(st.integers(1, 2), "layers")
+    lengths = data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B), "lengths")
+    fast, expected = make_pair(cell, I, H, num_layers=layers)
+    x = torch.randn(T, B, I, device=DEVICE, dtype=torch.float64)
+    check_same(cell, fast, expected, x, random_hx(cell, layers, B, H, torch.float64), lengths=lengths)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(use_backend, backend, cell):
+    use_backend(backend)
+    fast, _ = make_pair(cell, 3, 4)
+    x = torch.randn(5, 2, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    hx = random_hx(cell, 1, 2, 4, torch.float64)
+    hx = tuple(h.requires_grad_() for h in hx) if cell == "LSTM" else (hx.requires_grad_(),)
+    params = tuple(fast.parameters())
+    names = [name for name, _ in fast.named_parameters()]
+
+    def function(x, *tensors):
+        states, weights = tensors[: len(hx)], tensors[len(hx):]
+        output, state = torch.func.functional_call(
+            fast, dict(zip(names, weights)), (x, states if cell == "LSTM" else states[0]), {"lengths": [5, 3]}
+        )
+        return (output, *(state if cell == "LSTM" else (state,)))
+
+    assert torch.autograd.gradcheck(function, (x, *hx, *params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_between_layers(use_backend, backend):
+    use_backend(backend)
+    # dropout=1 zeroes every layer's input but the first: deterministic, so torch must agree exactly.
+    fast, expected = make_pair("LSTM", 3, 5, num_layers=3, dropout=1.0)
+    fast.train()
+    expected.train()
+    check_same("LSTM", fast, expected, torch.randn(6, 2, 3, device=DEVICE, dtype=torch.float64))
+    fast, _ = make_pair("GRU", 3, 5, num_layers=2, dropout=0.5)
+    x = torch.randn(6, 2, 3, device=DEVICE, dtype=torch.float64)
+    assert not torch.equal(fast(x)[0], fast(x)[0]), "training mode must apply dropout"
+    fast.eval()
+    assert torch.equal(fast(x)[0], fast(x)[0]), "eval mode must not apply dropout"
+
+
+def test_padded_outputs_are_zero_and_padded_inputs_get_no_gradient(use_backend):
+    use_backend("cpu")
+    fast = FastBiLSTM(3, 4, num_layers=2, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(7, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 2, 5])
+    output, _ = fast(x, lengths=lengths)
+    padded = torch.arange(7)[:, None] >= lengths[None, :]
+    assert torch.all(output[padded.to(DEVICE)] == 0)
+    output.sum().backward()
+    assert torch.all(x.grad[padded.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_deepcopy_pickle_round_trips(cell):
+    fast, expected = make_pair(cell, 3, 5, num_layers=2)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in expected.named_parameters()]
+    back = CELLS[cell][0](3, 5, num_layers=2, device=DEVICE, dtype=torch.float64, **CELLS[cell][2])
+    back.load_state_dict(expected.state_dict())
+    expected.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 2, 3, device=DEVICE, dtype=torch.float64)
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)), back):
+        assert torch.equal(clone(x)[0], fast(x)[0])
+    buffer = io.BytesIO()
+    torch.save(fast.state_dict(), buffer)
+    buffer.seek(0)
+    back.load_state_dict(torch.load(buffer))
+    assert torch.equal(back(x)[0], fast(x)[0])
+
+
+def test_parameters_initialised_as_torch():
+    torch.manual_seed(0)
+    fast = FastBiLSTM(6, 9, num_layers=2)
+    torch.manual_seed(0)
+    expected = nn.LSTM(6, 9, num_layers=2, bidirectional=True)
+    for (name, a), (_, b) in zip(fast.named_parameters(), expected.named_parameters()):
+        assert torch.equal(a, b), name
