@@ -1,0 +1,117 @@
+"""The CPU workloads the benchmarks time: a FastBi* layer and the torch layer it replaces, with
+identical weights and inputs, and the one step a user would run with each.
+
+Shared by test_speed.py (timing) and peak_memory.py (one training step per process).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN
+
+# (T, B, I, H)
+SHAPES = {
+    "tiny": (4, 1, 16, 32),
+    "sentiment": (64, 32, 256, 256),
+    "tagging": (128, 64, 300, 256),
+}
+MODULES = {
+    "LSTM": (nn.LSTM, FastBiLSTM, 4),
+    "GRU": (nn.GRU, FastBiGRU, 3),
+    "RNN": (nn.RNN, FastBiRNN, 1),
+}
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str  # LSTM, GRU, RNN (tanh)
+    shape: str  # a key of SHAPES
+    layers: int
+    mode: str  # infer, train
+    lengths: str  # equal, varlen
+
+    @property
+    def name(self):
+        steps, batch, inputs, hidden = SHAPES[self.shape]
+        return (f"{self.cell}-{self.shape}(T{steps},B{batch},I{inputs},H{hidden})-L{self.layers}-"
+                f"{self.mode}-{self.lengths}")
+
+
+def all_cases():
+    cases = [Case("LSTM", shape, layers, mode, lengths)
+             for shape in SHAPES for layers in (1, 2) for mode in ("infer", "train")
+             for lengths in ("equal", "varlen")]
+    cases += [Case(cell, "sentiment", 1, mode, lengths)
+              for cell in ("GRU", "RNN") for mode in ("infer", "train") for lengths in ("equal", "varlen")]
+    return cases
+
+
+def make_lengths(steps, batch):
+    """Per-row lengths uniform in [T/4, T], the same for every run (own generator)."""
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(max(1, steps // 4), steps + 1, (batch,), generator=generator)
+
+
+def useful_flops(case, tokens):
+    """Forward flops of the real tokens: input GEMM 2*I*G*H plus recurrent GEMM 2*H*G*H per token and
+    direction, for every layer; training counts 3x (forward, grad_input, grad_weight)."""
+    _, _, inputs, hidden = SHAPES[case.shape]
+    gates = MODULES[case.cell][2]
+    per_token = 0
+    for layer in range(case.layers):
+        layer_inputs = inputs if layer == 0 else 2 * hidden
+        per_token += 2 * 2 * gates * hidden * (layer_inputs + hidden)
+    return per_token * tokens * (3 if case.mode == "train" else 1)
+
+
+class Workload:
+    """Both layers of a case, its input, lengths and a random cotangent; `step(impl)` is what is timed."""
+
+    def __init__(self, case):
+        self.case = case
+        steps, batch, inputs, hidden = SHAPES[case.shape]
+        torch_class, fast_class, _ = MODULES[case.cell]
+        torch.manual_seed(SEED)
+        self.modules = {"torch": torch_class(inputs, hidden, case.layers, bidirectional=True)}
+        self.modules["fast"] = fast_class(inputs, hidden, case.layers)
+        self.modules["fast"].load_state_dict(self.modules["torch"].state_dict())
+        self.input = torch.randn(steps, batch, inputs, requires_grad=case.mode == "train")
+        self.cotangent = torch.randn(steps, batch, 2 * hidden)
+        if case.lengths == "varlen":
+            self.lengths = make_lengths(steps, batch)
+        else:
+            self.lengths = torch.full((batch,), steps, dtype=torch.int64)
+        self.tokens = int(self.lengths.sum())
+        self.flops = useful_flops(case, self.tokens)
+
+    def forward(self, impl):
+        """Output (T, B, 2H), zeros past each row's length, as a user would get it from each layer."""
+        module = self.modules[impl]
+        if self.case.lengths == "equal":
+            return module(self.input)[0]
+        if impl == "fast":
+            return module(self.input, lengths=self.lengths)[0]
+        # Packing and unpacking are part of what a torch user pays for variable lengths.
+        packed = pack_padded_sequence(self.input, self.lengths, enforce_sorted=False)
+        output, _ = pad_packed_sequence(module(packed)[0], total_length=self.input.shape[0])
+        return output
+
+    def step(self, impl):
+        if self.case.mode == "infer":
+            with torch.no_grad():
+                return self.forward(impl)
+        # Gradients are dropped, not accumulated, as an optimizer's zero_grad(set_to_none=True) would.
+        self.modules[impl].zero_grad(set_to_none=True)
+        self.input.grad = None
+        output = self.forward(impl)
+        (output * self.cotangent).sum().backward()
+        return output
+
+
+def rounds_for(seconds_per_call, max_time, min_rounds=3, max_rounds=1000):
+    """Rounds that fill about `max_time` seconds, but at least `min_rounds` for the slow cases."""
+    return int(min(max_rounds, max(min_rounds, math.ceil(max_time / max(seconds_per_call, 1e-9)))))

@@ -1,0 +1,509 @@
+"""Fused bidirectional LSTM / GRU / RNN layer: one persistent Triton kernel per pass.
+
+The input projection of every step is one cuBLAS GEMM done by the launcher; the kernels run the
+whole recurrence. Program (j, bb, d) owns hidden units [j*BH, (j+1)*BH) (all G gates of them) of
+direction d for a block of BB batch rows, and keeps that slice of the state in registers. The full
+h (forward) or the full gate gradients (backward) of a step are exchanged through a small
+double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batch block) group meet
+at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
+barrier among programs that are not all resident deadlocks, so the launcher never launches more
+programs than there are SMs; further batch blocks are looped over inside the kernel.
+
+Contract: ``birnn_fast/ops.py``. Workspace, (T, B, 2, W*H), at each row's time index:
+LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LSTM = tl.constexpr(0)
+GRU = tl.constexpr(1)
+RNN_TANH = tl.constexpr(2)
+RNN_RELU = tl.constexpr(3)
+CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+WORKSPACE = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+
+# K chunk of the per-step matmuls; tl.dot needs every dimension >= 16.
+BLOCK_K = 32
+# Software pipelining of the K loops costs registers (spills) and buys little: its loads hit L2.
+NUM_STAGES = 1
+# One program per SM by design, so each of its 256 threads may hold 255 registers; without the cap
+# ptxas aims at 128 and spills.
+MAX_REGISTERS = 255
+# (BB, BH, num_warps) the launcher may pick on a GPU: those the compile test finds free of spills
+# for every cell and dtype on sm_80 and sm_90 (32x32, 64x16 and up spill in the fp32 forward).
+CONFIGS = ((16, 16, 8), (32, 16, 8), (16, 32, 8))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # exp of a non-positive argument only: no overflow for large |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _group_barrier(p_counter, target, SYNC: tl.constexpr):
+    """All programs of a group have finished the step once the counter reaches target."""
+    # The CTA barrier orders this CTA's global writes before the release (cumulativity), and its
+    # reads after the acquire; alone it suffices when the group is a single program.
+    tl.debug_barrier()
+    if SYNC:
+        arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
+        while arrived < target:
+            arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def birnn_forward_kernel(
+    xg_ptr,        # (T, B, 2, G*H) input projection + biases (GRU: b_hn excluded)
+    w_hh_ptr,      # (2, G*H, H)
+    b_hh_ptr,      # (2, G*H), read for GRU's b_hn only
+    h0_ptr,        # (2, B, H)
+    c0_ptr,        # (2, B, H) for LSTM
+    lengths_ptr,   # (B,) int64
+    out_ptr,       # (T, B, 2*H), zero-filled by the launcher
+    h_n_ptr,       # (2, B, H)
+    c_n_ptr,       # (2, B, H) for LSTM
+    ws_ptr,        # (T, B, 2, W*H)
+    hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
+    counter_ptr,   # (2, programs along batch) int32 zeros
+    T, B, H,
+    CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2).to(tl.int64)
+    n_bprog = tl.num_programs(1)
+    n_hblocks = tl.num_programs(0)
+    n_bblocks = tl.cdiv(B, BB)
+    GH = G * H
+    p_counter = counter_ptr + d * n_bprog + pid_b
+
+    offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    p_w = w_hh_ptr + d * GH * H
+    epoch = 0
+    for bb in range(pid_b, n_bblocks, n_bprog):
+        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
+        mask_b = offs_b < B
+        mask_bj = mask_b[:, None] & mask_j[None, :]  # [BB, BH]
+        b_len = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)  # [BB]
+        steps = tl.max(b_len, axis=0)
+        p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+        b_h = tl.load(h0_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)  # [BB, BH]
+        b_c = tl.zeros([BB, BH], dtype=tl.float32)
+        if CELL == LSTM:
+            b_c = tl.load(c0_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)
+        if CELL == GRU:
+            b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+        for s in range(0, steps):
+            parity = s % 2
+            active = s < b_len  # [BB]
+            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
+            row = (t * B + offs_b) * 2 + d  # [BB]
+            p_xg = xg_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+            acc0 = tl.load(p_xg, mask=mask_a, other=0.0).to(tl.float32)
+            acc1 = tl.zeros([BB, BH], dtype=tl.float32)
+            acc2 = tl.zeros([BB, BH], dtype=tl.float32)
+            acc3 = tl.zeros([BB, BH], dtype=tl.float32)
+            if G > 1:
+                acc1 = tl.load(p_xg + H, mask=mask_a, other=0.0).to(tl.float32)
+            if CELL == GRU:
+                # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
+                b_xn = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                acc2 = tl.zeros([BB, BH], dtype=tl.float32) + b_bhn[None, :]
+            if CELL == LSTM:
+                acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+            p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
+            for k in range(0, H, BK):
+                offs_k = k + tl.arange(0, BK)  # [BK]
+                mask_k = offs_k < H
+                # .cg: h was written by other SMs; L1 is not coherent.
+                b_hk = tl.load(p_hbuf + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                               cache_modifier=".cg")  # [BB, BK]
+                mask_kj = mask_k[:, None] & mask_j[None, :]  # [BK, BH]
+                p_wk = p_w + offs_j[None, :] * H + offs_k[:, None]  # [BK, BH], W_hh^T tile of gate 0
+                b_w = tl.load(p_wk, mask=mask_kj, other=0.0)
+                acc0 = tl.dot(b_hk, b_w, acc0, input_precision=DOT_PRECISION)
+                if G > 1:
+                    b_w = tl.load(p_wk + H * H, mask=mask_kj, other=0.0)
+                    acc1 = tl.dot(b_hk, b_w, acc1, input_precision=DOT_PRECISION)
+                    b_w = tl.load(p_wk + 2 * H * H, mask=mask_kj, other=0.0)
+                    acc2 = tl.dot(b_hk, b_w, acc2, input_precision=DOT_PRECISION)
+                if G > 3:
+                    b_w = tl.load(p_wk + 3 * H * H, mask=mask_kj, other=0.0)
+                    acc3 = tl.dot(b_hk, b_w, acc3, input_precision=DOT_PRECISION)
+
+            p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+            if CELL == LSTM:
+                b_i = _sigmoid(acc0)
+                b_f = _sigmoid(acc1)
+                b_g = _tanh(acc2)
+                b_o = _sigmoid(acc3)
+                b_c_new = b_f * b_c + b_i * b_g
+                b_h_new = b_o * _tanh(b_c_new)
+                b_c = tl.where(mask_a, b_c_new, b_c)
+                tl.store(p_ws, b_i, mask=mask_a)
+                tl.store(p_ws + H, b_f, mask=mask_a)
+                tl.store(p_ws + 2 * H, b_g, mask=mask_a)
+                tl.store(p_ws + 3 * H, b_o, mask=mask_a)
+                tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+            elif CELL == GRU:
+                b_r = _sigmoid(acc0)
+                b_z = _sigmoid(acc1)
+                b_n = _tanh(b_xn + b_r * acc2)
+                b_h_new = (1.0 - b_z) * b_n + b_z * b_h
+                tl.store(p_ws, b_r, mask=mask_a)
+                tl.store(p_ws + H, b_z, mask=mask_a)
+                tl.store(p_ws + 2 * H, b_n, mask=mask_a)
+                tl.store(p_ws + 3 * H, acc2, mask=mask_a)
+            elif CELL == RNN_TANH:
+                b_h_new = _tanh(acc0)
+            else:
+                b_h_new = tl.maximum(acc0, 0.0)
+            b_h = tl.where(mask_a, b_h_new, b_h)
+            p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+            tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
+            # Inactive rows publish their unchanged state: the other programs read every row.
+            p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
+            tl.store(p_next, b_h.to(hbuf_ptr.dtype.element_ty), mask=mask_bj)
+            epoch += 1
+            _group_barrier(p_counter, epoch * n_hblocks, SYNC)
+        tl.store(h_n_ptr + p_state, b_h.to(h_n_ptr.dtype.element_ty), mask=mask_bj)
+        if CELL == LSTM:
+            tl.store(c_n_ptr + p_state, b_c.to(c_n_ptr.dtype.element_ty), mask=mask_bj)
+
+
+@triton.jit
+def birnn_backward_kernel(
+    grad_out_ptr,  # (T, B, 2*H)
+    grad_h_n_ptr,  # (2, B, H)
+    grad_c_n_ptr,  # (2, B, H) for LSTM
+    w_hh_ptr,      # (2, G*H, H)
+    h0_ptr,        # (2, B, H)
+    c0_ptr,        # (2, B, H) for LSTM
+    lengths_ptr,   # (B,) int64
+    out_ptr,       # (T, B, 2*H) forward output, for GRU and RNN
+    ws_ptr,        # (T, B, 2, W*H)
+    dgates_ptr,    # (T, B, 2, G*H) fp32, zero-filled: gradient of the input projection
+    gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
+    counter_ptr,   # (2, programs along batch) int32 zeros
+    grad_h0_ptr,   # (2, B, H)
+    grad_c0_ptr,   # (2, B, H) for LSTM
+    T, B, H,
+    CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2).to(tl.int64)
+    n_bprog = tl.num_programs(1)
+    n_hblocks = tl.num_programs(0)
+    n_bblocks = tl.cdiv(B, BB)
+    GH = G * H
+    p_counter = counter_ptr + d * n_bprog + pid_b
+
+    offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    p_w = w_hh_ptr + d * GH * H
+    epoch = 0
+    for bb in range(pid_b, n_bblocks, n_bprog):
+        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
+        mask_b = offs_b < B
+        mask_bj = mask_b[:, None] & mask_j[None, :]  # [BB, BH]
+        b_len = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)  # [BB]
+        steps = tl.max(b_len, axis=0)
+        p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+        # Gradients reaching h and c after step s; a row's final state is where grad_h_n enters.
+        b_dh_state = tl.load(grad_h_n_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)  # [BB, BH]
+        b_dc_state = tl.zeros([BB, BH], dtype=tl.float32)
+        if CELL == LSTM:
+            b_dc_state = tl.load(grad_c_n_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)
+        for i in range(0, steps):
+            s = steps - 1 - i
+            parity = s % 2
+            active = s < b_len  # [BB]
+            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
+            # The time index of the row's previous step (its h and c are this step's inputs).
+            t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
+            has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
+            mask_prev = mask_a & has_prev[:, None]
+            mask_first = mask_a & (~has_prev)[:, None]
+            row = (t * B + offs_b) * 2 + d  # [BB]
+            row_prev = (t_prev * B + offs_b) * 2 + d
+            p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+            p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+            b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
+                           mask=mask_a, other=0.0).to(tl.float32)
+            b_dh = b_dh_state + b_go  # [BB, BH]
+            p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]
+            b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_dh2 = tl.zeros([BB, BH], dtype=tl.float32)  # hidden-projection gradient of GRU's n gate
+            b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)
+            b_dc_prev = b_dc_state
+            if CELL == LSTM:
+                b_i = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                b_f = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                b_g = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                b_o = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                b_c = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0).to(tl.float32)
+                b_c_prev = tl.load(ws_ptr + row_prev[:, None] * (W * H) + 4 * H + offs_j[None, :],
+                                   mask=mask_prev, other=0.0).to(tl.float32)
+                b_c_prev += tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                b_tc = _tanh(b_c)
+                b_dc = b_dc_state + b_dh * b_o * (1.0 - b_tc * b_tc)
+                b_d0 = b_dc * b_g * b_i * (1.0 - b_i)
+                b_d1 = b_dc * b_c_prev * b_f * (1.0 - b_f)
+                b_d2 = b_dc * b_i * (1.0 - b_g * b_g)
+                b_d3 = b_dh * b_tc * b_o * (1.0 - b_o)
+                b_dh2 = b_d2
+                b_dc_prev = tl.where(mask_a, b_dc * b_f, b_dc_state)
+            elif CELL == GRU:
+                b_r = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                b_z = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                b_n = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                b_hn = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                b_h_prev = tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
+                b_h_prev += tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                b_dn = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
+                b_d0 = b_dn * b_hn * b_r * (1.0 - b_r)
+                b_d1 = b_dh * (b_h_prev - b_n) * b_z * (1.0 - b_z)
+                b_d2 = b_dn
+                b_dh2 = b_dn * b_r
+                b_dh_direct = b_dh * b_z
+            elif CELL == RNN_TANH:
+                b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+                b_d0 = b_dh * (1.0 - b_h * b_h)
+            else:
+                b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+                b_d0 = tl.where(b_h > 0, b_dh, 0.0)
+            b_dc_state = b_dc_prev
+
+            p_dg = dgates_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+            p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
+            gb_ty = gbuf_ptr.dtype.element_ty
+            # Inactive rows publish zeros: they must add nothing to the recurrent gradient.
+            tl.store(p_dg, b_d0, mask=mask_a)
+            tl.store(p_gb, tl.where(mask_a, b_d0, 0.0).to(gb_ty), mask=mask_bj)
+            if G > 1:
+                tl.store(p_dg + H, b_d1, mask=mask_a)
+                tl.store(p_gb + H, tl.where(mask_a, b_d1, 0.0).to(gb_ty), mask=mask_bj)
+                tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
+                tl.store(p_gb + 2 * H, tl.where(mask_a, b_dh2, 0.0).to(gb_ty), mask=mask_bj)
+            if G > 3:
+                tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
+                tl.store(p_gb + 3 * H, tl.where(mask_a, b_d3, 0.0).to(gb_ty), mask=mask_bj)
+            epoch += 1
+            _group_barrier(p_counter, epoch * n_hblocks, SYNC)
+
+            # dh_prev[:, jslice] = dgates_hh (BB, G*H) @ W_hh[:, jslice]
+            b_acc = tl.zeros([BB, BH], dtype=tl.float32)
+            p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
+            for k in range(0, GH, BK):
+                offs_k = k + tl.arange(0, BK)  # [BK]
+                mask_k = offs_k < GH
+                b_gk = tl.load(p_gbuf + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                               cache_modifier=".cg")  # [BB, BK]
+                b_w = tl.load(p_w + offs_k[:, None] * H + offs_j[None, :],
+                              mask=mask_k[:, None] & mask_j[None, :], other=0.0)  # [BK, BH]
+                b_acc = tl.dot(b_gk, b_w, b_acc, input_precision=DOT_PRECISION)
+            b_dh_state = tl.where(mask_a, b_acc + b_dh_direct, b_dh)
+        tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_bj)
+        if CELL == LSTM:
+            tl.store(grad_c0_ptr + p_state, b_dc_state.to(grad_c0_ptr.dtype.element_ty), mask=mask_bj)
+
+
+def _interpreted(device):
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select_config(B, H, num_sms):
+    """Tile and grid for B rows and H units on num_sms SMs: (BB, BH, n_hblocks, n_bprog, num_warps).
+
+    The grid, 2 * n_hblocks * n_bprog programs, never exceeds num_sms, since the grid barrier needs
+    every program of a group resident at once; batch blocks beyond n_bprog run in later passes over
+    the sequence. Fewest passes first, then least work per program and step.
+    """
+    best = None
+    for BB, BH, num_warps in CONFIGS:
+        n_hblocks = triton.cdiv(H, BH)
+        n_bblocks = triton.cdiv(B, BB)
+        n_bprog = min(n_bblocks, num_sms // (2 * n_hblocks))
+        if n_bprog == 0:
+            continue
+        key = (triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
+        if best is None or key < best[0]:
+            best = key, (BB, BH, n_hblocks, n_bprog, num_warps)
+    if best is None:
+        widest = max(config[1] for config in CONFIGS)
+        raise ValueError(f"hidden size {H} needs {2 * triton.cdiv(H, widest)} co-resident programs, "
+                         f"more than the {num_sms} SMs of this GPU")
+    return best[1]
+
+
+def _config(device, B, H):
+    if _interpreted(device):
+        # Interpreted programs run one after another: a barrier waiting on another program of the
+        # group would never return, so one program holds every unit of a direction.
+        BH = max(16, triton.next_power_of_2(H))
+        BB = 16
+        return BB, BH, 1, triton.cdiv(B, BB), 4
+    return select_config(B, H, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _dot_precision(dtype, device):
+    if dtype == torch.float32 and not _interpreted(device) and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _workspace_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check(cell, input, weight_ih, weight_hh, h0, c0, lengths):
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16 input, got {input.dtype}")
+    if input.dim() != 3:
+        raise ValueError(f"Expected input of 3 dimensions (T, B, I), got {list(input.shape)}")
+    T, B, I = input.shape
+    G = GATES[cell]
+    H = weight_hh.shape[-1]
+    expected = {"weight_ih": (weight_ih, (2, G * H, I)), "weight_hh": (weight_hh, (2, G * H, H)),
+                "h0": (h0, (2, B, H)), "c0": (c0, (2, B, H) if cell == "LSTM" else (0,)),
+                "lengths": (lengths, (B,))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"Expected {name} size {shape}, got {list(tensor.shape)}")
+    for name in ("weight_ih", "weight_hh"):
+        if expected[name][0].dtype != input.dtype:
+            raise TypeError(f"Expected {name} of dtype {input.dtype}, got {expected[name][0].dtype}")
+    if lengths.dtype != torch.int64 or lengths.device != input.device:
+        raise TypeError(f"Expected lengths int64 on {input.device}, got {lengths.dtype} on {lengths.device}")
+    return T, B, I, G, H
+
+
+def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths):
+    """One bidirectional layer; arguments and results as ``birnn_fast::forward`` (see ops.py).
+
+    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_*: (2, G*H);
+    h0, c0: (2, B, H) (c0 (0,) unless LSTM); lengths: (B,) int64.
+    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H).
+    """
+    T, B, I, G, H = _check(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    GH = G * H
+    input, weight_ih, weight_hh, h0, c0 = (x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0))
+    bias_hh = bias_hh.contiguous()
+    bias = bias_ih + bias_hh
+    if cell == "GRU":
+        bias[:, 2 * H:] = bias_ih[:, 2 * H:]
+    xg = torch.addmm(bias.reshape(1, 2 * GH).to(input.dtype), input.view(T * B, I),
+                     weight_ih.view(2 * GH, I).t())  # [T*B, 2*G*H]
+
+    BB, BH, n_hblocks, n_bprog, num_warps = _config(input.device, B, H)
+    output = input.new_zeros(T, B, 2 * H)
+    h_n = torch.empty_like(h0)
+    c_n = torch.empty_like(c0)
+    workspace = input.new_empty(T, B, 2, WORKSPACE[cell] * H, dtype=_workspace_dtype(input.dtype))
+    hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    hbuf[:, 0].copy_(h0)
+    counter = torch.zeros(2, n_bprog, dtype=torch.int32, device=input.device)
+    grid = (n_hblocks, n_bprog, 2)
+    birnn_forward_kernel[grid](
+        xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
+        output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, counter,
+        T, B, H,
+        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], BB=BB, BH=BH, BK=BLOCK_K,
+        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device),
+        num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS,
+    )
+    return output, h_n, c_n, workspace
+
+
+def _previous_hidden(output, h0, lengths):
+    """(2, T, B, H): the h each (direction, time, row) step started from; h0 at a row's first step."""
+    T, B, H2 = output.shape
+    H = H2 // 2
+    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :H]])
+    reverse_prev = torch.cat([output[1:, :, H:], output.new_zeros(1, B, H)])
+    first = torch.arange(T, device=output.device)[:, None, None] == (lengths - 1)[None, :, None]  # [T, B, 1]
+    reverse_prev = torch.where(first, h0[1, None].to(output.dtype), reverse_prev)
+    return torch.stack([forward_prev, reverse_prev])
+
+
+def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
+             output, workspace):
+    """Vector-Jacobian product of ``forward``; arguments and results as ``birnn_fast::backward``.
+
+    Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, H),
+    grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, H), grad_c0 (2, B, H) or (0,).
+    """
+    T, B, I, G, H = _check(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    GH = G * H
+    if tuple(grad_output.shape) != (T, B, 2 * H):
+        raise ValueError(f"Expected grad_output size {(T, B, 2 * H)}, got {list(grad_output.shape)}")
+    input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output, grad_h_n, grad_c_n = (
+        x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output,
+                                 grad_h_n, grad_c_n))
+    lstm = cell == "LSTM"
+
+    BB, BH, n_hblocks, n_bprog, num_warps = _config(input.device, B, H)
+    dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
+    gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    counter = torch.zeros(2, n_bprog, dtype=torch.int32, device=input.device)
+    grad_h0 = torch.empty_like(h0)
+    grad_c0 = torch.empty_like(c0)
+    grid = (n_hblocks, n_bprog, 2)
+    birnn_backward_kernel[grid](
+        grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
+        output, workspace, dgates, gbuf, counter, grad_h0, grad_c0 if lstm else grad_h0,
+        T, B, H,
+        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], BB=BB, BH=BH, BK=BLOCK_K,
+        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device),
+        num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS,
+    )
+
+    # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
+    dtype = input.dtype
+    dgates_hh = dgates
+    if cell == "GRU":
+        # The hidden projection of n enters scaled by r.
+        # The workspace is unwritten at padded steps, hence the mask.
+        valid = (torch.arange(T, device=input.device)[:, None] < lengths[None, :])[..., None, None]  # [T, B, 1, 1]
+        dgates_hh = dgates.clone()
+        dgates_hh[..., 2 * H:] = torch.where(valid, dgates[..., 2 * H:] * workspace[..., :H], 0.0)
+    flat = dgates.view(T * B, 2, GH)
+    flat_hh = dgates_hh.view(T * B, 2, GH)
+    grad_input = (flat.view(T * B, 2 * GH).to(dtype) @ weight_ih.view(2 * GH, I)).view(T, B, I)
+    grad_weight_ih = flat.permute(1, 2, 0).to(dtype) @ input.view(T * B, I)  # [2, GH, I]
+    h_prev = _previous_hidden(output, h0, lengths).view(2, T * B, H)
+    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)  # [2, GH, H]
+    grad_bias_ih = flat.sum(0).to(bias_hh.dtype)
+    grad_bias_hh = flat_hh.sum(0).to(bias_hh.dtype)
+    return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0
+
+
+__all__ = ["forward", "backward", "birnn_forward_kernel", "birnn_backward_kernel", "select_config", "CONFIGS",
+           "BLOCK_K", "NUM_STAGES", "MAX_REGISTERS"]

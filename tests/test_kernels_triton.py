@@ -1,0 +1,362 @@
+"""The Triton kernels of kernels/birnn.py against the reference and torch's own layers.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter, which must be chosen
+before triton is imported. The compile tests build the kernels for sm_80 and sm_90 without a GPU
+and check shared memory and spills from the cubin.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from birnn_fast.kernels import birnn as kernels  # noqa: E402
+from birnn_fast.reference import birnn_layer  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type != "cuda"
+if not INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1 with a GPU present: the interpreter would get CUDA tensors",
+                allow_module_level=True)
+
+CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODULES = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN_TANH": torch.nn.RNN, "RNN_RELU": torch.nn.RNN}
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(cell, T, B, I, H, lengths, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    G = kernels.GATES[cell]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, dtype)
+
+    scale = H ** -0.5 if H > 1 else 0.7
+    return dict(
+        input=randn(T, B, I), weight_ih=randn(2, G * H, I, scale=scale), weight_hh=randn(2, G * H, H, scale=scale),
+        bias_ih=randn(2, G * H, scale=scale), bias_hh=randn(2, G * H, scale=scale), h0=randn(2, B, H),
+        c0=randn(2, B, H) if cell == "LSTM" else torch.empty(0, device=DEVICE, dtype=dtype),
+        lengths=torch.tensor(lengths, dtype=torch.int64, device=DEVICE),
+    )
+
+
+def primal_names(cell):
+    names = ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0"]
+    return names + (["c0"] if cell == "LSTM" else [])
+
+
+def reference_with_grads(cell, args, grads):
+    """Reference outputs and the gradients of every primal, by autograd through birnn_layer."""
+    args = {name: value.detach().clone().requires_grad_(name in primal_names(cell)) for name, value in args.items()}
+    outputs = birnn_layer(cell, *args.values())
+    used = [(out, g) for out, g in zip(outputs, grads) if out.numel()]
+    primals = [args[name] for name in primal_names(cell)]
+    vjp = torch.autograd.grad([o for o, _ in used], primals, [g for _, g in used])
+    return [o.detach() for o in outputs], dict(zip(primal_names(cell), vjp))
+
+
+def run_kernels(cell, args, grads):
+    output, h_n, c_n, workspace = kernels.forward(cell, *args.values())
+    grad_output, grad_h_n, grad_c_n = grads
+    result = kernels.backward(cell, grad_output, grad_h_n, grad_c_n, args["input"], args["weight_ih"],
+                              args["weight_hh"], args["bias_hh"], args["h0"], args["c0"], args["lengths"],
+                              output, workspace)
+    names = ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0"]
+    return (output, h_n, c_n, workspace), dict(zip(names, result))
+
+
+def make_grads(cell, T, B, H, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    grad_c_n = torch.randn(2, B, H, generator=generator) if cell == "LSTM" else torch.empty(0)
+    return [torch.randn(T, B, 2 * H, generator=generator).to(DEVICE, dtype),
+            torch.randn(2, B, H, generator=generator).to(DEVICE, dtype), grad_c_n.to(DEVICE, dtype)]
+
+
+def check_padding(output, lengths):
+    T = output.shape[0]
+    padded = torch.arange(T, device=output.device)[:, None] >= lengths[None, :]  # [T, B]
+    assert (output[padded] == 0).all(), "padded outputs must be exactly 0"
+    assert torch.isfinite(output[~padded]).all(), "non-finite valid outputs"
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty is NaN-filled, so an element a kernel leaves unwritten fails (the conftest may do it too)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """Compare fp32 at fp32 precision: no TF32 in the kernels' dots nor in the reference's matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20; lengths with 1 and T, unsorted.
+SHAPES = [
+    (1, 1, 1, [1]),
+    (5, 3, 7, [2, 5, 1]),
+    (13, 17, 20, [13, 1, 7, 13, 2, 9, 12, 1, 5, 3, 13, 6, 11, 4, 8, 10, 2]),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
+def test_matches_reference(cell, T, B, H, lengths):
+    args = make_inputs(cell, T, B, 3, H, lengths)
+    grads = make_grads(cell, T, B, H)
+    expected, expected_grads = reference_with_grads(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+
+    check_padding(output, args["lengths"])
+    assert workspace.shape == (T, B, 2, kernels.WORKSPACE[cell] * H) and workspace.dtype == torch.float32
+    for name, actual, reference in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
+        assert actual.shape == reference.shape, name
+        if reference.numel():
+            assert relative_error(actual, reference) <= 1e-4, name
+    assert actual_grads["c0"].shape == args["c0"].shape
+    for name in primal_names(cell):
+        assert actual_grads[name].shape == args[name].shape, name
+        error = relative_error(actual_grads[name], expected_grads[name])
+        assert error <= 1e-4, f"grad {name}: relative error {error:.3g}"
+
+
+def torch_layer(cell, args):
+    """torch's own bidirectional layer holding args' weights."""
+    I, H = args["input"].shape[-1], args["weight_hh"].shape[-1]
+    extra = {"nonlinearity": "relu" if cell == "RNN_RELU" else "tanh"} if cell.startswith("RNN") else {}
+    layer = MODULES[cell](I, H, bidirectional=True, **extra).to(DEVICE)
+    with torch.no_grad():
+        for direction, suffix in enumerate(("", "_reverse")):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(layer, f"{name}_l0{suffix}").copy_(args[name][direction])
+    return layer
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_torch_packed(cell):
+    """Against nn.LSTM / nn.GRU / nn.RNN on a PackedSequence: outputs, final state and weight gradients."""
+    T, B, H, lengths = 6, 4, 5, [3, 6, 1, 4]
+    args = make_inputs(cell, T, B, 3, H, lengths, seed=2)
+    layer = torch_layer(cell, args)
+    x = args["input"].detach().clone().requires_grad_(True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, args["lengths"].cpu(), enforce_sorted=False)
+    state = (args["h0"], args["c0"]) if cell == "LSTM" else args["h0"]
+    packed_out, final = layer(packed, state)
+    expected_out, _ = torch.nn.utils.rnn.pad_packed_sequence(packed_out, total_length=T)
+    expected_h_n = final[0] if cell == "LSTM" else final
+
+    grads = make_grads(cell, T, B, H, seed=3)
+    torch_outputs = [expected_out, expected_h_n] + ([final[1]] if cell == "LSTM" else [])
+    params = [x] + [getattr(layer, f"{n}_l0{s}") for n in ("weight_ih", "weight_hh") for s in ("", "_reverse")]
+    torch_grads = torch.autograd.grad(torch_outputs, params, grads[:len(torch_outputs)])
+
+    (output, h_n, c_n, _), actual_grads = run_kernels(cell, args, grads)
+    assert relative_error(output, expected_out) <= 1e-4
+    assert relative_error(h_n, expected_h_n) <= 1e-4
+    if cell == "LSTM":
+        assert relative_error(c_n, final[1]) <= 1e-4
+    assert relative_error(actual_grads["input"], torch_grads[0]) <= 1e-4
+    for k, name in enumerate(("weight_ih", "weight_hh")):
+        expected = torch.stack(torch_grads[1 + 2 * k: 3 + 2 * k])
+        assert relative_error(actual_grads[name], expected) <= 1e-4, name
+
+
+def test_non_contiguous_input():
+    T, B, H, lengths = 4, 3, 6, [4, 1, 3]
+    args = make_inputs("LSTM", T, B, 3, H, lengths, seed=4)
+    args["input"] = args["input"].transpose(0, 1).contiguous().transpose(0, 1)  # batch-first storage
+    assert not args["input"].is_contiguous()
+    output, h_n, c_n, _ = kernels.forward("LSTM", *args.values())
+    expected = birnn_layer("LSTM", *args.values())
+    for actual, reference in zip((output, h_n, c_n), expected):
+        assert relative_error(actual, reference) <= 1e-4
+
+
+def low_precision_dtypes():
+    # The interpreter's tl.dot reads bfloat16 operands as integers (checked with triton 3.9).
+    return [torch.float16] + ([torch.bfloat16] if not INTERPRETED else [])
+
+
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_half_precision(cell, dtype):
+    """Error against an fp32 reference at most ~2x that of the reference itself run in dtype."""
+    T, B, H, lengths = 5, 3, 7, [2, 5, 1]
+    args32 = make_inputs(cell, T, B, 3, H, lengths, seed=5)
+    args = {name: value.to(dtype) if value.is_floating_point() else value for name, value in args32.items()}
+    grads32 = make_grads(cell, T, B, H, seed=6)
+    grads = [g.to(dtype) for g in grads32]
+    expected, expected_grads = reference_with_grads(cell, args32, grads32)
+    low, low_grads = reference_with_grads(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+    assert output.dtype == dtype and workspace.dtype == torch.float32
+    check_padding(output, args["lengths"])
+    pairs = [("output", output, low[0], expected[0]), ("h_n", h_n, low[1], expected[1])]
+    pairs += [(f"grad {n}", actual_grads[n], low_grads[n], expected_grads[n]) for n in primal_names(cell)]
+    for name, actual, reference_low, reference in pairs:
+        assert actual.dtype == dtype, name
+        bound = 2 * relative_error(reference_low, reference) + 1e-3
+        assert relative_error(actual, reference) <= bound, name
+
+
+@pytest.mark.parametrize("num_sms", [108, 132])
+def test_grid_fits_on_the_gpu(num_sms):
+    """The grid barrier deadlocks unless every program is resident: never more programs than SMs."""
+    for B in (1, 3, 16, 17, 64, 100, 256, 1000):
+        for H in (1, 7, 64, 256, 500, 1024, 1700):
+            BB, BH, n_hblocks, n_bprog, num_warps = kernels.select_config(B, H, num_sms)
+            assert (BB, BH, num_warps) in kernels.CONFIGS
+            assert 2 * n_hblocks * n_bprog <= num_sms
+            assert n_hblocks * BH >= H
+    with pytest.raises(ValueError, match="hidden size"):
+        kernels.select_config(4, 10 ** 5, num_sms)
+
+
+# Compile tests: every (config, cell, dtype, dot precision) the launchers can pick, for sm_80 and
+# sm_90. They run in a child process without the interpreter, where triton.jit gives compilable
+# functions; that process is this file run as a script.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FP32_POINTERS = {"ws_ptr", "dgates_ptr"}  # fp32 whatever the input dtype
+INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
+
+
+def compile_kernel(fn, cell, dtype, precision, BB, BH, num_warps, cc):
+    constexprs = dict(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell], BB=BB, BH=BH,
+                      BK=kernels.BLOCK_K, SYNC=True, DOT_PRECISION=precision)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in INT_POINTERS:
+            signature[name] = INT_POINTERS[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FP32_POINTERS else "*" + SIGNATURE_DTYPES[dtype]
+        else:
+            signature[name] = "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": num_warps, "num_stages": kernels.NUM_STAGES,
+                                   "maxnreg": kernels.MAX_REGISTERS})
+
+
+def resource_usage(compiled):
+    """Registers, stack and local bytes per thread, shared bytes per program, from the cubin."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text)}
+    usage["SHARED"] += compiled.metadata.shared  # the dynamic part, sized by Triton
+    return usage
+
+
+def all_configs():
+    for fn_name in ("birnn_forward_kernel", "birnn_backward_kernel"):
+        for cell in CELLS:
+            for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee"),
+                                     (torch.float16, "ieee")):
+                for BB, BH, num_warps in kernels.CONFIGS:
+                    yield fn_name, cell, dtype, precision, BB, BH, num_warps
+
+
+def config_id(config):
+    fn_name, cell, dtype, precision, BB, BH, num_warps = config
+    return f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-w{num_warps}"
+
+
+def quick_configs():
+    """The heaviest in registers: LSTM (most live tiles), fp32-TF32 and bf16, the largest tiles."""
+    largest = sorted({(BB, BH) for BB, BH, _ in kernels.CONFIGS}, key=lambda tile: tile[0] * tile[1])[-2:]
+    return [config for config in all_configs()
+            if config[1] == "LSTM" and (config[2], config[3]) in ((torch.float32, "tf32"), (torch.bfloat16, "ieee"))
+            and (config[4], config[5]) in largest]
+
+
+def compile_in_child(configs, cc):
+    """Start this file as a script compiling configs for sm_cc; it prints one JSON line per config."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    ids = [config_id(config) for config in configs]
+    return subprocess.Popen([sys.executable, __file__, str(cc), *ids], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def collect(children):
+    usage = {}
+    for cc, child in children.items():
+        stdout, stderr = child.communicate()
+        for line in stdout.splitlines():
+            record = json.loads(line)
+            usage[cc, record.pop("id")] = record
+        if child.returncode:
+            pytest.fail(f"compiling for sm_{cc} failed:\n{stderr[-4000:]}")
+    return usage
+
+
+@pytest.fixture(scope="module")
+def quick_usage():
+    return collect({cc: compile_in_child(quick_configs(), cc) for cc in SHARED_LIMIT})
+
+
+@pytest.fixture(scope="module")
+def full_usage():
+    return collect({cc: compile_in_child(list(all_configs()), cc) for cc in SHARED_LIMIT})
+
+
+def check_usage(usage, config, cc):
+    record = usage[cc, config_id(config)]
+    print(f"sm_{cc} {config_id(config)}: {record['REG']} registers, {record['SHARED']} B shared, "
+          f"{record['STACK']} B stack, {record['LOCAL']} B local")
+    assert record["SHARED"] <= SHARED_LIMIT[cc], f"{record['SHARED']} B of shared memory"
+    assert record["STACK"] == 0 and record["LOCAL"] == 0, f"register spills: {record}"
+
+
+@pytest.mark.parametrize("cc", sorted(SHARED_LIMIT))
+@pytest.mark.parametrize("config", quick_configs(), ids=config_id)
+def test_compiles_without_spills(quick_usage, config, cc):
+    check_usage(quick_usage, config, cc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cc", sorted(SHARED_LIMIT))
+@pytest.mark.parametrize("config", list(all_configs()), ids=config_id)
+def test_every_config_compiles_without_spills(full_usage, config, cc):
+    check_usage(full_usage, config, cc)
+
+
+if __name__ == "__main__":
+    # The child of compile_in_child: python test_kernels_triton.py CC CONFIG_ID...
+    target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
+    for config in all_configs():
+        if config_id(config) in wanted:
+            fn_name, *rest = config
+            compiled = compile_kernel(getattr(kernels, fn_name), *rest, cc=target_cc)
+            print(json.dumps(dict(id=config_id(config), **resource_usage(compiled))), flush=True)
