@@ -20,7 +20,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]
     if os.environ.get("BIRNN_FAST_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")
     ext = CppExtension(

@@ -29,6 +29,9 @@ def _check_lengths(lengths, steps, batch):
             f"got {tuple(lengths.shape)}"
         )
     lengths = lengths.to("cpu", torch.int64)
+    if torch.compiler.is_compiling():
+        # Values are data: a traced graph cannot branch on them. The kernels check them instead.
+        return lengths
     if int(lengths.min()) <= 0:
         raise ValueError(f"lengths must be >= 1 (zero-length sequences are not supported), got {lengths.tolist()}")
     if int(lengths.max()) > steps:

@@ -14,15 +14,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
-def available(backend, dtype=torch.float64, device=DEVICE):
-    if backend == "triton" and dtype == torch.float64:
-        dtype = torch.float32
-    return backends.why_not(backend, device, dtype)
-
-
 def require(backend, dtype=torch.float64, device=DEVICE):
     """Skip where the backend cannot run here, except that in CI the C++ backend must be built."""
-    reason = available(backend, dtype, device)
+    reason = backends.why_not(backend, device, dtype)
     if reason is None:
         return
     if backend == "cpu" and device.type == "cpu" and os.environ.get("CI"):

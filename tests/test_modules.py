@@ -75,7 +75,7 @@ def check_same(cell, fast, expected, x, hx=None, lengths=None, dtype=torch.float
         assert_close(a, b, dtype, "grad " + name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layers,bias,batch_first", [(1, True, False), (2, False, True), (3, True, True)])
@@ -88,17 +88,18 @@ def test_matches_torch(use_backend, backend, cell, dtype, layers, bias, batch_fi
     check_same(cell, fast, expected, x, None, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_lengths_match_packed_sequence(use_backend, backend, cell, batch_first):
-    use_backend(backend)
-    fast, expected = make_pair(cell, 3, 6, num_layers=2, batch_first=batch_first)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    use_backend(backend, dtype)
+    fast, expected = make_pair(cell, 3, 6, dtype, num_layers=2, batch_first=batch_first)
     T, lengths = 9, [9, 1, 4, 9, 2, 7]
     B = len(lengths)
-    x = torch.randn((B, T, 3) if batch_first else (T, B, 3), device=DEVICE, dtype=torch.float64)
-    check_same(cell, fast, expected, x, random_hx(cell, 2, B, 6, torch.float64), lengths=lengths)
-    check_same(cell, fast, expected, x, None, lengths=torch.tensor(lengths, device=DEVICE))
+    x = torch.randn((B, T, 3) if batch_first else (T, B, 3), device=DEVICE, dtype=dtype)
+    check_same(cell, fast, expected, x, random_hx(cell, 2, B, 6, dtype), lengths=lengths, dtype=dtype)
+    check_same(cell, fast, expected, x, None, lengths=torch.tensor(lengths, device=DEVICE), dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

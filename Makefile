@@ -1,0 +1,24 @@
+# `make demo` (the main job) and `make test` (the tests) work on a fresh machine from a clean
+# checkout: each first makes .venv with everything it needs and builds the C++ library.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis
+
+.PHONY: demo test bench
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPENDENCIES)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/train_tagger.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+	$(PY) -m pytest benchmarks --benchmark-disable -q
+
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/cpu.json

@@ -1,0 +1,35 @@
+// The per-step GEMM of the recurrences: small (active rows x H) @ (H x G*H) products, one per step
+// and direction, run single-threaded inside the per-direction parallel region, into preallocated
+// buffers.
+//
+// at::mm (MKL) because it was the fastest measured for 64x256 @ 256x1024 on one thread of the
+// development machine (2-core AMD EPYC VM exposing AVX2 but not AVX-512): at::mm ~80 GFLOP/s,
+// mkldnn::_linear_pointwise with a plain or a prepacked weight ~78, cpublas::brgemm (oneDNN
+// ukernel) tiled by 64-256 columns ~54 (other jobs shared the cores: compare, don't quote). Re-measure on a machine whose oneDNN can use AVX-512.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace birnn_fast::cpu {
+
+// c[m, n] = a[m, k] @ b[k, n] (+ c[m, n] if accumulate); row-major with leading dimensions.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+          bool accumulate) {
+  if (m == 0 || n == 0) {
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
+  const at::Tensor b_view = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (accumulate) {
+    c_view.addmm_(a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
+  }
+}
+
+}  // namespace birnn_fast::cpu
