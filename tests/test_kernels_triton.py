@@ -97,18 +97,6 @@ def check_padding(output, lengths):
 
 
 @pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """torch.empty is NaN-filled, so an element a kernel leaves unwritten fails (the conftest may do it too)."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-@pytest.fixture(autouse=True)
 def ieee_fp32():
     """Compare fp32 at fp32 precision: no TF32 in the kernels' dots nor in the reference's matmuls."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
