@@ -3,8 +3,8 @@ kernels, and the autograd Function whose backward calls our own backward op.
 
 The contract (all backends; shapes with T steps, B rows, I inputs, H hidden units, G gates):
 
-``birnn_fast::forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths)
--> (output, h_n, c_n, workspace)`` runs one bidirectional layer.
+``birnn_fast::forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+save_workspace) -> (output, h_n, c_n, workspace)`` runs one bidirectional layer.
 
 - ``cell``: ``"LSTM"`` (G=4, gates i, f, g, o), ``"GRU"`` (G=3, gates r, z, n) or ``"RNN_TANH"`` /
   ``"RNN_RELU"`` (G=1) -- torch's mode names and torch's formulas.
@@ -19,7 +19,8 @@ The contract (all backends; shapes with T steps, B rows, I inputs, H hidden unit
 - ``h_n``, ``c_n``: each row's state after its own last step (c_n empty (0,) for non-LSTM cells).
 - ``workspace``: (T, B, 2, W*H) with W = 5 for LSTM, 4 for GRU, 0 for RNN; what it holds is the
   backend's own business (saved activations for its backward). Its dtype is input's, float32 for
-  float16/bfloat16 input.
+  float16/bfloat16 input. Without ``save_workspace`` (inference: no backward will follow) it is an
+  empty (0,) tensor and nothing is saved.
 
 ``birnn_fast::backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh,
 h0, c0, lengths, output, workspace) -> (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih,
@@ -38,7 +39,7 @@ from .reference import GATES, WORKSPACE
 torch.library.define(
     "birnn_fast::forward",
     "(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, "
-    "Tensor h0, Tensor c0, Tensor lengths) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor h0, Tensor c0, Tensor lengths, bool save_workspace) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "birnn_fast::backward",
@@ -53,11 +54,12 @@ def workspace_dtype(dtype):
 
 
 @torch.library.register_fake("birnn_fast::forward")
-def _forward_fake(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths):
+def _forward_fake(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace):
     T, B, _ = input.shape
     H = weight_hh.shape[-1]
     output = input.new_empty(T, B, 2 * H)
-    workspace = input.new_empty(T, B, 2, WORKSPACE[cell] * H, dtype=workspace_dtype(input.dtype))
+    workspace_shape = (T, B, 2, WORKSPACE[cell] * H) if save_workspace else (0,)
+    workspace = input.new_empty(workspace_shape, dtype=workspace_dtype(input.dtype))
     return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), workspace
 
 
@@ -77,7 +79,8 @@ class BiRNNFunction(torch.autograd.Function):
         from .backends import implementation
 
         forward_op, ctx.backward_op = implementation(backend, input.device)
-        output, h_n, c_n, workspace = forward_op(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths)
+        output, h_n, c_n, workspace = forward_op(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+                                                 True)
         ctx.cell = cell
         ctx.save_for_backward(input, weight_ih, weight_hh, bias_hh, h0, c0, lengths, output, workspace)
         return output, h_n, c_n
@@ -116,4 +119,7 @@ def birnn_layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, len
             bias_hh.contiguous(), h0.contiguous(), c0.contiguous(), lengths.to(input.device, torch.int64))
     if backend == "reference":
         return reference.birnn_layer(cell, *args)
-    return BiRNNFunction.apply(cell, backend, *args)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in args):
+        return BiRNNFunction.apply(cell, backend, *args)
+    forward_op, _ = backends.implementation(backend, input.device)
+    return forward_op(cell, *args, False)[:3]

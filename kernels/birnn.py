@@ -75,13 +75,13 @@ def birnn_forward_kernel(
     out_ptr,       # (T, B, 2*H), zero-filled by the launcher
     h_n_ptr,       # (2, B, H)
     c_n_ptr,       # (2, B, H) for LSTM
-    ws_ptr,        # (T, B, 2, W*H)
+    ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
     counter_ptr,   # (2, programs along batch) int32 zeros
     T, B, H,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
-    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -158,20 +158,22 @@ def birnn_forward_kernel(
                 b_c_new = b_f * b_c + b_i * b_g
                 b_h_new = b_o * _tanh(b_c_new)
                 b_c = tl.where(mask_a, b_c_new, b_c)
-                tl.store(p_ws, b_i, mask=mask_a)
-                tl.store(p_ws + H, b_f, mask=mask_a)
-                tl.store(p_ws + 2 * H, b_g, mask=mask_a)
-                tl.store(p_ws + 3 * H, b_o, mask=mask_a)
-                tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+                if SAVE:
+                    tl.store(p_ws, b_i, mask=mask_a)
+                    tl.store(p_ws + H, b_f, mask=mask_a)
+                    tl.store(p_ws + 2 * H, b_g, mask=mask_a)
+                    tl.store(p_ws + 3 * H, b_o, mask=mask_a)
+                    tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
             elif CELL == GRU:
                 b_r = _sigmoid(acc0)
                 b_z = _sigmoid(acc1)
                 b_n = _tanh(b_xn + b_r * acc2)
                 b_h_new = (1.0 - b_z) * b_n + b_z * b_h
-                tl.store(p_ws, b_r, mask=mask_a)
-                tl.store(p_ws + H, b_z, mask=mask_a)
-                tl.store(p_ws + 2 * H, b_n, mask=mask_a)
-                tl.store(p_ws + 3 * H, acc2, mask=mask_a)
+                if SAVE:
+                    tl.store(p_ws, b_r, mask=mask_a)
+                    tl.store(p_ws + H, b_z, mask=mask_a)
+                    tl.store(p_ws + 2 * H, b_n, mask=mask_a)
+                    tl.store(p_ws + 3 * H, acc2, mask=mask_a)
             elif CELL == RNN_TANH:
                 b_h_new = _tanh(acc0)
             else:
@@ -405,12 +407,13 @@ def _check(cell, input, weight_ih, weight_hh, h0, c0, lengths):
     return T, B, I, G, H
 
 
-def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths):
+def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True):
     """One bidirectional layer; arguments and results as ``birnn_fast::forward`` (see ops.py).
 
     input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_*: (2, G*H);
     h0, c0: (2, B, H) (c0 (0,) unless LSTM); lengths: (B,) int64.
-    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H).
+    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
+    or (0,) without save_workspace.
     """
     T, B, I, G, H = _check(cell, input, weight_ih, weight_hh, h0, c0, lengths)
     GH = G * H
@@ -426,7 +429,8 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     output = input.new_zeros(T, B, 2 * H)
     h_n = torch.empty_like(h0)
     c_n = torch.empty_like(c0)
-    workspace = input.new_empty(T, B, 2, WORKSPACE[cell] * H, dtype=_workspace_dtype(input.dtype))
+    workspace_shape = (T, B, 2, WORKSPACE[cell] * H) if save_workspace else (0,)
+    workspace = input.new_empty(workspace_shape, dtype=_workspace_dtype(input.dtype))
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
     counter = torch.zeros(2, n_bprog, dtype=torch.int32, device=input.device)
@@ -436,7 +440,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
         output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, counter,
         T, B, H,
         CELL=CELLS[cell], G=G, W=WORKSPACE[cell], BB=BB, BH=BH, BK=BLOCK_K,
-        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device),
+        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device), SAVE=save_workspace,
         num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS,
     )
     return output, h_n, c_n, workspace

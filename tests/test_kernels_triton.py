@@ -238,6 +238,9 @@ INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
 def compile_kernel(fn, cell, dtype, precision, BB, BH, num_warps, cc):
     constexprs = dict(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell], BB=BB, BH=BH,
                       BK=kernels.BLOCK_K, SYNC=True, DOT_PRECISION=precision)
+    if "SAVE" in fn.arg_names:
+        # SAVE=False (inference) only drops the workspace stores: SAVE=True bounds its registers.
+        constexprs["SAVE"] = True
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -243,3 +243,24 @@ def test_parameters_initialised_as_torch():
     expected = nn.LSTM(6, 9, num_layers=2, bidirectional=True)
     for (name, a), (_, b) in zip(fast.named_parameters(), expected.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_without_grad_matches_torch(use_backend, backend, cell):
+    """Under no_grad the ops save no workspace: a separate kernel path, checked on its own."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    use_backend(backend, dtype)
+    fast, expected = make_pair(cell, 4, 9, dtype, num_layers=2)
+    x = torch.randn(8, 5, 4, device=DEVICE, dtype=dtype)
+    lengths = torch.tensor([8, 1, 5, 8, 3])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.no_grad():
+        got_output, got_state = fast(x, lengths=lengths)
+        want_output, want_state = expected(packed)
+    want_output = pad_packed_sequence(want_output, total_length=8)[0]
+    assert_close(got_output, want_output, dtype, "output")
+    got_state = got_state if isinstance(got_state, tuple) else (got_state,)
+    want_state = want_state if isinstance(want_state, tuple) else (want_state,)
+    for got, want in zip(got_state, want_state):
+        assert_close(got, want, dtype, "final state")

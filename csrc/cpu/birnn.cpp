@@ -126,7 +126,8 @@ struct ForwardArgs {
   T* output;
 };
 
-template <typename Cell, typename T>
+// kSave: store the activations backward needs (training) or not (inference).
+template <typename Cell, typename T, bool kSave>
 struct ForwardRows {
   static BIRNN_INLINE void run(const ForwardArgs<T>& a) {
     const Schedule& schedule = *a.schedule;
@@ -134,9 +135,10 @@ struct ForwardRows {
     const int64_t rows = schedule.active[a.step];
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t row = schedule.time(a.step, j, a.direction) * B + schedule.order[j];
-      Cell::forward(H, a.gates_x + row * 2 * GH + a.direction * GH, a.gates_h + j * GH, a.bias_hh, a.h + j * H,
-                    Cell::kHasCellState ? a.c + j * H : nullptr, a.workspace + (row * 2 + a.direction) * WH,
-                    a.output + row * 2 * H + a.direction * H);
+      Cell::template forward<kSave>(H, a.gates_x + row * 2 * GH + a.direction * GH, a.gates_h + j * GH,
+                                    a.bias_hh, a.h + j * H, Cell::kHasCellState ? a.c + j * H : nullptr,
+                                    kSave ? a.workspace + (row * 2 + a.direction) * WH : nullptr,
+                                    a.output + row * 2 * H + a.direction * H);
     }
   }
 };
@@ -187,13 +189,13 @@ struct BackwardRows {
   }
 };
 
-template <typename Cell, typename T>
+template <typename Cell, typename T, bool kSave>
 void forward_direction(const Schedule& schedule, int64_t direction, int64_t H, const T* gates_x,
                        const T* weight_hh_t, const T* bias_hh, T* h, T* c, T* gates_h, T* workspace, T* output) {
   const int64_t GH = Cell::kGates * H;
   for (int64_t step = 0; step < static_cast<int64_t>(schedule.active.size()); ++step) {
     gemm<T>(schedule.active[step], GH, H, h, H, weight_hh_t, GH, gates_h, GH, /*accumulate=*/false);
-    run_rows<ForwardRows<Cell, T>>(
+    run_rows<ForwardRows<Cell, T, kSave>>(
         ForwardArgs<T>{&schedule, direction, step, H, gates_x, gates_h, bias_hh, h, c, workspace, output});
   }
 }
@@ -225,7 +227,7 @@ template <typename Cell, typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, const Tensor& weight_ih,
                                                         const Tensor& weight_hh, const Tensor& bias_ih,
                                                         const Tensor& bias_hh, const Tensor& h0, const Tensor& c0,
-                                                        const Tensor& lengths) {
+                                                        const Tensor& lengths, bool save_workspace) {
   const int64_t steps = input.size(0), B = input.size(1), I = input.size(2), H = weight_hh.size(2);
   const int64_t GH = Cell::kGates * H;
   const Schedule schedule(lengths, steps);
@@ -235,17 +237,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
       at::addmm(bias_ih.reshape({2 * GH}), input.reshape({steps * B, I}), weight_ih.reshape({2 * GH, I}).t());
   const Tensor weight_hh_t = weight_hh.transpose(1, 2).contiguous();  // (2, H, GH)
   Tensor output = at::empty({steps, B, 2 * H}, input.options());
-  Tensor workspace = at::empty({steps, B, 2, Cell::kSaved * H}, input.options());
+  Tensor workspace = save_workspace ? at::empty({steps, B, 2, Cell::kSaved * H}, input.options())
+                                    : at::empty({0}, input.options());
   Tensor h = h0.index_select(1, order).contiguous();
   Tensor c = Cell::kHasCellState ? c0.index_select(1, order).contiguous() : Tensor();
   Tensor gates_h = at::empty({2, B, GH}, input.options());
 
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
-      forward_direction<Cell, T>(schedule, d, H, gates_x.data_ptr<T>(), weight_hh_t.data_ptr<T>() + d * H * GH,
-                                 bias_hh.data_ptr<T>() + d * GH, h.data_ptr<T>() + d * B * H,
-                                 Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
-                                 gates_h.data_ptr<T>() + d * B * GH, workspace.data_ptr<T>(), output.data_ptr<T>());
+      auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
+      run(schedule, d, H, gates_x.data_ptr<T>(), weight_hh_t.data_ptr<T>() + d * H * GH,
+          bias_hh.data_ptr<T>() + d * GH, h.data_ptr<T>() + d * B * H,
+          Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr, gates_h.data_ptr<T>() + d * B * GH,
+          workspace.data_ptr<T>(), output.data_ptr<T>());
     }
   });
   zero_padding(schedule, steps, output.data_ptr<T>(), 2 * H);
@@ -379,14 +383,15 @@ void check_common(std::string_view cell, const Tensor& input, const Tensor& weig
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(c10::string_view cell, const Tensor& input,
                                                        const Tensor& weight_ih, const Tensor& weight_hh,
                                                        const Tensor& bias_ih, const Tensor& bias_hh,
-                                                       const Tensor& h0, const Tensor& c0, const Tensor& lengths) {
+                                                       const Tensor& h0, const Tensor& c0, const Tensor& lengths,
+                                                       bool save_workspace) {
   const std::string_view cell_name(cell.data(), cell.size());
   check_common(cell_name, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths);
   check_tensor(bias_ih, "bias_ih", bias_hh.sizes(), input);
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "birnn_fast::forward", [&] {
     return dispatch_cell(cell_name, [&](auto cell_type) {
       return forward_impl<decltype(cell_type), scalar_t>(input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
-                                                         lengths);
+                                                         lengths, save_workspace);
     });
   });
 }

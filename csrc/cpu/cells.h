@@ -96,7 +96,7 @@ struct LstmCell {
   static constexpr bool kSplitGateGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
 
-  template <typename T>
+  template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* c,
                                    T* saved, T* out) {
     using A = Activation<T>;
@@ -111,11 +111,13 @@ struct LstmCell {
       c[k] = c_t;
       h[k] = h_t;
       out[k] = h_t;
-      saved[k] = i;
-      saved[H + k] = f;
-      saved[2 * H + k] = g;
-      saved[3 * H + k] = o;
-      saved[4 * H + k] = c_t;
+      if constexpr (kSave) {
+        saved[k] = i;
+        saved[H + k] = f;
+        saved[2 * H + k] = g;
+        saved[3 * H + k] = o;
+        saved[4 * H + k] = c_t;
+      }
     }
   }
 
@@ -152,7 +154,7 @@ struct GruCell {
   static constexpr bool kSplitGateGrad = true;
   static constexpr bool kDirectHiddenGrad = true;
 
-  template <typename T>
+  template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* /*c*/,
                                    T* saved, T* out) {
     using A = Activation<T>;
@@ -165,10 +167,12 @@ struct GruCell {
       const T h_t = (T(1) - z) * n + z * h[k];
       h[k] = h_t;
       out[k] = h_t;
-      saved[k] = r;
-      saved[H + k] = z;
-      saved[2 * H + k] = n;
-      saved[3 * H + k] = hidden_n;
+      if constexpr (kSave) {
+        saved[k] = r;
+        saved[H + k] = z;
+        saved[2 * H + k] = n;
+        saved[3 * H + k] = hidden_n;
+      }
     }
   }
 
@@ -199,7 +203,7 @@ struct ElmanCell {
   static constexpr bool kSplitGateGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
 
-  template <typename T>
+  template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* /*c*/,
                                    T* /*saved*/, T* out) {
 #pragma omp simd
