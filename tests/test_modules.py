@@ -155,6 +155,27 @@ def test_long_sequence(use_backend, backend, cell):
     check_same(cell, fast, expected, x, None, lengths=[520, 1, 333], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads):
+    """With up to two threads each direction's thread projects its input and sums its gradients a
+    few steps (about 256 rows) at a time; with more, both happen in one GEMM outside the loop. Both
+    ways, over several chunks, the last one partial."""
+    use_backend("cpu")
+    fast, expected = make_pair(cell, 5, 7, num_layers=2)
+    T, B = 23, 40
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[:2] = torch.tensor([T, 1])
+    x = torch.randn(T, B, 5, device=DEVICE, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_same(cell, fast, expected, x, random_hx(cell, 2, B, 7, torch.float64), lengths=lengths)
+        check_same(cell, fast, expected, x, None)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

@@ -1,15 +1,19 @@
 // CPU kernels of birnn_fast::forward and birnn_fast::backward (contract: birnn_fast/ops.py).
 //
-// One input GEMM projects every step for both directions; then the two recurrences run at once, one
-// per thread, each step one GEMM over the rows still running plus the fused cell math (cells.h).
+// The two recurrences run at once, one per thread, each step one GEMM over the rows still running
+// plus the fused cell math (cells.h). The input projection is either one GEMM over every step for
+// both directions up front, or (on two threads or fewer) done by each direction's thread a few
+// steps at a time (ChunkedProjection).
 // Rows are sorted by length, longest first, so the running rows are always a prefix of the state
 // buffers and padded steps cost nothing. Backward runs the recurrences in reverse time, storing the
-// gate gradients of every step, and finishes with a few large GEMMs for the weight and input
-// gradients.
+// gate gradients of every step, and finishes with a few large GEMMs over the real tokens for the
+// weight and input gradients.
 //
-// Layouts. gates_x, dgates: (T*B, 2*G*H), row t*B + b in the caller's order, direction d at column
-// d*G*H. workspace: (T, B, 2, W*H), the cell's saved activations of (t, b, d). State buffers h, c,
-// dh, dc: (2, B, H) in sorted order.
+// Layouts. Per-token buffers are packed as a PackedSequence is: the real tokens only, by time, then
+// by sorted row (Schedule::packed), both directions of a token in one row. gates_x, dgates:
+// (N, 2*G*H), direction d at column d*G*H. workspace: the op's (T, B, 2, W*H) tensor, of which the
+// first N*2*W*H elements hold the cell's saved activations of (token, d); the rest is never touched,
+// so it costs address space but no memory. State buffers h, c, dh, dc: (2, B, H) in sorted order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,6 +40,8 @@ struct Schedule {
   std::vector<int64_t> order;    // sorted position -> caller's row
   std::vector<int64_t> lengths;  // by sorted position
   std::vector<int64_t> active;   // by step, for steps 0 .. longest length - 1
+  std::vector<int64_t> offsets;  // by time: packed row of time t's first sorted row
+  int64_t tokens = 0;            // real tokens, the packed rows
 
   Schedule(const Tensor& lengths_tensor, int64_t steps) : batch(lengths_tensor.size(0)) {
     const int64_t* caller_lengths = lengths_tensor.data_ptr<int64_t>();
@@ -59,6 +65,12 @@ struct Schedule {
       }
       active[step] = rows;
     }
+    // The rows valid at time t are the rows still running at step t, in both directions.
+    offsets.assign(longest, 0);
+    for (int64_t t = 0; t < longest; ++t) {
+      offsets[t] = tokens;
+      tokens += active[t];
+    }
   }
 
   // The time step that sorted row j reads at recurrence step `step`.
@@ -66,8 +78,51 @@ struct Schedule {
     return direction == 0 ? step : lengths[j] - 1 - step;
   }
 
+  // The packed row of (time t, sorted row j), for t < lengths[j].
+  int64_t packed(int64_t t, int64_t j) const { return offsets[t] + j; }
+
   Tensor order_tensor() const { return at::tensor(order, at::kLong); }
 };
+
+// (T, B, width) rows in the caller's order -> (N, width) packed, real tokens only.
+template <typename T>
+Tensor pack(const Schedule& schedule, const Tensor& padded) {
+  const int64_t width = padded.size(2), B = schedule.batch;
+  Tensor packed = at::empty({schedule.tokens, width}, padded.options());
+  const T* src = padded.data_ptr<T>();
+  T* dst = packed.data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(schedule.active.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < schedule.active[t]; ++j) {
+        std::copy_n(src + (t * B + schedule.order[j]) * width, width, dst + schedule.packed(t, j) * width);
+      }
+    }
+  });
+  return packed;
+}
+
+// (N, width) packed -> (T, B, width) in the caller's order, zeros at padded steps.
+template <typename T>
+Tensor unpack(const Schedule& schedule, const Tensor& packed, int64_t steps) {
+  const int64_t width = packed.size(1), B = schedule.batch;
+  Tensor padded = at::empty({steps, B, width}, packed.options());
+  const T* src = packed.data_ptr<T>();
+  T* dst = padded.data_ptr<T>();
+  at::parallel_for(0, steps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t rows = t < static_cast<int64_t>(schedule.active.size()) ? schedule.active[t] : 0;
+      for (int64_t j = 0; j < B; ++j) {
+        T* row = dst + (t * B + schedule.order[j]) * width;
+        if (j < rows) {
+          std::copy_n(src + schedule.packed(t, j) * width, width, row);
+        } else {
+          std::fill_n(row, width, T(0));
+        }
+      }
+    }
+  });
+  return padded;
+}
 
 // The cell math of one step over all running rows is compiled once per instruction set and chosen
 // at run time: the build flags are generic, and the row loops only vectorize well with the
@@ -117,9 +172,10 @@ template <typename T>
 struct ForwardArgs {
   const Schedule* schedule;
   int64_t direction, step, hidden;
-  const T* gates_x;  // (T*B, 2GH)
-  const T* gates_h;  // (B, GH): this step's h_prev @ W_hh^T, sorted rows
-  const T* bias_hh;  // (GH)
+  const T* gates_x;       // (N, 2GH) packed, when projected up front
+  const T* step_gates_x;  // (B, GH) this step's, sorted rows, when projected by chunks
+  T* gates_h;             // (B, GH): this step's h_prev @ W_hh^T, sorted rows
+  const T* bias_hh;       // (GH)
   T* h;              // (B, H) sorted
   T* c;              // (B, H) sorted, LSTM only
   T* workspace;
@@ -134,10 +190,12 @@ struct ForwardRows {
     const int64_t H = a.hidden, GH = Cell::kGates * H, WH = Cell::kSaved * H, B = schedule.batch;
     const int64_t rows = schedule.active[a.step];
     for (int64_t j = 0; j < rows; ++j) {
-      const int64_t row = schedule.time(a.step, j, a.direction) * B + schedule.order[j];
-      Cell::template forward<kSave>(H, a.gates_x + row * 2 * GH + a.direction * GH, a.gates_h + j * GH,
+      const int64_t t = schedule.time(a.step, j, a.direction);
+      const int64_t row = t * B + schedule.order[j], token = schedule.packed(t, j);
+      const T* gx = a.step_gates_x != nullptr ? a.step_gates_x + j * GH : a.gates_x + token * 2 * GH + a.direction * GH;
+      Cell::template forward<kSave>(H, gx, a.gates_h + j * GH,
                                     a.bias_hh, a.h + j * H, Cell::kHasCellState ? a.c + j * H : nullptr,
-                                    kSave ? a.workspace + (row * 2 + a.direction) * WH : nullptr,
+                                    kSave ? a.workspace + (token * 2 + a.direction) * WH : nullptr,
                                     a.output + row * 2 * H + a.direction * H);
     }
   }
@@ -154,8 +212,10 @@ struct BackwardArgs {
   const T* workspace;
   T* dh;        // (B, H) sorted
   T* dc;        // (B, H) sorted, LSTM only
-  T* dgates_x;  // (T*B, 2GH)
-  T* dgates_h;  // (T*B, 2GH), written only if the cell splits its gate gradients
+  T* dgates_x;  // (N, 2GH) packed, when the gradients are computed after the loop
+  T* dgates_h;  // (N, 2GH) packed, written only if the cell splits its gate gradients
+  T* chunk_dgates_x;  // (B, GH) this step's rows in ChunkedGradients::dgates_x, when by chunks
+  T* chunk_dgates_h;  // (B, GH) same in ChunkedGradients::dgates_h
   T* step_dgates_h;  // (B, GH) sorted: this step's, the operand of the recurrent GEMM
 };
 
@@ -169,47 +229,165 @@ struct BackwardRows {
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t b = schedule.order[j];
       const int64_t t = schedule.time(a.step, j, d);
-      const int64_t row = t * B + b;
+      const int64_t row = t * B + b, token = schedule.packed(t, j);
       // The previous step's state: h0/c0 at a row's first step, else what that step stored.
-      const int64_t prev_row = (d == 0 ? t - 1 : t + 1) * B + b;
+      const int64_t prev_t = d == 0 ? t - 1 : t + 1;
       const bool first = a.step == 0;
-      const T* h_prev = first ? a.h0 + b * H : a.output + prev_row * 2 * H + d * H;
+      const T* h_prev = first ? a.h0 + b * H : a.output + (prev_t * B + b) * 2 * H + d * H;
       const T* c_prev = nullptr;
       if constexpr (Cell::kHasCellState) {
-        c_prev = first ? a.c0 + b * H : a.workspace + (prev_row * 2 + d) * WH + Cell::kCellStateSlot * H;
+        c_prev = first ? a.c0 + b * H
+                       : a.workspace + (schedule.packed(prev_t, j) * 2 + d) * WH + Cell::kCellStateSlot * H;
       }
       T* step_dgh = a.step_dgates_h + j * GH;
-      Cell::backward(H, a.workspace + (row * 2 + d) * WH, h_prev, c_prev, a.output + row * 2 * H + d * H,
+      Cell::backward(H, a.workspace + (token * 2 + d) * WH, h_prev, c_prev, a.output + row * 2 * H + d * H,
                      a.grad_output + row * 2 * H + d * H, a.dh + j * H, Cell::kHasCellState ? a.dc + j * H : nullptr,
-                     a.dgates_x + row * 2 * GH + d * GH, step_dgh);
+                     a.chunk_dgates_x != nullptr ? a.chunk_dgates_x + j * GH : a.dgates_x + token * 2 * GH + d * GH,
+                     step_dgh);
       if constexpr (Cell::kSplitGateGrad) {
-        std::memcpy(a.dgates_h + row * 2 * GH + d * GH, step_dgh, GH * sizeof(T));
+        T* dgh = a.chunk_dgates_h != nullptr ? a.chunk_dgates_h + j * GH : a.dgates_h + token * 2 * GH + d * GH;
+        std::memcpy(dgh, step_dgh, GH * sizeof(T));
       }
     }
   }
 };
 
+// With two threads or fewer, each direction's thread also does its share of the work around the
+// recurrence -- the input projection in forward, the weight, bias and input gradients in backward
+// -- a few steps at a time, on small buffers that stay in cache: no (N, 2GH) buffers to allocate
+// and fault in on every call, and nothing waits for the other direction. With more threads, one
+// multi-threaded GEMM before (forward) or after (backward) the recurrences does that work instead.
+bool by_chunks() { return at::get_num_threads() <= 2; }
+
+// Steps per chunk: about kChunkRows rows, for GEMMs large enough to run near peak.
+int64_t steps_per_chunk(const Schedule& schedule) {
+  constexpr int64_t kChunkRows = 256;
+  const int64_t longest = static_cast<int64_t>(schedule.active.size());
+  return std::clamp<int64_t>((kChunkRows + schedule.batch - 1) / schedule.batch, 1, std::max<int64_t>(longest, 1));
+}
+
+// Rows of steps [first, last) in a chunk buffer: by step, then sorted row; returns where each
+// step's rows start, and the total at the back.
+std::vector<int64_t> chunk_starts(const Schedule& schedule, int64_t first, int64_t last) {
+  std::vector<int64_t> starts(last - first + 1, 0);
+  for (int64_t step = first; step < last; ++step) {
+    starts[step - first + 1] = starts[step - first] + schedule.active[step];
+  }
+  return starts;
+}
+template <typename T>
+struct ChunkedProjection {
+  const T* input;        // (T, B, I)
+  const T* weight_ih_t;  // (I, GH), this direction's
+  const T* bias_ih;      // (GH), this direction's
+  int64_t inputs, steps_per_chunk;
+  T* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
+  T* gx;  // (steps_per_chunk * B, GH): their projections
+};
+
 template <typename Cell, typename T, bool kSave>
-void forward_direction(const Schedule& schedule, int64_t direction, int64_t H, const T* gates_x,
-                       const T* weight_hh_t, const T* bias_hh, T* h, T* c, T* gates_h, T* workspace, T* output) {
-  const int64_t GH = Cell::kGates * H;
-  for (int64_t step = 0; step < static_cast<int64_t>(schedule.active.size()); ++step) {
-    gemm<T>(schedule.active[step], GH, H, h, H, weight_hh_t, GH, gates_h, GH, /*accumulate=*/false);
-    run_rows<ForwardRows<Cell, T, kSave>>(
-        ForwardArgs<T>{&schedule, direction, step, H, gates_x, gates_h, bias_hh, h, c, workspace, output});
+void forward_direction(ForwardArgs<T> args, const T* weight_hh_t, const ChunkedProjection<T>* projection) {
+  const Schedule& schedule = *args.schedule;
+  const int64_t H = args.hidden, GH = Cell::kGates * H, B = schedule.batch, d = args.direction;
+  const int64_t longest = static_cast<int64_t>(schedule.active.size());
+  const int64_t chunk = projection != nullptr ? projection->steps_per_chunk : longest;
+  for (int64_t first = 0; first < longest; first += chunk) {
+    const int64_t last = std::min(longest, first + chunk);
+    if (projection != nullptr) {
+      const int64_t I = projection->inputs;
+      int64_t rows = 0;
+      for (int64_t step = first; step < last; ++step) {
+        for (int64_t j = 0; j < schedule.active[step]; ++j, ++rows) {
+          const int64_t row = schedule.time(step, j, d) * B + schedule.order[j];
+          std::copy_n(projection->input + row * I, I, projection->x + rows * I);
+        }
+      }
+      gemm<T>(rows, GH, I, projection->x, I, projection->weight_ih_t, GH, projection->gx, GH,
+              /*accumulate=*/false, projection->bias_ih);
+      args.step_gates_x = projection->gx;
+    }
+    for (int64_t step = first; step < last; ++step) {
+      args.step = step;
+      gemm<T>(schedule.active[step], GH, H, args.h, H, weight_hh_t, GH, args.gates_h, GH, /*accumulate=*/false);
+      run_rows<ForwardRows<Cell, T, kSave>>(args);
+      if (projection != nullptr) {
+        args.step_gates_x += schedule.active[step] * GH;
+      }
+    }
+  }
+}
+
+template <typename T>
+struct ChunkedGradients {
+  const T* input;      // (T, B, I)
+  const T* weight_ih;  // (GH, I), this direction's
+  int64_t inputs, steps_per_chunk;
+  T* x;               // (rows, I): the chunk's input rows, then their input gradients
+  T* h_prev;          // (rows, H): the states the chunk's steps started from
+  T* dgates_x;        // (rows, GH)
+  T* dgates_h;        // (rows, GH), if the cell splits its gate gradients
+  T* grad_input;      // (T, B, I): this direction's share, written at real tokens
+  T* grad_weight_ih;  // (GH, I), accumulated
+  T* grad_weight_hh;  // (GH, H), accumulated
+  T* grad_bias_ih;    // (GH), accumulated
+  T* grad_bias_hh;    // (GH), accumulated
+};
+
+// Adds the gradients of steps [first, last), whose gate gradients are in the chunk buffers.
+template <typename Cell, typename T>
+void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, int64_t first, int64_t last,
+                     const std::vector<int64_t>& starts) {
+  const Schedule& schedule = *args.schedule;
+  const int64_t H = args.hidden, GH = Cell::kGates * H, I = g.inputs, B = schedule.batch, d = args.direction;
+  const int64_t rows = starts.back();
+  const T* dgates_h = Cell::kSplitGateGrad ? g.dgates_h : g.dgates_x;
+  for (int64_t step = first; step < last; ++step) {
+    for (int64_t j = 0; j < schedule.active[step]; ++j) {
+      const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d), b = schedule.order[j];
+      std::copy_n(g.input + (t * B + b) * I, I, g.x + r * I);
+      const T* h_prev = step == 0 ? args.h0 + b * H : args.output + ((d == 0 ? t - 1 : t + 1) * B + b) * 2 * H + d * H;
+      std::copy_n(h_prev, H, g.h_prev + r * H);
+    }
+  }
+  gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I);
+  gemm_tn_accumulate<T>(GH, H, rows, dgates_h, GH, g.h_prev, H, g.grad_weight_hh, H);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < GH; ++k) {
+      g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
+      g.grad_bias_hh[k] += dgates_h[r * GH + k];
+    }
+  }
+  gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, g.x, I, /*accumulate=*/false);
+  for (int64_t step = first; step < last; ++step) {
+    for (int64_t j = 0; j < schedule.active[step]; ++j) {
+      const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
+      std::copy_n(g.x + r * I, I, g.grad_input + (t * B + schedule.order[j]) * I);
+    }
   }
 }
 
 template <typename Cell, typename T>
-void backward_direction(const BackwardArgs<T>& args, const T* weight_hh) {
+void backward_direction(BackwardArgs<T> args, const T* weight_hh, const ChunkedGradients<T>* chunked) {
   const int64_t H = args.hidden, GH = Cell::kGates * H;
   const Schedule& schedule = *args.schedule;
-  for (int64_t step = static_cast<int64_t>(schedule.active.size()) - 1; step >= 0; --step) {
-    BackwardArgs<T> step_args = args;
-    step_args.step = step;
-    run_rows<BackwardRows<Cell, T>>(step_args);
-    gemm<T>(schedule.active[step], H, GH, args.step_dgates_h, GH, weight_hh, H, args.dh, H,
-            /*accumulate=*/Cell::kDirectHiddenGrad);
+  const int64_t longest = static_cast<int64_t>(schedule.active.size());
+  const int64_t chunk = chunked != nullptr ? chunked->steps_per_chunk : longest;
+  for (int64_t last = longest; last > 0; last -= chunk) {
+    const int64_t first = std::max<int64_t>(0, last - chunk);
+    const std::vector<int64_t> starts = chunk_starts(schedule, first, last);
+    for (int64_t step = last - 1; step >= first; --step) {
+      args.step = step;
+      if (chunked != nullptr) {
+        args.chunk_dgates_x = chunked->dgates_x + starts[step - first] * GH;
+        args.chunk_dgates_h = Cell::kSplitGateGrad ? chunked->dgates_h + starts[step - first] * GH : nullptr;
+      }
+      run_rows<BackwardRows<Cell, T>>(args);
+      gemm<T>(schedule.active[step], H, GH, args.step_dgates_h, GH, weight_hh, H, args.dh, H,
+              /*accumulate=*/Cell::kDirectHiddenGrad);
+    }
+    if (chunked != nullptr) {
+      chunk_gradients<Cell, T>(args, *chunked, first, last, starts);
+    }
   }
 }
 
@@ -233,8 +411,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   const Schedule schedule(lengths, steps);
   const Tensor order = schedule.order_tensor();
 
-  const Tensor gates_x =
-      at::addmm(bias_ih.reshape({2 * GH}), input.reshape({steps * B, I}), weight_ih.reshape({2 * GH, I}).t());
+  const bool chunked = by_chunks();
+  const int64_t chunk_steps = steps_per_chunk(schedule);
+  Tensor gates_x, weight_ih_t, chunk_x, chunk_gx;
+  if (chunked) {
+    weight_ih_t = weight_ih.transpose(1, 2).contiguous();  // (2, I, GH)
+    chunk_x = at::empty({2, chunk_steps * B, I}, input.options());
+    chunk_gx = at::empty({2, chunk_steps * B, GH}, input.options());
+  } else {
+    gates_x = at::addmm(bias_ih.reshape({2 * GH}), pack<T>(schedule, input), weight_ih.reshape({2 * GH, I}).t());
+  }
   const Tensor weight_hh_t = weight_hh.transpose(1, 2).contiguous();  // (2, H, GH)
   Tensor output = at::empty({steps, B, 2 * H}, input.options());
   Tensor workspace = save_workspace ? at::empty({steps, B, 2, Cell::kSaved * H}, input.options())
@@ -245,11 +431,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
 
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
+      const ForwardArgs<T> args{&schedule,
+                                d,
+                                /*step=*/0,
+                                H,
+                                chunked ? nullptr : gates_x.data_ptr<T>(),
+                                /*step_gates_x=*/nullptr,
+                                gates_h.data_ptr<T>() + d * B * GH,
+                                bias_hh.data_ptr<T>() + d * GH,
+                                h.data_ptr<T>() + d * B * H,
+                                Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
+                                workspace.data_ptr<T>(),
+                                output.data_ptr<T>()};
+      ChunkedProjection<T> projection{};
+      if (chunked) {
+        projection = {input.data_ptr<T>(), weight_ih_t.data_ptr<T>() + d * I * GH, bias_ih.data_ptr<T>() + d * GH,
+                      I, chunk_steps, chunk_x.data_ptr<T>() + d * chunk_steps * B * I,
+                      chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
+      }
       auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
-      run(schedule, d, H, gates_x.data_ptr<T>(), weight_hh_t.data_ptr<T>() + d * H * GH,
-          bias_hh.data_ptr<T>() + d * GH, h.data_ptr<T>() + d * B * H,
-          Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr, gates_h.data_ptr<T>() + d * B * GH,
-          workspace.data_ptr<T>(), output.data_ptr<T>());
+      run(args, weight_hh_t.data_ptr<T>() + d * H * GH, chunked ? &projection : nullptr);
     }
   });
   zero_padding(schedule, steps, output.data_ptr<T>(), 2 * H);
@@ -257,6 +458,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   Tensor h_n = at::empty_like(h0).index_copy_(1, order, h);
   Tensor c_n = Cell::kHasCellState ? at::empty_like(c0).index_copy_(1, order, c) : at::empty({0}, input.options());
   return {output, h_n, c_n, workspace};
+}
+
+// (N, 2H) packed: the state each token's step started from, per direction: h0 at a row's first
+// step, else the output of the step before it (time t - 1 forward, t + 1 in reverse).
+template <typename T>
+Tensor previous_states(const Schedule& schedule, const Tensor& output, const Tensor& h0) {
+  const int64_t B = schedule.batch, H = h0.size(2);
+  Tensor h_prev = at::empty({schedule.tokens, 2 * H}, output.options());
+  const T* out = output.data_ptr<T>();
+  const T* initial = h0.data_ptr<T>();
+  T* dst = h_prev.data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(schedule.active.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < schedule.active[t]; ++j) {
+        const int64_t b = schedule.order[j];
+        T* row = dst + schedule.packed(t, j) * 2 * H;
+        std::copy_n(t == 0 ? initial + b * H : out + ((t - 1) * B + b) * 2 * H, H, row);
+        std::copy_n(t == schedule.lengths[j] - 1 ? initial + (B + b) * H : out + ((t + 1) * B + b) * 2 * H + H, H,
+                    row + H);
+      }
+    }
+  });
+  return h_prev;
 }
 
 template <typename Cell, typename T>
@@ -271,14 +495,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
 
   Tensor dh = grad_h_n.index_select(1, order).contiguous();
   Tensor dc = Cell::kHasCellState ? grad_c_n.index_select(1, order).contiguous() : Tensor();
-  Tensor dgates_x = at::empty({steps * B, 2 * GH}, input.options());
-  Tensor dgates_h = Cell::kSplitGateGrad ? at::empty_like(dgates_x) : dgates_x;
-  // The large GEMMs below run over every (t, b), so padded steps must hold zero gradients.
-  zero_padding(schedule, steps, dgates_x.data_ptr<T>(), 2 * GH);
-  if (Cell::kSplitGateGrad) {
-    zero_padding(schedule, steps, dgates_h.data_ptr<T>(), 2 * GH);
-  }
   Tensor step_dgates_h = at::empty({2, B, GH}, input.options());
+  const bool chunked = by_chunks();
+  const int64_t chunk_rows = steps_per_chunk(schedule) * B;
+  Tensor dgates_x, dgates_h, grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
+  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h, grad_input_reverse;
+  if (chunked) {
+    chunk_x = at::empty({2, chunk_rows, I}, input.options());
+    chunk_h_prev = at::empty({2, chunk_rows, H}, input.options());
+    chunk_dgates_x = at::empty({2, chunk_rows, GH}, input.options());
+    chunk_dgates_h = Cell::kSplitGateGrad ? at::empty_like(chunk_dgates_x) : chunk_dgates_x;
+    // Each direction writes its share of the input gradient at every real token; the padding is 0.
+    grad_input = at::empty_like(input);
+    grad_input_reverse = at::empty_like(input);
+    zero_padding(schedule, steps, grad_input.data_ptr<T>(), I);
+    zero_padding(schedule, steps, grad_input_reverse.data_ptr<T>(), I);
+    grad_weight_ih = at::zeros_like(weight_ih);
+    grad_weight_hh = at::zeros_like(weight_hh);
+    grad_bias_ih = at::zeros({2, GH}, input.options());
+    grad_bias_hh = at::zeros({2, GH}, input.options());
+  } else {
+    dgates_x = at::empty({schedule.tokens, 2 * GH}, input.options());
+    dgates_h = Cell::kSplitGateGrad ? at::empty_like(dgates_x) : dgates_x;
+  }
 
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
@@ -293,36 +532,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
                                  workspace.data_ptr<T>(),
                                  dh.data_ptr<T>() + d * B * H,
                                  Cell::kHasCellState ? dc.data_ptr<T>() + d * B * H : nullptr,
-                                 dgates_x.data_ptr<T>(),
-                                 dgates_h.data_ptr<T>(),
+                                 chunked ? nullptr : dgates_x.data_ptr<T>(),
+                                 chunked ? nullptr : dgates_h.data_ptr<T>(),
+                                 /*chunk_dgates_x=*/nullptr,
+                                 /*chunk_dgates_h=*/nullptr,
                                  step_dgates_h.data_ptr<T>() + d * B * GH};
-      backward_direction<Cell, T>(args, weight_hh.data_ptr<T>() + d * GH * H);
+      ChunkedGradients<T> gradients{};
+      if (chunked) {
+        gradients = {input.data_ptr<T>(),
+                     weight_ih.data_ptr<T>() + d * GH * I,
+                     I,
+                     steps_per_chunk(schedule),
+                     chunk_x.data_ptr<T>() + d * chunk_rows * I,
+                     chunk_h_prev.data_ptr<T>() + d * chunk_rows * H,
+                     chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
+                     chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
+                     (d == 0 ? grad_input : grad_input_reverse).data_ptr<T>(),
+                     grad_weight_ih.data_ptr<T>() + d * GH * I,
+                     grad_weight_hh.data_ptr<T>() + d * GH * H,
+                     grad_bias_ih.data_ptr<T>() + d * GH,
+                     grad_bias_hh.data_ptr<T>() + d * GH};
+      }
+      backward_direction<Cell, T>(args, weight_hh.data_ptr<T>() + d * GH * H, chunked ? &gradients : nullptr);
     }
   });
 
   Tensor grad_h0 = at::empty_like(h0).index_copy_(1, order, dh);
   Tensor grad_c0 = Cell::kHasCellState ? at::empty_like(c0).index_copy_(1, order, dc) : at::empty({0}, input.options());
+  if (chunked) {
+    grad_input.add_(grad_input_reverse);
+    return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0};
+  }
 
-  const Tensor weight_ih_2d = weight_ih.reshape({2 * GH, I});
-  Tensor grad_input = at::mm(dgates_x, weight_ih_2d).view({steps, B, I});
-  Tensor grad_weight_ih = at::mm(dgates_x.t(), input.reshape({steps * B, I})).view({2, GH, I});
-  Tensor grad_bias_ih = dgates_x.sum(0).view({2, GH});
-  Tensor grad_bias_hh = dgates_h.sum(0).view({2, GH});
-
-  // h_prev of (t, b, d) is the output of the previous step, which for the reverse direction at a
-  // row's first step (t = lengths[b] - 1) is a padded zero; every row's first step is then added
-  // with h0, from the gate gradients the backward loop left in step_dgates_h after its step 0.
-  Tensor grad_weight_hh = at::empty({2, GH, H}, input.options());
-  const Tensor dgates_h_4d = dgates_h.view({steps, B, 2, GH});
-  const Tensor output_4d = output.view({steps, B, 2, H});
-  const Tensor h0_sorted = h0.index_select(1, order);
+  grad_input = unpack<T>(schedule, at::mm(dgates_x, weight_ih.reshape({2 * GH, I})), steps);
+  grad_weight_ih = at::mm(dgates_x.t(), pack<T>(schedule, input)).view({2, GH, I});
+  grad_bias_ih = dgates_x.sum(0).view({2, GH});
+  grad_bias_hh = dgates_h.sum(0).view({2, GH});
+  const Tensor h_prev = previous_states<T>(schedule, output, h0);
+  grad_weight_hh = at::empty({2, GH, H}, input.options());
   for (int64_t d = 0; d < 2; ++d) {
-    const int64_t gate_from = d == 0 ? 1 : 0, output_from = d == 0 ? 0 : 1;
-    const Tensor dgates = dgates_h_4d.slice(0, gate_from, gate_from + steps - 1).select(2, d).flatten(0, 1);
-    const Tensor h_prev = output_4d.slice(0, output_from, output_from + steps - 1).select(2, d).flatten(0, 1);
     Tensor grad = grad_weight_hh.select(0, d);
-    at::mm_out(grad, dgates.t(), h_prev);
-    grad.addmm_(step_dgates_h.select(0, d).t(), h0_sorted.select(0, d));
+    at::mm_out(grad, dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * H, H));
   }
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0};
 }

@@ -1,6 +1,6 @@
-// The per-step GEMM of the recurrences: small (active rows x H) @ (H x G*H) products, one per step
-// and direction, run single-threaded inside the per-direction parallel region, into preallocated
-// buffers.
+// The GEMMs the recurrences run inside their per-direction parallel region (single-threaded there),
+// on preallocated buffers: the per-step (active rows x H) @ (H x G*H) products, and the input
+// projections and weight gradients of a chunk of steps.
 //
 // at::mm (MKL) because it was the fastest measured for 64x256 @ 256x1024 on one thread of the
 // development machine (2-core AMD EPYC VM exposing AVX2 but not AVX-512): at::mm ~80 GFLOP/s,
@@ -10,16 +10,25 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace birnn_fast::cpu {
 
-// c[m, n] = a[m, k] @ b[k, n] (+ c[m, n] if accumulate); row-major with leading dimensions.
+// c[m, n] = a[m, k] @ b[k, n] + (c[m, n] if accumulate, else bias[n] if given); row-major with
+// leading dimensions.
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-          bool accumulate) {
+          bool accumulate, const T* bias = nullptr) {
   if (m == 0 || n == 0) {
     return;
+  }
+  TORCH_INTERNAL_ASSERT(bias == nullptr || !accumulate);
+  if (bias != nullptr) {
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy_n(bias, n, c + i * ldc);
+    }
+    accumulate = true;
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
@@ -30,6 +39,20 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
   } else {
     at::mm_out(c_view, a_view, b_view);
   }
+}
+
+// c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.
+template <typename T>
+void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                        int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) {
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, options);
+  const at::Tensor b_view = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  c_view.addmm_(a_view.t(), b_view);
 }
 
 }  // namespace birnn_fast::cpu
