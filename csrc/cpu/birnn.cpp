@@ -1,13 +1,12 @@
 // CPU kernels of birnn_fast::forward and birnn_fast::backward (contract: birnn_fast/ops.py).
 //
 // The two recurrences run at once, one per thread, each step one GEMM over the rows still running
-// plus the fused cell math (cells.h). The input projection is either one GEMM over every step for
-// both directions up front, or (on two threads or fewer) done by each direction's thread a few
-// steps at a time (ChunkedProjection).
-// Rows are sorted by length, longest first, so the running rows are always a prefix of the state
-// buffers and padded steps cost nothing. Backward runs the recurrences in reverse time, storing the
-// gate gradients of every step, and finishes with a few large GEMMs over the real tokens for the
-// weight and input gradients.
+// plus the fused cell math (cells.h). Rows are sorted by length, longest first, so the running rows
+// are always a prefix of the state buffers and padded steps cost nothing. Backward runs the
+// recurrences in reverse time, computing the gate gradients of every step. The GEMMs around the
+// recurrences -- input projection, weight and input gradients -- run over the real tokens only:
+// on two threads or fewer inside each direction's thread, a chunk of steps at a time
+// (ChunkedProjection, ChunkedGradients); with more threads as a few large GEMMs before / after.
 //
 // Layouts. Per-token buffers are packed as a PackedSequence is: the real tokens only, by time, then
 // by sorted row (Schedule::packed), both directions of a token in one row. gates_x, dgates:
@@ -275,6 +274,19 @@ std::vector<int64_t> chunk_starts(const Schedule& schedule, int64_t first, int64
   }
   return starts;
 }
+
+// Copies the input rows that direction d reads at steps [first, last) into chunk rows `starts`.
+template <typename T>
+void gather_chunk_inputs(const Schedule& schedule, int64_t d, int64_t first, int64_t last,
+                         const std::vector<int64_t>& starts, const T* input, int64_t inputs, T* x) {
+  for (int64_t step = first; step < last; ++step) {
+    for (int64_t j = 0; j < schedule.active[step]; ++j) {
+      const int64_t row = schedule.time(step, j, d) * schedule.batch + schedule.order[j];
+      std::copy_n(input + row * inputs, inputs, x + (starts[step - first] + j) * inputs);
+    }
+  }
+}
+
 template <typename T>
 struct ChunkedProjection {
   const T* input;        // (T, B, I)
@@ -288,31 +300,25 @@ struct ChunkedProjection {
 template <typename Cell, typename T, bool kSave>
 void forward_direction(ForwardArgs<T> args, const T* weight_hh_t, const ChunkedProjection<T>* projection) {
   const Schedule& schedule = *args.schedule;
-  const int64_t H = args.hidden, GH = Cell::kGates * H, B = schedule.batch, d = args.direction;
+  const int64_t H = args.hidden, GH = Cell::kGates * H, d = args.direction;
   const int64_t longest = static_cast<int64_t>(schedule.active.size());
   const int64_t chunk = projection != nullptr ? projection->steps_per_chunk : longest;
   for (int64_t first = 0; first < longest; first += chunk) {
     const int64_t last = std::min(longest, first + chunk);
+    const std::vector<int64_t> starts = chunk_starts(schedule, first, last);
     if (projection != nullptr) {
       const int64_t I = projection->inputs;
-      int64_t rows = 0;
-      for (int64_t step = first; step < last; ++step) {
-        for (int64_t j = 0; j < schedule.active[step]; ++j, ++rows) {
-          const int64_t row = schedule.time(step, j, d) * B + schedule.order[j];
-          std::copy_n(projection->input + row * I, I, projection->x + rows * I);
-        }
-      }
-      gemm<T>(rows, GH, I, projection->x, I, projection->weight_ih_t, GH, projection->gx, GH,
+      gather_chunk_inputs(schedule, d, first, last, starts, projection->input, I, projection->x);
+      gemm<T>(starts.back(), GH, I, projection->x, I, projection->weight_ih_t, GH, projection->gx, GH,
               /*accumulate=*/false, projection->bias_ih);
-      args.step_gates_x = projection->gx;
     }
     for (int64_t step = first; step < last; ++step) {
       args.step = step;
+      if (projection != nullptr) {
+        args.step_gates_x = projection->gx + starts[step - first] * GH;
+      }
       gemm<T>(schedule.active[step], GH, H, args.h, H, weight_hh_t, GH, args.gates_h, GH, /*accumulate=*/false);
       run_rows<ForwardRows<Cell, T, kSave>>(args);
-      if (projection != nullptr) {
-        args.step_gates_x += schedule.active[step] * GH;
-      }
     }
   }
 }
@@ -341,10 +347,10 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
   const int64_t H = args.hidden, GH = Cell::kGates * H, I = g.inputs, B = schedule.batch, d = args.direction;
   const int64_t rows = starts.back();
   const T* dgates_h = Cell::kSplitGateGrad ? g.dgates_h : g.dgates_x;
+  gather_chunk_inputs(schedule, d, first, last, starts, g.input, I, g.x);
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
       const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d), b = schedule.order[j];
-      std::copy_n(g.input + (t * B + b) * I, I, g.x + r * I);
       const T* h_prev = step == 0 ? args.h0 + b * H : args.output + ((d == 0 ? t - 1 : t + 1) * B + b) * 2 * H + d * H;
       std::copy_n(h_prev, H, g.h_prev + r * H);
     }
