@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <string_view>
 #include <tuple>
@@ -332,7 +333,8 @@ struct ChunkedGradients {
   T* h_prev;          // (rows, H): the states the chunk's steps started from
   T* dgates_x;        // (rows, GH)
   T* dgates_h;        // (rows, GH), if the cell splits its gate gradients
-  T* grad_input;      // (T, B, I): this direction's share, written at real tokens
+  T* grad_input;      // (T, B, I), zeroed, accumulated by both directions under grad_input_locks
+  std::mutex* grad_input_locks;  // by time step
   T* grad_weight_ih;  // (GH, I), accumulated
   T* grad_weight_hh;  // (GH, H), accumulated
   T* grad_bias_ih;    // (GH), accumulated
@@ -367,7 +369,12 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
       const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
-      std::copy_n(g.x + r * I, I, g.grad_input + (t * B + schedule.order[j]) * I);
+      const T* contribution = g.x + r * I;
+      T* grad_input = g.grad_input + (t * B + schedule.order[j]) * I;
+      const std::lock_guard<std::mutex> lock(g.grad_input_locks[t]);
+      for (int64_t i = 0; i < I; ++i) {
+        grad_input[i] += contribution[i];
+      }
     }
   }
 }
@@ -505,17 +512,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
   const bool chunked = by_chunks();
   const int64_t chunk_rows = steps_per_chunk(schedule) * B;
   Tensor dgates_x, dgates_h, grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
-  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h, grad_input_reverse;
+  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h;
+  std::vector<std::mutex> grad_input_locks(chunked ? steps : 0);
   if (chunked) {
     chunk_x = at::empty({2, chunk_rows, I}, input.options());
     chunk_h_prev = at::empty({2, chunk_rows, H}, input.options());
     chunk_dgates_x = at::empty({2, chunk_rows, GH}, input.options());
     chunk_dgates_h = Cell::kSplitGateGrad ? at::empty_like(chunk_dgates_x) : chunk_dgates_x;
-    // Each direction writes its share of the input gradient at every real token; the padding is 0.
-    grad_input = at::empty_like(input);
-    grad_input_reverse = at::empty_like(input);
-    zero_padding(schedule, steps, grad_input.data_ptr<T>(), I);
-    zero_padding(schedule, steps, grad_input_reverse.data_ptr<T>(), I);
+    grad_input = at::zeros_like(input);
     grad_weight_ih = at::zeros_like(weight_ih);
     grad_weight_hh = at::zeros_like(weight_hh);
     grad_bias_ih = at::zeros({2, GH}, input.options());
@@ -553,7 +557,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
                      chunk_h_prev.data_ptr<T>() + d * chunk_rows * H,
                      chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
                      chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
-                     (d == 0 ? grad_input : grad_input_reverse).data_ptr<T>(),
+                     grad_input.data_ptr<T>(),
+                     grad_input_locks.data(),
                      grad_weight_ih.data_ptr<T>() + d * GH * I,
                      grad_weight_hh.data_ptr<T>() + d * GH * H,
                      grad_bias_ih.data_ptr<T>() + d * GH,
@@ -566,7 +571,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
   Tensor grad_h0 = at::empty_like(h0).index_copy_(1, order, dh);
   Tensor grad_c0 = Cell::kHasCellState ? at::empty_like(c0).index_copy_(1, order, dc) : at::empty({0}, input.options());
   if (chunked) {
-    grad_input.add_(grad_input_reverse);
     return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0};
   }
 
