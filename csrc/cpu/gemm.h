@@ -30,6 +30,24 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
     }
     accumulate = true;
   }
+  // Products this small cost less than one trip through the dispatcher (a few microseconds).
+  constexpr int64_t kSmallMultiplyAdds = 1 << 15;
+  if (m * n * k <= kSmallMultiplyAdds) {
+    for (int64_t i = 0; i < m; ++i) {
+      T* c_row = c + i * ldc;
+      if (!accumulate) {
+        std::fill_n(c_row, n, T(0));
+      }
+      for (int64_t p = 0; p < k; ++p) {
+        const T a_ip = a[i * lda + p];
+        const T* b_row = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) {
+          c_row[j] += a_ip * b_row[j];
+        }
+      }
+    }
+    return;
+  }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
   const at::Tensor b_view = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
