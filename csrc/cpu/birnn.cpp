@@ -81,8 +81,23 @@ struct Schedule {
   // The packed row of (time t, sorted row j), for t < lengths[j].
   int64_t packed(int64_t t, int64_t j) const { return offsets[t] + j; }
 
-  Tensor order_tensor() const { return at::tensor(order, at::kLong); }
 };
+
+// (2, B, H) states between the caller's row order and the sorted one (to_sorted: caller -> sorted).
+template <typename T>
+Tensor reorder_states(const Schedule& schedule, const Tensor& states, bool to_sorted) {
+  const int64_t B = schedule.batch, H = states.size(2);
+  Tensor result = at::empty({2, B, H}, states.options());
+  const T* src = states.data_ptr<T>();
+  T* dst = result.data_ptr<T>();
+  for (int64_t d = 0; d < 2; ++d) {
+    for (int64_t j = 0; j < B; ++j) {
+      const int64_t sorted = d * B + j, caller = d * B + schedule.order[j];
+      std::copy_n(src + (to_sorted ? caller : sorted) * H, H, dst + (to_sorted ? sorted : caller) * H);
+    }
+  }
+  return result;
+}
 
 // (T, B, width) rows in the caller's order -> (N, width) packed, real tokens only.
 template <typename T>
@@ -422,7 +437,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   const int64_t steps = input.size(0), B = input.size(1), I = input.size(2), H = weight_hh.size(2);
   const int64_t GH = Cell::kGates * H;
   const Schedule schedule(lengths, steps);
-  const Tensor order = schedule.order_tensor();
 
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule);
@@ -438,8 +452,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   Tensor output = at::empty({steps, B, 2 * H}, input.options());
   Tensor workspace = save_workspace ? at::empty({steps, B, 2, Cell::kSaved * H}, input.options())
                                     : at::empty({0}, input.options());
-  Tensor h = h0.index_select(1, order).contiguous();
-  Tensor c = Cell::kHasCellState ? c0.index_select(1, order).contiguous() : Tensor();
+  Tensor h = reorder_states<T>(schedule, h0, /*to_sorted=*/true);
+  Tensor c = Cell::kHasCellState ? reorder_states<T>(schedule, c0, /*to_sorted=*/true) : Tensor();
   Tensor gates_h = at::empty({2, B, GH}, input.options());
 
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
@@ -468,8 +482,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   });
   zero_padding(schedule, steps, output.data_ptr<T>(), 2 * H);
 
-  Tensor h_n = at::empty_like(h0).index_copy_(1, order, h);
-  Tensor c_n = Cell::kHasCellState ? at::empty_like(c0).index_copy_(1, order, c) : at::empty({0}, input.options());
+  Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false);
+  Tensor c_n = Cell::kHasCellState ? reorder_states<T>(schedule, c, /*to_sorted=*/false) : at::empty({0}, input.options());
   return {output, h_n, c_n, workspace};
 }
 
@@ -504,10 +518,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
   const int64_t steps = input.size(0), B = input.size(1), I = input.size(2), H = weight_hh.size(2);
   const int64_t GH = Cell::kGates * H;
   const Schedule schedule(lengths, steps);
-  const Tensor order = schedule.order_tensor();
 
-  Tensor dh = grad_h_n.index_select(1, order).contiguous();
-  Tensor dc = Cell::kHasCellState ? grad_c_n.index_select(1, order).contiguous() : Tensor();
+  Tensor dh = reorder_states<T>(schedule, grad_h_n, /*to_sorted=*/true);
+  Tensor dc = Cell::kHasCellState ? reorder_states<T>(schedule, grad_c_n, /*to_sorted=*/true) : Tensor();
   Tensor step_dgates_h = at::empty({2, B, GH}, input.options());
   const bool chunked = by_chunks();
   const int64_t chunk_rows = steps_per_chunk(schedule) * B;
@@ -568,8 +581,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
     }
   });
 
-  Tensor grad_h0 = at::empty_like(h0).index_copy_(1, order, dh);
-  Tensor grad_c0 = Cell::kHasCellState ? at::empty_like(c0).index_copy_(1, order, dc) : at::empty({0}, input.options());
+  Tensor grad_h0 = reorder_states<T>(schedule, dh, /*to_sorted=*/false);
+  Tensor grad_c0 =
+      Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : at::empty({0}, input.options());
   if (chunked) {
     return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0};
   }
