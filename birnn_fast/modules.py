@@ -71,15 +71,17 @@ class _FastBiRNNBase(nn.RNNBase):
         raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx[0].dim()}-D tensor")
 
     def _layer_weights(self, layer, like):
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer, both directions stacked."""
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer, each a (forward, reverse) pair."""
         per_direction = 4 if self.bias else 2
         first = 2 * layer * per_direction
-        forward, reverse = (self._flat_weights[first:first + per_direction],
-                            self._flat_weights[first + per_direction:first + 2 * per_direction])
-        weights = [torch.stack(pair) for pair in zip(forward, reverse)]
+        # Looked up by name on every call (nn.RNNBase's _flat_weights cache is for cuDNN; keeping it
+        # fresh costs a walk over all parameters per call).
+        names = self._flat_weights_names[first:first + 2 * per_direction]
+        forward, reverse = names[:per_direction], names[per_direction:]
+        weights = [(getattr(self, f), getattr(self, r)) for f, r in zip(forward, reverse)]
         if not self.bias:
-            zeros = like.new_zeros(2, GATES[self.mode] * self.hidden_size)
-            weights += [zeros, zeros]
+            zeros = like.new_zeros(GATES[self.mode] * self.hidden_size)
+            weights += [(zeros, zeros), (zeros, zeros)]
         return weights
 
     def _run(self, input, h0, c0, lengths):
@@ -94,11 +96,12 @@ class _FastBiRNNBase(nn.RNNBase):
                                        c0[states] if c0 is not None else input.new_empty(0), lengths)
             h_n.append(h)
             c_n.append(c)
+        if self.num_layers == 1:
+            return output, h_n[0], c_n[0] if c0 is not None else None
         return output, torch.cat(h_n), torch.cat(c_n) if c0 is not None else None
 
     def _forward(self, input, hx, lengths):
         """hx and the result's hidden state are tuples: (h,) or (h, c)."""
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         if packed:

@@ -72,13 +72,17 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weig
 
 
 class BiRNNFunction(torch.autograd.Function):
-    """One bidirectional layer through a compiled backend; backward runs that backend's own BPTT op."""
+    """One bidirectional layer through a compiled backend; backward runs that backend's own BPTT op.
+
+    It takes the weights per direction, as the modules hold them, and stacks them for the ops
+    itself: no stacking nodes in the autograd graph, and the gradients go back as views."""
 
     @staticmethod
-    def forward(ctx, cell, backend, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths):
+    def forward(ctx, cell, backend, input, h0, c0, lengths, *weights):
         from .backends import implementation
 
         forward_op, ctx.backward_op = implementation(backend, input.device)
+        weight_ih, weight_hh, bias_ih, bias_hh = _stack_directions(weights)
         output, h_n, c_n, workspace = forward_op(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
                                                  True)
         ctx.cell = cell
@@ -95,18 +99,26 @@ class BiRNNFunction(torch.autograd.Function):
             _materialize(grad_c_n, c0),
             input, weight_ih, weight_hh, bias_hh, h0, c0, lengths, output, workspace,
         )
+        grad_input, grad_weights, grad_h0 = grads[0], grads[1:5], grads[5]
         grad_c0 = grads[6] if ctx.cell == "LSTM" else None
-        return (None, None, *grads[:6], grad_c0, None)
+        return (None, None, grad_input, grad_h0, grad_c0, None,
+                *(direction for grad in grad_weights for direction in grad.unbind(0)))
 
 
 def _materialize(grad, like):
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
+def _stack_directions(weights):
+    """(w_ih_fwd, w_ih_rev, w_hh_fwd, ..., b_hh_rev) -> the ops' (2, ...) weight_ih, weight_hh, bias_ih, bias_hh."""
+    return [torch.stack(weights[i:i + 2]) for i in range(0, 8, 2)]
+
+
 def birnn_layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, backend=None):
     """One bidirectional layer of ``cell`` (see the module docstring for shapes).
 
-    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_ih, bias_hh: (2, G*H);
+    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_ih, bias_hh: (2, G*H),
+    each stacked (forward direction first) or a pair (forward, reverse) of per-direction tensors;
     h0: (2, B, H); c0: (2, B, H) for LSTM, else an empty tensor; lengths: (B,) int64.
     Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or empty.
     ``backend`` defaults to ``backends.select(input.device, input.dtype)``.
@@ -115,11 +127,13 @@ def birnn_layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, len
 
     if backend is None:
         backend = backends.select(input.device, input.dtype)
-    args = (input.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih.contiguous(),
-            bias_hh.contiguous(), h0.contiguous(), c0.contiguous(), lengths.to(input.device, torch.int64))
+    weights = [direction.contiguous() for weight in (weight_ih, weight_hh, bias_ih, bias_hh)
+               for direction in (weight.unbind(0) if isinstance(weight, torch.Tensor) else weight)]
+    input, h0, c0 = input.contiguous(), h0.contiguous(), c0.contiguous()
+    lengths = lengths.to(input.device, torch.int64)
     if backend == "reference":
-        return reference.birnn_layer(cell, *args)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in args):
-        return BiRNNFunction.apply(cell, backend, *args)
+        return reference.birnn_layer(cell, input, *_stack_directions(weights), h0, c0, lengths)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (input, h0, c0, *weights)):
+        return BiRNNFunction.apply(cell, backend, input, h0, c0, lengths, *weights)
     forward_op, _ = backends.implementation(backend, input.device)
-    return forward_op(cell, *args, False)[:3]
+    return forward_op(cell, input, *_stack_directions(weights), h0, c0, lengths, False)[:3]
