@@ -155,14 +155,16 @@ def test_long_sequence(use_backend, backend, cell):
     check_same(cell, fast, expected, x, None, lengths=[520, 1, 333], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("hidden", [7, 40])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads):
+def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads, hidden):
     """With up to two threads each direction's thread projects its input and sums its gradients a
     few steps (about 256 rows) at a time; with more, both happen in one GEMM outside the loop. Both
-    ways, over several chunks, the last one partial."""
+    ways, over several chunks, the last one partial. H=40 makes the per-step GEMMs large enough to
+    go through at::mm rather than the small-product loop the other tests' sizes use."""
     use_backend("cpu")
-    fast, expected = make_pair(cell, 5, 7, num_layers=2)
+    fast, expected = make_pair(cell, 5, hidden, num_layers=2)
     T, B = 23, 40
     lengths = torch.randint(1, T + 1, (B,))
     lengths[:2] = torch.tensor([T, 1])
@@ -170,7 +172,7 @@ def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_same(cell, fast, expected, x, random_hx(cell, 2, B, 7, torch.float64), lengths=lengths)
+        check_same(cell, fast, expected, x, random_hx(cell, 2, B, hidden, torch.float64), lengths=lengths)
         check_same(cell, fast, expected, x, None)
     finally:
         torch.set_num_threads(before)

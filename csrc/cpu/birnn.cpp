@@ -523,7 +523,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
   Tensor dc = Cell::kHasCellState ? reorder_states<T>(schedule, grad_c_n, /*to_sorted=*/true) : Tensor();
   Tensor step_dgates_h = at::empty({2, B, GH}, input.options());
   const bool chunked = by_chunks();
-  const int64_t chunk_rows = steps_per_chunk(schedule) * B;
+  const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
   Tensor dgates_x, dgates_h, grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
   Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h;
   std::vector<std::mutex> grad_input_locks(chunked ? steps : 0);
@@ -565,7 +565,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl
         gradients = {input.data_ptr<T>(),
                      weight_ih.data_ptr<T>() + d * GH * I,
                      I,
-                     steps_per_chunk(schedule),
+                     chunk_steps,
                      chunk_x.data_ptr<T>() + d * chunk_rows * I,
                      chunk_h_prev.data_ptr<T>() + d * chunk_rows * H,
                      chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
