@@ -22,6 +22,7 @@ _DTYPES = {
 }
 _load_errors = {}
 _warned = set()
+_selected = {}  # (BIRNN_FAST_BACKEND, interpreting, device type, dtype) -> backend
 
 
 def _load_cpu():
@@ -49,8 +50,8 @@ def _load_triton():
         except ImportError as error:
             _load_errors["triton"] = f"Triton kernels are unavailable: {error}"
         else:
-            torch.library.impl("birnn_fast::forward", "CUDA")(birnn.forward)
-            torch.library.impl("birnn_fast::backward", "CUDA")(birnn.backward)
+            torch.library.impl("birnn_fast::forward", "CUDA")(birnn.forward_op)
+            torch.library.impl("birnn_fast::backward", "CUDA")(birnn.backward_op)
             _load_errors["triton"] = None
     return _load_errors["triton"]
 
@@ -75,7 +76,16 @@ def why_not(backend, device, dtype):
 
 def select(device, dtype):
     """The backend that runs a layer on tensors of this device and dtype."""
-    forced = os.environ.get("BIRNN_FAST_BACKEND")
+    # Every layer of every call asks: the answer is cached, keyed by all it depends on.
+    key = (os.environ.get("BIRNN_FAST_BACKEND"), _interpreting(), device.type, dtype)
+    backend = _selected.get(key)
+    if backend is None:
+        backend = _selected[key] = _select(*key)
+    return backend
+
+
+def _select(forced, interpreting, device_type, dtype):
+    device = torch.device(device_type)
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"BIRNN_FAST_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
@@ -89,7 +99,7 @@ def select(device, dtype):
         return preferred
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"birnn_fast falls back to the slow reference implementation: {reason}", stacklevel=3)
+        warnings.warn(f"birnn_fast falls back to the slow reference implementation: {reason}", stacklevel=4)
     return "reference"
 
 
@@ -98,5 +108,5 @@ def implementation(backend, device):
     if backend == "triton" and device.type == "cpu":
         from .kernels import birnn
 
-        return birnn.forward, birnn.backward
+        return birnn.forward_op, birnn.backward_op
     return torch.ops.birnn_fast.forward, torch.ops.birnn_fast.backward

@@ -71,34 +71,41 @@ class _FastBiRNNBase(nn.RNNBase):
         raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx[0].dim()}-D tensor")
 
     def _layer_weights(self, layer, like):
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer, each a (forward, reverse) pair."""
+        """The layer's 8 parameters in the ops' order (nn.LSTM's): weight_ih, weight_hh, bias_ih,
+        bias_hh of the forward direction, then of the reverse one; zeros stand in for absent biases."""
         per_direction = 4 if self.bias else 2
         first = 2 * layer * per_direction
         # Looked up by name on every call (nn.RNNBase's _flat_weights cache is for cuDNN; keeping it
-        # fresh costs a walk over all parameters per call).
-        names = self._flat_weights_names[first:first + 2 * per_direction]
-        forward, reverse = names[:per_direction], names[per_direction:]
-        weights = [(getattr(self, f), getattr(self, r)) for f, r in zip(forward, reverse)]
+        # fresh costs a walk over all parameters per call). The _parameters dict is the fast path;
+        # getattr finds what a parametrization or a plain attribute put in a parameter's place.
+        parameters = self._parameters
+        weights = [parameters.get(name) for name in self._flat_weights_names[first:first + 2 * per_direction]]
+        if any(weight is None for weight in weights):
+            weights = [getattr(self, name) for name in self._flat_weights_names[first:first + 2 * per_direction]]
         if not self.bias:
             zeros = like.new_zeros(GATES[self.mode] * self.hidden_size)
-            weights += [(zeros, zeros), (zeros, zeros)]
+            weights = weights[:2] + [zeros, zeros] + weights[2:] + [zeros, zeros]
         return weights
 
     def _run(self, input, h0, c0, lengths):
-        """Time-major input (T, B, I), h0/c0 (2L, B, H), CPU lengths -> output, h_n, c_n."""
+        """Time-major input (T, B, I), h0/c0 (2L, B, H) (c0 None but for LSTM), CPU lengths ->
+        output, h_n, c_n (None but for LSTM)."""
         lengths = lengths.to(input.device, non_blocking=True)
+        no_cell_state = input.new_empty(0)
+        if self.num_layers == 1:
+            output, h_n, c_n = birnn_layer(self.mode, input, self._layer_weights(0, input), h0,
+                                           no_cell_state if c0 is None else c0, lengths)
+            return output, h_n, None if c0 is None else c_n
         output, h_n, c_n = input, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 output = F.dropout(output, self.dropout, training=True)
             states = slice(2 * layer, 2 * layer + 2)
-            output, h, c = birnn_layer(self.mode, output, *self._layer_weights(layer, input), h0[states],
-                                       c0[states] if c0 is not None else input.new_empty(0), lengths)
+            output, h, c = birnn_layer(self.mode, output, self._layer_weights(layer, input), h0[states],
+                                       no_cell_state if c0 is None else c0[states], lengths)
             h_n.append(h)
             c_n.append(c)
-        if self.num_layers == 1:
-            return output, h_n[0], c_n[0] if c0 is not None else None
-        return output, torch.cat(h_n), torch.cat(c_n) if c0 is not None else None
+        return output, torch.cat(h_n), None if c0 is None else torch.cat(c_n)
 
     def _forward(self, input, hx, lengths):
         """hx and the result's hidden state are tuples: (h,) or (h, c)."""

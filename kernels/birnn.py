@@ -509,5 +509,23 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0
 
 
-__all__ = ["forward", "backward", "birnn_forward_kernel", "birnn_backward_kernel", "select_config", "CONFIGS",
+def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
+    """``birnn_fast::forward`` (per-direction ``weights``, see ops.py) on ``forward``'s stacked layout."""
+    return forward(cell, input, *_stack(weights), h0, c0, lengths, save_workspace)
+
+
+def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
+    """``birnn_fast::backward`` on ``backward``'s stacked layout; gradients per direction, as ``weights``."""
+    weight_ih, weight_hh, _, bias_hh = _stack(weights)
+    grad_input, *grad_stacked, grad_h0, grad_c0 = backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                                           weight_hh, bias_hh, h0, c0, lengths, output, workspace)
+    return grad_input, [grad[d] for d in range(2) for grad in grad_stacked], grad_h0, grad_c0
+
+
+def _stack(weights):
+    """8 parameters, nn.LSTM's order (weight_ih, weight_hh, bias_ih, bias_hh per direction) -> each kind (2, ...)."""
+    return [torch.stack(weights[kind::4]) for kind in range(4)]
+
+
+__all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel", "select_config", "CONFIGS",
            "BLOCK_K", "NUM_STAGES", "MAX_REGISTERS"]

@@ -98,6 +98,24 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
 def test_automatic_fallback_warns(monkeypatch):
     monkeypatch.delenv("BIRNN_FAST_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_selected", {})
     fast = FastBiLSTM(3, 4, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="falls back to the slow reference"):
         fast(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
+def test_op_names_the_bad_weight():
+    """The ops check what they are given, even when called directly, and name the argument."""
+    if backends.why_not("cpu", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the C++ library is not built")
+    T, B, I, H = 3, 2, 5, 4
+    weights = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)] * 2
+    args = (torch.randn(T, B, I), weights, torch.zeros(2, B, H), torch.zeros(2, B, H), torch.full((B,), T))
+    output = torch.ops.birnn_fast.forward("LSTM", *args, False)[0]
+    assert output.shape == (T, B, 2 * H)
+    with pytest.raises(RuntimeError, match="expected the layer's 8 weights"):
+        torch.ops.birnn_fast.forward("LSTM", args[0], weights[:4], *args[2:], False)
+    bad = list(weights)
+    bad[4] = torch.randn(4 * H, I + 1)
+    with pytest.raises(RuntimeError, match=r"weights\[4\] \(weight_ih_reverse\) of size \[16, 5\]"):
+        torch.ops.birnn_fast.forward("LSTM", args[0], bad, *args[2:], False)

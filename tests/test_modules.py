@@ -162,7 +162,9 @@ def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads, hidden):
     """With up to two threads each direction's thread projects its input and sums its gradients a
     few steps (about 256 rows) at a time; with more, both happen in one GEMM outside the loop. Both
     ways, over several chunks, the last one partial. H=40 makes the per-step GEMMs large enough to
-    go through at::mm rather than the small-product loop the other tests' sizes use."""
+    go through at::mm rather than the small-product loop the other tests' sizes use. The directions
+    run on two threads here but for the RNN cells at H=7, which, like most other tests' layers, are
+    small enough to run both in the calling thread."""
     use_backend("cpu")
     fast, expected = make_pair(cell, 5, hidden, num_layers=2)
     T, B = 23, 40

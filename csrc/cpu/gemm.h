@@ -1,6 +1,7 @@
 // The GEMMs the recurrences run inside their per-direction parallel region (single-threaded there),
 // on preallocated buffers: the per-step (active rows x H) @ (H x G*H) products, and the input
-// projections and weight gradients of a chunk of steps.
+// projections and weight gradients of a chunk of steps. MKL takes a transposed b as fast as a plain
+// one (32-64 x 256 @ (1024 x 256)^T measured within noise), so the weights are never transposed.
 //
 // at::mm (MKL) because it was the fastest measured for 64x256 @ 256x1024 on one thread of the
 // development machine (2-core AMD EPYC VM exposing AVX2 but not AVX-512): at::mm ~80 GFLOP/s,
@@ -15,11 +16,15 @@
 
 namespace birnn_fast::cpu {
 
-// c[m, n] = a[m, k] @ b[k, n] + (c[m, n] if accumulate, else bias[n] if given); row-major with
-// leading dimensions.
+// Products this small cost less than one trip through the dispatcher (a few microseconds): plain loops.
+constexpr int64_t kSmallMultiplyAdds = 1 << 15;
+
+// c[m, n] = a[m, k] @ op(b) + (c[m, n] if accumulate, else bias[n] if given); row-major with
+// leading dimensions. op(b) is b[k, n], or with transpose_b the transpose of b[n, k]: a layer's
+// weights are (G*H, K), used in place by x @ W^T (forward) and by dgates @ W (backward).
 template <typename T>
-void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-          bool accumulate, const T* bias = nullptr) {
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, bool transpose_b, T* c,
+          int64_t ldc, bool accumulate, const T* bias = nullptr) {
   if (m == 0 || n == 0) {
     return;
   }
@@ -30,19 +35,30 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
     }
     accumulate = true;
   }
-  // Products this small cost less than one trip through the dispatcher (a few microseconds).
-  constexpr int64_t kSmallMultiplyAdds = 1 << 15;
   if (m * n * k <= kSmallMultiplyAdds) {
     for (int64_t i = 0; i < m; ++i) {
+      const T* a_row = a + i * lda;
       T* c_row = c + i * ldc;
       if (!accumulate) {
         std::fill_n(c_row, n, T(0));
       }
-      for (int64_t p = 0; p < k; ++p) {
-        const T a_ip = a[i * lda + p];
-        const T* b_row = b + p * ldb;
+      if (transpose_b) {
         for (int64_t j = 0; j < n; ++j) {
-          c_row[j] += a_ip * b_row[j];
+          const T* b_row = b + j * ldb;
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t p = 0; p < k; ++p) {
+            sum += a_row[p] * b_row[p];
+          }
+          c_row[j] += sum;
+        }
+      } else {
+        for (int64_t p = 0; p < k; ++p) {
+          const T a_ip = a_row[p];
+          const T* b_row = b + p * ldb;
+          for (int64_t j = 0; j < n; ++j) {
+            c_row[j] += a_ip * b_row[j];
+          }
         }
       }
     }
@@ -50,7 +66,8 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
-  const at::Tensor b_view = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  const at::Tensor b_view = transpose_b ? at::from_blob(const_cast<T*>(b), {k, n}, {1, ldb}, options)
+                                        : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
   at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
   if (accumulate) {
     c_view.addmm_(a_view, b_view);
@@ -64,6 +81,19 @@ template <typename T>
 void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                         int64_t ldc) {
   if (m == 0 || n == 0 || k == 0) {
+    return;
+  }
+  if (m * n * k <= kSmallMultiplyAdds) {
+    for (int64_t p = 0; p < k; ++p) {
+      const T* b_row = b + p * ldb;
+      for (int64_t i = 0; i < m; ++i) {
+        const T a_pi = a[p * lda + i];
+        T* c_row = c + i * ldc;
+        for (int64_t j = 0; j < n; ++j) {
+          c_row[j] += a_pi * b_row[j];
+        }
+      }
+    }
     return;
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
