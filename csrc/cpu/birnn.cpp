@@ -22,6 +22,7 @@
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -333,15 +334,15 @@ void gather_chunk_inputs(const Schedule& schedule, int64_t d, int64_t first, int
 template <typename T>
 struct ChunkedProjection {
   const T* input;        // (T, B, I)
-  const T* weight_ih;    // (GH, I), this direction's
-  const T* bias_ih;      // (GH), this direction's
+  const ReusedWeight<T>* weight_ih;  // x @ W_ih^T, this direction's
+  const T* bias_ih;                  // (GH), this direction's
   int64_t inputs, steps_per_chunk;
   T* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
   T* gx;  // (steps_per_chunk * B, GH): their projections
 };
 
 template <typename Cell, typename T, bool kSave>
-void forward_direction(ForwardArgs<T> args, const T* weight_hh, const ChunkedProjection<T>* projection) {
+void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, const ChunkedProjection<T>* projection) {
   const Schedule& schedule = *args.schedule;
   const int64_t H = args.hidden, GH = Cell::kGates * H, d = args.direction;
   const int64_t longest = static_cast<int64_t>(schedule.active.size());
@@ -352,16 +353,15 @@ void forward_direction(ForwardArgs<T> args, const T* weight_hh, const ChunkedPro
     if (projection != nullptr) {
       const int64_t I = projection->inputs;
       gather_chunk_inputs(schedule, d, first, last, starts, projection->input, I, projection->x);
-      gemm<T>(starts.back(), GH, I, projection->x, I, projection->weight_ih, I, /*transpose_b=*/true,
-              projection->gx, GH, /*accumulate=*/false, projection->bias_ih);
+      projection->weight_ih->multiply(starts.back(), projection->x, I, projection->gx, GH, /*accumulate=*/false,
+                                      projection->bias_ih);
     }
     for (int64_t step = first; step < last; ++step) {
       args.step = step;
       if (projection != nullptr) {
         args.step_gates_x = projection->gx + starts[step - first] * GH;
       }
-      gemm<T>(schedule.active[step], GH, H, args.h, H, weight_hh, H, /*transpose_b=*/true, args.gates_h, GH,
-              /*accumulate=*/false);
+      weight_hh.multiply(schedule.active[step], args.h, H, args.gates_h, GH, /*accumulate=*/false);
       run_rows<ForwardRows<Cell, T, kSave>>(args);
     }
   }
@@ -370,7 +370,7 @@ void forward_direction(ForwardArgs<T> args, const T* weight_hh, const ChunkedPro
 template <typename T>
 struct ChunkedGradients {
   const T* input;      // (T, B, I)
-  const T* weight_ih;  // (GH, I), this direction's
+  const ReusedWeight<T>* weight_ih;  // dgates @ W_ih, this direction's
   int64_t inputs, steps_per_chunk;
   T* x;               // (rows, I): the chunk's input rows, then their input gradients
   T* h_prev;          // (rows, H): the states the chunk's steps started from
@@ -408,7 +408,7 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
       g.grad_bias_hh[k] += dgates_h[r * GH + k];
     }
   }
-  gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
+  g.weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
       const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
@@ -423,7 +423,7 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
 }
 
 template <typename Cell, typename T>
-void backward_direction(BackwardArgs<T> args, const T* weight_hh, const ChunkedGradients<T>* chunked) {
+void backward_direction(BackwardArgs<T> args, const ReusedWeight<T>& weight_hh, const ChunkedGradients<T>* chunked) {
   const int64_t H = args.hidden, GH = Cell::kGates * H;
   const Schedule& schedule = *args.schedule;
   const int64_t longest = static_cast<int64_t>(schedule.active.size());
@@ -438,8 +438,8 @@ void backward_direction(BackwardArgs<T> args, const T* weight_hh, const ChunkedG
         args.chunk_dgates_h = Cell::kSplitGateGrad ? chunked->dgates_h + starts[step - first] * GH : nullptr;
       }
       run_rows<BackwardRows<Cell, T>>(args);
-      gemm<T>(schedule.active[step], H, GH, args.step_dgates_h, GH, weight_hh, H, /*transpose_b=*/false, args.dh,
-              H, /*accumulate=*/Cell::kDirectHiddenGrad);
+      weight_hh.multiply(schedule.active[step], args.step_dgates_h, GH, args.dh, H,
+                         /*accumulate=*/Cell::kDirectHiddenGrad);
     }
     if (chunked != nullptr) {
       chunk_gradients<Cell, T>(args, *chunked, first, last, starts);
@@ -495,14 +495,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
                                 Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
                                 workspace.data_ptr<T>(),
                                 output.data_ptr<T>()};
+      std::optional<ReusedWeight<T>> weight_ih;
       ChunkedProjection<T> projection{};
       if (chunked) {
-        projection = {input.data_ptr<T>(), weight_of<T>(weights, d, kWeightIh), weight_of<T>(weights, d, kBiasIh),
+        weight_ih.emplace(I, GH, weight_of<T>(weights, d, kWeightIh), I, /*transpose_b=*/true);
+        projection = {input.data_ptr<T>(), &*weight_ih, weight_of<T>(weights, d, kBiasIh),
                       I, chunk_steps, chunk_x.data_ptr<T>() + d * chunk_steps * B * I,
                       chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
       }
+      const ReusedWeight<T> weight_hh(H, GH, weight_of<T>(weights, d, kWeightHh), H, /*transpose_b=*/true);
       auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
-      run(args, weight_of<T>(weights, d, kWeightHh), chunked ? &projection : nullptr);
+      run(args, weight_hh, chunked ? &projection : nullptr);
     }
   });
   zero_padding(schedule, steps, output.data_ptr<T>(), 2 * H);
@@ -585,10 +588,12 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                                  /*chunk_dgates_x=*/nullptr,
                                  /*chunk_dgates_h=*/nullptr,
                                  step_dgates_h.data_ptr<T>() + d * B * GH};
+      std::optional<ReusedWeight<T>> weight_ih;
       ChunkedGradients<T> gradients{};
       if (chunked) {
+        weight_ih.emplace(GH, I, weight_of<T>(weights, d, kWeightIh), I, /*transpose_b=*/false);
         gradients = {input.data_ptr<T>(),
-                     weight_of<T>(weights, d, kWeightIh),
+                     &*weight_ih,
                      I,
                      chunk_steps,
                      chunk_x.data_ptr<T>() + d * chunk_rows * I,
@@ -602,7 +607,8 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                      weight_of<T>(grad_weights, d, kBiasIh),
                      weight_of<T>(grad_weights, d, kBiasHh)};
       }
-      backward_direction<Cell, T>(args, weight_of<T>(weights, d, kWeightHh), chunked ? &gradients : nullptr);
+      const ReusedWeight<T> weight_hh(GH, H, weight_of<T>(weights, d, kWeightHh), H, /*transpose_b=*/false);
+      backward_direction<Cell, T>(args, weight_hh, chunked ? &gradients : nullptr);
     }
   });
 

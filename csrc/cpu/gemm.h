@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include "panel_gemm.h"
 
 namespace birnn_fast::cpu {
 
@@ -75,6 +78,48 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
     at::mm_out(c_view, a_view, b_view);
   }
 }
+
+// op(b) of a product that runs many times with the same weight (every step, every chunk): packed
+// into panels once for float32 on AVX2 (panel_gemm.h), else used in place through gemm().
+template <typename T>
+class ReusedWeight {
+ public:
+  ReusedWeight(int64_t k, int64_t n, const T* b, int64_t ldb, bool transpose_b)
+      : k_(k), n_(n), b_(b), ldb_(ldb), transpose_b_(transpose_b) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (panel_gemm_supported()) {
+        panels_ = pack_panels(k, n, b, ldb, transpose_b);
+        packed_ = true;
+      }
+    }
+  }
+
+  // c[m, n] = a[m, k] @ op(b) + (c if accumulate, else bias[n] if given).
+  void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate,
+                const T* bias = nullptr) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_) {
+        if (bias != nullptr) {
+          for (int64_t i = 0; i < m; ++i) {
+            std::copy_n(bias, n_, c + i * ldc);
+          }
+          accumulate = true;
+        }
+        panel_gemm(m, a, lda, panels_, c, ldc, accumulate);
+        return;
+      }
+    }
+    gemm<T>(m, n_, k_, a, lda, b_, ldb_, transpose_b_, c, ldc, accumulate, bias);
+  }
+
+ private:
+  int64_t k_, n_;
+  const T* b_;
+  int64_t ldb_;
+  bool transpose_b_;
+  bool packed_ = false;
+  PanelMatrix panels_;
+};
 
 // c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.
 template <typename T>
