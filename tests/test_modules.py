@@ -160,7 +160,7 @@ def test_long_sequence(use_backend, backend, cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads, hidden):
     """With up to two threads each direction's thread projects its input and sums its gradients a
-    few steps (about 256 rows) at a time; with more, both happen in one GEMM outside the loop. Both
+    few steps (about 128 rows) at a time; with more, both happen in one GEMM outside the loop. Both
     ways, over several chunks, the last one partial. H=40 makes the per-step GEMMs large enough to
     go through at::mm rather than the small-product loop the other tests' sizes use. The directions
     run on two threads here but for the RNN cells at H=7, which, like most other tests' layers, are
