@@ -399,7 +399,7 @@ void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, co
 template <typename T>
 struct ChunkedGradients {
   const T* input;      // (T, B, I)
-  const ReusedWeight<T>* weight_ih;  // dgates @ W_ih, this direction's
+  const T* weight_ih;  // (GH, I), this direction's
   int64_t inputs, steps_per_chunk;
   T* x;               // (rows, I): the chunk's input rows, then their input gradients
   T* h_prev;          // (rows, H): the states the chunk's steps started from
@@ -437,7 +437,9 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
       g.grad_bias_hh[k] += dgates_h[r * GH + k];
     }
   }
-  g.weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
+  // MKL rather than a packed copy of W_ih: the copy would cost as much memory as the weight
+  // gradients, for ~2% of backward time.
+  gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
       const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
@@ -618,12 +620,10 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                                  /*chunk_dgates_x=*/nullptr,
                                  /*chunk_dgates_h=*/nullptr,
                                  step_dgates_h.data_ptr<T>() + d * B * GH};
-      std::optional<ReusedWeight<T>> weight_ih;
       ChunkedGradients<T> gradients{};
       if (chunked) {
-        weight_ih.emplace(GH, I, weight_of<T>(weights, d, kWeightIh), I, /*transpose_b=*/false);
         gradients = {input.data_ptr<T>(),
-                     &*weight_ih,
+                     weight_of<T>(weights, d, kWeightIh),
                      I,
                      chunk_steps,
                      chunk_x.data_ptr<T>() + d * chunk_rows * I,
