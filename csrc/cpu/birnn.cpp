@@ -7,6 +7,9 @@
 // recurrences -- input projection, weight and input gradients -- run over the real tokens only:
 // on two threads or fewer inside each direction's thread, a chunk of steps at a time
 // (ChunkedProjection, ChunkedGradients); with more threads as a few large GEMMs before / after.
+// The parameters are used in place; the products with a weight that every step or chunk reuses run
+// on a packed copy of it (gemm.h, panel_gemm.h). Layers too small to pay for a second thread run
+// both directions in the calling thread (directions_grain).
 //
 // Layouts. Per-token buffers are packed as a PackedSequence is: the real tokens only, by time, then
 // by sorted row (Schedule::packed), both directions of a token in one row. gates_x, dgates:

@@ -1,12 +1,16 @@
 // The GEMMs the recurrences run inside their per-direction parallel region (single-threaded there),
 // on preallocated buffers: the per-step (active rows x H) @ (H x G*H) products, and the input
-// projections and weight gradients of a chunk of steps. MKL takes a transposed b as fast as a plain
-// one (32-64 x 256 @ (1024 x 256)^T measured within noise), so the weights are never transposed.
+// projections and weight gradients of a chunk of steps.
 //
-// at::mm (MKL) because it was the fastest measured for 64x256 @ 256x1024 on one thread of the
-// development machine (2-core AMD EPYC VM exposing AVX2 but not AVX-512): at::mm ~80 GFLOP/s,
-// mkldnn::_linear_pointwise with a plain or a prepacked weight ~78, cpublas::brgemm (oneDNN
-// ukernel) tiled by 64-256 columns ~54 (other jobs shared the cores: compare, don't quote). Re-measure on a machine whose oneDNN can use AVX-512.
+// - A product whose weight is the same on every step or chunk (ReusedWeight: the recurrent weight
+//   in forward and backward, W_ih in the forward projection) runs on the panel kernel of
+//   panel_gemm.h, the weight packed once per call: 94-100 GFLOP/s on one core of the development
+//   VM (2-core AMD EPYC exposing AVX2 but not AVX-512) at 4-256 rows, where MKL's sgemm ran 29-92.
+// - The rest (the weight gradients, whose operands both change per chunk; the input gradient;
+//   float64; CPUs without AVX2) goes to at::mm (MKL). Measured alternatives for 64x256 @ 256x1024
+//   on one thread: at::mm ~80 GFLOP/s, mkldnn::_linear_pointwise with a plain or prepacked weight
+//   ~78, cpublas::brgemm (oneDNN ukernel) ~54; MKL takes a transposed operand as fast as a plain
+//   one, so weights are never transposed. Re-measure on a machine whose oneDNN can use AVX-512.
 #pragma once
 
 #include <ATen/ATen.h>
