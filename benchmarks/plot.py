@@ -59,6 +59,10 @@ def plot(pairs, backends, report, out):
     axes.set_xscale("log")
     low, high = min(speedups + [1.0]), max(speedups + [1.0])
     axes.set_xlim(low / 1.5, high * 1.5)
+    # Plain ticks at round speedups: the log axis would otherwise label its minor ticks "2x10^0".
+    ticks = [tick for tick in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8) if low / 1.5 <= tick <= high * 1.5]
+    axes.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
     axes.set_yticks(range(len(cases)), cases, fontsize=7)
     axes.invert_yaxis()
