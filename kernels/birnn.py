@@ -527,5 +527,5 @@ def _stack(weights):
     return [torch.stack(weights[kind::4]) for kind in range(4)]
 
 
-__all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel", "select_config", "CONFIGS",
-           "BLOCK_K", "NUM_STAGES", "MAX_REGISTERS"]
+__all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
+           "select_config", "CONFIGS", "BLOCK_K", "NUM_STAGES", "MAX_REGISTERS"]

@@ -365,7 +365,7 @@ void gather_chunk_inputs(const Schedule& schedule, int64_t d, int64_t first, int
 
 template <typename T>
 struct ChunkedProjection {
-  const T* input;        // (T, B, I)
+  const T* input;                    // (T, B, I)
   const ReusedWeight<T>* weight_ih;  // x @ W_ih^T, this direction's
   const T* bias_ih;                  // (GH), this direction's
   int64_t inputs, steps_per_chunk;
@@ -440,8 +440,8 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
       g.grad_bias_hh[k] += dgates_h[r * GH + k];
     }
   }
-  // MKL rather than a packed copy of W_ih: the copy would cost as much memory as the weight
-  // gradients, for ~2% of backward time.
+  // MKL with W_ih in place rather than a packed copy: the copy held as much memory as W_ih's
+  // gradient, for no measurable speed (sentiment backward 53.3 ms with it, 53.0 without).
   gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
