@@ -25,16 +25,55 @@ namespace birnn_fast::cpu {
 
 constexpr int64_t kPanelColumns = 16;
 
+// Storage for packed weights, recycled within a thread. A weight is 1 MiB or more per direction and
+// call, and a fresh block of that size is mapped anew and faults its pages in on every call (~0.5 ms
+// per MiB on the development VM); each thread keeps the blocks of its last two packs instead.
+class PanelStorage {
+ public:
+  static std::vector<float> acquire(size_t size) {
+    std::vector<std::vector<float>>& pool = free_blocks();
+    for (auto block = pool.begin(); block != pool.end(); ++block) {
+      if (block->capacity() >= size) {
+        std::vector<float> storage = std::move(*block);
+        pool.erase(block);
+        storage.assign(size, 0.0f);
+        return storage;
+      }
+    }
+    return std::vector<float>(size, 0.0f);
+  }
+
+  static void release(std::vector<float>& storage) {
+    std::vector<std::vector<float>>& pool = free_blocks();
+    constexpr size_t kKeptBlocks = 2, kLargestKept = size_t{4} << 20;  // floats: 16 MiB, W_hh of H=1024
+    if (storage.capacity() > 0 && storage.capacity() <= kLargestKept && pool.size() < kKeptBlocks) {
+      pool.push_back(std::move(storage));
+    }
+  }
+
+ private:
+  static std::vector<std::vector<float>>& free_blocks() {
+    thread_local std::vector<std::vector<float>> pool;
+    return pool;
+  }
+};
+
 // op(b) as panels: op(b)[p, j] at panels[((j / 16) * k + p) * 16 + j % 16].
 struct PanelMatrix {
   int64_t k = 0, n = 0;
   std::vector<float> panels;
+
+  PanelMatrix(int64_t k_, int64_t n_, std::vector<float> storage) : k(k_), n(n_), panels(std::move(storage)) {}
+  PanelMatrix() = default;
+  PanelMatrix(PanelMatrix&&) = default;
+  PanelMatrix& operator=(PanelMatrix&&) = default;
+  ~PanelMatrix() { PanelStorage::release(panels); }
 };
 
 // Packs op(b), b[k, n] row-major (or, with transpose_b, b[n, k]): the weight of one direction.
 inline PanelMatrix pack_panels(int64_t k, int64_t n, const float* b, int64_t ldb, bool transpose_b) {
   const int64_t count = (n + kPanelColumns - 1) / kPanelColumns;
-  PanelMatrix packed{k, n, std::vector<float>(count * k * kPanelColumns, 0.0f)};
+  PanelMatrix packed(k, n, PanelStorage::acquire(count * k * kPanelColumns));
   for (int64_t panel = 0; panel < count; ++panel) {
     const int64_t first = panel * kPanelColumns, columns = std::min(kPanelColumns, n - first);
     float* dst = packed.panels.data() + panel * k * kPanelColumns;
