@@ -1,6 +1,7 @@
-// The per-step recurrent GEMM, c[m, n] (+)= a[m, k] @ op(b)[k, n] with the same weight on every
-// step: op(b) is packed once per call into panels of 16 columns (k x 16, contiguous, zero-padded
-// past n), and each step runs an AVX2/FMA micro-kernel over them, 6 rows x 16 columns at a time.
+// Products whose weight is the same on every step or chunk, c[m, n] (+)= a[m, k] @ op(b)[k, n] (the
+// recurrent product, the input projection): op(b) is packed once per call into panels of 16 columns
+// (k x 16, contiguous, zero-padded past n), and each product runs an AVX2/FMA micro-kernel over
+// them, 6 rows x 16 columns at a time.
 //
 // Why not MKL's sgemm: called once per step, it repacks the 1 MiB weight every time (its
 // scopy_right/down routines took ~12% of the sentiment batch's forward and backward under perf), and
@@ -27,27 +28,42 @@ constexpr int64_t kPanelColumns = 16;
 
 // Storage for packed weights, recycled within a thread. A weight is 1 MiB or more per direction and
 // call, and a fresh block of that size is mapped anew and faults its pages in on every call (~0.5 ms
-// per MiB on the development VM); each thread keeps the blocks of its last two packs instead.
+// per MiB on the development VM). Each thread keeps its two largest blocks (a layer's W_ih and W_hh;
+// with more layers, the largest of them) and hands out the smallest that fits.
 class PanelStorage {
  public:
   static std::vector<float> acquire(size_t size) {
     std::vector<std::vector<float>>& pool = free_blocks();
+    auto best = pool.end();
     for (auto block = pool.begin(); block != pool.end(); ++block) {
-      if (block->capacity() >= size) {
-        std::vector<float> storage = std::move(*block);
-        pool.erase(block);
-        storage.assign(size, 0.0f);
-        return storage;
+      if (block->capacity() >= size && (best == pool.end() || block->capacity() < best->capacity())) {
+        best = block;
       }
     }
-    return std::vector<float>(size, 0.0f);
+    if (best == pool.end()) {
+      return std::vector<float>(size, 0.0f);
+    }
+    std::vector<float> storage = std::move(*best);
+    pool.erase(best);
+    storage.assign(size, 0.0f);
+    return storage;
   }
 
   static void release(std::vector<float>& storage) {
-    std::vector<std::vector<float>>& pool = free_blocks();
     constexpr size_t kKeptBlocks = 2, kLargestKept = size_t{4} << 20;  // floats: 16 MiB, W_hh of H=1024
-    if (storage.capacity() > 0 && storage.capacity() <= kLargestKept && pool.size() < kKeptBlocks) {
+    if (storage.capacity() == 0 || storage.capacity() > kLargestKept) {
+      return;
+    }
+    std::vector<std::vector<float>>& pool = free_blocks();
+    if (pool.size() < kKeptBlocks) {
       pool.push_back(std::move(storage));
+      return;
+    }
+    auto smallest = std::min_element(pool.begin(), pool.end(), [](const auto& a, const auto& b) {
+      return a.capacity() < b.capacity();
+    });
+    if (smallest->capacity() < storage.capacity()) {
+      *smallest = std::move(storage);
     }
   }
 
