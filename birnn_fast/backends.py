@@ -80,11 +80,11 @@ def select(device, dtype):
     key = (os.environ.get("BIRNN_FAST_BACKEND"), _interpreting(), device.type, dtype)
     backend = _selected.get(key)
     if backend is None:
-        backend = _selected[key] = _select(*key)
+        backend = _selected[key] = _select(key[0], device.type, dtype)
     return backend
 
 
-def _select(forced, interpreting, device_type, dtype):
+def _select(forced, device_type, dtype):
     device = torch.device(device_type)
     if forced:
         if forced not in BACKENDS:

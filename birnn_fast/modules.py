@@ -78,10 +78,10 @@ class _FastBiRNNBase(nn.RNNBase):
         # Looked up by name on every call (nn.RNNBase's _flat_weights cache is for cuDNN; keeping it
         # fresh costs a walk over all parameters per call). The _parameters dict is the fast path;
         # getattr finds what a parametrization or a plain attribute put in a parameter's place.
-        parameters = self._parameters
-        weights = [parameters.get(name) for name in self._flat_weights_names[first:first + 2 * per_direction]]
+        names = self._flat_weights_names[first:first + 2 * per_direction]
+        weights = [self._parameters.get(name) for name in names]
         if any(weight is None for weight in weights):
-            weights = [getattr(self, name) for name in self._flat_weights_names[first:first + 2 * per_direction]]
+            weights = [getattr(self, name) for name in names]
         if not self.bias:
             zeros = like.new_zeros(GATES[self.mode] * self.hidden_size)
             weights = weights[:2] + [zeros, zeros] + weights[2:] + [zeros, zeros]

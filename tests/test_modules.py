@@ -180,20 +180,27 @@ def test_cpu_kernel_at_any_thread_count(use_backend, cell, threads, hidden):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("hidden", [7, 40])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_float32_every_count_of_running_rows(use_backend, cell, hidden):
+def test_cpu_float32_every_count_of_running_rows(use_backend, cell, hidden, threads):
     """float32 runs the per-step products on the AVX2 panel kernel (blocks of up to 6 rows, panels
-    of 16 columns). Lengths 15 down to 1 make every count of running rows from 14 down to 1 appear;
-    H=7 gives partial column panels, H=40 whole and partial ones, and runs on two threads."""
+    of 16 columns), and with two threads or fewer the chunked input projection too. Lengths 15 down
+    to 1 make every count of running rows from 14 down to 1 appear; H=7 gives partial column panels,
+    H=40 whole and partial ones, and runs the directions on two threads."""
     use_backend("cpu")
     fast, expected = make_pair(cell, 9, hidden, torch.float32)
     T, B = 15, 14
     lengths = torch.tensor([15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 2, 1])
     x = torch.randn(T, B, 9, device=DEVICE)
-    check_same(cell, fast, expected, x, random_hx(cell, 1, B, hidden, torch.float32), lengths=lengths,
-               dtype=torch.float32)
-    check_same(cell, fast, expected, x, None, dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_same(cell, fast, expected, x, random_hx(cell, 1, B, hidden, torch.float32), lengths=lengths,
+                   dtype=torch.float32)
+        check_same(cell, fast, expected, x, None, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -26,6 +26,20 @@ namespace birnn_fast::cpu {
 // Products this small cost less than one trip through the dispatcher (a few microseconds): plain loops.
 constexpr int64_t kSmallMultiplyAdds = 1 << 15;
 
+// With a bias, c's rows start as copies of it and the product is accumulated onto them; returns
+// whether the product accumulates.
+template <typename T>
+bool start_with_bias(int64_t m, int64_t n, const T* bias, T* c, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(bias == nullptr || !accumulate);
+  if (bias == nullptr) {
+    return accumulate;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy_n(bias, n, c + i * ldc);
+  }
+  return true;
+}
+
 // c[m, n] = a[m, k] @ op(b) + (c[m, n] if accumulate, else bias[n] if given); row-major with
 // leading dimensions. op(b) is b[k, n], or with transpose_b the transpose of b[n, k]: a layer's
 // weights are (G*H, K), used in place by x @ W^T (forward) and by dgates @ W (backward).
@@ -35,13 +49,7 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
   if (m == 0 || n == 0) {
     return;
   }
-  TORCH_INTERNAL_ASSERT(bias == nullptr || !accumulate);
-  if (bias != nullptr) {
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy_n(bias, n, c + i * ldc);
-    }
-    accumulate = true;
-  }
+  accumulate = start_with_bias(m, n, bias, c, ldc, accumulate);
   if (m * n * k <= kSmallMultiplyAdds) {
     for (int64_t i = 0; i < m; ++i) {
       const T* a_row = a + i * lda;
@@ -103,13 +111,7 @@ class ReusedWeight {
                 const T* bias = nullptr) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_) {
-        if (bias != nullptr) {
-          for (int64_t i = 0; i < m; ++i) {
-            std::copy_n(bias, n_, c + i * ldc);
-          }
-          accumulate = true;
-        }
-        panel_gemm(m, a, lda, panels_, c, ldc, accumulate);
+        panel_gemm(m, a, lda, panels_, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
         return;
       }
     }
