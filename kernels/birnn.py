@@ -2,7 +2,11 @@
 
 The input projection of every step is one cuBLAS GEMM done by the launcher; the kernels run the
 whole recurrence. Program (j, bb, d) owns hidden units [j*BH, (j+1)*BH) (all G gates of them) of
-direction d for a block of BB batch rows, and keeps that slice of the state in registers. The full
+direction d for a block of BB batch rows, and keeps that slice of the state in registers. Where
+the program's slice of W_hh fits in shared memory it is loaded once, before the time loop
+(RESIDENT); otherwise each step streams it from L2 in chunks of K. The per-step products split K
+over the warps: a 3-D tl.dot whose batch is NK chunks of BK, then a sum over the chunks, so no warp
+repeats another's work. The full
 h (forward) or the full gate gradients (backward) of a step are exchanged through a small
 double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batch block) group meet
 at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
@@ -12,6 +16,7 @@ programs than there are SMs; further batch blocks are looped over inside the ker
 Contract: ``birnn_fast/ops.py``. Workspace, (T, B, 2, W*H), at each row's time index:
 LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
 """
+import collections
 import os
 
 import torch
@@ -26,16 +31,28 @@ CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 WORKSPACE = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
 
-# K chunk of the per-step matmuls; tl.dot needs every dimension >= 16.
-BLOCK_K = 32
+# K chunking of the per-step products when W_hh streams: NK chunks of BK (tl.dot needs >= 16) per
+# iteration, one chunk per warp.
+STREAM_NK, STREAM_BK = 2, 16
 # Software pipelining of the K loops costs registers (spills) and buys little: its loads hit L2.
 NUM_STAGES = 1
 # One program per SM by design, so each of its 256 threads may hold 255 registers; without the cap
 # ptxas aims at 128 and spills.
 MAX_REGISTERS = 255
-# (BB, BH, num_warps) the launcher may pick on a GPU: those the compile test finds free of spills
-# for every cell and dtype on sm_80 and sm_90 (32x32, 64x16 and up spill in the fp32 forward).
-CONFIGS = ((16, 16, 8), (32, 16, 8), (16, 32, 8))
+NUM_WARPS = 8
+# (BB, BH) tiles the launcher may pick on a GPU when W_hh streams: those the compile test finds free
+# of spills for every cell and dtype on sm_80 and sm_90 (32x32, 64x16 and up spill).
+STREAM_TILES = ((16, 16), (32, 16), (16, 32))
+# The tile when W_hh stays in shared memory: the narrowest slice per program.
+RESIDENT_TILE = (16, 16)
+# Largest padded hidden size (power of 2) kept resident where shared memory allows it: beyond it a
+# warp's K chunk (BK = K / NUM_WARPS) spills. fp32 without TF32 multiplies on the FMA units, whose
+# operands take more registers.
+RESIDENT_MAX_K = 512
+RESIDENT_MAX_K_FP32_IEEE = 256
+# Shared memory a resident program uses beyond its two operands (reductions, barriers): measured
+# in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
+RESIDENT_SHARED_SLACK = 4096
 
 
 @triton.jit
@@ -49,6 +66,44 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _weight_tile(p, k0, offs_j, mask_j, H, stride_k, stride_j, NK: tl.constexpr, BK: tl.constexpr):
+    """[NK, BK, BH]: W[k, j] at p + k*stride_k + j*stride_j for k0 <= k < k0 + NK*BK (k < H), j of offs_j."""
+    offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]  # [NK, BK, 1]
+    return tl.load(p + offs_k * stride_k + offs_j[None, None, :] * stride_j,
+                   mask=(offs_k < H) & mask_j[None, None, :], other=0.0)
+
+
+@triton.jit
+def _gate_weights(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexpr, NK: tl.constexpr,
+                  BK: tl.constexpr):
+    """_weight_tile of every gate, gate g at p_w + g*H*H; entries past G repeat gate 0 (unused)."""
+    b_w0 = _weight_tile(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    b_w1 = b_w0
+    b_w2 = b_w0
+    b_w3 = b_w0
+    if G > 1:
+        b_w1 = _weight_tile(p_w + H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        b_w2 = _weight_tile(p_w + 2 * H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    if G > 3:
+        b_w3 = _weight_tile(p_w + 3 * H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    return b_w0, b_w1, b_w2, b_w3
+
+
+@triton.jit
+def _exchanged_tile(p_rows, k0, mask_b, H, NK: tl.constexpr, BK: tl.constexpr):
+    """[NK, BB, BK]: p_rows[b] + k for k0 <= k < k0 + NK*BK (k < H), read past L1 (.cg): other SMs wrote it."""
+    offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
+    return tl.load(p_rows[None, :, :] + offs_k, mask=mask_b[None, :, None] & (offs_k < H), other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def _split_k_dot(a, w, DOT_PRECISION: tl.constexpr):
+    """a[NK, BB, BK] @ w[NK, BK, BH] summed over the NK chunks: [BB, BH] fp32, K split across the warps."""
+    return tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION), axis=0)
 
 
 @triton.jit
@@ -80,7 +135,7 @@ def birnn_forward_kernel(
     counter_ptr,   # (2, programs along batch) int32 zeros
     T, B, H,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -95,6 +150,10 @@ def birnn_forward_kernel(
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
     p_w = w_hh_ptr + d * GH * H
+    if RESIDENT:
+        # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
+        # them in shared memory for the whole launch.
+        b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, 0, offs_j, mask_j, H, 1, H, G, NK, BK)
     epoch = 0
     for bb in range(pid_b, n_bblocks, n_bprog):
         offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
@@ -130,24 +189,16 @@ def birnn_forward_kernel(
                 acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
                 acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
             p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
-            for k in range(0, H, BK):
-                offs_k = k + tl.arange(0, BK)  # [BK]
-                mask_k = offs_k < H
-                # .cg: h was written by other SMs; L1 is not coherent.
-                b_hk = tl.load(p_hbuf + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
-                               cache_modifier=".cg")  # [BB, BK]
-                mask_kj = mask_k[:, None] & mask_j[None, :]  # [BK, BH]
-                p_wk = p_w + offs_j[None, :] * H + offs_k[:, None]  # [BK, BH], W_hh^T tile of gate 0
-                b_w = tl.load(p_wk, mask=mask_kj, other=0.0)
-                acc0 = tl.dot(b_hk, b_w, acc0, input_precision=DOT_PRECISION)
+            for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
+                if not RESIDENT:
+                    b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, k0, offs_j, mask_j, H, 1, H, G, NK, BK)
+                b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK]
+                acc0 += _split_k_dot(b_hk, b_w0, DOT_PRECISION)
                 if G > 1:
-                    b_w = tl.load(p_wk + H * H, mask=mask_kj, other=0.0)
-                    acc1 = tl.dot(b_hk, b_w, acc1, input_precision=DOT_PRECISION)
-                    b_w = tl.load(p_wk + 2 * H * H, mask=mask_kj, other=0.0)
-                    acc2 = tl.dot(b_hk, b_w, acc2, input_precision=DOT_PRECISION)
+                    acc1 += _split_k_dot(b_hk, b_w1, DOT_PRECISION)
+                    acc2 += _split_k_dot(b_hk, b_w2, DOT_PRECISION)
                 if G > 3:
-                    b_w = tl.load(p_wk + 3 * H * H, mask=mask_kj, other=0.0)
-                    acc3 = tl.dot(b_hk, b_w, acc3, input_precision=DOT_PRECISION)
+                    acc3 += _split_k_dot(b_hk, b_w3, DOT_PRECISION)
 
             p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
             if CELL == LSTM:
@@ -209,7 +260,7 @@ def birnn_backward_kernel(
     grad_c0_ptr,   # (2, B, H) for LSTM
     T, B, H,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -224,6 +275,9 @@ def birnn_backward_kernel(
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
     p_w = w_hh_ptr + d * GH * H
+    if RESIDENT:
+        # Gate g's rows of W_hh, the program's columns j: W_hh[g*H + k, j], kept in shared memory.
+        b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, 0, offs_j, mask_j, H, H, 1, G, NK, BK)
     epoch = 0
     for bb in range(pid_b, n_bblocks, n_bprog):
         offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
@@ -318,17 +372,20 @@ def birnn_backward_kernel(
             epoch += 1
             _group_barrier(p_counter, epoch * n_hblocks, SYNC)
 
-            # dh_prev[:, jslice] = dgates_hh (BB, G*H) @ W_hh[:, jslice]
+            # dh_prev[:, jslice] = sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
             b_acc = tl.zeros([BB, BH], dtype=tl.float32)
             p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
-            for k in range(0, GH, BK):
-                offs_k = k + tl.arange(0, BK)  # [BK]
-                mask_k = offs_k < GH
-                b_gk = tl.load(p_gbuf + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
-                               cache_modifier=".cg")  # [BB, BK]
-                b_w = tl.load(p_w + offs_k[:, None] * H + offs_j[None, :],
-                              mask=mask_k[:, None] & mask_j[None, :], other=0.0)  # [BK, BH]
-                b_acc = tl.dot(b_gk, b_w, b_acc, input_precision=DOT_PRECISION)
+            for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT
+                if not RESIDENT:
+                    b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, k0, offs_j, mask_j, H, H, 1, G, NK, BK)
+                b_acc += _split_k_dot(_exchanged_tile(p_gbuf, k0, mask_b, H, NK, BK), b_w0, DOT_PRECISION)
+                if G > 1:
+                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + H, k0, mask_b, H, NK, BK), b_w1, DOT_PRECISION)
+                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + 2 * H, k0, mask_b, H, NK, BK), b_w2,
+                                          DOT_PRECISION)
+                if G > 3:
+                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + 3 * H, k0, mask_b, H, NK, BK), b_w3,
+                                          DOT_PRECISION)
             b_dh_state = tl.where(mask_a, b_acc + b_dh_direct, b_dh)
         tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_bj)
         if CELL == LSTM:
@@ -339,15 +396,41 @@ def _interpreted(device):
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def select_config(B, H, num_sms):
-    """Tile and grid for B rows and H units on num_sms SMs: (BB, BH, n_hblocks, n_bprog, num_warps).
+Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bprog")
 
+
+def split_k(H, resident):
+    """(NK, BK) of the per-step products: one K chunk per warp; all of H in one pass when resident."""
+    if not resident:
+        return STREAM_NK, STREAM_BK
+    k = max(16, triton.next_power_of_2(H))
+    BK = max(16, k // NUM_WARPS)
+    return k // BK, BK
+
+
+def resident_fits(cell, H, dtype, dot_precision, shared_bytes):
+    """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, spill-free."""
+    BB, BH = RESIDENT_TILE
+    k = max(16, triton.next_power_of_2(H))
+    fma = dtype == torch.float32 and dot_precision == "ieee"
+    element_size = torch.finfo(dtype).bits // 8
+    return (k <= (RESIDENT_MAX_K_FP32_IEEE if fma else RESIDENT_MAX_K)
+            and (GATES[cell] * BH + BB) * k * element_size + RESIDENT_SHARED_SLACK <= shared_bytes)
+
+
+def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes):
+    """Tile, K split and grid for B rows and H units: a ``Config``.
+
+    W_hh stays in shared memory where ``resident_fits``; otherwise it streams, on the tile that
+    needs the fewest passes.
     The grid, 2 * n_hblocks * n_bprog programs, never exceeds num_sms, since the grid barrier needs
     every program of a group resident at once; batch blocks beyond n_bprog run in later passes over
     the sequence. Fewest passes first, then least work per program and step.
     """
+    resident = (2 * triton.cdiv(H, RESIDENT_TILE[1]) <= num_sms
+                and resident_fits(cell, H, dtype, dot_precision, shared_bytes))
     best = None
-    for BB, BH, num_warps in CONFIGS:
+    for BB, BH in (RESIDENT_TILE,) if resident else STREAM_TILES:
         n_hblocks = triton.cdiv(H, BH)
         n_bblocks = triton.cdiv(B, BB)
         n_bprog = min(n_bblocks, num_sms // (2 * n_hblocks))
@@ -355,22 +438,30 @@ def select_config(B, H, num_sms):
             continue
         key = (triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
         if best is None or key < best[0]:
-            best = key, (BB, BH, n_hblocks, n_bprog, num_warps)
+            best = key, Config(BB, BH, *split_k(H, resident), resident, n_hblocks, n_bprog)
     if best is None:
-        widest = max(config[1] for config in CONFIGS)
+        widest = max(BH for _, BH in STREAM_TILES)
         raise ValueError(f"hidden size {H} needs {2 * triton.cdiv(H, widest)} co-resident programs, "
                          f"more than the {num_sms} SMs of this GPU")
     return best[1]
 
 
-def _config(device, B, H):
-    if _interpreted(device):
+def _config(cell, input, H):
+    B = input.shape[1]
+    if _interpreted(input.device):
         # Interpreted programs run one after another: a barrier waiting on another program of the
         # group would never return, so one program holds every unit of a direction.
-        BH = max(16, triton.next_power_of_2(H))
-        BB = 16
-        return BB, BH, 1, triton.cdiv(B, BB), 4
-    return select_config(B, H, torch.cuda.get_device_properties(device).multi_processor_count)
+        BB, BH = 16, max(16, triton.next_power_of_2(H))
+        return Config(BB, BH, *split_k(H, True), True, 1, triton.cdiv(B, BB))
+    properties = torch.cuda.get_device_properties(input.device)
+    return select_config(cell, B, H, input.dtype, _dot_precision(input.dtype, input.device),
+                         properties.multi_processor_count, properties.shared_memory_per_block_optin)
+
+
+def _tiling(config):
+    """The launch arguments both kernels take from a Config."""
+    return dict(BB=config.BB, BH=config.BH, NK=config.NK, BK=config.BK, RESIDENT=config.RESIDENT,
+                SYNC=config.n_hblocks > 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
 
 
 def _dot_precision(dtype, device):
@@ -425,7 +516,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     xg = torch.addmm(bias.reshape(1, 2 * GH).to(input.dtype), input.view(T * B, I),
                      weight_ih.view(2 * GH, I).t())  # [T*B, 2*G*H]
 
-    BB, BH, n_hblocks, n_bprog, num_warps = _config(input.device, B, H)
+    config = _config(cell, input, H)
     output = input.new_zeros(T, B, 2 * H)
     h_n = torch.empty_like(h0)
     c_n = torch.empty_like(c0)
@@ -433,15 +524,14 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     workspace = input.new_empty(workspace_shape, dtype=_workspace_dtype(input.dtype))
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
-    counter = torch.zeros(2, n_bprog, dtype=torch.int32, device=input.device)
-    grid = (n_hblocks, n_bprog, 2)
+    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
+    grid = (config.n_hblocks, config.n_bprog, 2)
     birnn_forward_kernel[grid](
         xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
         output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, counter,
         T, B, H,
-        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], BB=BB, BH=BH, BK=BLOCK_K,
-        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device), SAVE=save_workspace,
-        num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS,
+        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], DOT_PRECISION=_dot_precision(input.dtype, input.device),
+        SAVE=save_workspace, **_tiling(config),
     )
     return output, h_n, c_n, workspace
 
@@ -473,20 +563,19 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                                  grad_h_n, grad_c_n))
     lstm = cell == "LSTM"
 
-    BB, BH, n_hblocks, n_bprog, num_warps = _config(input.device, B, H)
+    config = _config(cell, input, H)
     dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
-    counter = torch.zeros(2, n_bprog, dtype=torch.int32, device=input.device)
+    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     grad_h0 = torch.empty_like(h0)
     grad_c0 = torch.empty_like(c0)
-    grid = (n_hblocks, n_bprog, 2)
+    grid = (config.n_hblocks, config.n_bprog, 2)
     birnn_backward_kernel[grid](
         grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
         output, workspace, dgates, gbuf, counter, grad_h0, grad_c0 if lstm else grad_h0,
         T, B, H,
-        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], BB=BB, BH=BH, BK=BLOCK_K,
-        SYNC=n_hblocks > 1, DOT_PRECISION=_dot_precision(input.dtype, input.device),
-        num_warps=num_warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS,
+        CELL=CELLS[cell], G=G, W=WORKSPACE[cell], DOT_PRECISION=_dot_precision(input.dtype, input.device),
+        **_tiling(config),
     )
 
     # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
@@ -528,4 +617,6 @@ def _stack(weights):
 
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
-           "select_config", "CONFIGS", "BLOCK_K", "NUM_STAGES", "MAX_REGISTERS"]
+           "select_config", "split_k", "resident_fits", "Config", "STREAM_TILES", "RESIDENT_TILE",
+           "RESIDENT_MAX_K", "RESIDENT_MAX_K_FP32_IEEE", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
+           "MAX_REGISTERS"]

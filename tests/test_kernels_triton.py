@@ -105,17 +105,29 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-# (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20; lengths with 1 and T, unsorted.
+@pytest.fixture(params=["resident", "streaming"])
+def weights(request, monkeypatch):
+    """W_hh loaded once (what the launcher picks here) or streamed each step, in K chunks of 16."""
+    if request.param == "streaming":
+        picked = kernels._config
+        monkeypatch.setattr(kernels, "_config",
+                            lambda *args: picked(*args)._replace(NK=1, BK=16, RESIDENT=False))
+    return request.param
+
+
+# (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
+# 1, 1, 2, 4 chunks when resident; 1, 1, 2, 3 passes of 16 when streaming); lengths with 1 and T, unsorted.
 SHAPES = [
     (1, 1, 1, [1]),
     (5, 3, 7, [2, 5, 1]),
     (13, 17, 20, [13, 1, 7, 13, 2, 9, 12, 1, 5, 3, 13, 6, 11, 4, 8, 10, 2]),
+    (4, 2, 40, [3, 4]),
 ]
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
-def test_matches_reference(cell, T, B, H, lengths):
+def test_matches_reference(cell, T, B, H, lengths, weights):
     args = make_inputs(cell, T, B, 3, H, lengths)
     grads = make_grads(cell, T, B, H)
     expected, expected_grads = reference_with_grads(cell, args, grads)
@@ -193,7 +205,7 @@ def low_precision_dtypes():
 
 @pytest.mark.parametrize("dtype", low_precision_dtypes())
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-def test_half_precision(cell, dtype):
+def test_half_precision(cell, dtype, weights):
     """Error against an fp32 reference at most ~2x that of the reference itself run in dtype."""
     T, B, H, lengths = 5, 3, 7, [2, 5, 1]
     args32 = make_inputs(cell, T, B, 3, H, lengths, seed=5)
@@ -213,17 +225,35 @@ def test_half_precision(cell, dtype):
         assert relative_error(actual, reference) <= bound, name
 
 
-@pytest.mark.parametrize("num_sms", [108, 132])
-def test_grid_fits_on_the_gpu(num_sms):
-    """The grid barrier deadlocks unless every program is resident: never more programs than SMs."""
-    for B in (1, 3, 16, 17, 64, 100, 256, 1000):
-        for H in (1, 7, 64, 256, 500, 1024, 1700):
-            BB, BH, n_hblocks, n_bprog, num_warps = kernels.select_config(B, H, num_sms)
-            assert (BB, BH, num_warps) in kernels.CONFIGS
-            assert 2 * n_hblocks * n_bprog <= num_sms
-            assert n_hblocks * BH >= H
+# The GPUs the launcher is checked for: (SMs, compute capability; its shared memory is SHARED_LIMIT).
+GPUS = {"A100": (108, 80), "H100": (132, 90)}
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_grid_fits_on_the_gpu(gpu):
+    """The grid barrier deadlocks unless every program is resident: never more programs than SMs.
+    A resident W_hh slice fits the shared memory; the configuration is one the compile tests build."""
+    num_sms, cc = GPUS[gpu]
+    shared_bytes = SHARED_LIMIT[cc]
+    selectable = set(selectable_configs(cc))
+    for cell in CELLS:
+        for dtype, precision in PRECISIONS:
+            for B in (1, 3, 16, 17, 64, 100, 256, 1000):
+                for H in (1, 7, 64, 256, 500, 512, 513, 768, 1024, 1700):
+                    config = kernels.select_config(cell, B, H, dtype, precision, num_sms, shared_bytes)
+                    assert 2 * config.n_hblocks * config.n_bprog <= num_sms
+                    assert config.n_hblocks * config.BH >= H
+                    assert config.RESIDENT == kernels.resident_fits(cell, H, dtype, precision, shared_bytes)
+                    if config.RESIDENT:
+                        assert config.NK * config.BK >= H
+                    for fn_name in ("birnn_forward_kernel", "birnn_backward_kernel"):
+                        assert (fn_name, cell, dtype, precision, *config[:5]) in selectable
+    # fp32 LSTM, H = 512: resident on an H100 with TF32, streamed without it, and on an A100 (163 KiB).
+    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", 132, 227 * 1024).RESIDENT
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "ieee", 132, 227 * 1024).RESIDENT
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", 108, 163 * 1024).RESIDENT
     with pytest.raises(ValueError, match="hidden size"):
-        kernels.select_config(4, 10 ** 5, num_sms)
+        kernels.select_config("LSTM", 4, 10 ** 5, torch.float32, "tf32", num_sms, shared_bytes)
 
 
 # Compile tests: every (config, cell, dtype, dot precision) the launchers can pick, for sm_80 and
@@ -235,9 +265,9 @@ FP32_POINTERS = {"ws_ptr", "dgates_ptr"}  # fp32 whatever the input dtype
 INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
 
 
-def compile_kernel(fn, cell, dtype, precision, BB, BH, num_warps, cc):
+def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
     constexprs = dict(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell], BB=BB, BH=BH,
-                      BK=kernels.BLOCK_K, SYNC=True, DOT_PRECISION=precision)
+                      NK=NK, BK=BK, RESIDENT=RESIDENT, SYNC=True, DOT_PRECISION=precision)
     if "SAVE" in fn.arg_names:
         # SAVE=False (inference) only drops the workspace stores: SAVE=True bounds its registers.
         constexprs["SAVE"] = True
@@ -253,7 +283,7 @@ def compile_kernel(fn, cell, dtype, precision, BB, BH, num_warps, cc):
             signature[name] = "i32"
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": num_warps, "num_stages": kernels.NUM_STAGES,
+                          options={"num_warps": kernels.NUM_WARPS, "num_stages": kernels.NUM_STAGES,
                                    "maxnreg": kernels.MAX_REGISTERS})
 
 
@@ -267,29 +297,47 @@ def resource_usage(compiled):
                               check=True).stdout
     usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text)}
     usage["SHARED"] += compiled.metadata.shared  # the dynamic part, sized by Triton
+    # Shared-memory allocations made before the first loop: a resident program's W_hh tiles.
+    ttgir = compiled.asm["ttgir"]
+    usage["HOISTED"] = ttgir[:ttgir.index("scf.for")].count("ttg.local_alloc")
     return usage
 
 
-def all_configs():
+PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee"), (torch.float16, "ieee"))
+
+
+def selectable_configs(cc):
+    """Every (kernel, cell, dtype, precision, BB, BH, NK, BK, RESIDENT) the launcher may pick on sm_cc: the
+    streaming tiles, and the resident one at each padded H where ``resident_fits`` SHARED_LIMIT[cc]."""
     for fn_name in ("birnn_forward_kernel", "birnn_backward_kernel"):
         for cell in CELLS:
-            for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee"),
-                                     (torch.float16, "ieee")):
-                for BB, BH, num_warps in kernels.CONFIGS:
-                    yield fn_name, cell, dtype, precision, BB, BH, num_warps
+            for dtype, precision in PRECISIONS:
+                for BB, BH in kernels.STREAM_TILES:
+                    yield fn_name, cell, dtype, precision, BB, BH, kernels.STREAM_NK, kernels.STREAM_BK, False
+                H = 16
+                while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc]):
+                    yield fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True), True
+                    H *= 2
 
 
 def config_id(config):
-    fn_name, cell, dtype, precision, BB, BH, num_warps = config
-    return f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-w{num_warps}"
+    fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT = config
+    variant = f"resident-K{NK * BK}" if RESIDENT else "streaming"
+    return f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-{variant}"
 
 
-def quick_configs():
-    """The heaviest in registers: LSTM (most live tiles), fp32-TF32 and bf16, the largest tiles."""
-    largest = sorted({(BB, BH) for BB, BH, _ in kernels.CONFIGS}, key=lambda tile: tile[0] * tile[1])[-2:]
-    return [config for config in all_configs()
-            if config[1] == "LSTM" and (config[2], config[3]) in ((torch.float32, "tf32"), (torch.bfloat16, "ieee"))
-            and (config[4], config[5]) in largest]
+def quick_configs(cc):
+    """The heaviest in registers and shared memory: LSTM (most live tiles), fp32-TF32 and bf16, the
+    largest resident K and the largest streaming tiles."""
+    configs = [config for config in selectable_configs(cc)
+               if config[1] == "LSTM" and (config[2], config[3]) in ((torch.float32, "tf32"), (torch.bfloat16, "ieee"))]
+    largest_k = {}
+    for config in configs:
+        if config[-1]:
+            key = config[:4]
+            largest_k[key] = max(largest_k.get(key, config), config, key=lambda c: c[6] * c[7])
+    largest_tiles = sorted(kernels.STREAM_TILES, key=lambda tile: tile[0] * tile[1])[-2:]
+    return list(largest_k.values()) + [c for c in configs if not c[-1] and tuple(c[4:6]) in largest_tiles]
 
 
 def compile_in_child(configs, cc):
@@ -314,12 +362,12 @@ def collect(children):
 
 @pytest.fixture(scope="module")
 def quick_usage():
-    return collect({cc: compile_in_child(quick_configs(), cc) for cc in SHARED_LIMIT})
+    return collect({cc: compile_in_child(quick_configs(cc), cc) for cc in SHARED_LIMIT})
 
 
 @pytest.fixture(scope="module")
 def full_usage():
-    return collect({cc: compile_in_child(list(all_configs()), cc) for cc in SHARED_LIMIT})
+    return collect({cc: compile_in_child(list(selectable_configs(cc)), cc) for cc in SHARED_LIMIT})
 
 
 def check_usage(usage, config, cc):
@@ -328,17 +376,23 @@ def check_usage(usage, config, cc):
           f"{record['STACK']} B stack, {record['LOCAL']} B local")
     assert record["SHARED"] <= SHARED_LIMIT[cc], f"{record['SHARED']} B of shared memory"
     assert record["STACK"] == 0 and record["LOCAL"] == 0, f"register spills: {record}"
+    # Resident: each gate's W_hh tile is placed in shared memory once, before the time loop.
+    fn_name, cell, *_, resident = config
+    assert record["HOISTED"] == (kernels.GATES[cell] if resident else 0), record
 
 
-@pytest.mark.parametrize("cc", sorted(SHARED_LIMIT))
-@pytest.mark.parametrize("config", quick_configs(), ids=config_id)
+def by_cc(configs_of):
+    return [pytest.param(config, cc, id=f"{config_id(config)}-sm{cc}") for cc in sorted(SHARED_LIMIT)
+            for config in configs_of(cc)]
+
+
+@pytest.mark.parametrize("config,cc", by_cc(quick_configs))
 def test_compiles_without_spills(quick_usage, config, cc):
     check_usage(quick_usage, config, cc)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cc", sorted(SHARED_LIMIT))
-@pytest.mark.parametrize("config", list(all_configs()), ids=config_id)
+@pytest.mark.parametrize("config,cc", by_cc(selectable_configs))
 def test_every_config_compiles_without_spills(full_usage, config, cc):
     check_usage(full_usage, config, cc)
 
@@ -346,7 +400,7 @@ def test_every_config_compiles_without_spills(full_usage, config, cc):
 if __name__ == "__main__":
     # The child of compile_in_child: python test_kernels_triton.py CC CONFIG_ID...
     target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
-    for config in all_configs():
+    for config in selectable_configs(target_cc):
         if config_id(config) in wanted:
             fn_name, *rest = config
             compiled = compile_kernel(getattr(kernels, fn_name), *rest, cc=target_cc)
