@@ -2,12 +2,14 @@
 
 The input projection of every step is one cuBLAS GEMM done by the launcher; the kernels run the
 whole recurrence. Program (j, bb, d) owns hidden units [j*BH, (j+1)*BH) (all G gates of them) of
-direction d for a block of BB batch rows, and keeps that slice of the state in registers. Where
-the program's slice of W_hh fits in shared memory it is loaded once, before the time loop
-(RESIDENT); otherwise each step streams it from L2 in chunks of K. The per-step products split K
-over the warps: a 3-D tl.dot whose batch is NK chunks of BK, then a sum over the chunks, so no warp
-repeats another's work. The full
-h (forward) or the full gate gradients (backward) of a step are exchanged through a small
+direction d for a block of BB batch rows, and keeps that slice of the state in registers.
+
+Where the program's slice of W_hh fits in shared memory (and compiles without spills) it is loaded
+once, before the loops (RESIDENT), and the per-step products split K over the warps: a 3-D tl.dot
+whose batch is NK chunks of BK, then a sum over the chunks, so no warp repeats another's work.
+Otherwise each step streams the slice from L2 in 2-D chunks of BK.
+
+The full h (forward) or the full gate gradients (backward) of a step are exchanged through a small
 double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batch block) group meet
 at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
 barrier among programs that are not all resident deadlocks, so the launcher never launches more
@@ -31,9 +33,9 @@ CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 WORKSPACE = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
 
-# K chunking of the per-step products when W_hh streams: NK chunks of BK (tl.dot needs >= 16) per
-# iteration, one chunk per warp.
-STREAM_NK, STREAM_BK = 2, 16
+# K chunk of the per-step products when W_hh streams (tl.dot needs >= 16): 2-D tiles, as chunks split
+# over the warps (NK > 1) spill at 32x16 and 16x32 in Triton 3.6.
+STREAM_NK, STREAM_BK = 1, 32
 # Software pipelining of the K loops costs registers (spills) and buys little: its loads hit L2.
 NUM_STAGES = 1
 # One program per SM by design, so each of its 256 threads may hold 255 registers; without the cap
@@ -46,10 +48,11 @@ STREAM_TILES = ((16, 16), (32, 16), (16, 32))
 # The tile when W_hh stays in shared memory: the narrowest slice per program.
 RESIDENT_TILE = (16, 16)
 # Largest padded hidden size (power of 2) kept resident where shared memory allows it: beyond it a
-# warp's K chunk (BK = K / NUM_WARPS) spills. fp32 without TF32 multiplies on the FMA units, whose
-# operands take more registers.
+# warp's K chunk (BK = K / NUM_WARPS) spills, in Triton 3.6 (the GPU image's) or 3.9. Tighter where
+# fp32 runs without TF32 (FMA-unit operands take more registers) and in the LSTM backward (the most
+# live state; 3.6 spills there from K = 256, 3.9 only beyond 512).
 RESIDENT_MAX_K = 512
-RESIDENT_MAX_K_FP32_IEEE = 256
+RESIDENT_MAX_K_TIGHT = 128
 # Shared memory a resident program uses beyond its two operands (reductions, barriers): measured
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
 RESIDENT_SHARED_SLACK = 4096
@@ -68,42 +71,72 @@ def _tanh(x):
     return tl.where(x < 0, -y, y)
 
 
+# The K chunks of the per-step products: with NK > 1 a 3-D batch of NK chunks of BK (split across
+# the warps), with NK == 1 a plain 2-D tile (a 3-D batch of one costs registers in Triton 3.6).
 @triton.jit
 def _weight_tile(p, k0, offs_j, mask_j, H, stride_k, stride_j, NK: tl.constexpr, BK: tl.constexpr):
-    """[NK, BK, BH]: W[k, j] at p + k*stride_k + j*stride_j for k0 <= k < k0 + NK*BK (k < H), j of offs_j."""
-    offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]  # [NK, BK, 1]
-    return tl.load(p + offs_k * stride_k + offs_j[None, None, :] * stride_j,
-                   mask=(offs_k < H) & mask_j[None, None, :], other=0.0)
+    """[NK, BK, BH] ([BK, BH] if NK == 1): W[k, j] at p + k*stride_k + j*stride_j for k0 <= k < k0 + NK*BK
+    (k < H), j of offs_j."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[:, None]  # [BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_j[None, :] * stride_j, mask=(offs_k < H) & mask_j[None, :],
+                       other=0.0)
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]  # [NK, BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_j[None, None, :] * stride_j,
+                       mask=(offs_k < H) & mask_j[None, None, :], other=0.0)
+    return tile
 
 
 @triton.jit
-def _gate_weights(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexpr, NK: tl.constexpr,
-                  BK: tl.constexpr):
-    """_weight_tile of every gate, gate g at p_w + g*H*H; entries past G repeat gate 0 (unused)."""
-    b_w0 = _weight_tile(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+def _resident_weights(p_w, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexpr, NK: tl.constexpr,
+                      BK: tl.constexpr):
+    """_weight_tile of every gate over all of K, gate g at p_w + g*H*H; entries past G repeat gate 0."""
+    b_w0 = _weight_tile(p_w, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
     b_w1 = b_w0
     b_w2 = b_w0
     b_w3 = b_w0
     if G > 1:
-        b_w1 = _weight_tile(p_w + H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
-        b_w2 = _weight_tile(p_w + 2 * H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        b_w1 = _weight_tile(p_w + H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        b_w2 = _weight_tile(p_w + 2 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
     if G > 3:
-        b_w3 = _weight_tile(p_w + 3 * H * H, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        b_w3 = _weight_tile(p_w + 3 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
     return b_w0, b_w1, b_w2, b_w3
 
 
 @triton.jit
 def _exchanged_tile(p_rows, k0, mask_b, H, NK: tl.constexpr, BK: tl.constexpr):
-    """[NK, BB, BK]: p_rows[b] + k for k0 <= k < k0 + NK*BK (k < H), read past L1 (.cg): other SMs wrote it."""
-    offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
-    return tl.load(p_rows[None, :, :] + offs_k, mask=mask_b[None, :, None] & (offs_k < H), other=0.0,
-                   cache_modifier=".cg")
+    """[NK, BB, BK] ([BB, BK] if NK == 1): p_rows[b] + k for k0 <= k < k0 + NK*BK (k < H), read past L1
+    (.cg): other SMs wrote it."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
+        tile = tl.load(p_rows + offs_k, mask=mask_b[:, None] & (offs_k < H), other=0.0, cache_modifier=".cg")
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
+        tile = tl.load(p_rows[None, :, :] + offs_k, mask=mask_b[None, :, None] & (offs_k < H), other=0.0,
+                       cache_modifier=".cg")
+    return tile
 
 
 @triton.jit
-def _split_k_dot(a, w, DOT_PRECISION: tl.constexpr):
-    """a[NK, BB, BK] @ w[NK, BK, BH] summed over the NK chunks: [BB, BH] fp32, K split across the warps."""
-    return tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION), axis=0)
+def _split_k_dot(a, w, acc, NK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a[NK, BB, BK] @ w[NK, BK, BH] summed over the NK chunks (K split across the warps), or
+    acc + a[BB, BK] @ w[BK, BH]: [BB, BH] fp32."""
+    if NK == 1:
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION), axis=0)
+    return acc
+
+
+@triton.jit
+def _gate_dot(acc, a, b_w, p_w, k0, offs_j, mask_j, H, stride_k, stride_j, RESIDENT: tl.constexpr,
+              NK: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ one gate's K chunk of W: b_w when RESIDENT, else the chunk at k0 of the W at p_w,
+    loaded here, right before its product (loading every gate's chunk first spills in Triton 3.6)."""
+    if not RESIDENT:
+        b_w = _weight_tile(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    return _split_k_dot(a, b_w, acc, NK, DOT_PRECISION)
 
 
 @triton.jit
@@ -153,7 +186,9 @@ def birnn_forward_kernel(
     if RESIDENT:
         # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
         # them in shared memory for the whole launch.
-        b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, 0, offs_j, mask_j, H, 1, H, G, NK, BK)
+        b_w0, b_w1, b_w2, b_w3 = _resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
+    else:
+        b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # loaded chunk by chunk in the step loop
     epoch = 0
     for bb in range(pid_b, n_bblocks, n_bprog):
         offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
@@ -190,15 +225,16 @@ def birnn_forward_kernel(
                 acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
             p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
             for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                if not RESIDENT:
-                    b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, k0, offs_j, mask_j, H, 1, H, G, NK, BK)
                 b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK]
-                acc0 += _split_k_dot(b_hk, b_w0, DOT_PRECISION)
+                acc0 = _gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK, DOT_PRECISION)
                 if G > 1:
-                    acc1 += _split_k_dot(b_hk, b_w1, DOT_PRECISION)
-                    acc2 += _split_k_dot(b_hk, b_w2, DOT_PRECISION)
+                    acc1 = _gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                                     DOT_PRECISION)
+                    acc2 = _gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                                     DOT_PRECISION)
                 if G > 3:
-                    acc3 += _split_k_dot(b_hk, b_w3, DOT_PRECISION)
+                    acc3 = _gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                                     DOT_PRECISION)
 
             p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
             if CELL == LSTM:
@@ -277,7 +313,7 @@ def birnn_backward_kernel(
     p_w = w_hh_ptr + d * GH * H
     if RESIDENT:
         # Gate g's rows of W_hh, the program's columns j: W_hh[g*H + k, j], kept in shared memory.
-        b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, 0, offs_j, mask_j, H, H, 1, G, NK, BK)
+        b_w0, b_w1, b_w2, b_w3 = _resident_weights(p_w, offs_j, mask_j, H, H, 1, G, NK, BK)
     epoch = 0
     for bb in range(pid_b, n_bblocks, n_bprog):
         offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
@@ -375,17 +411,23 @@ def birnn_backward_kernel(
             # dh_prev[:, jslice] = sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
             b_acc = tl.zeros([BB, BH], dtype=tl.float32)
             p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
-            for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT
-                if not RESIDENT:
-                    b_w0, b_w1, b_w2, b_w3 = _gate_weights(p_w, k0, offs_j, mask_j, H, H, 1, G, NK, BK)
-                b_acc += _split_k_dot(_exchanged_tile(p_gbuf, k0, mask_b, H, NK, BK), b_w0, DOT_PRECISION)
+            if RESIDENT:
+                b_gk = _exchanged_tile(p_gbuf, 0, mask_b, H, NK, BK)
+                b_acc = _split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
                 if G > 1:
-                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + H, k0, mask_b, H, NK, BK), b_w1, DOT_PRECISION)
-                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + 2 * H, k0, mask_b, H, NK, BK), b_w2,
-                                          DOT_PRECISION)
+                    b_gk = _exchanged_tile(p_gbuf + H, 0, mask_b, H, NK, BK)
+                    b_acc = _split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
+                    b_gk = _exchanged_tile(p_gbuf + 2 * H, 0, mask_b, H, NK, BK)
+                    b_acc = _split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
                 if G > 3:
-                    b_acc += _split_k_dot(_exchanged_tile(p_gbuf + 3 * H, k0, mask_b, H, NK, BK), b_w3,
-                                          DOT_PRECISION)
+                    b_gk = _exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
+                    b_acc = _split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
+            else:
+                # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time.
+                for k0 in range(0, GH, NK * BK):
+                    b_gk = _exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
+                    b_w = _weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
+                    b_acc = _split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
             b_dh_state = tl.where(mask_a, b_acc + b_dh_direct, b_dh)
         tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_bj)
         if CELL == LSTM:
@@ -408,18 +450,18 @@ def split_k(H, resident):
     return k // BK, BK
 
 
-def resident_fits(cell, H, dtype, dot_precision, shared_bytes):
+def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
     """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, spill-free."""
     BB, BH = RESIDENT_TILE
     k = max(16, triton.next_power_of_2(H))
-    fma = dtype == torch.float32 and dot_precision == "ieee"
+    tight = (dtype == torch.float32 and dot_precision == "ieee") or (backward and cell == "LSTM")
     element_size = torch.finfo(dtype).bits // 8
-    return (k <= (RESIDENT_MAX_K_FP32_IEEE if fma else RESIDENT_MAX_K)
+    return (k <= (RESIDENT_MAX_K_TIGHT if tight else RESIDENT_MAX_K)
             and (GATES[cell] * BH + BB) * k * element_size + RESIDENT_SHARED_SLACK <= shared_bytes)
 
 
-def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes):
-    """Tile, K split and grid for B rows and H units: a ``Config``.
+def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backward=False):
+    """Tile, K split and grid of the forward (or backward) kernel for B rows and H units: a ``Config``.
 
     W_hh stays in shared memory where ``resident_fits``; otherwise it streams, on the tile that
     needs the fewest passes.
@@ -428,7 +470,7 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes):
     the sequence. Fewest passes first, then least work per program and step.
     """
     resident = (2 * triton.cdiv(H, RESIDENT_TILE[1]) <= num_sms
-                and resident_fits(cell, H, dtype, dot_precision, shared_bytes))
+                and resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward))
     best = None
     for BB, BH in (RESIDENT_TILE,) if resident else STREAM_TILES:
         n_hblocks = triton.cdiv(H, BH)
@@ -446,7 +488,7 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes):
     return best[1]
 
 
-def _config(cell, input, H):
+def _config(cell, input, H, backward):
     B = input.shape[1]
     if _interpreted(input.device):
         # Interpreted programs run one after another: a barrier waiting on another program of the
@@ -455,7 +497,8 @@ def _config(cell, input, H):
         return Config(BB, BH, *split_k(H, True), True, 1, triton.cdiv(B, BB))
     properties = torch.cuda.get_device_properties(input.device)
     return select_config(cell, B, H, input.dtype, _dot_precision(input.dtype, input.device),
-                         properties.multi_processor_count, properties.shared_memory_per_block_optin)
+                         properties.multi_processor_count,
+                         getattr(properties, "shared_memory_per_block_optin", 48 * 1024), backward)
 
 
 def _tiling(config):
@@ -516,7 +559,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     xg = torch.addmm(bias.reshape(1, 2 * GH).to(input.dtype), input.view(T * B, I),
                      weight_ih.view(2 * GH, I).t())  # [T*B, 2*G*H]
 
-    config = _config(cell, input, H)
+    config = _config(cell, input, H, backward=False)
     output = input.new_zeros(T, B, 2 * H)
     h_n = torch.empty_like(h0)
     c_n = torch.empty_like(c0)
@@ -563,7 +606,7 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                                  grad_h_n, grad_c_n))
     lstm = cell == "LSTM"
 
-    config = _config(cell, input, H)
+    config = _config(cell, input, H, backward=True)
     dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
@@ -618,5 +661,5 @@ def _stack(weights):
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
            "select_config", "split_k", "resident_fits", "Config", "STREAM_TILES", "RESIDENT_TILE",
-           "RESIDENT_MAX_K", "RESIDENT_MAX_K_FP32_IEEE", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
+           "RESIDENT_MAX_K", "RESIDENT_MAX_K_TIGHT", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
            "MAX_REGISTERS"]

@@ -111,12 +111,12 @@ def weights(request, monkeypatch):
     if request.param == "streaming":
         picked = kernels._config
         monkeypatch.setattr(kernels, "_config",
-                            lambda *args: picked(*args)._replace(NK=1, BK=16, RESIDENT=False))
+                            lambda *args, **kwargs: picked(*args, **kwargs)._replace(NK=1, BK=16, RESIDENT=False))
     return request.param
 
 
 # (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
-# 1, 1, 2, 4 chunks when resident; 1, 1, 2, 3 passes of 16 when streaming); lengths with 1 and T, unsorted.
+# 1, 1, 2, 4 chunks when resident; forward 1, 1, 2, 3 passes of 16 when streaming); lengths with 1 and T, unsorted.
 SHAPES = [
     (1, 1, 1, [1]),
     (5, 3, 7, [2, 5, 1]),
@@ -240,18 +240,23 @@ def test_grid_fits_on_the_gpu(gpu):
         for dtype, precision in PRECISIONS:
             for B in (1, 3, 16, 17, 64, 100, 256, 1000):
                 for H in (1, 7, 64, 256, 500, 512, 513, 768, 1024, 1700):
-                    config = kernels.select_config(cell, B, H, dtype, precision, num_sms, shared_bytes)
-                    assert 2 * config.n_hblocks * config.n_bprog <= num_sms
-                    assert config.n_hblocks * config.BH >= H
-                    assert config.RESIDENT == kernels.resident_fits(cell, H, dtype, precision, shared_bytes)
-                    if config.RESIDENT:
-                        assert config.NK * config.BK >= H
-                    for fn_name in ("birnn_forward_kernel", "birnn_backward_kernel"):
+                    for backward, fn_name in enumerate(("birnn_forward_kernel", "birnn_backward_kernel")):
+                        config = kernels.select_config(cell, B, H, dtype, precision, num_sms, shared_bytes,
+                                                       backward)
+                        assert 2 * config.n_hblocks * config.n_bprog <= num_sms
+                        assert config.n_hblocks * config.BH >= H
+                        assert config.RESIDENT == kernels.resident_fits(cell, H, dtype, precision, shared_bytes,
+                                                                        backward)
+                        if config.RESIDENT:
+                            assert config.NK * config.BK >= H
                         assert (fn_name, cell, dtype, precision, *config[:5]) in selectable
-    # fp32 LSTM, H = 512: resident on an H100 with TF32, streamed without it, and on an A100 (163 KiB).
-    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", 132, 227 * 1024).RESIDENT
-    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "ieee", 132, 227 * 1024).RESIDENT
-    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", 108, 163 * 1024).RESIDENT
+    # fp32 LSTM, H = 512: the forward resident on an H100 with TF32; streamed without it, on an A100
+    # (163 KiB), and in the backward.
+    h100, a100 = (132, 227 * 1024), (108, 163 * 1024)
+    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *h100).RESIDENT
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "ieee", *h100).RESIDENT
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *a100).RESIDENT
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *h100, backward=True).RESIDENT
     with pytest.raises(ValueError, match="hidden size"):
         kernels.select_config("LSTM", 4, 10 ** 5, torch.float32, "tf32", num_sms, shared_bytes)
 
@@ -315,7 +320,8 @@ def selectable_configs(cc):
                 for BB, BH in kernels.STREAM_TILES:
                     yield fn_name, cell, dtype, precision, BB, BH, kernels.STREAM_NK, kernels.STREAM_BK, False
                 H = 16
-                while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc]):
+                while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc],
+                                            backward=fn_name == "birnn_backward_kernel"):
                     yield fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True), True
                     H *= 2
 
