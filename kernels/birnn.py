@@ -225,7 +225,7 @@ def birnn_forward_kernel(
                 acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
             p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
             for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK]
+                b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
                 acc0 = _gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK, DOT_PRECISION)
                 if G > 1:
                     acc1 = _gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
