@@ -442,7 +442,8 @@ Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bpro
 
 
 def split_k(H, resident):
-    """(NK, BK) of the per-step products: one K chunk per warp; all of H in one pass when resident."""
+    """(NK, BK) of the per-step products. Resident: all of H in one pass, NK chunks of BK, one per warp.
+    Streamed: 2-D chunks (NK = 1) of STREAM_BK per pass."""
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
