@@ -13,7 +13,9 @@ The full h (forward) or the full gate gradients (backward) of a step are exchang
 double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batch block) group meet
 at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
 barrier among programs that are not all resident deadlocks, so the launcher never launches more
-programs than there are SMs; further batch blocks are looped over inside the kernel.
+programs than there are SMs (further batch blocks are looped over inside the kernel), and launches
+a grid with a barrier cooperatively: the driver then runs all its programs at once or refuses the
+launch with an error (e.g. where MPS leaves fewer SMs), instead of hanging.
 
 Contract: ``birnn_fast/ops.py``. Workspace, (T, B, 2, W*H), at each row's time index:
 LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
@@ -505,7 +507,8 @@ def _config(cell, input, H, backward):
 def _tiling(config):
     """The launch arguments both kernels take from a Config."""
     return dict(BB=config.BB, BH=config.BH, NK=config.NK, BK=config.BK, RESIDENT=config.RESIDENT,
-                SYNC=config.n_hblocks > 1, num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
+                SYNC=config.n_hblocks > 1, launch_cooperative_grid=config.n_hblocks > 1, num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
 
 
 def _dot_precision(dtype, device):

@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -21,6 +22,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
 from birnn_fast.kernels import birnn as kernels  # noqa: E402
 from birnn_fast.reference import birnn_layer  # noqa: E402
@@ -271,8 +273,12 @@ INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
 
 
 def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
-    constexprs = dict(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell], BB=BB, BH=BH,
-                      NK=NK, BK=BK, RESIDENT=RESIDENT, SYNC=True, DOT_PRECISION=precision)
+    # The launchers' own arguments, for a grid with a barrier: its constexprs and launch options
+    # (which must all be options of this Triton's CUDA backend).
+    launch = kernels._tiling(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
+    constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
+    constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
+                      DOT_PRECISION=precision)
     if "SAVE" in fn.arg_names:
         # SAVE=False (inference) only drops the workspace stores: SAVE=True bounds its registers.
         constexprs["SAVE"] = True
@@ -287,9 +293,9 @@ def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
         else:
             signature[name] = "i32"
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": kernels.NUM_WARPS, "num_stages": kernels.NUM_STAGES,
-                                   "maxnreg": kernels.MAX_REGISTERS})
+    unknown = set(launch) - {field.name for field in dataclasses.fields(CUDAOptions)}
+    assert not unknown, f"launch options this Triton does not know: {unknown}"
+    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=launch)
 
 
 def resource_usage(compiled):
