@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -25,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
 from birnn_fast.kernels import birnn as kernels  # noqa: E402
+from concurrent_interpreter import concurrent_programs  # noqa: E402
 from birnn_fast.reference import birnn_layer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,8 +119,31 @@ def weights(request, monkeypatch):
     return request.param
 
 
+# A GPU of few SMs for the "grid" launches: hidden units split over programs, batch blocks looped over.
+SMALL_GPU_SMS = 6
+
+
+@pytest.fixture(params=["one program", "grid"])
+def programs(request, weights, monkeypatch):
+    """One program per direction (what the launcher picks in the interpreter), or the grid
+    select_config picks for a GPU of SMALL_GPU_SMS SMs: a direction's hidden units split over
+    programs that exchange h at the grid barrier each step. Interpreted, its programs run
+    concurrently, one thread each (concurrent_interpreter)."""
+    if request.param == "one program":
+        yield request.param
+        return
+    shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
+    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
+        cell, input.shape[1], H, input.dtype, kernels._dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
+        shared_bytes, backward))
+    with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
+        yield request.param
+
+
 # (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
 # 1, 1, 2, 4 chunks when resident; forward 1, 1, 2, 3 passes of 16 when streaming); lengths with 1 and T, unsorted.
+# On the "grid": H = 20 over 2 programs (resident; B = 17 in two batch blocks, one after the other),
+# H = 40 over 3 (resident, and streamed in 2 passes of 32).
 SHAPES = [
     (1, 1, 1, [1]),
     (5, 3, 7, [2, 5, 1]),
@@ -129,7 +154,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
-def test_matches_reference(cell, T, B, H, lengths, weights):
+def test_matches_reference(cell, T, B, H, lengths, weights, programs):
     args = make_inputs(cell, T, B, 3, H, lengths)
     grads = make_grads(cell, T, B, H)
     expected, expected_grads = reference_with_grads(cell, args, grads)

@@ -1,0 +1,122 @@
+"""Run interpreted Triton programs concurrently, one thread each, as a GPU runs a co-resident grid.
+
+Triton's interpreter runs a grid's programs one after another, so a kernel whose programs wait for
+each other (the grid barrier of kernels/birnn.py) never returns there. ``concurrent_programs``
+starts every program in its own thread instead and joins them all at the end of the launch; a
+program spinning at a barrier then waits for the others, as on a GPU. So the interpreter runs, and
+the tests check, what a GPU runs where a direction's hidden units span several programs: the h
+exchange, the barrier, batch blocks looped over. It models neither the GPU's memory ordering nor its
+timing: the threads take turns under the GIL, in near lockstep, so a missing barrier gives wrong
+results only some of the time.
+
+It relies on details of the interpreter (checked with triton 3.9): ``GridExecutor`` calls its ``fn``
+once per program right after ``interpreter_builder.set_grid_idx`` (and otherwise reads only its
+name, signature and globals), ``tl.program_id`` reads ``InterpreterBuilder.grid_idx``, made
+thread-local here, and atomics go through ``InterpreterBuilder.create_atomic_rmw``.
+"""
+import contextlib
+import functools
+import inspect
+import math
+import sys
+import threading
+import time
+
+from triton.runtime import interpreter
+
+# A hung launch fails the test instead of the whole run.
+TIMEOUT_S = 600
+# Set when a program failed or the launch timed out: the programs still spinning at a barrier stop at
+# their next atomic instead of spinning on behind the tests that follow.
+_abort = threading.Event()
+
+
+class _ThreadLocalGridIdx:
+    """``grid_idx`` per thread: each program's own (x, y, z)."""
+
+    def __init__(self):
+        self.local = threading.local()
+
+    def __get__(self, builder, owner=None):
+        return self.local.idx
+
+    def __set__(self, builder, idx):
+        self.local.idx = idx
+
+
+class _Launch:
+    """Stands for a GridExecutor's ``fn``: each call starts the current program in a thread; the last
+    one waits for them all and raises the first program's error."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.threads = []
+        self.errors = []
+        # What the executor reads from its fn besides calling it: name, signature, globals.
+        functools.update_wrapper(self, fn, updated=())
+        self.__signature__ = inspect.signature(fn)
+        self.__globals__ = fn.__globals__
+
+    def _program(self, idx, kwargs):
+        try:
+            interpreter.interpreter_builder.grid_idx = idx
+            self.fn(**kwargs)
+        except BaseException as error:  # re-raised in the launching thread
+            self.errors.append(error)
+            _abort.set()
+
+    def __call__(self, **kwargs):
+        builder = interpreter.interpreter_builder
+        thread = threading.Thread(target=self._program, args=(builder.grid_idx, kwargs), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        if len(self.threads) < math.prod(builder.grid_dim):
+            return
+        threads, self.threads = self.threads, []
+        deadline = time.monotonic() + TIMEOUT_S
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            _abort.set()
+            raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens?")
+        if self.errors:
+            raise self.errors[0]
+
+
+def _abortable(atomic_rmw):
+    def abortable_atomic_rmw(builder, *args, **kwargs):
+        if _abort.is_set():
+            raise RuntimeError("another program of the grid failed")
+        return atomic_rmw(builder, *args, **kwargs)
+
+    return abortable_atomic_rmw
+
+
+@contextlib.contextmanager
+def concurrent_programs():
+    """Within the block, interpreted launches run all their programs at once."""
+    init = interpreter.GridExecutor.__init__
+    atomic_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
+    previous_idx = interpreter.InterpreterBuilder.__dict__.get("grid_idx")
+
+    def concurrent_init(executor, fn, *args, **kwargs):
+        init(executor, fn, *args, **kwargs)
+        executor.fn = _Launch(executor.fn)
+
+    # Programs spinning at a barrier hold the GIL for a whole switch interval: keep it short.
+    interval = sys.getswitchinterval()
+    _abort.clear()
+    interpreter.GridExecutor.__init__ = concurrent_init
+    interpreter.InterpreterBuilder.create_atomic_rmw = _abortable(atomic_rmw)
+    interpreter.InterpreterBuilder.grid_idx = _ThreadLocalGridIdx()
+    sys.setswitchinterval(1e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        interpreter.GridExecutor.__init__ = init
+        interpreter.InterpreterBuilder.create_atomic_rmw = atomic_rmw
+        if previous_idx is None:
+            del interpreter.InterpreterBuilder.grid_idx
+        else:
+            interpreter.InterpreterBuilder.grid_idx = previous_idx
