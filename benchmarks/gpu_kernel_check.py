@@ -80,10 +80,11 @@ def correctness():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     failures = 0
     for cell in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
-        # H = 100: W_hh resident in shared memory; 300: resident in the forward (the LSTM backward streams);
-        # 1024: streamed (see select_config).
+        # W_hh resident in shared memory or streamed (select_config; printed per case): H = 100 resident;
+        # 300 resident in bf16/fp16 (fp32 without TF32 streams above 128; the LSTM backward streams before
+        # Triton 3.9); 1024 resident in bf16/fp16 forwards (LSTM's from Triton 3.9), streamed otherwise.
         for T, B, I, H in ((37, 19, 24, 100), (29, 70, 40, 300), (64, 64, 64, 1024)):
-            if cell != "LSTM" and H == 1024:
+            if cell.startswith("RNN") and H == 1024:
                 continue
             args, grads = make_case(cell, T, B, I, H)
             exact = reference(cell, args, grads)

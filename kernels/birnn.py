@@ -49,15 +49,13 @@ NUM_WARPS = 8
 STREAM_TILES = ((16, 16), (32, 16), (16, 32))
 # The tile when W_hh stays in shared memory: the narrowest slice per program.
 RESIDENT_TILE = (16, 16)
-# Largest padded hidden size (power of 2) kept resident where shared memory allows it: beyond it a
-# warp's K chunk (BK = K / NUM_WARPS) spills, in Triton 3.6 (the GPU image's) or 3.9. Tighter where
-# fp32 runs without TF32 (FMA-unit operands take more registers) and in the LSTM backward (the most
-# live state; 3.6 spills there from K = 256, 3.9 only beyond 512).
-RESIDENT_MAX_K = 512
-RESIDENT_MAX_K_TIGHT = 128
-# Shared memory a resident program uses beyond its two operands (reductions, barriers): measured
+# Widest K chunk of a resident product: chunks of 128 (K = 1024 in 8) spill in the LSTM forward.
+RESIDENT_MAX_BK = 64
+# The installed Triton's (major, minor): the largest resident K that compiles without spills depends on it.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# Shared memory a resident program uses beyond its two operands (reductions, barriers): 1 KiB measured
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
-RESIDENT_SHARED_SLACK = 4096
+RESIDENT_SHARED_SLACK = 2048
 
 
 @triton.jit
@@ -444,22 +442,34 @@ Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bpro
 
 
 def split_k(H, resident):
-    """(NK, BK) of the per-step products. Resident: all of H in one pass, NK chunks of BK, one per warp.
-    Streamed: 2-D chunks (NK = 1) of STREAM_BK per pass."""
+    """(NK, BK) of the per-step products. Resident: all of H in one pass, NK chunks of BK, at least one
+    per warp. Streamed: 2-D chunks (NK = 1) of STREAM_BK per pass."""
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
-    BK = max(16, k // NUM_WARPS)
+    BK = max(16, min(RESIDENT_MAX_BK, k // NUM_WARPS))
     return k // BK, BK
+
+
+def resident_max_k(cell, dtype, dot_precision, backward, version=TRITON_VERSION):
+    """The largest padded H whose resident kernel compiles without spills (compile tests, sm_80 and
+    sm_90): the LSTM backward holds the most live state, fp32 without TF32 takes the most registers
+    (FMA-unit operands), and Triton before 3.9 (3.6 is the GPU image's) spills sooner."""
+    if dtype == torch.float32 and dot_precision == "ieee":
+        return 128
+    if version >= (3, 9):
+        return 512 if backward and cell == "LSTM" else 1024
+    if cell == "LSTM":
+        return 128 if backward else 512
+    return 512 if backward and cell == "GRU" else 1024
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
     """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, spill-free."""
     BB, BH = RESIDENT_TILE
     k = max(16, triton.next_power_of_2(H))
-    tight = (dtype == torch.float32 and dot_precision == "ieee") or (backward and cell == "LSTM")
     element_size = torch.finfo(dtype).bits // 8
-    return (k <= (RESIDENT_MAX_K_TIGHT if tight else RESIDENT_MAX_K)
+    return (k <= resident_max_k(cell, dtype, dot_precision, backward)
             and (GATES[cell] * BH + BB) * k * element_size + RESIDENT_SHARED_SLACK <= shared_bytes)
 
 
@@ -664,6 +674,6 @@ def _stack(weights):
 
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
-           "select_config", "split_k", "resident_fits", "Config", "STREAM_TILES", "RESIDENT_TILE",
-           "RESIDENT_MAX_K", "RESIDENT_MAX_K_TIGHT", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
+           "select_config", "split_k", "resident_fits", "resident_max_k", "Config", "STREAM_TILES", "RESIDENT_TILE",
+           "RESIDENT_MAX_BK", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
            "MAX_REGISTERS"]
