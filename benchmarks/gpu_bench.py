@@ -27,6 +27,10 @@ Triton/JIT compilation):
   way to interrupt them in-process): a call that outlives --flashrnn-timeout-s is killed, and that
   backend is dropped for the remaining cases. Its compile log goes to <out>_flashrnn.log.
 Ratios are baseline / ours: > 1 means ours is faster.
+- Time per step: ours in microseconds per time step (fwd / T; fwd+bwd / 2T, two passes over the
+  steps) against two floors: the forward's own grid meeting at its grid barrier T times and doing
+  nothing else (kernels.barrier_floor), and T launches of a one-element kernel replayed from a CUDA
+  graph (the floor of a design with one launch per step).
 
 Before timing, one case per dtype (B=16, T=64, H=256) checks outputs, final states and gradients
 against an fp64 reference (cuDNN in fp64) with the same weights, and reports cuDNN's own error in
@@ -438,6 +442,31 @@ def table(rows, flashrnn_backends):
     return "\n".join(lines)
 
 
+def step_table(rows):
+    """Microseconds per time step (ms * 1000 / T): ours, forward and forward + backward (two passes over
+    the steps), against the floors of step_floors."""
+    header = ["case", "ours fwd", "ours fwd+bwd / 2", "barrier floor", "fwd/barrier floor", "launch floor"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    cases = {}
+    for row in rows:
+        if "floors" in row:
+            cases.setdefault(row["case"].rsplit(" ", 1)[0], {})[row["mode"]] = row
+    for case, modes in cases.items():
+        first = next(iter(modes.values()))
+        steps, floors = first["T"], first["floors"]
+
+        def per_step(value, passes=1):
+            return value * 1e3 / (passes * steps) if isinstance(value, float) else value
+
+        fwd = per_step(modes["fwd"]["ours"]) if "fwd" in modes else ""
+        fwdbwd = per_step(modes["fwdbwd"]["ours"], 2) if "fwdbwd" in modes else ""
+        barrier = per_step(floors["barrier"])
+        cells = [case, fmt_ms(fwd), fmt_ms(fwdbwd), fmt_ms(barrier), fmt_ratio(fwd, barrier),
+                 fmt_ms(per_step(floors["launch"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def check_table(rows):
     lines = ["| dtype | lengths | tensor | ours rel err | cuDNN rel err (same dtype) | ok |", "|---|---|---|---:|---:|---|"]
     for dtype_key, lengths, name, ours_error, cudnn_error, ok in rows:
@@ -450,6 +479,9 @@ def write_report(path, header, checks, rows, flashrnn_backends, notes):
     if checks:
         text += "## Correctness (vs cuDNN fp64, B=%d T=%d H=%d)\n\n%s\n\n" % (*CHECK_CASE, check_table(checks))
     text += "## Timings (median ms; ratios > 1: ours is faster)\n\n" + table(rows, flashrnn_backends) + "\n"
+    if any("floors" in row for row in rows):
+        text += ("\n## Time per step (median us per time step; floors: the forward's grid only meeting at its "
+                 "barrier, and one graph-replayed launch per step)\n\n" + step_table(rows) + "\n")
     if notes:
         text += "\n## Notes\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -662,7 +694,35 @@ def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
                 continue
             row[column] = measure(f"{mode} {column}", make_step(forward, parameters + [x], cotangent, mode), args)
         print("    " + mode + ": " + ", ".join(f"{column} {fmt_ms(row[column])}" for column in candidates), flush=True)
+    if not ours_blocked:
+        floors = step_floors(birnn_fast, x.detach(), hidden, args)
+        print("    floors: " + ", ".join(f"{name} {fmt_ms(value)}" for name, value in floors.items()), flush=True)
+        for row in case_rows.values():
+            row["floors"] = floors
     return case_rows
+
+
+def step_floors(birnn_fast, x, hidden, args):
+    """What T steps cost at the least, in ms: "barrier", the forward's grid meeting at its barrier once
+    per step and doing nothing else (kernels.barrier_floor); "launch", one launch per step, T launches
+    of a one-element kernel replayed from a CUDA graph (a step-per-launch design's floor)."""
+    torch = _torch()
+    floors = {"barrier": measure("floor barrier", lambda: birnn_fast.kernels.birnn.barrier_floor("LSTM", x, hidden),
+                                 args)}
+    if DEVICE != "cuda":
+        floors["launch"] = "n/a"
+        return floors
+    try:
+        scratch = torch.zeros(1, device=DEVICE)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(x.shape[0]):
+                scratch.add_(1)
+        floors["launch"] = measure("floor launch", graph.replay, args)
+    except Exception as error:  # noqa: BLE001 - a floor that cannot be taken must not end the run
+        print(f"    floor launch: {describe(error)}")
+        floors["launch"] = "err"
+    return floors
 
 
 def flashrnn_phase(worker, flashrnn_backends, rows, args, started, save, notes):

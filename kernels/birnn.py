@@ -434,6 +434,29 @@ def birnn_backward_kernel(
             tl.store(grad_c0_ptr + p_state, b_dc_state.to(grad_c0_ptr.dtype.element_ty), mask=mask_bj)
 
 
+@triton.jit
+def barrier_floor_kernel(counter_ptr, steps, SYNC: tl.constexpr):
+    """The floor of the kernels' steps: the grid meets at its barriers, steps times, and does nothing
+    else (benchmarks/gpu_bench.py times it against the forward)."""
+    p_counter = counter_ptr + tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    for s in range(0, steps):
+        _group_barrier(p_counter, (s + 1) * tl.num_programs(0), SYNC)
+
+
+def barrier_floor(cell, input, H):
+    """barrier_floor_kernel on the grid the forward takes for input (T, B, I) with equal lengths: as
+    many barriers as its steps (T per pass over the batch blocks). Returns the barrier counters."""
+    config = _config(cell, input, H, backward=False)
+    T, B = input.shape[:2]
+    steps = T * triton.cdiv(triton.cdiv(B, config.BB), config.n_bprog)
+    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
+    tiling = _tiling(config)
+    barrier_floor_kernel[(config.n_hblocks, config.n_bprog, 2)](
+        counter, steps, SYNC=tiling["SYNC"], launch_cooperative_grid=tiling["launch_cooperative_grid"],
+        num_warps=NUM_WARPS)
+    return counter
+
+
 def _interpreted(device):
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -674,6 +697,7 @@ def _stack(weights):
 
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
+           "barrier_floor", "barrier_floor_kernel",
            "select_config", "split_k", "resident_fits", "resident_max_k", "Config", "STREAM_TILES", "RESIDENT_TILE",
            "RESIDENT_MAX_BK", "STREAM_NK", "STREAM_BK", "NUM_WARPS", "NUM_STAGES",
            "MAX_REGISTERS"]

@@ -173,6 +173,20 @@ def test_matches_reference(cell, T, B, H, lengths, weights, programs):
         assert error <= 1e-4, f"grad {name}: relative error {error:.3g}"
 
 
+def test_barrier_floor(monkeypatch):
+    """The benchmarks' floor kernel meets at the barrier once per step of the forward it stands for:
+    T steps per pass over the batch blocks (here H = 40 over 3 programs, B = 20 in 2 passes)."""
+    T, B, H = 3, 20, 40
+    input = torch.zeros(T, B, 3, device=DEVICE)
+    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
+        cell, input.shape[1], H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90], backward))
+    config = kernels._config("LSTM", input, H, backward=False)
+    assert (config.n_hblocks, config.n_bprog, triton.cdiv(B, config.BB)) == (3, 1, 2)
+    with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
+        counter = kernels.barrier_floor("LSTM", input, H)
+    assert counter.tolist() == [[2 * T * 3], [2 * T * 3]]
+
+
 def torch_layer(cell, args):
     """torch's own bidirectional layer holding args' weights."""
     I, H = args["input"].shape[-1], args["weight_hh"].shape[-1]
