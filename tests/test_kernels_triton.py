@@ -26,8 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
 from birnn_fast.kernels import birnn as kernels  # noqa: E402
-from concurrent_interpreter import concurrent_programs  # noqa: E402
 from birnn_fast.reference import birnn_layer  # noqa: E402
+from concurrent_interpreter import concurrent_programs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type != "cuda"
