@@ -123,13 +123,13 @@ def weights(request, monkeypatch):
 SMALL_GPU_SMS = 6
 
 
-@pytest.fixture(params=["one program", "grid"])
+@pytest.fixture(params=["one-program", "grid"])
 def programs(request, weights, monkeypatch):
     """One program per direction (what the launcher picks in the interpreter), or the grid
     select_config picks for a GPU of SMALL_GPU_SMS SMs: a direction's hidden units split over
     programs that exchange h at the grid barrier each step. Interpreted, its programs run
     concurrently, one thread each (concurrent_interpreter)."""
-    if request.param == "one program":
+    if request.param == "one-program":
         yield request.param
         return
     shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
