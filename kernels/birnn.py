@@ -49,10 +49,11 @@ NUM_WARPS = 8
 STREAM_TILES = ((16, 16), (32, 16), (16, 32))
 # The tile when W_hh stays in shared memory: the narrowest slice per program.
 RESIDENT_TILE = (16, 16)
-# Widest K chunk of a resident product: chunks of 128 (K = 1024 in 8) spill in the LSTM forward.
-RESIDENT_MAX_BK = 64
-# The installed Triton's (major, minor): the largest resident K that compiles without spills depends on it.
+# The installed Triton's (major, minor): what compiles without spills depends on it.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# Widest K chunk of a resident product. At K = 1024 the LSTM forward spills with chunks of 128 (8 of
+# them) in Triton 3.9, with chunks of 64 (16) in 3.6.
+RESIDENT_MAX_BK = 64 if TRITON_VERSION >= (3, 9) else 128
 # Shared memory a resident program uses beyond its two operands (reductions, barriers): 1 KiB measured
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
 RESIDENT_SHARED_SLACK = 2048
@@ -477,15 +478,15 @@ def split_k(H, resident):
 def resident_max_k(cell, dtype, dot_precision, backward, version=TRITON_VERSION):
     """The largest padded H whose resident kernel compiles without spills (compile tests, sm_80 and
     sm_90): the LSTM backward holds the most live state, fp32 without TF32 takes the most registers
-    (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which spills sooner and
-    stands for every version before 3.9."""
+    (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), whose backward spills
+    sooner and which stands for every version before 3.9."""
     if dtype == torch.float32 and dot_precision == "ieee":
         return 128
     if version >= (3, 9):
         return 512 if backward and cell == "LSTM" else 1024
-    if cell == "LSTM":
-        return 128 if backward else 512
-    return 512 if backward and cell == "GRU" else 1024
+    if backward:
+        return {"LSTM": 128, "GRU": 512}.get(cell, 1024)
+    return 1024
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
