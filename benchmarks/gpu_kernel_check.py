@@ -2,8 +2,10 @@
 
 Run from the repository root: ``python benchmarks/gpu_kernel_check.py [--no-timing]``. Imports the
 kernels and the reference straight from their files, so nothing needs to be built or installed.
-Prints one line per check, then a table of milliseconds per call.
+Prints one line per check, then a table of milliseconds per call: cuDNN, ours as the launcher picks,
+and ours with W_hh streamed everywhere (does keeping it resident pay?).
 """
+import contextlib
 import importlib.util
 import os
 import sys
@@ -151,15 +153,33 @@ def timing():
                 kernels.backward("LSTM", grad, torch.zeros_like(h_n), torch.zeros_like(c_n), x.detach(),
                                  w["weight_ih"], w["weight_hh"], w["bias_hh"], h0, h0, lengths, output, ws)
 
-            row = [str(dtype)[6:], H] + [timed(f) for f in (cudnn_fwd, ours_fwd, cudnn_fwd_bwd, ours_fwd_bwd)]
-            rows.append(row)
-            print("timing", row, flush=True)
+            picked = "/".join("resident" if kernels._config("LSTM", x, H, backward).RESIDENT else "streamed"
+                              for backward in (False, True))
+            times = [timed(f) for f in (cudnn_fwd, ours_fwd, cudnn_fwd_bwd, ours_fwd_bwd)]
+            with streamed():
+                times[2:2] = [timed(ours_fwd)]
+                times.append(timed(ours_fwd_bwd))
+            rows.append([str(dtype)[6:], H, picked] + times)
+            print("timing", rows[-1], flush=True)
     print(f"\nLSTM bidirectional, T={T}, B={B}, I=H, ms per call ({torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, triton {kernels.triton.__version__}; fp32 with TF32 allowed, as cuDNN's default)")
-    print("| dtype | H | cuDNN fwd | Triton fwd | cuDNN fwd+bwd | Triton fwd+bwd |")
-    print("|---|---|---|---|---|---|")
-    for dtype, H, *times in rows:
-        print(f"| {dtype} | {H} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+          f"torch {torch.__version__}, triton {kernels.triton.__version__}; fp32 with TF32 allowed, as cuDNN's default). "
+          "W_hh: what the launcher picked (forward/backward); 'streamed' columns force streaming everywhere.")
+    print("| dtype | H | W_hh | cuDNN fwd | Triton fwd | Triton fwd streamed | cuDNN fwd+bwd | Triton fwd+bwd | "
+          "Triton fwd+bwd streamed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype, H, picked, *times in rows:
+        print(f"| {dtype} | {H} | {picked} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+
+
+@contextlib.contextmanager
+def streamed():
+    """W_hh streamed from L2 on every step even where the launcher would keep it resident."""
+    fits = kernels.resident_fits
+    kernels.resident_fits = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        kernels.resident_fits = fits
 
 
 if __name__ == "__main__":
