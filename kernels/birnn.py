@@ -465,28 +465,34 @@ def _interpreted(device):
 Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bprog")
 
 
-def split_k(H, resident):
-    """(NK, BK) of the per-step products. Resident: all of H in one pass, NK chunks of BK, at least one
-    per warp. Streamed: 2-D chunks (NK = 1) of STREAM_BK per pass."""
+def split_k(H, resident, chunks=NUM_WARPS):
+    """(NK, BK) of the per-step products. Resident: all of H in one pass, in about ``chunks`` chunks of
+    BK (resident_chunks: one per warp, or fewer and wider). Streamed: 2-D chunks (NK = 1) of STREAM_BK
+    per pass."""
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
-    BK = max(16, min(RESIDENT_MAX_BK, k // NUM_WARPS))
+    BK = max(16, min(RESIDENT_MAX_BK, k // chunks))
     return k // BK, BK
+
+
+def resident_chunks(cell, dtype, backward, version=TRITON_VERSION):
+    """How many K chunks a resident product aims at: one per warp, except in Triton 3.6's LSTM backward
+    in bf16/fp16, which spills at K >= 256 with 8 or 16 chunks and not with 2 to 4 wider ones (fp32
+    spills with those)."""
+    return 2 if version < (3, 9) and backward and cell == "LSTM" and dtype != torch.float32 else NUM_WARPS
 
 
 def resident_max_k(cell, dtype, dot_precision, backward, version=TRITON_VERSION):
     """The largest padded H whose resident kernel compiles without spills (compile tests, sm_80 and
     sm_90): the LSTM backward holds the most live state, fp32 without TF32 takes the most registers
-    (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), whose backward spills
-    sooner and which stands for every version before 3.9."""
+    (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which stands for every
+    version before 3.9."""
     if dtype == torch.float32 and dot_precision == "ieee":
         return 128
-    if version >= (3, 9):
-        return 512 if backward and cell == "LSTM" else 1024
-    if backward:
-        return {"LSTM": 128, "GRU": 512}.get(cell, 1024)
-    return 1024
+    if backward and cell == "LSTM":
+        return 128 if version < (3, 9) and dtype == torch.float32 else 512
+    return 512 if version < (3, 9) and backward and cell == "GRU" else 1024
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
@@ -518,7 +524,8 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
             continue
         key = (triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
         if best is None or key < best[0]:
-            best = key, Config(BB, BH, *split_k(H, resident), resident, n_hblocks, n_bprog)
+            NK, BK = split_k(H, resident, resident_chunks(cell, dtype, backward))
+            best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog)
     if best is None:
         widest = max(BH for _, BH in STREAM_TILES)
         raise ValueError(f"hidden size {H} needs {2 * triton.cdiv(H, widest)} co-resident programs, "
@@ -532,7 +539,8 @@ def _config(cell, input, H, backward):
         # Interpreted programs run one after another: a barrier waiting on another program of the
         # group would never return, so one program holds every unit of a direction.
         BB, BH = 16, max(16, triton.next_power_of_2(H))
-        return Config(BB, BH, *split_k(H, True), True, 1, triton.cdiv(B, BB))
+        NK, BK = split_k(H, True, resident_chunks(cell, input.dtype, backward))
+        return Config(BB, BH, NK, BK, True, 1, triton.cdiv(B, BB))
     properties = torch.cuda.get_device_properties(input.device)
     return select_config(cell, B, H, input.dtype, _dot_precision(input.dtype, input.device),
                          properties.multi_processor_count,
@@ -699,6 +707,6 @@ def _stack(weights):
 
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
-           "barrier_floor", "barrier_floor_kernel", "select_config", "split_k", "resident_fits", "resident_max_k",
-           "Config", "STREAM_TILES", "RESIDENT_TILE", "RESIDENT_MAX_BK", "STREAM_NK", "STREAM_BK", "NUM_WARPS",
-           "NUM_STAGES", "MAX_REGISTERS"]
+           "barrier_floor", "barrier_floor_kernel", "select_config", "split_k", "resident_chunks", "resident_fits",
+           "resident_max_k", "Config", "STREAM_TILES", "RESIDENT_TILE", "RESIDENT_MAX_BK", "STREAM_NK", "STREAM_BK",
+           "NUM_WARPS", "NUM_STAGES", "MAX_REGISTERS"]

@@ -301,9 +301,10 @@ def test_grid_fits_on_the_gpu(gpu):
     assert kernels.select_config("LSTM", 64, 1024, torch.bfloat16, "ieee", *h100).RESIDENT
     assert kernels.select_config("GRU", 64, 1024, torch.float16, "ieee", *h100).RESIDENT
     assert not kernels.select_config("LSTM", 64, 1024, torch.float32, "tf32", *h100).RESIDENT
-    # The LSTM backward, H = 512: resident from Triton 3.9.
+    # The LSTM backward, H = 512: resident in bf16; in fp32 from Triton 3.9.
     new_triton = kernels.TRITON_VERSION >= (3, 9)
-    assert kernels.select_config("LSTM", 64, 512, torch.bfloat16, "ieee", *h100, backward=True).RESIDENT == new_triton
+    assert kernels.select_config("LSTM", 64, 512, torch.bfloat16, "ieee", *h100, backward=True).RESIDENT
+    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *h100, backward=True).RESIDENT == new_triton
     with pytest.raises(ValueError, match="hidden size"):
         kernels.select_config("LSTM", 4, 10 ** 5, torch.float32, "tf32", num_sms, shared_bytes)
 
@@ -365,15 +366,16 @@ PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16,
 def selectable_configs(cc):
     """Every (kernel, cell, dtype, precision, BB, BH, NK, BK, RESIDENT) the launcher may pick on sm_cc: the
     streaming tiles, and the resident one at each padded H where ``resident_fits`` SHARED_LIMIT[cc]."""
-    for fn_name in ("birnn_forward_kernel", "birnn_backward_kernel"):
+    for backward, fn_name in enumerate(("birnn_forward_kernel", "birnn_backward_kernel")):
         for cell in CELLS:
             for dtype, precision in PRECISIONS:
+                chunks = kernels.resident_chunks(cell, dtype, backward)
                 for BB, BH in kernels.STREAM_TILES:
                     yield fn_name, cell, dtype, precision, BB, BH, kernels.STREAM_NK, kernels.STREAM_BK, False
                 H = 16
-                while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc],
-                                            backward=fn_name == "birnn_backward_kernel"):
-                    yield fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True), True
+                while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc], backward):
+                    yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True, chunks),
+                           True)
                     H *= 2
 
 
