@@ -476,23 +476,25 @@ def split_k(H, resident, chunks=NUM_WARPS):
     return k // BK, BK
 
 
-def resident_chunks(cell, dtype, backward, version=TRITON_VERSION):
+def resident_chunks(cell, dtype, backward):
     """How many K chunks a resident product aims at: one per warp, except in Triton 3.6's LSTM backward
     in bf16/fp16, which spills at K >= 256 with 8 or 16 chunks and not with 2 to 4 wider ones (fp32
     spills with those)."""
-    return 2 if version < (3, 9) and backward and cell == "LSTM" and dtype != torch.float32 else NUM_WARPS
+    old_triton = TRITON_VERSION < (3, 9)
+    return 2 if old_triton and backward and cell == "LSTM" and dtype != torch.float32 else NUM_WARPS
 
 
-def resident_max_k(cell, dtype, dot_precision, backward, version=TRITON_VERSION):
+def resident_max_k(cell, dtype, dot_precision, backward):
     """The largest padded H whose resident kernel compiles without spills (compile tests, sm_80 and
     sm_90): the LSTM backward holds the most live state, fp32 without TF32 takes the most registers
     (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which stands for every
     version before 3.9."""
+    old_triton = TRITON_VERSION < (3, 9)
     if dtype == torch.float32 and dot_precision == "ieee":
         return 128
     if backward and cell == "LSTM":
-        return 128 if version < (3, 9) and dtype == torch.float32 else 512
-    return 512 if version < (3, 9) and backward and cell == "GRU" else 1024
+        return 128 if old_triton and dtype == torch.float32 else 512
+    return 512 if old_triton and backward and cell == "GRU" else 1024
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
