@@ -445,7 +445,7 @@ def table(rows, flashrnn_backends):
 def step_table(rows):
     """Microseconds per time step (ms * 1000 / T): ours, forward and forward + backward (two passes over
     the steps), against the floors of step_floors."""
-    header = ["case", "ours fwd", "ours fwd+bwd / 2", "barrier floor", "fwd/barrier floor", "launch floor"]
+    header = ["case", "ours fwd", "ours fwd+bwd / 2", "barrier floor", "fwd / barrier floor", "launch floor"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     cases = {}
     for row in rows:
@@ -481,7 +481,8 @@ def write_report(path, header, checks, rows, flashrnn_backends, notes):
     text += "## Timings (median ms; ratios > 1: ours is faster)\n\n" + table(rows, flashrnn_backends) + "\n"
     if any("floors" in row for row in rows):
         text += ("\n## Time per step (median us per time step; floors: the forward's grid only meeting at its "
-                 "barrier, and one graph-replayed launch per step)\n\n" + step_table(rows) + "\n")
+                 "barrier, and one graph-replayed launch per step; 'fwd / barrier floor' is ours over the "
+                 "floor, >= 1)\n\n" + step_table(rows) + "\n")
     if notes:
         text += "\n## Notes\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -14,8 +14,9 @@ double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batc
 at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
 barrier among programs that are not all resident deadlocks, so the launcher never launches more
 programs than there are SMs (further batch blocks are looped over inside the kernel), and launches
-a grid with a barrier cooperatively: the driver then runs all its programs at once or refuses the
-launch with an error (e.g. where MPS leaves fewer SMs), instead of hanging.
+a grid with a barrier cooperatively: the driver then starts all its programs together, or refuses a
+grid that cannot be resident at once with an error, instead of a partial launch hanging at the
+barrier (not yet seen on hardware).
 
 Contract: ``birnn_fast/ops.py``. Workspace, (T, B, 2, W*H), at each row's time index:
 LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
@@ -51,9 +52,6 @@ STREAM_TILES = ((16, 16), (32, 16), (16, 32))
 RESIDENT_TILE = (16, 16)
 # The installed Triton's (major, minor): what compiles without spills depends on it.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-# Widest K chunk of a resident product. At K = 1024 the LSTM forward spills with chunks of 128 (8 of
-# them) in Triton 3.9, with chunks of 64 (16) in 3.6.
-RESIDENT_MAX_BK = 64 if TRITON_VERSION >= (3, 9) else 128
 # Shared memory a resident program uses beyond its two operands (reductions, barriers): 1 KiB measured
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
 RESIDENT_SHARED_SLACK = 2048
@@ -446,7 +444,8 @@ def barrier_floor_kernel(counter_ptr, steps, SYNC: tl.constexpr):
 
 def barrier_floor(cell, input, H):
     """barrier_floor_kernel on the grid the forward takes for input (T, B, I) with equal lengths: as
-    many barriers as its steps (T per pass over the batch blocks). Returns the barrier counters."""
+    many barriers as its steps (T per pass over the batch blocks). Like the forward, it allocates its
+    counters and launches from Python, so timings include that overhead. Returns the counters."""
     config = _config(cell, input, H, backward=False)
     T, B = input.shape[:2]
     steps = T * triton.cdiv(triton.cdiv(B, config.BB), config.n_bprog)
@@ -472,8 +471,14 @@ def split_k(H, resident, chunks=NUM_WARPS):
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
-    BK = max(16, min(RESIDENT_MAX_BK, k // chunks))
+    BK = max(16, min(resident_max_bk(), k // chunks))
     return k // BK, BK
+
+
+def resident_max_bk():
+    """Widest K chunk of a resident product. At K = 1024 the LSTM forward spills with chunks of 128
+    (8 of them) in Triton 3.9, with chunks of 64 (16) in 3.6."""
+    return 64 if TRITON_VERSION >= (3, 9) else 128
 
 
 def resident_chunks(cell, dtype, backward):
@@ -509,22 +514,23 @@ def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
 def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backward=False):
     """Tile, K split and grid of the forward (or backward) kernel for B rows and H units: a ``Config``.
 
-    W_hh stays in shared memory where ``resident_fits``; otherwise it streams, on the tile that
-    needs the fewest passes.
     The grid, 2 * n_hblocks * n_bprog programs, never exceeds num_sms, since the grid barrier needs
     every program of a group resident at once; batch blocks beyond n_bprog run in later passes over
-    the sequence. Fewest passes first, then least work per program and step.
+    the sequence. Candidates: the streamed tiles, and the resident one where ``resident_fits``.
+    Fewest passes first (each pass runs all T steps again), then W_hh resident rather than streamed,
+    then least work per program and step.
     """
-    resident = (2 * triton.cdiv(H, RESIDENT_TILE[1]) <= num_sms
-                and resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward))
+    candidates = [(tile, False) for tile in STREAM_TILES]
+    if resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
+        candidates.append((RESIDENT_TILE, True))
     best = None
-    for BB, BH in (RESIDENT_TILE,) if resident else STREAM_TILES:
+    for (BB, BH), resident in candidates:
         n_hblocks = triton.cdiv(H, BH)
         n_bblocks = triton.cdiv(B, BB)
         n_bprog = min(n_bblocks, num_sms // (2 * n_hblocks))
         if n_bprog == 0:
             continue
-        key = (triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
+        key = (triton.cdiv(n_bblocks, n_bprog), not resident, BB * BH, BB)
         if best is None or key < best[0]:
             NK, BK = split_k(H, resident, resident_chunks(cell, dtype, backward))
             best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog)
@@ -710,5 +716,5 @@ def _stack(weights):
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
            "barrier_floor", "barrier_floor_kernel", "select_config", "split_k", "resident_chunks", "resident_fits",
-           "resident_max_k", "Config", "STREAM_TILES", "RESIDENT_TILE", "RESIDENT_MAX_BK", "STREAM_NK", "STREAM_BK",
+           "resident_max_k", "resident_max_bk", "Config", "STREAM_TILES", "RESIDENT_TILE", "STREAM_NK", "STREAM_BK",
            "NUM_WARPS", "NUM_STAGES", "MAX_REGISTERS"]

@@ -24,11 +24,10 @@ import time
 
 from triton.runtime import interpreter
 
-# A hung launch fails the test instead of the whole run.
-TIMEOUT_S = 600
-# Set when a program failed or the launch timed out: the programs still spinning at a barrier stop at
-# their next atomic instead of spinning on behind the tests that follow.
-_abort = threading.Event()
+# A hung launch fails its test instead of the whole run (the slowest grid test takes about 5 s).
+TIMEOUT_S = 60
+# Each program thread's launch, for the atomics to see whether that launch was aborted.
+_local = threading.local()
 
 
 class _ThreadLocalGridIdx:
@@ -52,6 +51,9 @@ class _Launch:
         self.fn = fn
         self.threads = []
         self.errors = []
+        # Set when a program failed or the launch timed out: the programs still spinning at a barrier
+        # stop at their next atomic instead of spinning on behind the tests that follow.
+        self.aborted = threading.Event()
         # What the executor reads from its fn besides calling it: name, signature, globals.
         functools.update_wrapper(self, fn, updated=())
         self.__signature__ = inspect.signature(fn)
@@ -60,10 +62,11 @@ class _Launch:
     def _program(self, idx, kwargs):
         try:
             interpreter.interpreter_builder.grid_idx = idx
+            _local.launch = self
             self.fn(**kwargs)
         except BaseException as error:  # re-raised in the launching thread
             self.errors.append(error)
-            _abort.set()
+            self.aborted.set()
 
     def __call__(self, **kwargs):
         builder = interpreter.interpreter_builder
@@ -77,7 +80,9 @@ class _Launch:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads):
-            _abort.set()
+            self.aborted.set()
+            for thread in threads:
+                thread.join(1.0)
             raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens?")
         if self.errors:
             raise self.errors[0]
@@ -85,8 +90,9 @@ class _Launch:
 
 def _abortable(atomic_rmw):
     def abortable_atomic_rmw(builder, *args, **kwargs):
-        if _abort.is_set():
-            raise RuntimeError("another program of the grid failed")
+        launch = getattr(_local, "launch", None)
+        if launch is not None and launch.aborted.is_set():
+            raise RuntimeError("the launch was aborted: another program failed, or it timed out")
         return atomic_rmw(builder, *args, **kwargs)
 
     return abortable_atomic_rmw
@@ -105,7 +111,6 @@ def concurrent_programs():
 
     # Programs spinning at a barrier hold the GIL for a whole switch interval: keep it short.
     interval = sys.getswitchinterval()
-    _abort.clear()
     interpreter.GridExecutor.__init__ = concurrent_init
     interpreter.InterpreterBuilder.create_atomic_rmw = _abortable(atomic_rmw)
     interpreter.InterpreterBuilder.grid_idx = _ThreadLocalGridIdx()

@@ -119,31 +119,8 @@ def weights(request, monkeypatch):
     return request.param
 
 
-# A GPU of few SMs for the "grid" launches: hidden units split over programs, batch blocks looped over.
-SMALL_GPU_SMS = 6
-
-
-@pytest.fixture(params=["one-program", "grid"])
-def programs(request, weights, monkeypatch):
-    """One program per direction (what the launcher picks in the interpreter), or the grid
-    select_config picks for a GPU of SMALL_GPU_SMS SMs: a direction's hidden units split over
-    programs that exchange h at the grid barrier each step. Interpreted, its programs run
-    concurrently, one thread each (concurrent_interpreter)."""
-    if request.param == "one-program":
-        yield request.param
-        return
-    shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
-    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
-        cell, input.shape[1], H, input.dtype, kernels._dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
-        shared_bytes, backward))
-    with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
-        yield request.param
-
-
 # (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
 # 1, 1, 2, 4 chunks when resident; forward 1, 1, 2, 3 passes of 16 when streaming); lengths with 1 and T, unsorted.
-# On the "grid": H = 20 over 2 programs (resident; B = 17 in two batch blocks, one after the other),
-# H = 40 over 3 (resident, and streamed in 2 passes of 32).
 SHAPES = [
     (1, 1, 1, [1]),
     (5, 3, 7, [2, 5, 1]),
@@ -152,9 +129,8 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
-def test_matches_reference(cell, T, B, H, lengths, weights, programs):
+def check_against_reference(cell, T, B, H, lengths):
+    """Output, h_n, c_n and every gradient of the kernels against reference.birnn_layer + autograd."""
     args = make_inputs(cell, T, B, 3, H, lengths)
     grads = make_grads(cell, T, B, H)
     expected, expected_grads = reference_with_grads(cell, args, grads)
@@ -173,10 +149,56 @@ def test_matches_reference(cell, T, B, H, lengths, weights, programs):
         assert error <= 1e-4, f"grad {name}: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
+def test_matches_reference(cell, T, B, H, lengths, weights):
+    check_against_reference(cell, T, B, H, lengths)
+
+
+# A GPU of few SMs for the grid tests: hidden units split over programs, batch blocks looped over.
+SMALL_GPU_SMS = 6
+
+
+@pytest.fixture
+def small_gpu(weights, monkeypatch):
+    """The launcher picks what select_config picks for a GPU of SMALL_GPU_SMS SMs, with W_hh resident
+    (the only candidate) or streamed: a direction's hidden units split over programs that exchange h
+    at the grid barrier each step. Interpreted, the programs run concurrently, one thread each
+    (concurrent_interpreter), as on a GPU."""
+    if weights == "resident":
+        monkeypatch.setattr(kernels, "STREAM_TILES", ())
+    shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
+    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
+        cell, input.shape[1], H, input.dtype, kernels._dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
+        shared_bytes, backward))
+    with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
+        yield
+
+
+# On the small GPU, H = 40 takes 3 programs per direction (resident: 16 units each, K in 4 chunks;
+# streamed: 16 units, 32 rows when B = 17, K in 2 passes of 32); B = 17 resident runs its two batch
+# blocks one after the other.
+GRID_SHAPES = [
+    (9, 17, 40, [9, 1, 5, 9, 2, 7, 8, 1, 4, 3, 9, 6, 8, 4, 5, 7, 2]),
+    (4, 2, 40, [3, 4]),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,H,lengths", GRID_SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in GRID_SHAPES])
+def test_grid_matches_reference(cell, T, B, H, lengths, weights, small_gpu):
+    """As test_matches_reference, on grids of several programs per direction meeting at the barrier."""
+    input = torch.empty(T, B, 3, device=DEVICE)
+    for backward in (False, True):
+        config = kernels._config(cell, input, H, backward)
+        assert config.n_hblocks == 3 and config.RESIDENT == (weights == "resident"), config
+    check_against_reference(cell, T, B, H, lengths)
+
+
 def test_barrier_floor(monkeypatch):
     """The benchmarks' floor kernel meets at the barrier once per step of the forward it stands for:
-    T steps per pass over the batch blocks (here H = 40 over 3 programs, B = 20 in 2 passes)."""
-    T, B, H = 3, 20, 40
+    T steps per pass over the batch blocks (here H = 40 over 3 programs, B = 40 in 2 passes of 32)."""
+    T, B, H = 3, 40, 40
     input = torch.zeros(T, B, 3, device=DEVICE)
     monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
         cell, input.shape[1], H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90], backward))
@@ -270,11 +292,18 @@ def test_half_precision(cell, dtype, weights):
 GPUS = {"A100": (108, 80), "H100": (132, 90)}
 
 
+def passes(B, H, tile, num_sms):
+    """Passes over the sequence a (BB, BH) tile takes on num_sms SMs; None where its grid cannot fit."""
+    BB, BH = tile
+    n_bprog = min(triton.cdiv(B, BB), num_sms // (2 * triton.cdiv(H, BH)))
+    return triton.cdiv(triton.cdiv(B, BB), n_bprog) if n_bprog else None
+
+
 @pytest.mark.parametrize("gpu", sorted(GPUS))
 def test_grid_fits_on_the_gpu(gpu):
     """The grid barrier deadlocks unless every program is resident: never more programs than SMs.
-    W_hh is resident wherever its slice fits the shared memory and the 16-unit programs fit the SMs;
-    the configuration is one the compile tests build."""
+    The fewest passes over the sequence, W_hh resident where that takes no more passes and its slice
+    fits; the configuration is one the compile tests build."""
     num_sms, cc = GPUS[gpu]
     shared_bytes = SHARED_LIMIT[cc]
     selectable = set(selectable_configs(cc))
@@ -287,24 +316,30 @@ def test_grid_fits_on_the_gpu(gpu):
                                                        backward)
                         assert 2 * config.n_hblocks * config.n_bprog <= num_sms
                         assert config.n_hblocks * config.BH >= H
-                        fits = kernels.resident_fits(cell, H, dtype, precision, shared_bytes, backward)
-                        programs = 2 * triton.cdiv(H, kernels.RESIDENT_TILE[1])  # per batch block
-                        assert config.RESIDENT == (fits and programs <= num_sms)
+                        streamed = [passes(B, H, tile, num_sms) for tile in kernels.STREAM_TILES]
+                        resident = (passes(B, H, kernels.RESIDENT_TILE, num_sms)
+                                    if kernels.resident_fits(cell, H, dtype, precision, shared_bytes, backward)
+                                    else None)
+                        fewest = min(p for p in streamed + [resident] if p)
+                        assert passes(B, H, config[:2], num_sms) == fewest
+                        assert config.RESIDENT == (resident == fewest)
                         if config.RESIDENT:
                             assert config.NK * config.BK >= H
                         assert (fn_name, cell, dtype, precision, *config[:5]) in selectable
     h100, a100 = (132, 227 * 1024), (108, 163 * 1024)
     # fp32 LSTM, H = 512: 161 KiB resident with TF32, on either GPU; 128 without TF32 at most.
-    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *a100).RESIDENT
-    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "ieee", *h100).RESIDENT
+    assert kernels.select_config("LSTM", 16, 512, torch.float32, "tf32", *a100).RESIDENT
+    assert not kernels.select_config("LSTM", 16, 512, torch.float32, "ieee", *h100).RESIDENT
+    # ... but at B = 64 its 64 programs per 16 rows take 4 passes; 16 x 32 streamed tiles take 2.
+    assert not kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *a100).RESIDENT
     # H = 1024: half precision resident on an H100 in the forward, fp32 LSTM never (320 KiB per program).
-    assert kernels.select_config("LSTM", 64, 1024, torch.bfloat16, "ieee", *h100).RESIDENT
-    assert kernels.select_config("GRU", 64, 1024, torch.float16, "ieee", *h100).RESIDENT
-    assert not kernels.select_config("LSTM", 64, 1024, torch.float32, "tf32", *h100).RESIDENT
+    assert kernels.select_config("LSTM", 16, 1024, torch.bfloat16, "ieee", *h100).RESIDENT
+    assert kernels.select_config("GRU", 16, 1024, torch.float16, "ieee", *h100).RESIDENT
+    assert not kernels.select_config("LSTM", 16, 1024, torch.float32, "tf32", *h100).RESIDENT
     # The LSTM backward, H = 512: resident in bf16; in fp32 from Triton 3.9.
     new_triton = kernels.TRITON_VERSION >= (3, 9)
-    assert kernels.select_config("LSTM", 64, 512, torch.bfloat16, "ieee", *h100, backward=True).RESIDENT
-    assert kernels.select_config("LSTM", 64, 512, torch.float32, "tf32", *h100, backward=True).RESIDENT == new_triton
+    assert kernels.select_config("LSTM", 16, 512, torch.bfloat16, "ieee", *h100, backward=True).RESIDENT
+    assert kernels.select_config("LSTM", 16, 512, torch.float32, "tf32", *h100, backward=True).RESIDENT == new_triton
     with pytest.raises(ValueError, match="hidden size"):
         kernels.select_config("LSTM", 4, 10 ** 5, torch.float32, "tf32", num_sms, shared_bytes)
 
@@ -377,6 +412,25 @@ def selectable_configs(cc):
                     yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True, chunks),
                            True)
                     H *= 2
+
+
+def test_triton_36_selection(monkeypatch):
+    """Before Triton 3.9 the launcher picks its own resident configurations: exactly the 572 (sm_80 and
+    sm_90) that compiled without spills with 3.6, the GPU image's version, by hand (triton_notes.md).
+    If this fails, compile the new set with 3.6 before changing the numbers here."""
+    monkeypatch.setattr(kernels, "TRITON_VERSION", (3, 6))
+    configs = {cc: set(selectable_configs(cc)) for cc in SHARED_LIMIT}
+    assert sum(map(len, configs.values())) == 572
+
+    def largest_resident(fn_name, cell, dtype, precision):
+        return max((NK * BK, (NK, BK)) for name, c, d, p, _, _, NK, BK, resident in configs[90]
+                   if (name, c, d, p, resident) == (fn_name, cell, dtype, precision, True))
+
+    backward, forward = "birnn_backward_kernel", "birnn_forward_kernel"
+    assert largest_resident(forward, "LSTM", torch.bfloat16, "ieee") == (1024, (8, 128))
+    assert largest_resident(backward, "LSTM", torch.bfloat16, "ieee") == (512, (4, 128))
+    assert largest_resident(backward, "LSTM", torch.float32, "tf32") == (128, (8, 16))
+    assert largest_resident(backward, "GRU", torch.float16, "ieee") == (512, (8, 64))
 
 
 def config_id(config):
