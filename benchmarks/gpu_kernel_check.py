@@ -83,7 +83,7 @@ def correctness():
     failures = 0
     for cell in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
         # W_hh resident in shared memory or streamed: select_config decides per GPU, Triton version and
-        # batch (fewest passes over the sequence first) and each case prints what it picked. fp32 here runs
+        # batch (resident wherever it fits) and each case prints what it picked. fp32 here runs
         # without TF32, so streams above H = 128.
         for T, B, I, H in ((37, 19, 24, 100), (29, 70, 40, 300), (64, 64, 64, 1024)):
             if cell.startswith("RNN") and H == 1024:

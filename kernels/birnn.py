@@ -1,8 +1,12 @@
 """Fused bidirectional LSTM / GRU / RNN layer: one persistent Triton kernel per pass.
 
 The input projection of every step is one cuBLAS GEMM done by the launcher; the kernels run the
-whole recurrence. Program (j, bb, d) owns hidden units [j*BH, (j+1)*BH) (all G gates of them) of
-direction d for a block of BB batch rows, and keeps that slice of the state in registers.
+whole recurrence, one step after another. Program (j, p, d) owns hidden units [j*BH, (j+1)*BH) (all
+G gates of them) of direction d for batch blocks p, p + n_bprog, ... of BB rows each, and runs all
+of its blocks in every step, one after another, with the same W_hh slice. Between steps their state
+is in global memory (L2): h in the exchange buffer below, and in fp32 LSTM c, GRU h, and in the
+backward the gradients reaching h and c. Rows that have ended are masked out; a block whose rows
+have all ended (or, backward, not yet begun) is skipped.
 
 Where the program's slice of W_hh fits in shared memory (and compiles without spills) it is loaded
 once, before the loops (RESIDENT), and the per-step products split K over the warps: a 3-D tl.dot
@@ -10,13 +14,13 @@ whose batch is NK chunks of BK, then a sum over the chunks, so no warp repeats a
 Otherwise each step streams the slice from L2 in 2-D chunks of BK.
 
 The full h (forward) or the full gate gradients (backward) of a step are exchanged through a small
-double-buffered global buffer, then the N_HBLOCKS programs of a (direction, batch block) group meet
-at a grid barrier: a global counter bumped with release semantics and polled with acquire. A
-barrier among programs that are not all resident deadlocks, so the launcher never launches more
-programs than there are SMs (further batch blocks are looped over inside the kernel), and launches
-a grid with a barrier cooperatively: the driver then starts all its programs together, or refuses a
-grid that cannot be resident at once with an error, instead of a partial launch hanging at the
-barrier (not yet seen on hardware).
+double-buffered global buffer, then the n_hblocks programs of a (direction, batch blocks) group
+meet at a grid barrier, once per step: a global counter bumped with release semantics and polled with
+acquire. A barrier among programs that are not all resident deadlocks, so the launcher never launches
+more programs than there are SMs (each takes several batch blocks instead), and launches a grid with
+a barrier cooperatively: the driver then starts all its programs together, or refuses a grid that
+cannot be resident at once with an error, instead of a partial launch hanging at the barrier (not
+yet seen on hardware).
 
 Contract: ``birnn_fast/ops.py``. Workspace, (T, B, 2, W*H), at each row's time index:
 LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
@@ -50,6 +54,8 @@ NUM_WARPS = 8
 STREAM_TILES = ((16, 16), (32, 16), (16, 32))
 # The tile when W_hh stays in shared memory: the narrowest slice per program.
 RESIDENT_TILE = (16, 16)
+# Widest K chunk of a resident product (16 chunks at K = 1024, two per warp), as compiled in the tests.
+RESIDENT_MAX_BK = 64
 # The installed Triton's (major, minor): what compiles without spills depends on it.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # Shared memory a resident program uses beyond its two operands (reductions, barriers): 1 KiB measured
@@ -96,9 +102,12 @@ def _resident_weights(p_w, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexp
     b_w2 = b_w0
     b_w3 = b_w0
     if G > 1:
+        tl.debug_barrier()
         b_w1 = _weight_tile(p_w + H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        tl.debug_barrier()
         b_w2 = _weight_tile(p_w + 2 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
     if G > 3:
+        tl.debug_barrier()
         b_w3 = _weight_tile(p_w + 3 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
     return b_w0, b_w1, b_w2, b_w3
 
@@ -152,6 +161,35 @@ def _group_barrier(p_counter, target, SYNC: tl.constexpr):
 
 
 @triton.jit
+def _batch_block(lengths_ptr, bb, B, BB: tl.constexpr):
+    """Rows [bb*BB, (bb+1)*BB) of batch block bb: their int64 indices, mask (< B) and lengths (0 past B)."""
+    offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)
+    mask_b = offs_b < B
+    return offs_b, mask_b, tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+
+
+@triton.jit
+def _group_steps(lengths_ptr, B, BB: tl.constexpr):
+    """The longest row of the program's batch blocks: the steps of its group, which shares them."""
+    steps = tl.full([], 0, tl.int64)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        _, _, b_len = _batch_block(lengths_ptr, bb, B, BB)
+        steps = tl.maximum(steps, tl.max(b_len, axis=0))
+    return steps
+
+
+@triton.jit
+def _copy_slices(src_ptr, dst_ptr, B, H, BB: tl.constexpr, BH: tl.constexpr):
+    """dst[d, b, j] = src[d, b, j] of (2, B, H) tensors, for the program's rows and units, in dst's dtype."""
+    offs_j = tl.program_id(0) * BH + tl.arange(0, BH)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)
+        mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
+        p = (tl.program_id(2) * B + offs_b[:, None]) * H + offs_j[None, :]
+        tl.store(dst_ptr + p, tl.load(src_ptr + p, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def birnn_forward_kernel(
     xg_ptr,        # (T, B, 2, G*H) input projection + biases (GRU: b_hn excluded)
     w_hh_ptr,      # (2, G*H, H)
@@ -164,6 +202,7 @@ def birnn_forward_kernel(
     c_n_ptr,       # (2, B, H) for LSTM
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
+    state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
     counter_ptr,   # (2, programs along batch) int32 zeros
     T, B, H,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
@@ -181,100 +220,102 @@ def birnn_forward_kernel(
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
+    if CELL == LSTM:
+        _copy_slices(c0_ptr, state_ptr, B, H, BB, BH)
+    if CELL == GRU:
+        _copy_slices(h0_ptr, state_ptr, B, H, BB, BH)
+    tl.debug_barrier()
+    steps = _group_steps(lengths_ptr, B, BB)
     p_w = w_hh_ptr + d * GH * H
     if RESIDENT:
-        # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
-        # them in shared memory for the whole launch.
+        # W_hh^T[k, j] of gate g is W_hh[g*H + k, j]. Loop-invariant dot operands: Triton keeps
+        # them in shared memory for the whole launch (loaded after the loops above, so that their
+        # registers are not held across them).
         b_w0, b_w1, b_w2, b_w3 = _resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
     else:
         b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # loaded chunk by chunk in the step loop
-    epoch = 0
-    for bb in range(pid_b, n_bblocks, n_bprog):
-        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
-        mask_b = offs_b < B
-        mask_bj = mask_b[:, None] & mask_j[None, :]  # [BB, BH]
-        b_len = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)  # [BB]
-        steps = tl.max(b_len, axis=0)
-        p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
-        b_h = tl.load(h0_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)  # [BB, BH]
-        b_c = tl.zeros([BB, BH], dtype=tl.float32)
-        if CELL == LSTM:
-            b_c = tl.load(c0_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)
-        if CELL == GRU:
-            b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-        for s in range(0, steps):
-            parity = s % 2
-            active = s < b_len  # [BB]
-            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
-            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
-            row = (t * B + offs_b) * 2 + d  # [BB]
-            p_xg = xg_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
-            acc0 = tl.load(p_xg, mask=mask_a, other=0.0).to(tl.float32)
-            acc1 = tl.zeros([BB, BH], dtype=tl.float32)
-            acc2 = tl.zeros([BB, BH], dtype=tl.float32)
-            acc3 = tl.zeros([BB, BH], dtype=tl.float32)
-            if G > 1:
-                acc1 = tl.load(p_xg + H, mask=mask_a, other=0.0).to(tl.float32)
-            if CELL == GRU:
-                # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
-                b_xn = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                acc2 = tl.zeros([BB, BH], dtype=tl.float32) + b_bhn[None, :]
-            if CELL == LSTM:
-                acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
-            p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
-            for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
-                acc0 = _gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK, DOT_PRECISION)
+    if CELL == GRU:
+        b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+    # Each step runs every batch block of the program in turn, on the same W_hh slice, then the group
+    # meets once.
+    for s in range(0, steps):
+        parity = s % 2
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = _batch_block(lengths_ptr, bb, B, BB)
+            # A block whose rows have all ended is done: no program of the group reads it again.
+            if s < tl.max(b_len, axis=0):
+                active = s < b_len  # [BB]
+                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
+                row = (t * B + offs_b) * 2 + d  # [BB]
+                p_xg = xg_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                acc0 = tl.load(p_xg, mask=mask_a, other=0.0).to(tl.float32)
+                acc1 = tl.zeros([BB, BH], dtype=tl.float32)
+                acc2 = tl.zeros([BB, BH], dtype=tl.float32)
+                acc3 = tl.zeros([BB, BH], dtype=tl.float32)
                 if G > 1:
-                    acc1 = _gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                    acc1 = tl.load(p_xg + H, mask=mask_a, other=0.0).to(tl.float32)
+                if CELL == GRU:
+                    # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
+                    b_xn = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    acc2 = tl.zeros([BB, BH], dtype=tl.float32) + b_bhn[None, :]
+                if CELL == LSTM:
+                    acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
+                for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
+                    b_hk = _exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                    acc0 = _gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
                                      DOT_PRECISION)
-                    acc2 = _gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
-                                     DOT_PRECISION)
-                if G > 3:
-                    acc3 = _gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
-                                     DOT_PRECISION)
+                    if G > 1:
+                        acc1 = _gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK,
+                                         BK, DOT_PRECISION)
+                        acc2 = _gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
+                                         NK, BK, DOT_PRECISION)
+                    if G > 3:
+                        acc3 = _gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
+                                         NK, BK, DOT_PRECISION)
 
-            p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
-            if CELL == LSTM:
-                b_i = _sigmoid(acc0)
-                b_f = _sigmoid(acc1)
-                b_g = _tanh(acc2)
-                b_o = _sigmoid(acc3)
-                b_c_new = b_f * b_c + b_i * b_g
-                b_h_new = b_o * _tanh(b_c_new)
-                b_c = tl.where(mask_a, b_c_new, b_c)
-                if SAVE:
-                    tl.store(p_ws, b_i, mask=mask_a)
-                    tl.store(p_ws + H, b_f, mask=mask_a)
-                    tl.store(p_ws + 2 * H, b_g, mask=mask_a)
-                    tl.store(p_ws + 3 * H, b_o, mask=mask_a)
-                    tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
-            elif CELL == GRU:
-                b_r = _sigmoid(acc0)
-                b_z = _sigmoid(acc1)
-                b_n = _tanh(b_xn + b_r * acc2)
-                b_h_new = (1.0 - b_z) * b_n + b_z * b_h
-                if SAVE:
-                    tl.store(p_ws, b_r, mask=mask_a)
-                    tl.store(p_ws + H, b_z, mask=mask_a)
-                    tl.store(p_ws + 2 * H, b_n, mask=mask_a)
-                    tl.store(p_ws + 3 * H, acc2, mask=mask_a)
-            elif CELL == RNN_TANH:
-                b_h_new = _tanh(acc0)
-            else:
-                b_h_new = tl.maximum(acc0, 0.0)
-            b_h = tl.where(mask_a, b_h_new, b_h)
-            p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-            tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
-            # Inactive rows publish their unchanged state: the other programs read every row.
-            p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
-            tl.store(p_next, b_h.to(hbuf_ptr.dtype.element_ty), mask=mask_bj)
-            epoch += 1
-            _group_barrier(p_counter, epoch * n_hblocks, SYNC)
-        tl.store(h_n_ptr + p_state, b_h.to(h_n_ptr.dtype.element_ty), mask=mask_bj)
-        if CELL == LSTM:
-            tl.store(c_n_ptr + p_state, b_c.to(c_n_ptr.dtype.element_ty), mask=mask_bj)
+                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+                if CELL == LSTM:
+                    b_i = _sigmoid(acc0)
+                    b_f = _sigmoid(acc1)
+                    b_g = _tanh(acc2)
+                    b_o = _sigmoid(acc3)
+                    b_c_new = b_f * tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_i * b_g
+                    b_h_new = b_o * _tanh(b_c_new)
+                    tl.store(state_ptr + p_state, b_c_new, mask=mask_a)
+                    tl.store(c_n_ptr + p_state, b_c_new.to(c_n_ptr.dtype.element_ty), mask=mask_a)
+                    if SAVE:
+                        tl.store(p_ws, b_i, mask=mask_a)
+                        tl.store(p_ws + H, b_f, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_g, mask=mask_a)
+                        tl.store(p_ws + 3 * H, b_o, mask=mask_a)
+                        tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+                elif CELL == GRU:
+                    b_r = _sigmoid(acc0)
+                    b_z = _sigmoid(acc1)
+                    b_n = _tanh(b_xn + b_r * acc2)
+                    b_h_new = (1.0 - b_z) * b_n + b_z * tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    tl.store(state_ptr + p_state, b_h_new, mask=mask_a)
+                    if SAVE:
+                        tl.store(p_ws, b_r, mask=mask_a)
+                        tl.store(p_ws + H, b_z, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_n, mask=mask_a)
+                        tl.store(p_ws + 3 * H, acc2, mask=mask_a)
+                elif CELL == RNN_TANH:
+                    b_h_new = _tanh(acc0)
+                else:
+                    b_h_new = tl.maximum(acc0, 0.0)
+                # Every step: a row's last write is its final state.
+                tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_a)
+                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
+                # An ended row's h is left as it was: it enters only that row's (masked) products.
+                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
+                tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
+        _group_barrier(p_counter, (s + 1) * n_hblocks, SYNC)
 
 
 @triton.jit
@@ -290,6 +331,7 @@ def birnn_backward_kernel(
     ws_ptr,        # (T, B, 2, W*H)
     dgates_ptr,    # (T, B, 2, G*H) fp32, zero-filled: gradient of the input projection
     gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
+    state_ptr,     # (1 or 2, 2, B, H) fp32: gradients reaching h, and c (LSTM), of each direction and row
     counter_ptr,   # (2, programs along batch) int32 zeros
     grad_h0_ptr,   # (2, B, H)
     grad_c0_ptr,   # (2, B, H) for LSTM
@@ -309,128 +351,135 @@ def birnn_backward_kernel(
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
+    # Gradients reaching h and c after step s; a row's final state is where grad_h_n enters.
+    p_dc = state_ptr + 2 * B * H
+    _copy_slices(grad_h_n_ptr, state_ptr, B, H, BB, BH)
+    if CELL == LSTM:
+        _copy_slices(grad_c_n_ptr, p_dc, B, H, BB, BH)
+    tl.debug_barrier()
+    steps = _group_steps(lengths_ptr, B, BB)
     p_w = w_hh_ptr + d * GH * H
     if RESIDENT:
         # Gate g's rows of W_hh, the program's columns j: W_hh[g*H + k, j], kept in shared memory.
         b_w0, b_w1, b_w2, b_w3 = _resident_weights(p_w, offs_j, mask_j, H, H, 1, G, NK, BK)
-    epoch = 0
-    for bb in range(pid_b, n_bblocks, n_bprog):
-        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)  # [BB]
-        mask_b = offs_b < B
-        mask_bj = mask_b[:, None] & mask_j[None, :]  # [BB, BH]
-        b_len = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)  # [BB]
-        steps = tl.max(b_len, axis=0)
-        p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
-        # Gradients reaching h and c after step s; a row's final state is where grad_h_n enters.
-        b_dh_state = tl.load(grad_h_n_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)  # [BB, BH]
-        b_dc_state = tl.zeros([BB, BH], dtype=tl.float32)
-        if CELL == LSTM:
-            b_dc_state = tl.load(grad_c_n_ptr + p_state, mask=mask_bj, other=0.0).to(tl.float32)
-        for i in range(0, steps):
-            s = steps - 1 - i
-            parity = s % 2
-            active = s < b_len  # [BB]
-            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
-            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
-            # The time index of the row's previous step (its h and c are this step's inputs).
-            t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
-            has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
-            mask_prev = mask_a & has_prev[:, None]
-            mask_first = mask_a & (~has_prev)[:, None]
-            row = (t * B + offs_b) * 2 + d  # [BB]
-            row_prev = (t_prev * B + offs_b) * 2 + d
-            p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-            p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-            b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
-                           mask=mask_a, other=0.0).to(tl.float32)
-            b_dh = b_dh_state + b_go  # [BB, BH]
-            p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]
-            b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
-            b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
-            b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
-            b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
-            b_dh2 = tl.zeros([BB, BH], dtype=tl.float32)  # hidden-projection gradient of GRU's n gate
-            b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)
-            b_dc_prev = b_dc_state
-            if CELL == LSTM:
-                b_i = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
-                b_f = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
-                b_g = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                b_o = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
-                b_c = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0).to(tl.float32)
-                b_c_prev = tl.load(ws_ptr + row_prev[:, None] * (W * H) + 4 * H + offs_j[None, :],
-                                   mask=mask_prev, other=0.0).to(tl.float32)
-                b_c_prev += tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
-                b_tc = _tanh(b_c)
-                b_dc = b_dc_state + b_dh * b_o * (1.0 - b_tc * b_tc)
-                b_d0 = b_dc * b_g * b_i * (1.0 - b_i)
-                b_d1 = b_dc * b_c_prev * b_f * (1.0 - b_f)
-                b_d2 = b_dc * b_i * (1.0 - b_g * b_g)
-                b_d3 = b_dh * b_tc * b_o * (1.0 - b_o)
-                b_dh2 = b_d2
-                b_dc_prev = tl.where(mask_a, b_dc * b_f, b_dc_state)
-            elif CELL == GRU:
-                b_r = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
-                b_z = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
-                b_n = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                b_hn = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
-                b_h_prev = tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
-                b_h_prev += tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
-                b_dn = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
-                b_d0 = b_dn * b_hn * b_r * (1.0 - b_r)
-                b_d1 = b_dh * (b_h_prev - b_n) * b_z * (1.0 - b_z)
-                b_d2 = b_dn
-                b_dh2 = b_dn * b_r
-                b_dh_direct = b_dh * b_z
-            elif CELL == RNN_TANH:
-                b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
-                b_d0 = b_dh * (1.0 - b_h * b_h)
-            else:
-                b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
-                b_d0 = tl.where(b_h > 0, b_dh, 0.0)
-            b_dc_state = b_dc_prev
+    for i in range(0, steps):
+        s = steps - 1 - i
+        parity = s % 2
+        # The gate gradients of every batch block of the program; the group exchanges them at the barrier.
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = _batch_block(lengths_ptr, bb, B, BB)
+            if s < tl.max(b_len, axis=0):  # else no row of the block has reached step s yet
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                active = s < b_len  # [BB]
+                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
+                # The time index of the row's previous step (its h and c are this step's inputs).
+                t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
+                has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
+                mask_prev = mask_a & has_prev[:, None]
+                mask_first = mask_a & (~has_prev)[:, None]
+                row = (t * B + offs_b) * 2 + d  # [BB]
+                row_prev = (t_prev * B + offs_b) * 2 + d
+                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
+                               mask=mask_a, other=0.0).to(tl.float32)
+                b_dh = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_go  # [BB, BH]
+                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]
+                b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_dh2 = tl.zeros([BB, BH], dtype=tl.float32)  # hidden-projection gradient of GRU's n gate
+                b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)
+                if CELL == LSTM:
+                    b_i = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                    b_f = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_g = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_o = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_c = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_c_prev = tl.load(ws_ptr + row_prev[:, None] * (W * H) + 4 * H + offs_j[None, :],
+                                       mask=mask_prev, other=0.0).to(tl.float32)
+                    b_c_prev += tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                    b_tc = _tanh(b_c)
+                    b_dc = tl.load(p_dc + p_state, mask=mask_a, other=0.0) + b_dh * b_o * (1.0 - b_tc * b_tc)
+                    b_d0 = b_dc * b_g * b_i * (1.0 - b_i)
+                    b_d1 = b_dc * b_c_prev * b_f * (1.0 - b_f)
+                    b_d2 = b_dc * b_i * (1.0 - b_g * b_g)
+                    b_d3 = b_dh * b_tc * b_o * (1.0 - b_o)
+                    b_dh2 = b_d2
+                    tl.store(p_dc + p_state, b_dc * b_f, mask=mask_a)
+                    tl.store(grad_c0_ptr + p_state, (b_dc * b_f).to(grad_c0_ptr.dtype.element_ty), mask=mask_first)
+                elif CELL == GRU:
+                    b_r = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                    b_z = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_n = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_hn = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_h_prev = tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
+                    b_h_prev += tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                    b_dn = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
+                    b_d0 = b_dn * b_hn * b_r * (1.0 - b_r)
+                    b_d1 = b_dh * (b_h_prev - b_n) * b_z * (1.0 - b_z)
+                    b_d2 = b_dn
+                    b_dh2 = b_dn * b_r
+                    b_dh_direct = b_dh * b_z
+                elif CELL == RNN_TANH:
+                    b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+                    b_d0 = b_dh * (1.0 - b_h * b_h)
+                else:
+                    b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+                    b_d0 = tl.where(b_h > 0, b_dh, 0.0)
+                # What reaches h_prev other than through W_hh (the product adds that after the barrier).
+                tl.store(state_ptr + p_state, b_dh_direct, mask=mask_a)
 
-            p_dg = dgates_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
-            p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
-            gb_ty = gbuf_ptr.dtype.element_ty
-            # Inactive rows publish zeros: they must add nothing to the recurrent gradient.
-            tl.store(p_dg, b_d0, mask=mask_a)
-            tl.store(p_gb, tl.where(mask_a, b_d0, 0.0).to(gb_ty), mask=mask_bj)
-            if G > 1:
-                tl.store(p_dg + H, b_d1, mask=mask_a)
-                tl.store(p_gb + H, tl.where(mask_a, b_d1, 0.0).to(gb_ty), mask=mask_bj)
-                tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
-                tl.store(p_gb + 2 * H, tl.where(mask_a, b_dh2, 0.0).to(gb_ty), mask=mask_bj)
-            if G > 3:
-                tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
-                tl.store(p_gb + 3 * H, tl.where(mask_a, b_d3, 0.0).to(gb_ty), mask=mask_bj)
-            epoch += 1
-            _group_barrier(p_counter, epoch * n_hblocks, SYNC)
-
-            # dh_prev[:, jslice] = sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
-            b_acc = tl.zeros([BB, BH], dtype=tl.float32)
-            p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
-            if RESIDENT:
-                b_gk = _exchanged_tile(p_gbuf, 0, mask_b, H, NK, BK)
-                b_acc = _split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
+                p_dg = dgates_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
+                gb_ty = gbuf_ptr.dtype.element_ty
+                # An inactive row's entries are left as they were: they enter only that row's (masked)
+                # products.
+                tl.store(p_dg, b_d0, mask=mask_a)
+                tl.store(p_gb, b_d0.to(gb_ty), mask=mask_a)
                 if G > 1:
-                    b_gk = _exchanged_tile(p_gbuf + H, 0, mask_b, H, NK, BK)
-                    b_acc = _split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
-                    b_gk = _exchanged_tile(p_gbuf + 2 * H, 0, mask_b, H, NK, BK)
-                    b_acc = _split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
+                    tl.store(p_dg + H, b_d1, mask=mask_a)
+                    tl.store(p_gb + H, b_d1.to(gb_ty), mask=mask_a)
+                    tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
+                    tl.store(p_gb + 2 * H, b_dh2.to(gb_ty), mask=mask_a)
                 if G > 3:
-                    b_gk = _exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
-                    b_acc = _split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
-            else:
-                # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time.
-                for k0 in range(0, GH, NK * BK):
-                    b_gk = _exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
-                    b_w = _weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
-                    b_acc = _split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
-            b_dh_state = tl.where(mask_a, b_acc + b_dh_direct, b_dh)
-        tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_bj)
-        if CELL == LSTM:
-            tl.store(grad_c0_ptr + p_state, b_dc_state.to(grad_c0_ptr.dtype.element_ty), mask=mask_bj)
+                    tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
+                    tl.store(p_gb + 3 * H, b_d3.to(gb_ty), mask=mask_a)
+        _group_barrier(p_counter, (i + 1) * n_hblocks, SYNC)
+
+        # dh_prev[:, jslice] += sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = _batch_block(lengths_ptr, bb, B, BB)
+            if s < tl.max(b_len, axis=0):
+                mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                b_acc = tl.zeros([BB, BH], dtype=tl.float32)
+                p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
+                if RESIDENT:
+                    b_gk = _exchanged_tile(p_gbuf, 0, mask_b, H, NK, BK)
+                    b_acc = _split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
+                    if G > 1:
+                        b_gk = _exchanged_tile(p_gbuf + H, 0, mask_b, H, NK, BK)
+                        b_acc = _split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
+                        b_gk = _exchanged_tile(p_gbuf + 2 * H, 0, mask_b, H, NK, BK)
+                        b_acc = _split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
+                    if G > 3:
+                        b_gk = _exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
+                        b_acc = _split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
+                else:
+                    # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time.
+                    for k0 in range(0, GH, NK * BK):
+                        b_gk = _exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
+                        b_w = _weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
+                        b_acc = _split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
+                b_dh_state = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_acc
+                tl.store(state_ptr + p_state, b_dh_state, mask=mask_a)
+                if s == 0:  # every row's first step
+                    tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_a)
+        # The next step's gate gradients read the state this one wrote.
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -444,15 +493,13 @@ def barrier_floor_kernel(counter_ptr, steps, SYNC: tl.constexpr):
 
 def barrier_floor(cell, input, H):
     """barrier_floor_kernel on the grid the forward takes for input (T, B, I) with equal lengths: as
-    many barriers as its steps (T per pass over the batch blocks). Like the forward, it allocates its
-    counters and launches from Python, so timings include that overhead. Returns the counters."""
+    many barriers as its steps, T. Like the forward, it allocates its counters and launches from Python,
+    so timings include that overhead. Returns the counters."""
     config = _config(cell, input, H, backward=False)
-    T, B = input.shape[:2]
-    steps = T * triton.cdiv(triton.cdiv(B, config.BB), config.n_bprog)
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     tiling = _tiling(config)
     barrier_floor_kernel[(config.n_hblocks, config.n_bprog, 2)](
-        counter, steps, SYNC=tiling["SYNC"], launch_cooperative_grid=tiling["launch_cooperative_grid"],
+        counter, input.shape[0], SYNC=tiling["SYNC"], launch_cooperative_grid=tiling["launch_cooperative_grid"],
         num_warps=NUM_WARPS)
     return counter
 
@@ -464,46 +511,33 @@ def _interpreted(device):
 Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bprog")
 
 
-def split_k(H, resident, chunks=NUM_WARPS):
-    """(NK, BK) of the per-step products. Resident: all of H in one pass, in about ``chunks`` chunks of
-    BK (resident_chunks: one per warp, or fewer and wider). Streamed: 2-D chunks (NK = 1) of STREAM_BK
-    per pass."""
+def split_k(H, resident):
+    """(NK, BK) of the per-step products. Resident: all of H in one pass, in chunks of BK, one per warp
+    (NK = 8), or of 64 at most (NK = 16 at K = 1024). Streamed: 2-D chunks (NK = 1) of STREAM_BK per
+    pass."""
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
-    BK = max(16, min(resident_max_bk(), k // chunks))
+    BK = max(16, min(RESIDENT_MAX_BK, k // NUM_WARPS))
     return k // BK, BK
 
 
-def resident_max_bk():
-    """Widest K chunk of a resident product. At K = 1024 the LSTM forward spills with chunks of 128
-    (8 of them) in Triton 3.9, with chunks of 64 (16) in 3.6."""
-    return 64 if TRITON_VERSION >= (3, 9) else 128
-
-
-def resident_chunks(cell, dtype, backward):
-    """How many K chunks a resident product aims at: one per warp, except in Triton 3.6's LSTM backward
-    in bf16/fp16, which spills at K >= 256 with 8 or 16 chunks and not with 2 to 4 wider ones (fp32
-    spills with those)."""
-    old_triton = TRITON_VERSION < (3, 9)
-    return 2 if old_triton and backward and cell == "LSTM" and dtype != torch.float32 else NUM_WARPS
-
-
 def resident_max_k(cell, dtype, dot_precision, backward):
-    """The largest padded H whose resident kernel compiles without spills (compile tests, sm_80 and
-    sm_90): the LSTM backward holds the most live state, fp32 without TF32 takes the most registers
-    (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which stands for every
-    version before 3.9."""
+    """The largest padded H whose resident kernel runs its time loop without register spills (compile
+    tests, sm_80 and sm_90): the LSTM and GRU backward hold the most live state, fp32 without TF32 takes
+    the most registers (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which
+    stands for every version before 3.9."""
     old_triton = TRITON_VERSION < (3, 9)
     if dtype == torch.float32 and dot_precision == "ieee":
-        return 128
-    if backward and cell == "LSTM":
-        return 128 if old_triton and dtype == torch.float32 else 512
-    return 512 if old_triton and backward and cell == "GRU" else 1024
+        return 512 if cell.startswith("RNN") else 128 if old_triton else 256
+    if backward and (cell == "GRU" or cell == "LSTM" and old_triton):
+        return 512
+    return 1024
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
-    """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, spill-free."""
+    """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, with its time
+    loop spill-free (resident_max_k)."""
     BB, BH = RESIDENT_TILE
     k = max(16, triton.next_power_of_2(H))
     element_size = torch.finfo(dtype).bits // 8
@@ -515,10 +549,10 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
     """Tile, K split and grid of the forward (or backward) kernel for B rows and H units: a ``Config``.
 
     The grid, 2 * n_hblocks * n_bprog programs, never exceeds num_sms, since the grid barrier needs
-    every program of a group resident at once; batch blocks beyond n_bprog run in later passes over
-    the sequence. Candidates: the streamed tiles, and the resident one where ``resident_fits``.
-    Fewest passes first (each pass runs all T steps again), then W_hh resident rather than streamed,
-    then least work per program and step.
+    every program of a group resident at once; a program runs ``rounds`` = ceil(n_bblocks / n_bprog)
+    batch blocks per step. Candidates: the streamed tiles, and the resident one where
+    ``resident_fits``. W_hh resident wherever it fits (each round then reads it from shared memory
+    instead of L2), then the fewest rounds, then least work per round.
     """
     candidates = [(tile, False) for tile in STREAM_TILES]
     if resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
@@ -530,9 +564,9 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
         n_bprog = min(n_bblocks, num_sms // (2 * n_hblocks))
         if n_bprog == 0:
             continue
-        key = (triton.cdiv(n_bblocks, n_bprog), not resident, BB * BH, BB)
+        key = (not resident, triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
         if best is None or key < best[0]:
-            NK, BK = split_k(H, resident, resident_chunks(cell, dtype, backward))
+            NK, BK = split_k(H, resident)
             best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog)
     if best is None:
         widest = max(BH for _, BH in STREAM_TILES)
@@ -547,7 +581,7 @@ def _config(cell, input, H, backward):
         # Interpreted programs run one after another: a barrier waiting on another program of the
         # group would never return, so one program holds every unit of a direction.
         BB, BH = 16, max(16, triton.next_power_of_2(H))
-        NK, BK = split_k(H, True, resident_chunks(cell, input.dtype, backward))
+        NK, BK = split_k(H, True)
         return Config(BB, BH, NK, BK, True, 1, triton.cdiv(B, BB))
     properties = torch.cuda.get_device_properties(input.device)
     return select_config(cell, B, H, input.dtype, _dot_precision(input.dtype, input.device),
@@ -622,11 +656,12 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     workspace = input.new_empty(workspace_shape, dtype=_workspace_dtype(input.dtype))
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
+    state = input.new_empty(2, B, H, dtype=torch.float32)
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     grid = (config.n_hblocks, config.n_bprog, 2)
     birnn_forward_kernel[grid](
         xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
-        output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, counter,
+        output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counter,
         T, B, H,
         CELL=CELLS[cell], G=G, W=WORKSPACE[cell], DOT_PRECISION=_dot_precision(input.dtype, input.device),
         SAVE=save_workspace, **_tiling(config),
@@ -664,13 +699,14 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
     config = _config(cell, input, H, backward=True)
     dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    state = torch.empty(2 if lstm else 1, 2, B, H, dtype=torch.float32, device=input.device)
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     grad_h0 = torch.empty_like(h0)
     grad_c0 = torch.empty_like(c0)
     grid = (config.n_hblocks, config.n_bprog, 2)
     birnn_backward_kernel[grid](
         grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
-        output, workspace, dgates, gbuf, counter, grad_h0, grad_c0 if lstm else grad_h0,
+        output, workspace, dgates, gbuf, state, counter, grad_h0, grad_c0 if lstm else grad_h0,
         T, B, H,
         CELL=CELLS[cell], G=G, W=WORKSPACE[cell], DOT_PRECISION=_dot_precision(input.dtype, input.device),
         **_tiling(config),
@@ -715,6 +751,6 @@ def _stack(weights):
 
 
 __all__ = ["forward", "backward", "forward_op", "backward_op", "birnn_forward_kernel", "birnn_backward_kernel",
-           "barrier_floor", "barrier_floor_kernel", "select_config", "split_k", "resident_chunks", "resident_fits",
-           "resident_max_k", "resident_max_bk", "Config", "STREAM_TILES", "RESIDENT_TILE", "STREAM_NK", "STREAM_BK",
+           "barrier_floor", "barrier_floor_kernel", "select_config", "split_k", "resident_fits",
+           "resident_max_k", "Config", "STREAM_TILES", "RESIDENT_TILE", "STREAM_NK", "STREAM_BK",
            "NUM_WARPS", "NUM_STAGES", "MAX_REGISTERS"]
