@@ -176,10 +176,12 @@ def small_gpu(weights, monkeypatch):
 
 
 # On the small GPU, H = 40 takes 3 programs per direction (resident: 16 units each, K in 4 chunks;
-# streamed: 16 units, 32 rows when B = 17, K in 2 passes of 32); B = 17 resident runs its two batch
-# blocks one after the other in each step, the second (one row, of length 2) in the first two only.
+# streamed: 16 units, 32 rows when B > 16, K in 2 passes of 32). B = 40 runs its batch blocks one
+# after the other in each step: 3 rounds of 16 rows resident, 2 of 32 streamed; the last 8 rows, of
+# lengths 1 and 2, leave a block with nothing to do after two steps.
 GRID_SHAPES = [
-    (9, 17, 40, [9, 1, 5, 9, 2, 7, 8, 1, 4, 3, 9, 6, 8, 4, 5, 7, 2]),
+    (7, 40, 40, [7, 1, 5, 7, 2, 6, 3, 1, 4, 3, 7, 6, 5, 4, 5, 7, 2, 6, 1, 3, 7, 4, 2, 5, 6, 1, 7, 3, 5, 2, 4, 6,
+                 2, 1, 2, 2, 1, 1, 2, 1]),
     (4, 2, 40, [3, 4]),
 ]
 
