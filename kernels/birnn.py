@@ -8,8 +8,8 @@ is in global memory (L2): h in the exchange buffer below, and in fp32 LSTM c, GR
 backward the gradients reaching h and c. Rows that have ended are masked out; a block whose rows
 have all ended (or, backward, not yet begun) is skipped.
 
-Where the program's slice of W_hh fits in shared memory (and compiles without spills) it is loaded
-once, before the loops (RESIDENT), and the per-step products split K over the warps: a 3-D tl.dot
+Where the program's slice of W_hh fits in shared memory (and the time loop compiles without spills)
+it is loaded once, before the time loop (RESIDENT), and the per-step products split K over the warps: a 3-D tl.dot
 whose batch is NK chunks of BK, then a sum over the chunks, so no warp repeats another's work.
 Otherwise each step streams the slice from L2 in 2-D chunks of BK.
 
@@ -161,10 +161,16 @@ def _group_barrier(p_counter, target, SYNC: tl.constexpr):
 
 
 @triton.jit
-def _batch_block(lengths_ptr, bb, B, BB: tl.constexpr):
-    """Rows [bb*BB, (bb+1)*BB) of batch block bb: their int64 indices, mask (< B) and lengths (0 past B)."""
+def _batch_rows(bb, B, BB: tl.constexpr):
+    """Rows [bb*BB, (bb+1)*BB) of batch block bb: their int64 indices and mask (< B)."""
     offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)
-    mask_b = offs_b < B
+    return offs_b, offs_b < B
+
+
+@triton.jit
+def _batch_block(lengths_ptr, bb, B, BB: tl.constexpr):
+    """_batch_rows of batch block bb, and their lengths (0 past B)."""
+    offs_b, mask_b = _batch_rows(bb, B, BB)
     return offs_b, mask_b, tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
 
 
@@ -183,8 +189,8 @@ def _copy_slices(src_ptr, dst_ptr, B, H, BB: tl.constexpr, BH: tl.constexpr):
     """dst[d, b, j] = src[d, b, j] of (2, B, H) tensors, for the program's rows and units, in dst's dtype."""
     offs_j = tl.program_id(0) * BH + tl.arange(0, BH)
     for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
-        offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)
-        mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
+        offs_b, mask_b = _batch_rows(bb, B, BB)
+        mask = mask_b[:, None] & (offs_j < H)[None, :]
         p = (tl.program_id(2) * B + offs_b[:, None]) * H + offs_j[None, :]
         tl.store(dst_ptr + p, tl.load(src_ptr + p, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
 
@@ -228,7 +234,7 @@ def birnn_forward_kernel(
     steps = _group_steps(lengths_ptr, B, BB)
     p_w = w_hh_ptr + d * GH * H
     if RESIDENT:
-        # W_hh^T[k, j] of gate g is W_hh[g*H + k, j]. Loop-invariant dot operands: Triton keeps
+        # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
         # them in shared memory for the whole launch (loaded after the loops above, so that their
         # registers are not held across them).
         b_w0, b_w1, b_w2, b_w3 = _resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
