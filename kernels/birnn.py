@@ -662,7 +662,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     workspace = input.new_empty(workspace_shape, dtype=_workspace_dtype(input.dtype))
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
-    state = input.new_empty(2, B, H, dtype=torch.float32)
+    state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     grid = (config.n_hblocks, config.n_bprog, 2)
     birnn_forward_kernel[grid](
@@ -705,7 +705,7 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
     config = _config(cell, input, H, backward=True)
     dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
-    state = torch.empty(2 if lstm else 1, 2, B, H, dtype=torch.float32, device=input.device)
+    state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
     counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
     grad_h0 = torch.empty_like(h0)
     grad_c0 = torch.empty_like(c0)
