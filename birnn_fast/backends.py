@@ -9,11 +9,12 @@
 with the reason. Without it, a tensor no compiled backend can take falls back to ``reference``
 with a warning, once per reason.
 """
-import glob
 import os
 import warnings
 
 import torch
+
+from . import library  # noqa: F401  (the schemas, before any backend registers kernels under them)
 
 BACKENDS = ("cpu", "triton", "reference")
 _DTYPES = {
@@ -26,19 +27,15 @@ _selected = {}  # (BIRNN_FAST_BACKEND, interpreting, device type, dtype) -> back
 
 
 def _load_cpu():
-    """Load the C++ library once; return None or the reason it cannot be used."""
+    """Import the C++ library once (its kernels register on import); return None or the reason it cannot be used."""
     if "cpu" not in _load_errors:
-        from . import ops  # noqa: F401  (the schemas must exist before the kernels register)
-
-        libraries = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so"))
-        if not libraries:
-            _load_errors["cpu"] = "the C++ library birnn_fast._C is not built (pip install --no-build-isolation -e .)"
+        try:
+            from . import _C  # noqa: F401
+        except ImportError as error:
+            _load_errors["cpu"] = (f"the C++ library birnn_fast._C is not built or failed to load "
+                                   f"(pip install --no-build-isolation -e .): {error}")
         else:
-            try:
-                torch.ops.load_library(libraries[0])
-                _load_errors["cpu"] = None
-            except OSError as error:
-                _load_errors["cpu"] = f"birnn_fast._C failed to load: {error}"
+            _load_errors["cpu"] = None
     return _load_errors["cpu"]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import birnn_layer
-from .reference import GATES
+from .cells import CELLS
 
 
 def _check_lengths(lengths, steps, batch):
@@ -83,7 +83,7 @@ class _FastBiRNNBase(nn.RNNBase):
         if any(weight is None for weight in weights):
             weights = [getattr(self, name) for name in names]
         if not self.bias:
-            zeros = like.new_zeros(GATES[self.mode] * self.hidden_size)
+            zeros = like.new_zeros(CELLS[self.mode].gates * self.hidden_size)
             weights = weights[:2] + [zeros, zeros] + weights[2:] + [zeros, zeros]
         return weights
 

@@ -1,74 +1,9 @@
-"""The op boundary: schemas of the two ops every backend implements, their fake (shape-only)
-kernels, and the autograd Function whose backward calls our own backward op.
-
-The contract (all backends; shapes with T steps, B rows, I inputs, H hidden units, G gates):
-
-``birnn_fast::forward(cell, input, weights, h0, c0, lengths, save_workspace) -> (output, h_n, c_n,
-workspace)`` runs one bidirectional layer.
-
-- ``cell``: ``"LSTM"`` (G=4, gates i, f, g, o), ``"GRU"`` (G=3, gates r, z, n) or ``"RNN_TANH"`` /
-  ``"RNN_RELU"`` (G=1) -- torch's mode names and torch's formulas.
-- ``input``: (T, B, I), contiguous.
-- ``weights``: the layer's 8 parameters in nn.LSTM's ``_flat_weights`` order, forward direction
-  first: weight_ih (G*H, I), weight_hh (G*H, H), bias_ih (G*H), bias_hh (G*H), then the same four
-  of the reverse direction; contiguous; zeros for the biases of a layer without bias. The
-  parameters go in as they are: nothing is stacked or copied per call.
-- ``h0``: (2, B, H); ``c0``: (2, B, H) for LSTM, an empty (0,) tensor for the other cells.
-- ``lengths``: (B,) int64 on input's device, 1 <= lengths[b] <= T (checked by the module). Row b
-  of the forward direction runs t = 0 .. lengths[b]-1; of the reverse direction t = lengths[b]-1
-  down to 0 (step s reads time lengths[b]-1-s).
-- ``output``: (T, B, 2*H), [..., :H] forward, [..., H:] reverse; exactly 0 where t >= lengths[b].
-- ``h_n``, ``c_n``: each row's state after its own last step (c_n empty (0,) for non-LSTM cells).
-- ``workspace``: (T, B, 2, W*H) with W = 5 for LSTM, 4 for GRU, 0 for RNN; what it holds is the
-  backend's own business (saved activations for its backward). Its dtype is input's, float32 for
-  float16/bfloat16 input. Without ``save_workspace`` (inference: no backward will follow) it is an
-  empty (0,) tensor and nothing is saved.
-
-``birnn_fast::backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-workspace) -> (grad_input, grad_weights, grad_h0, grad_c0)`` is its exact vector-Jacobian product;
-``grad_weights`` is a list of 8 in the order of ``weights``, and every gradient has the shape of its
-primal (grad_c0 is empty for non-LSTM cells). grad_output, grad_h_n, grad_c_n are always
-materialised (zeros where autograd had none).
-
-The schemas are defined here, once for every device, rather than in C++: the Triton (CUDA)
-implementation is Python, and the package must keep working when the C++ library is not built.
-The C++ library registers only its CPU kernels (TORCH_LIBRARY_IMPL).
+"""The op boundary: the autograd Function whose backward calls our own backward op, and the
+functional entry point ``birnn_layer``. The ops' contract and schemas: ``library.py``.
 """
 import torch
 
 from . import backends, reference
-from .reference import WORKSPACE
-
-torch.library.define(
-    "birnn_fast::forward",
-    "(str cell, Tensor input, Tensor[] weights, Tensor h0, Tensor c0, Tensor lengths, bool save_workspace) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
-)
-torch.library.define(
-    "birnn_fast::backward",
-    "(str cell, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor[] weights, "
-    "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace) -> (Tensor, Tensor[], Tensor, Tensor)",
-)
-
-
-def workspace_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-@torch.library.register_fake("birnn_fast::forward")
-def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
-    T, B, _ = input.shape
-    H = weights[1].shape[-1]
-    output = input.new_empty(T, B, 2 * H)
-    workspace_shape = (T, B, 2, WORKSPACE[cell] * H) if save_workspace else (0,)
-    workspace = input.new_empty(workspace_shape, dtype=workspace_dtype(input.dtype))
-    return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), workspace
-
-
-@torch.library.register_fake("birnn_fast::backward")
-def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
-    return (input.new_empty(input.shape), [weight.new_empty(weight.shape) for weight in weights],
-            h0.new_empty(h0.shape), c0.new_empty(c0.shape))
 
 
 class BiRNNFunction(torch.autograd.Function):

@@ -5,9 +5,7 @@ the arguments of ``birnn_fast::forward`` (see ``ops.py``) and is differentiated 
 """
 import torch
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-# Saved activations per hidden unit and direction in the op's workspace, (T, B, 2, W*H).
-WORKSPACE = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+from .cells import CELLS
 
 
 def cell_step(cell, gates_x, h, c, weight_hh, bias_hh):
@@ -28,7 +26,7 @@ def cell_step(cell, gates_x, h, c, weight_hh, bias_hh):
         return torch.tanh(gates_x + gates_h), c
     if cell == "RNN_RELU":
         return torch.relu(gates_x + gates_h), c
-    raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(GATES)}")
+    raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(CELLS)}")
 
 
 def reverse_padded(x, lengths):

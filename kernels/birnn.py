@@ -32,13 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-LSTM = tl.constexpr(0)
-GRU = tl.constexpr(1)
-RNN_TANH = tl.constexpr(2)
-RNN_RELU = tl.constexpr(3)
-CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-WORKSPACE = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+from birnn_fast.cells import CELLS as _CELL_TABLE
+
+LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
+GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
+RNN_TANH = tl.constexpr(_CELL_TABLE["RNN_TANH"].index)
+RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+CELLS = {mode: cell.index for mode, cell in _CELL_TABLE.items()}
+GATES = {mode: cell.gates for mode, cell in _CELL_TABLE.items()}
+WORKSPACE = {mode: cell.saved for mode, cell in _CELL_TABLE.items()}
 
 # K chunk of the per-step products when W_hh streams (tl.dot needs >= 16): 2-D tiles, as chunks split
 # over the warps (NK > 1) spill at 32x16 and 16x32 in Triton 3.6.
