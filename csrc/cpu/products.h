@@ -1,0 +1,186 @@
+// The products the recurrences run inside their per-direction parallel region (single-threaded
+// there), on preallocated buffers: the per-step (running rows x K) @ (K x N) products with a weight
+// every step reuses (ReusedWeight: W_hh forward and backward, W_ih in the chunked projection,
+// W_hr of a projected LSTM), and the chunk-sized products whose operands both change (gemm,
+// gemm_tn_accumulate: weight and input gradients).
+//
+// A reused float32 weight runs on the backend isa.h chose for the CPU (float32_products): the AVX2
+// panel kernel (panel_gemm.h), oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AVX-512 /
+// AMX), or at::mm (MKL). Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
+// takes a transposed operand as fast as a plain one, so weights are used in place. Products
+// smaller than one trip through the dispatcher run as plain loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "isa.h"
+#include "panel_gemm.h"
+
+namespace birnn_fast::cpu {
+
+// Products this small cost less than one trip through the dispatcher (a few microseconds): plain loops.
+constexpr int64_t kSmallMultiplyAdds = 1 << 15;
+
+// With a bias, c's rows start as copies of it and the product is accumulated onto them; returns
+// whether the product accumulates.
+template <typename T>
+bool start_with_bias(int64_t m, int64_t n, const T* bias, T* c, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(bias == nullptr || !accumulate);
+  if (bias == nullptr) {
+    return accumulate;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy_n(bias, n, c + i * ldc);
+  }
+  return true;
+}
+
+// c[m, n] = a[m, k] @ op(b) + (c[m, n] if accumulate, else bias[n] if given); row-major with
+// leading dimensions. op(b) is b[k, n], or with transpose_b the transpose of b[n, k]: a layer's
+// weights are (G*H, K), used in place by x @ W^T (forward) and by dgates @ W (backward).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, bool transpose_b, T* c,
+          int64_t ldc, bool accumulate, const T* bias = nullptr) {
+  if (m == 0 || n == 0) {
+    return;
+  }
+  accumulate = start_with_bias(m, n, bias, c, ldc, accumulate);
+  if (m * n * k <= kSmallMultiplyAdds) {
+    for (int64_t i = 0; i < m; ++i) {
+      const T* a_row = a + i * lda;
+      T* c_row = c + i * ldc;
+      if (!accumulate) {
+        std::fill_n(c_row, n, T(0));
+      }
+      if (transpose_b) {
+        for (int64_t j = 0; j < n; ++j) {
+          const T* b_row = b + j * ldb;
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t p = 0; p < k; ++p) {
+            sum += a_row[p] * b_row[p];
+          }
+          c_row[j] += sum;
+        }
+      } else {
+        for (int64_t p = 0; p < k; ++p) {
+          const T a_ip = a_row[p];
+          const T* b_row = b + p * ldb;
+          for (int64_t j = 0; j < n; ++j) {
+            c_row[j] += a_ip * b_row[j];
+          }
+        }
+      }
+    }
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
+  const at::Tensor b_view = transpose_b ? at::from_blob(const_cast<T*>(b), {k, n}, {1, ldb}, options)
+                                        : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (accumulate) {
+    c_view.addmm_(a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
+  }
+}
+
+// op(b) of a product that runs many times with the same weight (every step, every chunk), laid out
+// once per call for the float32 backend (panels for the panel kernel, (k, n) row-major for
+// brgemm); used in place through gemm() for at::mm and float64.
+template <typename T>
+class ReusedWeight {
+ public:
+  ReusedWeight(int64_t k, int64_t n, const T* b, int64_t ldb, bool transpose_b)
+      : k_(k), n_(n), b_(b), ldb_(ldb), transpose_b_(transpose_b) {
+    if constexpr (std::is_same_v<T, float>) {
+      products_ = float32_products();
+      if (products_ == Products::kPanel) {
+        panels_ = pack_panels(k, n, b, ldb, transpose_b);
+      } else if (products_ == Products::kBrgemm) {
+        rows_ = PanelStorage::acquire(k * n);
+        for (int64_t p = 0; p < k; ++p) {
+          for (int64_t j = 0; j < n; ++j) {
+            rows_[p * n + j] = transpose_b ? b[j * ldb + p] : b[p * ldb + j];
+          }
+        }
+      }
+    }
+  }
+  ReusedWeight(const ReusedWeight&) = delete;
+  ReusedWeight& operator=(const ReusedWeight&) = delete;
+
+  ~ReusedWeight() {
+    if constexpr (std::is_same_v<T, float>) {
+      if (products_ == Products::kBrgemm) {
+        at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+        PanelStorage::release(rows_);
+      }
+    }
+  }
+
+  // c[m, n] = a[m, k] @ op(b) + (c if accumulate, else bias[n] if given).
+  void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate,
+                const T* bias = nullptr) const {
+    if (m == 0) {
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (products_ == Products::kPanel) {
+        panel_gemm(m, a, lda, panels_, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
+        return;
+      }
+      if (products_ == Products::kBrgemm && m * n_ * k_ > kSmallMultiplyAdds) {
+        const bool add_c = start_with_bias(m, n_, bias, c, ldc, accumulate);
+        at::native::cpublas::brgemm(m, n_, k_, lda, n_, ldc, add_c, a, rows_.data(), c, /*is_vnni=*/false);
+        return;
+      }
+    }
+    gemm<T>(m, n_, k_, a, lda, b_, ldb_, transpose_b_, c, ldc, accumulate, bias);
+  }
+
+ private:
+  int64_t k_, n_;
+  const T* b_;
+  int64_t ldb_;
+  bool transpose_b_;
+  Products products_ = Products::kMm;
+  PanelMatrix panels_;
+  std::vector<float> rows_;
+};
+
+// c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.
+template <typename T>
+void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                        int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) {
+    return;
+  }
+  if (m * n * k <= kSmallMultiplyAdds) {
+    for (int64_t p = 0; p < k; ++p) {
+      const T* b_row = b + p * ldb;
+      for (int64_t i = 0; i < m; ++i) {
+        const T a_pi = a[p * lda + i];
+        T* c_row = c + i * ldc;
+        for (int64_t j = 0; j < n; ++j) {
+          c_row[j] += a_pi * b_row[j];
+        }
+      }
+    }
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a_view = at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, options);
+  const at::Tensor b_view = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  c_view.addmm_(a_view.t(), b_view);
+}
+
+}  // namespace birnn_fast::cpu
