@@ -29,7 +29,7 @@ def cpu_model():
 
 def onednn_isa():
     """The ISA oneDNN reports for its first primitive (ONEDNN_VERBOSE), in a child under this environment."""
-    script = "import torch; torch.nn.functional.conv2d(torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3))"
+    script = "import torch; torch.nn.LSTM(4, 4, bidirectional=True)(torch.randn(2, 1, 4))"  # runs a oneDNN primitive
     env = dict(os.environ, ONEDNN_VERBOSE="1")
     try:
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -54,7 +54,12 @@ def engine():
     from birnn_fast import backends
 
     reason = backends.why_not("cpu", torch.device("cpu"), torch.float32)
-    return reason or torch.ops.birnn_fast_cpu.engine_info()
+    if reason:
+        return reason
+    try:
+        return torch.ops.birnn_fast_cpu.engine_info()
+    except (AttributeError, RuntimeError):  # a build from before engine_info
+        return "unknown"
 
 
 @functools.lru_cache(maxsize=None)
