@@ -374,9 +374,9 @@ import torch, sys
 sys.path.insert(0, {tests!r})
 from birnn_fast import backends
 backends._load_cpu()
-from test_cpu_kernel import make_layer, cast, run_ops, run_torch, relative_error, CASES
+from test_cpu_kernel import make_layer, cast, run_ops, run_torch, relative_error
 worst = 0.0
-for cell, proj in CASES:
+for cell, proj in (("LSTM", 0), ("LSTM", 1), ("GRU", 0)):
     layer = make_layer(cell, 13, 7, 40, 48, proj and 20, [13, 1, 8, 13, 5, 12, 2], seed=5)
     ours = run_ops(cell, cast(layer, torch.float32))
     for mine, expected in zip(ours, run_torch(cell, layer)):

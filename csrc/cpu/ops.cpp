@@ -12,6 +12,7 @@
 // next to the O(T*B*G*H*(I+P)) products.
 #include <torch/library.h>
 
+#include <ostream>
 #include <string_view>
 
 #include "isa.h"
@@ -22,13 +23,19 @@ namespace {
 
 bool is_half(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
 
-std::string weight_name(int64_t index, int64_t per_direction) {
+// weights[index] by its kind ("weights[5] (weight_hh_reverse)"), formatted only into an error.
+struct WeightName {
+  int64_t index, per_direction;
+};
+
+std::ostream& operator<<(std::ostream& out, const WeightName& name) {
   static const char* kKinds[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
-  const int64_t kind = index % per_direction;
-  return "weights[" + std::to_string(index) + "] (" + kKinds[kind] + (index >= per_direction ? "_reverse)" : ")");
+  return out << "weights[" << name.index << "] (" << kKinds[name.index % name.per_direction]
+             << (name.index >= name.per_direction ? "_reverse)" : ")");
 }
 
-void check_placement(const Tensor& tensor, const std::string& name, at::ScalarType dtype) {
+template <typename Name>
+void check_placement(const Tensor& tensor, const Name& name, at::ScalarType dtype) {
   TORCH_CHECK(tensor.device().is_cpu(), "birnn_fast: expected ", name, " on the CPU (input's device), got ",
               tensor.device());
   TORCH_CHECK(tensor.scalar_type() == dtype, "birnn_fast: expected ", name, " of dtype ", dtype, ", got ",
@@ -36,7 +43,8 @@ void check_placement(const Tensor& tensor, const std::string& name, at::ScalarTy
   TORCH_CHECK(tensor.is_contiguous(), "birnn_fast: expected ", name, " to be contiguous");
 }
 
-void check_tensor(const Tensor& tensor, const std::string& name, at::IntArrayRef shape, at::ScalarType dtype) {
+template <typename Name>
+void check_tensor(const Tensor& tensor, const Name& name, at::IntArrayRef shape, at::ScalarType dtype) {
   check_placement(tensor, name, dtype);
   TORCH_CHECK(tensor.sizes() == shape, "birnn_fast: expected ", name, " of size ", shape, ", got ", tensor.sizes());
 }
@@ -59,25 +67,25 @@ Layer check_common(std::string_view cell, const Tensor& input, at::TensorList we
               weights.size(), weights.size() == 10 ? " (weight_hr is for an LSTM with projections)" : "");
   const int64_t per_direction = weights.size() / 2;
   for (size_t k = 0; k < weights.size(); ++k) {
-    check_placement(weights[k], weight_name(k, per_direction), dtype);
+    check_placement(weights[k], WeightName{static_cast<int64_t>(k), per_direction}, dtype);
   }
   const Tensor& weight_hh = weights[kWeightHh];
   TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) > 0 && weight_hh.size(0) % gates == 0 &&
                   weight_hh.size(1) > 0,
-              "birnn_fast: expected ", weight_name(kWeightHh, per_direction), " of shape (", gates,
+              "birnn_fast: expected ", WeightName{kWeightHh, per_direction}, " of shape (", gates,
               "*H, P) with H, P >= 1 for cell ", cell, ", got ", weight_hh.sizes());
   const Layer layer = layer_of(input, weights, gates);
   const int64_t B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state, GH = gates * H;
-  TORCH_CHECK(layer.projected || P == H, "birnn_fast: expected ", weight_name(kWeightHh, per_direction),
+  TORCH_CHECK(layer.projected || P == H, "birnn_fast: expected ", WeightName{kWeightHh, per_direction},
               " of shape (", GH, ", ", H, ") (square per gate without weight_hr), got ", weight_hh.sizes());
   for (int64_t d = 0; d < 2; ++d) {
     const int64_t k = d * per_direction;
-    check_tensor(weights[k + kWeightIh], weight_name(k + kWeightIh, per_direction), {GH, I}, dtype);
-    check_tensor(weights[k + kWeightHh], weight_name(k + kWeightHh, per_direction), {GH, P}, dtype);
-    check_tensor(weights[k + kBiasIh], weight_name(k + kBiasIh, per_direction), {GH}, dtype);
-    check_tensor(weights[k + kBiasHh], weight_name(k + kBiasHh, per_direction), {GH}, dtype);
+    check_tensor(weights[k + kWeightIh], WeightName{k + kWeightIh, per_direction}, {GH, I}, dtype);
+    check_tensor(weights[k + kWeightHh], WeightName{k + kWeightHh, per_direction}, {GH, P}, dtype);
+    check_tensor(weights[k + kBiasIh], WeightName{k + kBiasIh, per_direction}, {GH}, dtype);
+    check_tensor(weights[k + kBiasHh], WeightName{k + kBiasHh, per_direction}, {GH}, dtype);
     if (layer.projected) {
-      check_tensor(weights[k + kWeightHr], weight_name(k + kWeightHr, per_direction), {P, H}, dtype);
+      check_tensor(weights[k + kWeightHr], WeightName{k + kWeightHr, per_direction}, {P, H}, dtype);
     }
   }
   check_tensor(h0, "h0", {2, B, P}, dtype);
