@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis
 
-.PHONY: demo test bench
+.PHONY: demo test bench bench-avx2 test-cpu-isa
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -22,3 +22,16 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/cpu.json
+
+# The ISA ceiling every CPU library in the process honours (oneDNN, MKL, torch's own kernels, ours).
+AVX2_CEILING := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+
+bench-avx2: $(VENV)/.installed
+	$(AVX2_CEILING) $(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/cpu_avx2.json
+
+# The CPU kernel's tests under the native ISA, then under the AVX2 ceiling (on an AVX2 machine the
+# two are the same; the ISA tests in test_cpu_kernel.py force every level in subprocesses either way).
+test-cpu-isa: $(VENV)/.installed
+	$(PY) -m pytest tests/test_cpu_kernel.py -q
+	$(AVX2_CEILING) $(PY) -m pytest tests/test_cpu_kernel.py -q
+	$(AVX2_CEILING) $(PY) -m pytest tests/test_modules.py -q -k "cpu and not slow"

@@ -3,6 +3,8 @@ since pytest-benchmark's own table has no ratio column and cannot show extra_inf
 import pytest
 import torch
 
+import cpu_machine
+
 _speed = []
 _memory = []
 
@@ -29,6 +31,7 @@ def pytest_terminal_summary(terminalreporter):
         backends = sorted({extra["backend"] for (_, impl), extra in info.items() if impl == "fast"})
         terminalreporter.section("birnn_fast speed: torch median / fast median (> 1: fast is faster)")
         write(f"fast backend: {', '.join(backends)}; threads: {torch.get_num_threads()}")
+        write(f"machine: {cpu_machine.describe(cpu_machine.machine_facts())}")
         write("| case | torch ms | fast ms | speedup | fast tok/s | fast GFLOP/s | torch GFLOP/s |")
         write("|---|---:|---:|---:|---:|---:|---:|")
         for name, pair in medians.items():
@@ -46,6 +49,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """Keep the peak-memory results next to the timings, for plot.py and later comparisons."""
+    """Keep the machine facts and the peak-memory results next to the timings, for plot.py and later
+    comparisons."""
+    output_json["birnn_fast_machine"] = cpu_machine.machine_facts()
     if _memory:
         output_json["birnn_fast_peak_memory"] = [{"case": name, "peak_bytes": peaks} for name, peaks in _memory]

@@ -29,6 +29,18 @@ def load_pairs(path):
     return pairs, sorted(backends), report
 
 
+def machine_line(report):
+    """The machine a run recorded (benchmarks/cpu_machine.py), on one or two lines for the chart."""
+    facts = report.get("birnn_fast_machine")
+    if not facts:
+        return report.get("machine_info", {}).get("cpu", {}).get("brand_raw", "")
+    ceilings = " ".join(f"{name}={facts[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                                             "ATEN_CPU_CAPABILITY") if facts.get(name))
+    return (f"{facts['cpu']}, torch {facts['torch']} ({facts['torch_cpu_capability']}), oneDNN ISA "
+            f"{facts['onednn_isa']}, commit {facts['commit']}{', ' + ceilings if ceilings else ''}\n"
+            f"birnn_fast CPU engine: {facts['birnn_fast_cpu']}")
+
+
 def markdown(pairs, report):
     lines = ["| case | torch median ms | fast median ms | torch / fast |", "|---|---:|---:|---:|"]
     for case, pair in pairs.items():
@@ -69,9 +81,9 @@ def plot(pairs, backends, report, out):
     axes.axvline(1.0, color="black", linewidth=0.8)
     for row, speedup in enumerate(speedups):
         axes.text(speedup, row, f" {speedup:.2f}x", va="center", fontsize=7)
-    cpu = report.get("machine_info", {}).get("cpu", {}).get("brand_raw", "")
     axes.set_xlabel("speedup over torch (torch median / fast median), log scale")
-    axes.set_title(f"birnn_fast vs torch, fp32 CPU (fast backend: {', '.join(backends)})\n{cpu}", fontsize=9)
+    axes.set_title(f"birnn_fast vs torch on CPU (fast backend: {', '.join(backends)})\n{machine_line(report)}",
+                   fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
@@ -86,7 +98,8 @@ def main():
     if not pairs:
         raise SystemExit(f"{args.json} holds no torch/fast pairs: was it written by `pytest benchmarks/ --benchmark-json=...`?")
     out = args.out or os.path.splitext(args.json)[0] + "_speedup.png"
-    print(f"fast backend: {', '.join(backends)}\n")
+    print(f"fast backend: {', '.join(backends)}")
+    print(f"machine: {machine_line(report)}\n")
     print(markdown(pairs, report))
     try:
         plot(pairs, backends, report, out)

@@ -1,4 +1,5 @@
-"""FastBi{LSTM,GRU,RNN} against torch's bidirectional nn.{LSTM,GRU,RNN} on CPU, fp32.
+"""FastBi{LSTM,GRU,RNN} against torch's bidirectional nn.{LSTM,GRU,RNN} on CPU: fp32, bf16, an fp32
+model under autocast(bfloat16), and three shapes of real clients (workloads.all_cases).
 
     pytest benchmarks/                                   # ~5 minutes on 2 idle cores (reference backend)
     pytest benchmarks/ --benchmark-max-time=0.3          # shorter: fewer rounds per case (>= 3)
@@ -9,7 +10,9 @@ Each case is one benchmark group holding the pair `torch` / `fast`, so pytest-be
 reads as pairs; the summary at the end prints the speedups. extra_info carries tokens/s (real
 tokens only) and GFLOP/s (useful flops, see workloads.useful_flops). Without the C++ backend built,
 `fast` measures the pure-PyTorch reference (birnn_fast warns once). test_peak_memory reports the
-peak memory of a training step per side (see peak_memory.py) in the same summary.
+peak memory of a training step per side (see peak_memory.py) in the same summary. The JSON and the
+summary record the machine (cpu_machine.py): CPU model, torch's and oneDNN's ISA, what birnn_fast's
+CPU engine runs, torch version, commit. `make bench-avx2` runs it all under the AVX2 ceiling.
 """
 import time
 
@@ -28,12 +31,20 @@ CASES = {case.name: case for case in all_cases()}
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_speed(benchmark, request, case_name, impl, speed_results):
     case = CASES[case_name]
-    workload = Workload(case)
+    # --benchmark-disable (CI) only checks that every case runs: 8 steps of each are enough.
+    workload = Workload(case, max_steps=8 if benchmark.disabled else None)
+    if impl == "torch" and case.precision == "autocast":
+        try:
+            workload.step(impl)
+        except RuntimeError as error:  # oneDNN's bf16 LSTM needs AVX-512 (avx512_core)
+            pytest.skip(f"torch's LSTM under autocast(bfloat16) does not run on this CPU: {str(error)[:120]}")
     benchmark.group = case.name
+    dtype = torch.float32 if case.precision == "float32" else torch.bfloat16
     benchmark.extra_info.update(
         cell=case.cell, shape=case.shape, layers=case.layers, mode=case.mode, lengths=case.lengths,
+        precision=case.precision, autocast_emulated=workload.emulated,
         tokens=workload.tokens, flops=workload.flops, threads=torch.get_num_threads(),
-        backend=backends.select(torch.device("cpu"), torch.float32) if impl == "fast" else "torch",
+        backend=backends.select(torch.device("cpu"), dtype) if impl == "fast" else "torch",
     )
     if benchmark.disabled:
         output = benchmark(workload.step, impl)
@@ -51,6 +62,8 @@ def test_speed(benchmark, request, case_name, impl, speed_results):
         benchmark.extra_info.update(tokens_per_s=workload.tokens / median, gflop_per_s=workload.flops / median / 1e9)
         speed_results.append((case.name, impl, median, benchmark.extra_info))
     assert output.shape == (*workload.input.shape[:2], 2 * SHAPES[case.shape][3])
+    if case.precision != "float32":
+        assert output.dtype == torch.bfloat16
 
 
 def _seconds(function, *args):

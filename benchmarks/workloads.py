@@ -17,6 +17,10 @@ SHAPES = {
     "tiny": (4, 1, 16, 32),
     "sentiment": (64, 32, 256, 256),
     "tagging": (128, 64, 300, 256),
+    # Real clients: a TTS duration / prosody predictor, a diarization segmentation stack, a speech encoder.
+    "tts": (200, 1, 512, 256),
+    "diarization": (589, 32, 60, 128),
+    "speech": (400, 16, 80, 512),
 }
 MODULES = {
     "LSTM": (nn.LSTM, FastBiLSTM, 4),
@@ -33,20 +37,28 @@ class Case:
     layers: int
     mode: str  # infer, train
     lengths: str  # equal, varlen
+    # float32; bfloat16 (model and input in bf16 on both sides); autocast (an fp32 model under
+    # torch.autocast("cpu", torch.bfloat16))
+    precision: str = "float32"
 
     @property
     def name(self):
         steps, batch, inputs, hidden = SHAPES[self.shape]
+        suffix = "" if self.precision == "float32" else f"-{self.precision}"
         return (f"{self.cell}-{self.shape}(T{steps},B{batch},I{inputs},H{hidden})-L{self.layers}-"
-                f"{self.mode}-{self.lengths}")
+                f"{self.mode}-{self.lengths}{suffix}")
 
 
 def all_cases():
     cases = [Case("LSTM", shape, layers, mode, lengths)
-             for shape in SHAPES for layers in (1, 2) for mode in ("infer", "train")
+             for shape in ("tiny", "sentiment", "tagging") for layers in (1, 2) for mode in ("infer", "train")
              for lengths in ("equal", "varlen")]
     cases += [Case(cell, "sentiment", 1, mode, lengths)
               for cell in ("GRU", "RNN") for mode in ("infer", "train") for lengths in ("equal", "varlen")]
+    cases += [Case("LSTM", "sentiment", 1, mode, "equal", "bfloat16") for mode in ("infer", "train")]
+    cases += [Case("LSTM", "sentiment", 1, "infer", "equal", "autocast")]
+    cases += [Case("LSTM", "tts", 1, "infer", "equal"), Case("LSTM", "diarization", 4, "train", "equal"),
+              Case("LSTM", "speech", 2, "train", "varlen")]
     return cases
 
 
@@ -68,19 +80,36 @@ def useful_flops(case, tokens):
     return per_token * tokens * (3 if case.mode == "train" else 1)
 
 
-class Workload:
-    """Both layers of a case, its input, lengths and a random cotangent; `step(impl)` is what is timed."""
+def autocast_honoured(module, x):
+    """Whether `module` computes in bf16 under torch.autocast("cpu", torch.bfloat16), as nn.LSTM does."""
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        return module(x[:1, :1])[0].dtype == torch.bfloat16
 
-    def __init__(self, case):
+
+class Workload:
+    """Both layers of a case, its input, lengths and a random cotangent; `step(impl)` is what is timed.
+
+    For the autocast case the fast side runs under autocast once FastBi* honours it; until then it
+    runs a bf16 copy of the model on bf16 input, which is what autocast would run (`emulated`).
+    `max_steps` shortens the sequence (a smoke run that only checks the case still runs)."""
+
+    def __init__(self, case, max_steps=None):
         self.case = case
         steps, batch, inputs, hidden = SHAPES[case.shape]
+        steps = min(steps, max_steps or steps)
         torch_class, fast_class, _ = MODULES[case.cell]
         torch.manual_seed(SEED)
         self.modules = {"torch": torch_class(inputs, hidden, case.layers, bidirectional=True)}
         self.modules["fast"] = fast_class(inputs, hidden, case.layers)
         self.modules["fast"].load_state_dict(self.modules["torch"].state_dict())
-        self.input = torch.randn(steps, batch, inputs, requires_grad=case.mode == "train")
-        self.cotangent = torch.randn(steps, batch, 2 * hidden)
+        dtype = torch.bfloat16 if case.precision == "bfloat16" else torch.float32
+        for module in self.modules.values():
+            module.to(dtype)
+        self.input = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=case.mode == "train")
+        self.cotangent = torch.randn(steps, batch, 2 * hidden, dtype=dtype)
+        self.emulated = case.precision == "autocast" and not autocast_honoured(self.modules["fast"], self.input)
+        if self.emulated:
+            self.modules["fast"].to(torch.bfloat16)
         if case.lengths == "varlen":
             self.lengths = make_lengths(steps, batch)
         else:
@@ -90,14 +119,22 @@ class Workload:
 
     def forward(self, impl):
         """Output (T, B, 2H), zeros past each row's length, as a user would get it from each layer."""
+        if self.case.precision == "autocast":
+            if impl == "fast" and self.emulated:
+                return self._forward(impl, self.input.to(torch.bfloat16))
+            with torch.autocast("cpu", torch.bfloat16):
+                return self._forward(impl, self.input)
+        return self._forward(impl, self.input)
+
+    def _forward(self, impl, x):
         module = self.modules[impl]
         if self.case.lengths == "equal":
-            return module(self.input)[0]
+            return module(x)[0]
         if impl == "fast":
-            return module(self.input, lengths=self.lengths)[0]
+            return module(x, lengths=self.lengths)[0]
         # Packing and unpacking are part of what a torch user pays for variable lengths.
-        packed = pack_padded_sequence(self.input, self.lengths, enforce_sorted=False)
-        output, _ = pad_packed_sequence(module(packed)[0], total_length=self.input.shape[0])
+        packed = pack_padded_sequence(x, self.lengths, enforce_sorted=False)
+        output, _ = pad_packed_sequence(module(packed)[0], total_length=x.shape[0])
         return output
 
     def step(self, impl):
@@ -108,7 +145,7 @@ class Workload:
         self.modules[impl].zero_grad(set_to_none=True)
         self.input.grad = None
         output = self.forward(impl)
-        (output * self.cotangent).sum().backward()
+        (output * self.cotangent.to(output.dtype)).sum().backward()
         return output
 
 

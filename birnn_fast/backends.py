@@ -18,7 +18,7 @@ from . import library  # noqa: F401  (the schemas, before any backend registers 
 
 BACKENDS = ("cpu", "triton", "reference")
 _DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 _load_errors = {}

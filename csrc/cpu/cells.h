@@ -1,5 +1,6 @@
 // The element-wise math of the four cells, one row of H units at a time: the only place where the
-// cells differ. The recurrence (birnn.cpp) is written once and takes a cell as a template argument.
+// cells differ. The recurrences (forward.cpp, backward.cpp) are written once and take a cell as a
+// template argument.
 //
 // Every cell offers the same two row functions:
 //   forward(H, gx, gh, bias_hh, h, c, saved, out)
@@ -11,6 +12,9 @@
 //     that does not go through W_hh (only if kDirectHiddenGrad; otherwise the caller's GEMM
 //     overwrites it); dc: [H] same for c, overwritten with dc_prev; dgx, dgh: [G*H] gradients of
 //     the pre-activations through W_ih and through W_hh (equal unless kSplitGateGrad).
+// A projected LSTM (h_t = W_hr (o * tanh(c_t))) passes h = out = its (H) buffer of o * tanh(c_t) to
+// forward, and to backward the gradient reaching that buffer as dh with a zero grad_out; its
+// backward recomputes the buffer from the saved activations (LstmCell::unprojected).
 #pragma once
 
 #include <cmath>
@@ -93,8 +97,22 @@ struct LstmCell {
   static constexpr int kSaved = 5;
   static constexpr bool kHasCellState = true;
   static constexpr int kCellStateSlot = 4;  // where c_t sits in saved, in units of H
+  static constexpr int kOutputGateSlot = 3;
   static constexpr bool kSplitGateGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
+  static constexpr bool kCanProject = true;
+
+  // o * tanh(c_t) of one row, as forward computed it, from its saved activations.
+  template <typename T>
+  static BIRNN_INLINE void unprojected(int64_t H, const T* saved, T* out) {
+    using A = Activation<T>;
+    const T* o = saved + kOutputGateSlot * H;
+    const T* c_t = saved + kCellStateSlot * H;
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      out[k] = o[k] * A::tanh(c_t[k]);
+    }
+  }
 
   template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* c,
@@ -153,6 +171,7 @@ struct GruCell {
   // r scales only the hidden half of n's pre-activation, so the two weight gradients differ there.
   static constexpr bool kSplitGateGrad = true;
   static constexpr bool kDirectHiddenGrad = true;
+  static constexpr bool kCanProject = false;
 
   template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* /*c*/,
@@ -202,6 +221,7 @@ struct ElmanCell {
   static constexpr bool kHasCellState = false;
   static constexpr bool kSplitGateGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
+  static constexpr bool kCanProject = false;
 
   template <bool kSave, typename T>
   static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* gh, const T* bias_hh, T* h, T* /*c*/,

@@ -1,14 +1,12 @@
-// Products whose weight is the same on every step or chunk, c[m, n] (+)= a[m, k] @ op(b)[k, n] (the
-// recurrent product, the input projection): op(b) is packed once per call into panels of 16 columns
-// (k x 16, contiguous, zero-padded past n), and each product runs an AVX2/FMA micro-kernel over
-// them, 6 rows x 16 columns at a time.
+// The AVX2/FMA panel kernel for products whose weight is the same on every step or chunk,
+// c[m, n] (+)= a[m, k] @ op(b)[k, n]: op(b) is packed once per call into panels of 16 columns
+// (k x 16, contiguous, zero-padded past n), and each product runs a micro-kernel over them, 6 rows x
+// 16 columns at a time, streaming the weight once per product while a's rows stay in cache.
 //
-// Why not MKL's sgemm: called once per step, it repacks the 1 MiB weight every time (its
-// scopy_right/down routines took ~12% of the sentiment batch's forward and backward under perf), and
-// with few rows -- the late steps of a batch with mixed lengths -- it ran 29-60 GFLOP/s (4-16 rows,
-// 256 x 1024 weight, one thread) where the packed kernel streams the weight once per step.
-//
-// float32 only, on CPUs with AVX2 and FMA (checked at run time); otherwise callers use gemm().
+// It runs where the CPU's (or the ceiling's) widest vectors are AVX2 (isa.h): there it beats MKL's
+// sgemm, which repacks the weight on every call, and oneDNN's brgemm, at every row count the
+// recurrence uses (benchmarks/cpu_products.py; figures in benchmarks/results/cpu_*.md).
+// float32 only; callers check panel_gemm_supported().
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,9 +25,9 @@ namespace birnn_fast::cpu {
 constexpr int64_t kPanelColumns = 16;
 
 // Storage for packed weights, recycled within a thread. A weight is 1 MiB or more per direction and
-// call, and a fresh block of that size is mapped anew and faults its pages in on every call (~0.5 ms
-// per MiB on the development VM). Each thread keeps its two largest blocks (a layer's W_ih and W_hh;
-// with more layers, the largest of them) and hands out the smallest that fits.
+// call, and a fresh block of that size is mapped anew and faults its pages in on every call. Each
+// thread keeps its two largest blocks (a layer's W_ih and W_hh; with more layers, the largest of
+// them) and hands out the smallest that fits.
 class PanelStorage {
  public:
   static std::vector<float> acquire(size_t size) {

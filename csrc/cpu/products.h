@@ -1,24 +1,25 @@
-// The GEMMs the recurrences run inside their per-direction parallel region (single-threaded there),
-// on preallocated buffers: the per-step (active rows x H) @ (H x G*H) products, and the input
-// projections and weight gradients of a chunk of steps.
+// The products the recurrences run inside their per-direction parallel region (single-threaded
+// there), on preallocated buffers: the per-step (running rows x K) @ (K x N) products with a weight
+// every step reuses (ReusedWeight: W_hh forward and backward, W_ih in the chunked projection,
+// W_hr of a projected LSTM), and the chunk-sized products whose operands both change (gemm,
+// gemm_tn_accumulate: weight and input gradients).
 //
-// - A product whose weight is the same on every step or chunk (ReusedWeight: the recurrent weight
-//   in forward and backward, W_ih in the forward projection) runs on the panel kernel of
-//   panel_gemm.h, the weight packed once per call: 94-100 GFLOP/s on one core of the development
-//   VM (2-core AMD EPYC exposing AVX2 but not AVX-512) at 4-256 rows, where MKL's sgemm ran 29-92.
-// - The rest (the weight gradients, whose operands both change per chunk; the input gradient;
-//   float64; CPUs without AVX2) goes to at::mm (MKL). Measured alternatives for 64x256 @ 256x1024
-//   on one thread: at::mm ~80 GFLOP/s, mkldnn::_linear_pointwise with a plain or prepacked weight
-//   ~78, cpublas::brgemm (oneDNN ukernel) ~54; MKL takes a transposed operand as fast as a plain
-//   one, so weights are never transposed. Re-measure on a machine whose oneDNN can use AVX-512.
+// A reused float32 weight runs on the backend isa.h chose for the CPU (float32_products): the AVX2
+// panel kernel (panel_gemm.h), oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AVX-512 /
+// AMX), or at::mm (MKL). Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
+// takes a transposed operand as fast as a plain one, so weights are used in place. Products
+// smaller than one trip through the dispatcher run as plain loops.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
+#include "isa.h"
 #include "panel_gemm.h"
 
 namespace birnn_fast::cpu {
@@ -91,17 +92,36 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
   }
 }
 
-// op(b) of a product that runs many times with the same weight (every step, every chunk): packed
-// into panels once for float32 on AVX2 (panel_gemm.h), else used in place through gemm().
+// op(b) of a product that runs many times with the same weight (every step, every chunk), laid out
+// once per call for the float32 backend (panels for the panel kernel, (k, n) row-major for
+// brgemm); used in place through gemm() for at::mm and float64.
 template <typename T>
 class ReusedWeight {
  public:
   ReusedWeight(int64_t k, int64_t n, const T* b, int64_t ldb, bool transpose_b)
       : k_(k), n_(n), b_(b), ldb_(ldb), transpose_b_(transpose_b) {
     if constexpr (std::is_same_v<T, float>) {
-      if (panel_gemm_supported()) {
+      products_ = float32_products();
+      if (products_ == Products::kPanel) {
         panels_ = pack_panels(k, n, b, ldb, transpose_b);
-        packed_ = true;
+      } else if (products_ == Products::kBrgemm) {
+        rows_ = PanelStorage::acquire(k * n);
+        for (int64_t p = 0; p < k; ++p) {
+          for (int64_t j = 0; j < n; ++j) {
+            rows_[p * n + j] = transpose_b ? b[j * ldb + p] : b[p * ldb + j];
+          }
+        }
+      }
+    }
+  }
+  ReusedWeight(const ReusedWeight&) = delete;
+  ReusedWeight& operator=(const ReusedWeight&) = delete;
+
+  ~ReusedWeight() {
+    if constexpr (std::is_same_v<T, float>) {
+      if (products_ == Products::kBrgemm) {
+        at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+        PanelStorage::release(rows_);
       }
     }
   }
@@ -109,9 +129,17 @@ class ReusedWeight {
   // c[m, n] = a[m, k] @ op(b) + (c if accumulate, else bias[n] if given).
   void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate,
                 const T* bias = nullptr) const {
+    if (m == 0) {
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
-      if (packed_) {
+      if (products_ == Products::kPanel) {
         panel_gemm(m, a, lda, panels_, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
+        return;
+      }
+      if (products_ == Products::kBrgemm && m * n_ * k_ > kSmallMultiplyAdds) {
+        const bool add_c = start_with_bias(m, n_, bias, c, ldc, accumulate);
+        at::native::cpublas::brgemm(m, n_, k_, lda, n_, ldc, add_c, a, rows_.data(), c, /*is_vnni=*/false);
         return;
       }
     }
@@ -123,8 +151,9 @@ class ReusedWeight {
   const T* b_;
   int64_t ldb_;
   bool transpose_b_;
-  bool packed_ = false;
+  Products products_ = Products::kMm;
   PanelMatrix panels_;
+  std::vector<float> rows_;
 };
 
 // c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.

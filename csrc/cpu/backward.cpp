@@ -1,0 +1,374 @@
+// birnn_fast::backward on the CPU: the two recurrences in reverse time, one per thread, computing
+// the gate gradients of every step from forward's workspace and output, each step one product
+// dgates_h @ W_hh over the rows still running.
+//
+// The products around the recurrences -- weight, bias and input gradients -- run over the real
+// tokens only: on two threads or fewer inside each direction's thread, a chunk of steps at a time
+// on buffers that stay in cache (ChunkedGradients); with more threads as a few multi-threaded
+// GEMMs after the recurrences, on dgates (N, 2*G*H). A projected LSTM's grad W_hr is summed inside
+// the direction's thread in both cases, a chunk of rows at a time (Projection).
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <optional>
+
+#include "isa.h"
+#include "kernels.h"
+#include "products.h"
+#include "schedule.h"
+
+namespace birnn_fast::cpu {
+namespace {
+
+template <typename T>
+struct BackwardArgs {
+  const Schedule* schedule;
+  int64_t direction, step, hidden, state;
+  const T* grad_output;  // (T, B, 2P)
+  const T* h0;           // (B, P) this direction's, caller's order
+  const T* c0;           // (B, H) this direction's, caller's order, LSTM only
+  const T* output;       // (T, B, 2P)
+  const T* workspace;
+  T* dh;              // (B, P) sorted
+  T* dc;              // (B, H) sorted, LSTM only
+  T* dgates_x;        // (N, 2GH) packed, when the gradients are computed after the loop
+  T* dgates_h;        // (N, 2GH) packed, written only if the cell splits its gate gradients
+  T* chunk_dgates_x;  // (B, GH) this step's rows in ChunkedGradients::dgates_x, when by chunks
+  T* chunk_dgates_h;  // (B, GH) same in ChunkedGradients::dgates_h
+  T* step_dgates_h;   // (B, GH) sorted: this step's, the operand of the recurrent GEMM
+  const T* dunprojected;  // (B, H) sorted: gradient reaching o * tanh(c_t), projected LSTM only
+  const T* zeros;         // (H) zeros: the projected cell's grad_out
+};
+
+template <typename Cell, typename T>
+struct BackwardRows {
+  static BIRNN_INLINE void run(const BackwardArgs<T>& a) {
+    const Schedule& schedule = *a.schedule;
+    const int64_t H = a.hidden, P = a.state, GH = Cell::kGates * H, WH = Cell::kSaved * H, B = schedule.batch;
+    const int64_t d = a.direction;
+    const int64_t rows = schedule.active[a.step];
+    const bool projected = a.dunprojected != nullptr;
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t b = schedule.order[j];
+      const int64_t t = schedule.time(a.step, j, d);
+      const int64_t row = t * B + b, token = schedule.packed(t, j);
+      // The previous step's state: h0/c0 at a row's first step, else what that step stored.
+      const int64_t prev_t = d == 0 ? t - 1 : t + 1;
+      const bool first = a.step == 0;
+      const T* h_prev = first ? a.h0 + b * P : a.output + (prev_t * B + b) * 2 * P + d * P;
+      const T* c_prev = nullptr;
+      if constexpr (Cell::kHasCellState) {
+        c_prev = first ? a.c0 + b * H
+                       : a.workspace + (schedule.packed(prev_t, j) * 2 + d) * WH + Cell::kCellStateSlot * H;
+      }
+      T* step_dgh = a.step_dgates_h + j * GH;
+      // The cell reads dh (and writes it if kDirectHiddenGrad, which no projected cell has).
+      T* dh = projected ? const_cast<T*>(a.dunprojected) + j * H : a.dh + j * P;
+      const T* grad_out = projected ? a.zeros : a.grad_output + row * 2 * P + d * P;
+      Cell::backward(H, a.workspace + (token * 2 + d) * WH, h_prev, c_prev, a.output + row * 2 * P + d * P, grad_out,
+                     dh, Cell::kHasCellState ? a.dc + j * H : nullptr,
+                     a.chunk_dgates_x != nullptr ? a.chunk_dgates_x + j * GH : a.dgates_x + token * 2 * GH + d * GH,
+                     step_dgh);
+      if constexpr (Cell::kSplitGateGrad) {
+        T* dgh = a.chunk_dgates_h != nullptr ? a.chunk_dgates_h + j * GH : a.dgates_h + token * 2 * GH + d * GH;
+        std::memcpy(dgh, step_dgh, GH * sizeof(T));
+      }
+    }
+  }
+};
+
+// A projected LSTM's h_t = W_hr r_t with r_t = o * tanh(c_t): per step, the gradient reaching h_t
+// (recurrent plus grad_output) goes back through W_hr to r_t, and grad W_hr sums
+// (gradient at h_t)^T r_t, over `capacity` rows at a time.
+template <typename T>
+struct Projection {
+  const ReusedWeight<T>* weight_hr;  // g @ W_hr: (rows, P) -> (rows, H)
+  int64_t capacity;
+  T* dh_total;       // (capacity, P)
+  T* unprojected;    // (capacity, H)
+  T* grad_weight_hr;  // (P, H), accumulated
+  int64_t filled = 0;
+
+  void flush(int64_t P, int64_t H) {
+    gemm_tn_accumulate<T>(P, H, filled, dh_total, P, unprojected, H, grad_weight_hr, H);
+    filled = 0;
+  }
+};
+
+template <typename T>
+void project_step(const BackwardArgs<T>& a, Projection<T>& projection, T* dunprojected) {
+  const Schedule& schedule = *a.schedule;
+  const int64_t H = a.hidden, P = a.state, WH = LstmCell::kSaved * H, B = schedule.batch, d = a.direction;
+  const int64_t rows = schedule.active[a.step];
+  if (projection.filled + rows > projection.capacity) {
+    projection.flush(P, H);
+  }
+  T* total = projection.dh_total + projection.filled * P;
+  T* unprojected = projection.unprojected + projection.filled * H;
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t t = schedule.time(a.step, j, d);
+    const T* grad_out = a.grad_output + (t * B + schedule.order[j]) * 2 * P + d * P;
+    for (int64_t p = 0; p < P; ++p) {
+      total[j * P + p] = a.dh[j * P + p] + grad_out[p];
+    }
+    LstmCell::unprojected(H, a.workspace + (schedule.packed(t, j) * 2 + d) * WH, unprojected + j * H);
+  }
+  projection.weight_hr->multiply(rows, total, P, dunprojected, H, /*accumulate=*/false);
+  projection.filled += rows;
+}
+
+template <typename T>
+struct ChunkedGradients {
+  const T* input;      // (T, B, I)
+  const T* weight_ih;  // (GH, I), this direction's
+  int64_t inputs, steps_per_chunk;
+  T* x;               // (rows, I): the chunk's input rows, then their input gradients
+  T* h_prev;          // (rows, P): the states the chunk's steps started from
+  T* dgates_x;        // (rows, GH)
+  T* dgates_h;        // (rows, GH), if the cell splits its gate gradients
+  T* grad_input;      // (T, B, I), zeroed, accumulated by both directions under grad_input_locks
+  std::mutex* grad_input_locks;  // by time step
+  T* grad_weight_ih;  // (GH, I), accumulated
+  T* grad_weight_hh;  // (GH, P), accumulated
+  T* grad_bias_ih;    // (GH), accumulated
+  T* grad_bias_hh;    // (GH), accumulated
+};
+
+// Adds the gradients of steps [first, last), whose gate gradients are in the chunk buffers.
+template <typename Cell, typename T>
+void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, int64_t first, int64_t last,
+                     const std::vector<int64_t>& starts) {
+  const Schedule& schedule = *args.schedule;
+  const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H, I = g.inputs, B = schedule.batch;
+  const int64_t d = args.direction, rows = starts.back();
+  const T* dgates_h = Cell::kSplitGateGrad ? g.dgates_h : g.dgates_x;
+  gather_chunk_inputs(schedule, d, first, last, starts, g.input, I, g.x);
+  for (int64_t step = first; step < last; ++step) {
+    for (int64_t j = 0; j < schedule.active[step]; ++j) {
+      const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d), b = schedule.order[j];
+      const T* h_prev = step == 0 ? args.h0 + b * P : args.output + ((d == 0 ? t - 1 : t + 1) * B + b) * 2 * P + d * P;
+      std::copy_n(h_prev, P, g.h_prev + r * P);
+    }
+  }
+  gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I);
+  gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < GH; ++k) {
+      g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
+      g.grad_bias_hh[k] += dgates_h[r * GH + k];
+    }
+  }
+  // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
+  gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
+  for (int64_t step = first; step < last; ++step) {
+    for (int64_t j = 0; j < schedule.active[step]; ++j) {
+      const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
+      const T* contribution = g.x + r * I;
+      T* grad_input = g.grad_input + (t * B + schedule.order[j]) * I;
+      // Each element gets exactly two additions onto zero, one per direction: the order is immaterial.
+      const std::lock_guard<std::mutex> lock(g.grad_input_locks[t]);
+      for (int64_t i = 0; i < I; ++i) {
+        grad_input[i] += contribution[i];
+      }
+    }
+  }
+}
+
+template <typename Cell, typename T>
+void backward_direction(BackwardArgs<T> args, const ReusedWeight<T>& weight_hh, Projection<T>* projection,
+                        T* dunprojected, const ChunkedGradients<T>* chunked) {
+  const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H;
+  const Schedule& schedule = *args.schedule;
+  const int64_t longest = schedule.longest();
+  const int64_t chunk = chunked != nullptr ? chunked->steps_per_chunk : longest;
+  for (int64_t last = longest; last > 0; last -= chunk) {
+    const int64_t first = std::max<int64_t>(0, last - chunk);
+    const std::vector<int64_t> starts = chunk_starts(schedule, first, last);
+    for (int64_t step = last - 1; step >= first; --step) {
+      args.step = step;
+      if (chunked != nullptr) {
+        args.chunk_dgates_x = chunked->dgates_x + starts[step - first] * GH;
+        args.chunk_dgates_h = Cell::kSplitGateGrad ? chunked->dgates_h + starts[step - first] * GH : nullptr;
+      }
+      if constexpr (Cell::kCanProject) {
+        if (projection != nullptr) {
+          project_step(args, *projection, dunprojected);
+        }
+      }
+      run_rows<BackwardRows<Cell, T>>(args);
+      weight_hh.multiply(schedule.active[step], args.step_dgates_h, GH, args.dh, P,
+                         /*accumulate=*/Cell::kDirectHiddenGrad);
+    }
+    if (chunked != nullptr) {
+      chunk_gradients<Cell, T>(args, *chunked, first, last, starts);
+    }
+  }
+  if (projection != nullptr) {
+    projection->flush(P, H);
+  }
+}
+
+// (N, 2P) packed: the state each token's step started from, per direction: h0 at a row's first
+// step, else the output of the step before it (time t - 1 forward, t + 1 in reverse).
+template <typename T>
+Tensor previous_states(const Schedule& schedule, const Tensor& output, const Tensor& h0) {
+  const int64_t B = schedule.batch, P = h0.size(2);
+  Tensor h_prev = at::empty({schedule.tokens, 2 * P}, output.options());
+  const T* out = output.data_ptr<T>();
+  const T* initial = h0.data_ptr<T>();
+  T* dst = h_prev.data_ptr<T>();
+  at::parallel_for(0, schedule.longest(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < schedule.active[t]; ++j) {
+        const int64_t b = schedule.order[j];
+        T* row = dst + schedule.packed(t, j) * 2 * P;
+        std::copy_n(t == 0 ? initial + b * P : out + ((t - 1) * B + b) * 2 * P, P, row);
+        std::copy_n(t == schedule.lengths[j] - 1 ? initial + (B + b) * P : out + ((t + 1) * B + b) * 2 * P + P, P,
+                    row + P);
+      }
+    }
+  });
+  return h_prev;
+}
+
+template <typename Cell, typename T>
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths, const Tensor& output,
+    const Tensor& workspace) {
+  const Layer layer = layer_of(input, weights, Cell::kGates);
+  const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
+  const int64_t GH = Cell::kGates * H;
+  const Schedule schedule(lengths, steps);
+
+  Tensor dh = reorder_states<T>(schedule, grad_h_n, /*to_sorted=*/true);
+  Tensor dc = Cell::kHasCellState ? reorder_states<T>(schedule, grad_c_n, /*to_sorted=*/true) : Tensor();
+  Tensor step_dgates_h = at::empty({2, B, GH}, input.options());
+  const bool chunked = by_chunks();
+  const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
+  Tensor dgates_x, dgates_h, grad_input;
+  std::vector<Tensor> grad_weights(weights.size());  // in the order of weights
+  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h;
+  std::vector<std::mutex> grad_input_locks(chunked ? steps : 0);
+  if (chunked) {
+    chunk_x = at::empty({2, chunk_rows, I}, input.options());
+    chunk_h_prev = at::empty({2, chunk_rows, P}, input.options());
+    chunk_dgates_x = at::empty({2, chunk_rows, GH}, input.options());
+    chunk_dgates_h = Cell::kSplitGateGrad ? at::empty_like(chunk_dgates_x) : chunk_dgates_x;
+    grad_input = empty_large(input.sizes(), input.options()).zero_();
+    for (size_t k = 0; k < weights.size(); ++k) {
+      grad_weights[k] = at::zeros_like(weights[k]);
+    }
+  } else {
+    dgates_x = at::empty({schedule.tokens, 2 * GH}, input.options());
+    dgates_h = Cell::kSplitGateGrad ? at::empty_like(dgates_x) : dgates_x;
+  }
+  Tensor proj_dh_total, proj_unprojected, dunprojected, zeros;
+  if (layer.projected) {
+    proj_dh_total = at::empty({2, chunk_rows, P}, input.options());
+    proj_unprojected = at::empty({2, chunk_rows, H}, input.options());
+    dunprojected = at::empty({2, B, H}, input.options());
+    zeros = at::zeros({H}, input.options());
+    for (int64_t d = 0; d < 2; ++d) {
+      const int64_t k = d * layer.per_direction() + kWeightHr;
+      if (!grad_weights[k].defined()) {
+        grad_weights[k] = at::zeros_like(weights[k]);
+      }
+    }
+  }
+
+  at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      const BackwardArgs<T> args{&schedule,
+                                 d,
+                                 /*step=*/0,
+                                 H,
+                                 P,
+                                 grad_output.data_ptr<T>(),
+                                 h0.data_ptr<T>() + d * B * P,
+                                 Cell::kHasCellState ? c0.data_ptr<T>() + d * B * H : nullptr,
+                                 output.data_ptr<T>(),
+                                 workspace.data_ptr<T>(),
+                                 dh.data_ptr<T>() + d * B * P,
+                                 Cell::kHasCellState ? dc.data_ptr<T>() + d * B * H : nullptr,
+                                 chunked ? nullptr : dgates_x.data_ptr<T>(),
+                                 chunked ? nullptr : dgates_h.data_ptr<T>(),
+                                 /*chunk_dgates_x=*/nullptr,
+                                 /*chunk_dgates_h=*/nullptr,
+                                 step_dgates_h.data_ptr<T>() + d * B * GH,
+                                 layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
+                                 layer.projected ? zeros.data_ptr<T>() : nullptr};
+      ChunkedGradients<T> gradients{};
+      if (chunked) {
+        gradients = {input.data_ptr<T>(),
+                     weight_of<T>(weights, layer, d, kWeightIh),
+                     I,
+                     chunk_steps,
+                     chunk_x.data_ptr<T>() + d * chunk_rows * I,
+                     chunk_h_prev.data_ptr<T>() + d * chunk_rows * P,
+                     chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
+                     chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
+                     grad_input.data_ptr<T>(),
+                     grad_input_locks.data(),
+                     weight_of<T>(grad_weights, layer, d, kWeightIh),
+                     weight_of<T>(grad_weights, layer, d, kWeightHh),
+                     weight_of<T>(grad_weights, layer, d, kBiasIh),
+                     weight_of<T>(grad_weights, layer, d, kBiasHh)};
+      }
+      std::optional<ReusedWeight<T>> weight_hr;
+      std::optional<Projection<T>> projection;
+      if (layer.projected) {
+        weight_hr.emplace(P, H, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/false);
+        projection = Projection<T>{&*weight_hr, chunk_rows, proj_dh_total.data_ptr<T>() + d * chunk_rows * P,
+                                   proj_unprojected.data_ptr<T>() + d * chunk_rows * H,
+                                   weight_of<T>(grad_weights, layer, d, kWeightHr)};
+      }
+      const ReusedWeight<T> weight_hh(GH, P, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/false);
+      backward_direction<Cell, T>(args, weight_hh, projection ? &*projection : nullptr,
+                                  layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
+                                  chunked ? &gradients : nullptr);
+    }
+  });
+
+  Tensor grad_h0 = reorder_states<T>(schedule, dh, /*to_sorted=*/false);
+  Tensor grad_c0 =
+      Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : at::empty({0}, input.options());
+  if (chunked) {
+    return {grad_input, grad_weights, grad_h0, grad_c0};
+  }
+
+  grad_input = unpack<T>(schedule, at::mm(dgates_x, both_directions(weights, layer, kWeightIh)), steps);
+  const Tensor grad_weight_ih = at::mm(dgates_x.t(), pack<T>(schedule, input));  // (2GH, I)
+  const Tensor grad_bias_ih = dgates_x.sum(0), grad_bias_hh = dgates_h.sum(0);
+  const Tensor h_prev = previous_states<T>(schedule, output, h0);
+  for (int64_t d = 0; d < 2; ++d) {
+    const int64_t k = d * layer.per_direction();
+    grad_weights[k + kWeightIh] = grad_weight_ih.narrow(0, d * GH, GH);
+    grad_weights[k + kWeightHh] = at::mm(dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * P, P));
+    grad_weights[k + kBiasIh] = grad_bias_ih.narrow(0, d * GH, GH);
+    grad_weights[k + kBiasHh] = grad_bias_hh.narrow(0, d * GH, GH);
+  }
+  return {grad_input, grad_weights, grad_h0, grad_c0};
+}
+
+}  // namespace
+
+template <typename T>
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel(
+    std::string_view cell, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
+    const Tensor& output, const Tensor& workspace) {
+  return dispatch_cell(cell, [&](auto cell_type) {
+    return backward_impl<decltype(cell_type), T>(grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
+                                                 output, workspace);
+  });
+}
+
+template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<float>(
+    std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<double>(
+    std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+
+}  // namespace birnn_fast::cpu

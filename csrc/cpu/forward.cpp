@@ -1,0 +1,188 @@
+// birnn_fast::forward on the CPU: both directions at once, one per thread, each step one product
+// h_prev @ W_hh^T over the rows still running plus the fused cell math.
+//
+// The input projection x @ W_ih^T + b_ih runs over the real tokens only: on two threads or fewer
+// inside each direction's thread, a chunk of steps at a time into a small buffer that stays in
+// cache (ChunkedProjection); with more threads as one multi-threaded GEMM up front into gates_x
+// (N, 2*G*H), direction d at column d*G*H. The workspace (T, B, 2, W*H) holds the saved
+// activations of (packed token, direction) in its first N*2*W*H elements and zeros after them.
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+#include "isa.h"
+#include "kernels.h"
+#include "products.h"
+#include "schedule.h"
+
+namespace birnn_fast::cpu {
+namespace {
+
+template <typename T>
+struct ForwardArgs {
+  const Schedule* schedule;
+  int64_t direction, step, hidden, state;
+  const T* gates_x;       // (N, 2GH) packed, when projected up front
+  const T* step_gates_x;  // (B, GH) this step's, sorted rows, when projected by chunks
+  T* gates_h;             // (B, GH): this step's h_prev @ W_hh^T, sorted rows
+  const T* bias_hh;       // (GH)
+  T* h;                   // (B, P) sorted
+  T* c;                   // (B, H) sorted, LSTM only
+  T* unprojected;         // (B, H) sorted: o * tanh(c_t), projected LSTM only
+  T* workspace;
+  T* output;              // (T, B, 2P)
+};
+
+// kSave: store the activations backward needs (training) or not (inference).
+template <typename Cell, typename T, bool kSave>
+struct ForwardRows {
+  static BIRNN_INLINE void run(const ForwardArgs<T>& a) {
+    const Schedule& schedule = *a.schedule;
+    const int64_t H = a.hidden, P = a.state, GH = Cell::kGates * H, WH = Cell::kSaved * H, B = schedule.batch;
+    const int64_t rows = schedule.active[a.step];
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t t = schedule.time(a.step, j, a.direction);
+      const int64_t row = t * B + schedule.order[j], token = schedule.packed(t, j);
+      const T* gx = a.step_gates_x != nullptr ? a.step_gates_x + j * GH : a.gates_x + token * 2 * GH + a.direction * GH;
+      T* out = a.unprojected != nullptr ? a.unprojected + j * H : a.output + row * 2 * P + a.direction * P;
+      T* h = a.unprojected != nullptr ? out : a.h + j * P;
+      Cell::template forward<kSave>(H, gx, a.gates_h + j * GH, a.bias_hh, h,
+                                    Cell::kHasCellState ? a.c + j * H : nullptr,
+                                    kSave ? a.workspace + (token * 2 + a.direction) * WH : nullptr, out);
+    }
+  }
+};
+
+template <typename T>
+struct ChunkedProjection {
+  const T* input;                    // (T, B, I)
+  const ReusedWeight<T>* weight_ih;  // x @ W_ih^T, this direction's
+  const T* bias_ih;                  // (GH), this direction's
+  int64_t inputs, steps_per_chunk;
+  T* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
+  T* gx;  // (steps_per_chunk * B, GH): their projections
+};
+
+template <typename Cell, typename T, bool kSave>
+void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, const ReusedWeight<T>* weight_hr,
+                       const ChunkedProjection<T>* projection) {
+  const Schedule& schedule = *args.schedule;
+  const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H, d = args.direction, B = schedule.batch;
+  const int64_t longest = schedule.longest();
+  const int64_t chunk = projection != nullptr ? projection->steps_per_chunk : longest;
+  for (int64_t first = 0; first < longest; first += chunk) {
+    const int64_t last = std::min(longest, first + chunk);
+    const std::vector<int64_t> starts = chunk_starts(schedule, first, last);
+    if (projection != nullptr) {
+      const int64_t I = projection->inputs;
+      gather_chunk_inputs(schedule, d, first, last, starts, projection->input, I, projection->x);
+      projection->weight_ih->multiply(starts.back(), projection->x, I, projection->gx, GH, /*accumulate=*/false,
+                                      projection->bias_ih);
+    }
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t rows = schedule.active[step];
+      args.step = step;
+      if (projection != nullptr) {
+        args.step_gates_x = projection->gx + starts[step - first] * GH;
+      }
+      weight_hh.multiply(rows, args.h, P, args.gates_h, GH, /*accumulate=*/false);
+      run_rows<ForwardRows<Cell, T, kSave>>(args);
+      if (weight_hr != nullptr) {
+        weight_hr->multiply(rows, args.unprojected, H, args.h, P, /*accumulate=*/false);
+        for (int64_t j = 0; j < rows; ++j) {
+          const int64_t row = schedule.time(step, j, d) * B + schedule.order[j];
+          std::copy_n(args.h + j * P, P, args.output + row * 2 * P + d * P);
+        }
+      }
+    }
+  }
+}
+
+template <typename Cell, typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at::TensorList weights, const Tensor& h0,
+                                                        const Tensor& c0, const Tensor& lengths, bool save_workspace) {
+  const Layer layer = layer_of(input, weights, Cell::kGates);
+  const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
+  const int64_t GH = Cell::kGates * H, WH = Cell::kSaved * H;
+  const Schedule schedule(lengths, steps);
+
+  const bool chunked = by_chunks();
+  const int64_t chunk_steps = steps_per_chunk(schedule);
+  Tensor gates_x, chunk_x, chunk_gx;
+  if (chunked) {
+    chunk_x = at::empty({2, chunk_steps * B, I}, input.options());
+    chunk_gx = at::empty({2, chunk_steps * B, GH}, input.options());
+  } else {
+    gates_x = at::addmm(both_directions(weights, layer, kBiasIh), pack<T>(schedule, input),
+                        both_directions(weights, layer, kWeightIh).t());
+  }
+  Tensor output = empty_large({steps, B, 2 * P}, input.options());
+  Tensor workspace = at::empty({0}, input.options());
+  if (save_workspace) {
+    const int64_t used = schedule.tokens * 2 * WH;
+    workspace = empty_large({steps, B, 2, WH}, input.options(), used);
+    zero_tail(workspace, used);
+  }
+  Tensor h = reorder_states<T>(schedule, h0, /*to_sorted=*/true);
+  Tensor c = Cell::kHasCellState ? reorder_states<T>(schedule, c0, /*to_sorted=*/true) : Tensor();
+  Tensor gates_h = at::empty({2, B, GH}, input.options());
+  Tensor unprojected = layer.projected ? at::empty({2, B, H}, input.options()) : Tensor();
+
+  at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      const ForwardArgs<T> args{&schedule,
+                                d,
+                                /*step=*/0,
+                                H,
+                                P,
+                                chunked ? nullptr : gates_x.data_ptr<T>(),
+                                /*step_gates_x=*/nullptr,
+                                gates_h.data_ptr<T>() + d * B * GH,
+                                weight_of<T>(weights, layer, d, kBiasHh),
+                                h.data_ptr<T>() + d * B * P,
+                                Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
+                                layer.projected ? unprojected.data_ptr<T>() + d * B * H : nullptr,
+                                workspace.data_ptr<T>(),
+                                output.data_ptr<T>()};
+      std::optional<ReusedWeight<T>> weight_ih, weight_hr;
+      ChunkedProjection<T> projection{};
+      if (chunked) {
+        weight_ih.emplace(I, GH, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true);
+        projection = {input.data_ptr<T>(), &*weight_ih, weight_of<T>(weights, layer, d, kBiasIh),
+                      I, chunk_steps, chunk_x.data_ptr<T>() + d * chunk_steps * B * I,
+                      chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
+      }
+      if (layer.projected) {
+        weight_hr.emplace(H, P, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true);
+      }
+      const ReusedWeight<T> weight_hh(P, GH, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true);
+      auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
+      run(args, weight_hh, layer.projected ? &*weight_hr : nullptr, chunked ? &projection : nullptr);
+    }
+  });
+  zero_padding(schedule, steps, output.data_ptr<T>(), 2 * P);
+
+  Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false);
+  Tensor c_n = Cell::kHasCellState ? reorder_states<T>(schedule, c, /*to_sorted=*/false) : at::empty({0}, input.options());
+  return {output, h_n, c_n, workspace};
+}
+
+}  // namespace
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
+                                                          at::TensorList weights, const Tensor& h0, const Tensor& c0,
+                                                          const Tensor& lengths, bool save_workspace) {
+  return dispatch_cell(cell, [&](auto cell_type) {
+    return forward_impl<decltype(cell_type), T>(input, weights, h0, c0, lengths, save_workspace);
+  });
+}
+
+template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<float>(std::string_view, const Tensor&,
+                                                                          at::TensorList, const Tensor&,
+                                                                          const Tensor&, const Tensor&, bool);
+template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<double>(std::string_view, const Tensor&,
+                                                                           at::TensorList, const Tensor&,
+                                                                           const Tensor&, const Tensor&, bool);
+
+}  // namespace birnn_fast::cpu
