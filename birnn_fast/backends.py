@@ -81,9 +81,11 @@ def why_not(backend, device, dtype, projections=False):
     return _load_errors[backend]
 
 
+@torch.compiler.assume_constant_result
 def select(device, dtype, projections=False):
     """The backend that runs a layer on tensors of this device and dtype (with ``projections``: an
-    LSTM layer with proj_size > 0)."""
+    LSTM layer with proj_size > 0). torch.compile calls it once, when it traces, and keeps the
+    answer: tracing it would guard the graph on this module's cache, and cannot warn."""
     # Every layer of every call asks: the answer is cached, keyed by all it depends on.
     key = (os.environ.get("BIRNN_FAST_BACKEND"), device.type, dtype, projections)
     backend = _selected.get(key)
