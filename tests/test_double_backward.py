@@ -64,7 +64,8 @@ def test_gradient_penalty_matches_torch(cell, layers, lengths):
     got = second_order(fast, x, hx, lengths, cotangents)
     want = second_order(expected, x, hx, lengths, cotangents)
     names = ["input"] + ["h0", "c0"][:len(leaves_of(hx))] + [name for name, _ in fast.named_parameters()]
-    assert sum(int(b.abs().max() > 0) for b in want) > len(want) // 2, "a case whose answer is mostly zeros"
+    # Not a case of zeros (relu's are zero for input, states and biases: piecewise linear in them).
+    assert all(b.abs().max() > 0 for name, b in zip(names, want) if name.startswith("weight"))
     for name, a, b in zip(names, got, want):
         assert_close(a, b, torch.float64, name)
 
