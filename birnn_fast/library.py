@@ -41,13 +41,17 @@ import torch
 
 from .cells import cell_of
 
+NAMESPACE = "birnn_fast"
+FORWARD = f"{NAMESPACE}::forward"
+BACKWARD = f"{NAMESPACE}::backward"
+
 torch.library.define(
-    "birnn_fast::forward",
+    FORWARD,
     "(str cell, Tensor input, Tensor[] weights, Tensor h0, Tensor c0, Tensor lengths, bool save_workspace) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
-    "birnn_fast::backward",
+    BACKWARD,
     "(str cell, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor[] weights, "
     "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace) -> (Tensor, Tensor[], Tensor, Tensor)",
 )
@@ -69,7 +73,7 @@ def workspace_shape(cell, steps, batch, hidden):
     return (steps, batch, 2, cell_of(cell).saved * hidden)
 
 
-@torch.library.register_fake("birnn_fast::forward")
+@torch.library.register_fake(FORWARD)
 def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
     T, B, _ = input.shape
     _, H, P = sizes(cell, weights)
@@ -79,7 +83,7 @@ def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
     return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), workspace
 
 
-@torch.library.register_fake("birnn_fast::backward")
+@torch.library.register_fake(BACKWARD)
 def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
     return (input.new_empty(input.shape), [weight.new_empty(weight.shape) for weight in weights],
             h0.new_empty(h0.shape), c0.new_empty(c0.shape))

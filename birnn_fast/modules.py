@@ -29,7 +29,7 @@ def _check_lengths(lengths, steps, batch):
             f"got {tuple(lengths.shape)}"
         )
     lengths = lengths.to("cpu", torch.int64)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or batch == 0:
         # Values are data: a traced graph cannot branch on them. The kernels check them instead.
         return lengths
     if int(lengths.min()) <= 0:
@@ -37,6 +37,11 @@ def _check_lengths(lengths, steps, batch):
     if int(lengths.max()) > steps:
         raise ValueError(f"lengths must be <= the input's sequence length {steps}, got {lengths.tolist()}")
     return lengths
+
+
+def _reject_proj_size(proj_size):
+    if proj_size is not None:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
 
 class _FastBiRNNBase(nn.RNNBase):
@@ -49,10 +54,6 @@ class _FastBiRNNBase(nn.RNNBase):
                 f"{type(self).__name__} is bidirectional only (bidirectional=False was given); "
                 f"use torch.nn.{type(self).__name__[len('FastBi'):]} for a unidirectional layer"
             )
-        if proj_size != 0:
-            if not isinstance(proj_size, int) or proj_size < 0:
-                raise ValueError("proj_size should be a positive integer or zero to disable projections")
-            raise NotImplementedError(f"{type(self).__name__} does not support proj_size > 0 (got {proj_size})")
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          True, proj_size, device=device, dtype=dtype)
 
@@ -71,9 +72,10 @@ class _FastBiRNNBase(nn.RNNBase):
         raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx[0].dim()}-D tensor")
 
     def _layer_weights(self, layer, like):
-        """The layer's 8 parameters in the ops' order (nn.LSTM's): weight_ih, weight_hh, bias_ih,
-        bias_hh of the forward direction, then of the reverse one; zeros stand in for absent biases."""
-        per_direction = 4 if self.bias else 2
+        """The layer's parameters in the ops' order (nn.LSTM's): weight_ih, weight_hh, bias_ih,
+        bias_hh (zeros for absent biases), and weight_hr with projections, of the forward
+        direction, then of the reverse one: 8 or 10 tensors."""
+        per_direction = (4 if self.bias else 2) + (1 if self.proj_size > 0 else 0)
         first = 2 * layer * per_direction
         # Looked up by name on every call (nn.RNNBase's _flat_weights cache is for cuDNN; keeping it
         # fresh costs a walk over all parameters per call). The _parameters dict is the fast path;
@@ -84,12 +86,13 @@ class _FastBiRNNBase(nn.RNNBase):
             weights = [getattr(self, name) for name in names]
         if not self.bias:
             zeros = like.new_zeros(CELLS[self.mode].gates * self.hidden_size)
-            weights = weights[:2] + [zeros, zeros] + weights[2:] + [zeros, zeros]
+            forward, reverse = weights[:per_direction], weights[per_direction:]
+            weights = [*forward[:2], zeros, zeros, *forward[2:], *reverse[:2], zeros, zeros, *reverse[2:]]
         return weights
 
     def _run(self, input, h0, c0, lengths):
-        """Time-major input (T, B, I), h0/c0 (2L, B, H) (c0 None but for LSTM), CPU lengths ->
-        output, h_n, c_n (None but for LSTM)."""
+        """Time-major input (T, B, I), h0 (2L, B, P), c0 (2L, B, H) (None but for LSTM), CPU lengths
+        -> output, h_n, c_n (None but for LSTM)."""
         lengths = lengths.to(input.device, non_blocking=True)
         no_cell_state = input.new_empty(0)
         if self.num_layers == 1:
@@ -132,9 +135,13 @@ class _FastBiRNNBase(nn.RNNBase):
             padded = input.transpose(0, 1) if self.batch_first else input
         steps, batch = padded.shape[0], padded.shape[1]
         if hx is None:
-            zeros = padded.new_zeros(2 * self.num_layers, batch, self.hidden_size)
-            hx = (zeros, zeros) if is_lstm else (zeros,)
+            # Two tensors, never one twice: torch.compile takes no input aliased with another.
+            hx = (padded.new_zeros(2 * self.num_layers, batch, self.proj_size or self.hidden_size),)
+            if is_lstm:
+                hx += (padded.new_zeros(2 * self.num_layers, batch, self.hidden_size),)
         self.check_forward_args(checked, hx if is_lstm else hx[0], batch_sizes)
+        if steps == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.int64)
         else:
@@ -162,10 +169,11 @@ class FastBiLSTM(_FastBiRNNBase):
 
     forward(input, hx=None, lengths=None) -> (output, (h_n, c_n))
       input: (T, B, I), (B, T, I) if batch_first, (T, I) unbatched, or a PackedSequence.
-      hx: (h0, c0), each (2*num_layers, B, H); zeros if None.
+      hx: (h0, c0), h0 (2*num_layers, B, P), c0 (2*num_layers, B, H), with P = proj_size if
+        proj_size > 0 else H; zeros if None.
       lengths: (B,) integers in [1, T] (tensor on any device, or a list): row b is valid for
         t < lengths[b]; outputs at padded steps are 0 and h_n, c_n are each row's final state.
-      output: (T, B, 2*H) like input's layout (a PackedSequence for a PackedSequence input).
+      output: (T, B, 2*P) like input's layout (a PackedSequence for a PackedSequence input).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -195,7 +203,8 @@ class FastBiGRU(_FastBiRNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=True, device=None, dtype=None):
+                 bidirectional=True, device=None, dtype=None, proj_size=None):
+        _reject_proj_size(proj_size)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
 
@@ -211,7 +220,8 @@ class FastBiRNN(_FastBiRNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=True, device=None, dtype=None):
+                 batch_first=False, dropout=0.0, bidirectional=True, device=None, dtype=None, proj_size=None):
+        _reject_proj_size(proj_size)
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")

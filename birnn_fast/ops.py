@@ -1,68 +1,182 @@
-"""The op boundary: the autograd Function whose backward calls our own backward op, and the
-functional entry point ``birnn_layer``. The ops' contract and schemas: ``library.py``.
+"""The op boundary: the ops' autograd formulas and autocast rule, registered on the ops with
+torch.library (so that autograd, torch.compile, opcheck and every caller of ``torch.ops.birnn_fast``
+see them), and the functional entry point ``birnn_layer``. The contract and schemas: ``library.py``.
+
+- forward's formula calls the backward op: each backend's own BPTT kernel.
+- backward's formula (the double backward) differentiates the reference through a recompute:
+  exact to any order, and slow; it runs only when a graph of the backward is being built
+  (``create_graph=True``). It takes forward's ``output`` and ``workspace`` as what the contract
+  says they are, functions of the primals, so they get no gradient of their own.
+- under ``torch.autocast``, forward is a lower-precision op as torch's fused RNN ops are
+  (``mkldnn_rnn_layer`` on CPU, ``_cudnn_rnn`` on CUDA): floating input, weights, h0 and c0 but
+  float64 are cast to the autocast dtype, and the outputs come back in it.
 """
 import torch
 
-from . import backends, reference
+from . import backends, library, reference
+from .cells import cell_of
 
 
-class BiRNNFunction(torch.autograd.Function):
-    """One bidirectional layer through a compiled backend; backward runs that backend's own BPTT op.
-
-    It takes the 8 parameters of the layer as separate inputs, so that each gets its gradient
-    straight from the backward op."""
+class _Forward(torch.autograd.Function):
+    """forward's autograd formula; the weights come as separate arguments, each to get its gradient."""
 
     @staticmethod
-    def forward(ctx, cell, backend, input, h0, c0, lengths, *weights):
-        forward_op, ctx.backward_op = backends.implementation(backend, input.device)
-        output, h_n, c_n, workspace = forward_op(cell, input, weights, h0, c0, lengths, True)
+    def forward(ctx, cell, input, h0, c0, lengths, save_workspace, *weights):
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, workspace = torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths,
+                                                                       save_workspace)
         ctx.cell = cell
+        ctx.mark_non_differentiable(workspace)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, h0, c0, lengths, output, workspace, *weights)
-        return output, h_n, c_n
+        return output, h_n, c_n, workspace
 
     @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _):
         input, h0, c0, lengths, output, workspace, *weights = ctx.saved_tensors
-        grad_input, grad_weights, grad_h0, grad_c0 = ctx.backward_op(
-            ctx.cell,
-            _materialize(grad_output, output),
-            _materialize(grad_h_n, h0),
-            _materialize(grad_c_n, c0),
+        if workspace.dim() != 4:
+            # Called without save_workspace (by hand, on inputs that require grad): run it again with.
+            with torch._C._AutoDispatchBelowAutograd():
+                output, _, _, workspace = torch.ops.birnn_fast.forward(ctx.cell, input, weights, h0, c0, lengths,
+                                                                       True)
+        grad_input, grad_weights, grad_h0, grad_c0 = _backward(
+            ctx.cell, _materialize(grad_output, output), _materialize(grad_h_n, h0), _materialize(grad_c_n, c0),
             input, weights, h0, c0, lengths, output, workspace,
         )
-        return (None, None, grad_input, grad_h0, grad_c0 if ctx.cell == "LSTM" else None, None, *grad_weights)
+        grad_c0 = grad_c0 if cell_of(ctx.cell).has_cell_state else None
+        return None, grad_input, grad_h0, grad_c0, None, None, *grad_weights
 
 
 def _materialize(grad, like):
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
-def stack_directions(weights):
-    """The 8 per-direction parameters (``weights`` of the ops) -> stacked (2, ...) weight_ih,
-    weight_hh, bias_ih, bias_hh, forward direction first: the layout of the reference and of the
-    Triton kernels."""
-    return [torch.stack(weights[kind::4]) for kind in range(4)]
+class _Backward(torch.autograd.Function):
+    """backward's autograd formula (the double backward)."""
+
+    @staticmethod
+    def forward(ctx, cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, *weights):
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_input, grad_weights, grad_h0, grad_c0 = torch.ops.birnn_fast.backward(
+                cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace)
+        ctx.cell = cell
+        ctx.save_for_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, *weights)
+        return grad_input, grad_h0, grad_c0, *grad_weights
+
+    @staticmethod
+    def backward(ctx, grad_grad_input, grad_grad_h0, grad_grad_c0, *grad_grad_weights):
+        grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, *weights = ctx.saved_tensors
+        has_cell_state = cell_of(ctx.cell).has_cell_state
+        create_graph = torch.is_grad_enabled()
+
+        def leaf(tensor):
+            return tensor.view_as(tensor) if create_graph and tensor.requires_grad else tensor.detach().requires_grad_()
+
+        grads = [leaf(grad_output), leaf(grad_h_n)] + ([leaf(grad_c_n)] if has_cell_state else [])
+        primals = [leaf(input), leaf(h0)] + [leaf(w) for w in weights] + ([leaf(c0)] if has_cell_state else [])
+        with torch.enable_grad():
+            grad_input, grad_weights, grad_h0, grad_c0 = reference.vjp(
+                ctx.cell, grads, primals[0], primals[2:2 + len(weights)], primals[1],
+                primals[-1] if has_cell_state else c0, lengths, create_graph=True)
+            first = [grad_input, grad_h0, *grad_weights] + ([grad_c0] if has_cell_state else [])
+            cotangents = [grad_grad_input, grad_grad_h0, *grad_grad_weights] + ([grad_grad_c0] if has_cell_state else [])
+            second = torch.autograd.grad(first, grads + primals, cotangents, create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True)
+        count = len(grads)
+        grad_grads, grad_primals = second[:count], second[count:]
+        return (None, grad_grads[0], grad_grads[1], grad_grads[2] if has_cell_state else None,
+                grad_primals[0], grad_primals[1], grad_primals[-1] if has_cell_state else None,
+                None, None, None, *grad_primals[2:2 + len(weights)])
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
+def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
+    if _needs_grad(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights):
+        grad_input, grad_h0, grad_c0, *grad_weights = _Backward.apply(
+            cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, *weights)
+        return grad_input, grad_weights, grad_h0, grad_c0
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.birnn_fast.backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0,
+                                             lengths, output, workspace)
+
+
+def _forward_autograd(cell, input, weights, h0, c0, lengths, save_workspace):
+    if _needs_grad(input, h0, c0, *weights):
+        return _Forward.apply(cell, input, h0, c0, lengths, save_workspace, *weights)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths, save_workspace)
+
+
+# Registered by hand rather than with torch.library.register_autograd, whose generic wrapper
+# (pytree over the weight list, per-call metadata) costs several times the kernels of a small layer.
+torch.library.impl(library.FORWARD, "Autograd", _forward_autograd)
+torch.library.impl(library.BACKWARD, "Autograd", _backward)
+
+
+def _autocast(device_type, input, weights, h0, c0):
+    """input, weights, h0, c0 in the autocast dtype of ``device_type`` when autocast is on there
+    and input is of a dtype it casts (floating, not float64); unchanged otherwise."""
+    if not (torch.is_autocast_enabled(device_type) and input.is_floating_point() and input.dtype != torch.float64):
+        return input, weights, h0, c0
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor):
+        eligible = tensor.is_floating_point() and tensor.dtype != torch.float64 and tensor.device.type == device_type
+        return tensor.to(dtype) if eligible else tensor
+
+    return cast(input), [cast(weight) for weight in weights], cast(h0), cast(c0)
+
+
+def _autocast_kernel(device_type):
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + device_type.upper()))
+
+    def forward(cell, input, weights, h0, c0, lengths, save_workspace):
+        input, weights, h0, c0 = _autocast(device_type, input, weights, h0, c0)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths, save_workspace)
+
+    return forward
+
+
+for _device_type in ("cpu", "cuda"):
+    torch.library.impl(library.FORWARD, "Autocast" + _device_type.upper(), _autocast_kernel(_device_type))
 
 
 def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
-    """One bidirectional layer of ``cell`` (see the module docstring for shapes).
+    """One bidirectional layer of ``cell`` (``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``).
 
-    input: (T, B, I); weights: the 8 parameters in nn.LSTM's order (weight_ih, weight_hh, bias_ih,
-    bias_hh of the forward direction, then of the reverse one; zeros for absent biases);
-    h0: (2, B, H); c0: (2, B, H) for LSTM, else an empty tensor; lengths: (B,) int64.
-    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or empty.
-    ``backend`` defaults to ``backends.select(input.device, input.dtype)``.
+    input: (T, B, I); weights: the layer's 8 parameters in nn.LSTM's order (weight_ih, weight_hh,
+    bias_ih, bias_hh of the forward direction, then of the reverse one; zeros for absent biases),
+    or 10 for an LSTM with projections (weight_hr (P, H) after each direction's four);
+    h0: (2, B, P) (P = proj_size, else H); c0: (2, B, H) for LSTM, else an empty tensor;
+    lengths: (B,) integers in [1, T].
+    Returns output (T, B, 2*P), h_n (2, B, P), c_n (2, B, H) (empty but for LSTM), in the
+    autocast dtype under torch.autocast.
+    ``backend`` defaults to ``backends.select(input.device, input.dtype, projections)``.
     """
-    if len(weights) != 8:
-        raise ValueError(f"birnn_layer: expected the 8 parameters of a bidirectional layer, got {len(weights)}")
+    if len(weights) not in (8, 10):
+        raise ValueError(f"birnn_layer: expected the 8 (or, with projections, 10) parameters of a "
+                         f"bidirectional layer, got {len(weights)}")
+    if input.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    input, weights, h0, c0 = _autocast(input.device.type, input, weights, h0, c0)
     if backend is None:
-        backend = backends.select(input.device, input.dtype)
+        backend = backends.select(input.device, input.dtype, len(weights) == 10)
+    lengths = lengths.to(input.device, torch.int64)
+    if backend == "reference" or input.shape[1] == 0:
+        # No rows, nothing to run (the compiled kernels do not take B = 0 yet).
+        return reference.layer(cell, input, weights, h0, c0, lengths)
     weights = [weight.contiguous() for weight in weights]
     input, h0, c0 = input.contiguous(), h0.contiguous(), c0.contiguous()
-    lengths = lengths.to(input.device, torch.int64)
-    if backend == "reference":
-        return reference.birnn_layer(cell, input, *stack_directions(weights), h0, c0, lengths)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (input, h0, c0, *weights)):
-        return BiRNNFunction.apply(cell, backend, input, h0, c0, lengths, *weights)
-    forward_op, _ = backends.implementation(backend, input.device)
-    return forward_op(cell, input, weights, h0, c0, lengths, False)[:3]
+    save_workspace = _needs_grad(input, h0, c0, *weights)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Tracers see the op, opaque, with its fake and its registered formula.
+        return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths, save_workspace)[:3]
+    # Eager: what the op's Autograd kernel would do, without the round trip through it.
+    if save_workspace:
+        return _Forward.apply(cell, input, h0, c0, lengths, True, *weights)[:3]
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths, False)[:3]

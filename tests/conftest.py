@@ -1,4 +1,6 @@
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -8,10 +10,49 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from birnn_fast import backends  # noqa: E402
+from birnn_fast import backends, library, reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def interpreted_triton(dtype):
+    """The Triton kernels module for CPU tensors through the interpreter, or a pytest skip."""
+    if DEVICE.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter runs CPU tensors only, without a GPU")
+    if dtype not in backends._DTYPES["triton"]:
+        pytest.skip(f"the triton backend does not take {dtype}")
+    try:
+        from birnn_fast.kernels import birnn
+    except ImportError as error:
+        pytest.skip(f"Triton kernels are unavailable: {error}")
+    return birnn
+
+
+@contextlib.contextmanager
+def cpu_kernels(forward, backward):
+    """The ops' CPU kernels replaced by ``forward`` / ``backward`` (functions with the ops'
+    signatures) for the duration; the dispatcher restores the registered ones after."""
+    lib = torch.library.Library(library.NAMESPACE, "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Warning only once for all operators")
+            lib.impl("forward", forward, "CPU")
+            lib.impl("backward", backward, "CPU")
+        yield
+    finally:
+        lib._destroy()
+
+
+REFERENCE_KERNELS = (reference.forward_op, reference.backward_op)
 
 
 def require(backend, dtype=torch.float64, device=DEVICE):
@@ -38,10 +79,20 @@ def poison_uninitialized_memory():
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    def use(backend, dtype=torch.float64):
-        require(backend, dtype)
-        monkeypatch.setenv("BIRNN_FAST_BACKEND", backend)
-    return use
+    """use(backend, dtype) forces a backend for the test. "triton" without a GPU runs the Triton
+    kernels through the interpreter on CPU tensors, as the ops' CPU kernels in the C++ ones' place."""
+    with contextlib.ExitStack() as stack:
+        def use(backend, dtype=torch.float64):
+            if backend == "triton" and DEVICE.type == "cpu":
+                birnn = interpreted_triton(dtype)
+                stack.enter_context(cpu_kernels(birnn.forward_op, birnn.backward_op))
+                monkeypatch.setitem(backends._load_errors, "cpu", None)
+                monkeypatch.setitem(backends._DTYPES, "cpu", backends._DTYPES["triton"])
+                monkeypatch.setattr(backends, "_selected", {})
+                backend = "cpu"
+            require(backend, dtype)
+            monkeypatch.setenv("BIRNN_FAST_BACKEND", backend)
+        yield use
 
 
 def relative_error(actual, expected):

@@ -23,12 +23,43 @@ def test_constructor_errors_are_torchs(kwargs):
 
 
 def test_unsupported_arguments_raise():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        FastBiLSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="bidirectional only"):
         FastBiLSTM(3, 4, bidirectional=False)
     with pytest.raises(ValueError, match="Unknown nonlinearity"):
         FastBiRNN(3, 4, nonlinearity="gelu")
+
+
+@pytest.mark.parametrize("proj_size", [-1, 4, 5])
+def test_proj_size_errors_are_torchs(proj_size):
+    expected = torch_error(lambda: nn.LSTM(3, 4, bidirectional=True, proj_size=proj_size))
+    assert torch_error(lambda: FastBiLSTM(3, 4, proj_size=proj_size)) == expected
+
+
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_proj_size_is_lstm_only_as_in_torch(proj_size):
+    for fast_cls, torch_cls in [(FastBiGRU, nn.GRU), (FastBiRNN, nn.RNN)]:
+        expected = torch_error(lambda: torch_cls(3, 4, bidirectional=True, proj_size=proj_size))
+        assert torch_error(lambda: fast_cls(3, 4, proj_size=proj_size)) == expected
+
+
+def test_projected_hidden_state_errors_are_torchs():
+    """With projections h0 is (2L, B, P) and c0 (2L, B, H): each wrong one named as torch names it."""
+    fast = FastBiLSTM(3, 4, num_layers=2, proj_size=2)
+    expected = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)
+    x = torch.randn(5, 2, 3)
+    for hx in [(torch.randn(4, 2, 4), torch.randn(4, 2, 4)), (torch.randn(4, 2, 2), torch.randn(4, 2, 2)),
+               (torch.randn(4, 3, 2), torch.randn(4, 2, 4))]:
+        assert torch_error(lambda: fast(x, hx)) == torch_error(lambda: expected(x, hx))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_sequence_raises_as_torch(cell, batch_first):
+    fast_cls, torch_cls = {"LSTM": (FastBiLSTM, nn.LSTM), "GRU": (FastBiGRU, nn.GRU), "RNN": (FastBiRNN, nn.RNN)}[cell]
+    fast = fast_cls(3, 4, batch_first=batch_first)
+    expected = torch_cls(3, 4, bidirectional=True, batch_first=batch_first)
+    for x in (torch.randn(2, 0, 3) if batch_first else torch.randn(0, 2, 3), torch.randn(0, 3)):
+        assert torch_error(lambda: fast(x)) == torch_error(lambda: expected(x))
 
 
 CASES = {
@@ -86,10 +117,14 @@ def test_lengths_with_packed_sequence_raises():
 
 
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("BIRNN_FAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="BIRNN_FAST_BACKEND=triton cannot run: .*CUDA tensors"):
+        FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
     monkeypatch.setenv("BIRNN_FAST_BACKEND", "cpu")
-    fast = FastBiLSTM(3, 4, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="BIRNN_FAST_BACKEND=cpu cannot run: .*bfloat16"):
-        fast(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+    monkeypatch.setitem(backends._PROJECTIONS, "cpu", False)
+    monkeypatch.setattr(backends, "_selected", {})
+    with pytest.raises(RuntimeError, match="BIRNN_FAST_BACKEND=cpu cannot run: .*proj_size"):
+        FastBiLSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3))
     monkeypatch.setenv("BIRNN_FAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="BIRNN_FAST_BACKEND must be one of"):
         FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
@@ -99,9 +134,9 @@ def test_automatic_fallback_warns(monkeypatch):
     monkeypatch.delenv("BIRNN_FAST_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(backends, "_selected", {})
-    fast = FastBiLSTM(3, 4, dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="falls back to the slow reference"):
-        fast(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+    monkeypatch.setitem(backends._DTYPES, "cpu", (torch.float64,))
+    with pytest.warns(UserWarning, match="falls back to the slow reference.*supports torch.float64, got torch.float32"):
+        FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
 
 
 def test_op_names_the_bad_weight():

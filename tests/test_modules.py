@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN
+from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN, backends
 
 from conftest import DEVICE, assert_close
 
@@ -32,9 +32,12 @@ def make_pair(cell, input_size, hidden_size, dtype=torch.float64, **kwargs):
     return fast, expected
 
 
-def random_hx(cell, layers, batch, hidden, dtype, unbatched=False):
-    shape = (2 * layers, hidden) if unbatched else (2 * layers, batch, hidden)
-    states = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2 if cell == "LSTM" else 1)]
+def random_hx(cell, layers, batch, hidden, dtype, unbatched=False, proj_size=0):
+    """h0 (2L, B, P) and, for LSTM, c0 (2L, B, H); without the batch dimension if unbatched."""
+    states = []
+    for size in [proj_size or hidden, hidden][:2 if cell == "LSTM" else 1]:
+        shape = (2 * layers, size) if unbatched else (2 * layers, batch, size)
+        states.append(torch.randn(shape, device=DEVICE, dtype=dtype))
     return tuple(states) if cell == "LSTM" else states[0]
 
 
@@ -312,3 +315,88 @@ def test_inference_without_grad_matches_torch(use_backend, backend, cell):
     want_state = want_state if isinstance(want_state, tuple) else (want_state,)
     for got, want in zip(got_state, want_state):
         assert_close(got, want, dtype, "final state")
+
+
+def projections_runnable(backend, request):
+    """An LSTM with projections on a compiled backend whose kernels do not take them (yet): a strict
+    xfail, which fails as soon as they do until backends._PROJECTIONS says so."""
+    takes = backends._PROJECTIONS["triton" if backend == "triton" else "cpu"]
+    if backend != "reference" and not takes:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError,
+                                              reason=f"the {backend} kernels take no projections yet"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("layers,bias,batch_first", [(1, True, False), (2, False, True)])
+def test_projections_match_torch(request, use_backend, backend, layers, bias, batch_first):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    projections_runnable(backend, request)
+    use_backend(backend, dtype)
+    fast, expected = make_pair("LSTM", 4, 6, dtype, num_layers=layers, bias=bias, batch_first=batch_first,
+                               proj_size=3)
+    T, lengths = 8, [8, 1, 5, 8, 3]
+    B = len(lengths)
+    x = torch.randn((B, T, 4) if batch_first else (T, B, 4), device=DEVICE, dtype=dtype)
+    check_same("LSTM", fast, expected, x, random_hx("LSTM", layers, B, 6, dtype, proj_size=3), dtype=dtype)
+    check_same("LSTM", fast, expected, x, None, lengths=lengths, dtype=dtype)
+    check_same("LSTM", fast, expected, x[0] if batch_first else x[:, 0],
+               random_hx("LSTM", layers, 1, 6, dtype, unbatched=True, proj_size=3), dtype=dtype)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_projections_packed_sequence_in_packed_sequence_out(request, use_backend, enforce_sorted):
+    use_backend("reference")
+    fast, expected = make_pair("LSTM", 4, 5, num_layers=2, proj_size=2)
+    lengths = [8, 6, 6, 3, 1] if enforce_sorted else [3, 8, 1, 6, 6]
+    packed = pack_padded_sequence(torch.randn(8, 5, 4, device=DEVICE, dtype=torch.float64), torch.tensor(lengths),
+                                  enforce_sorted=enforce_sorted)
+    hx = random_hx("LSTM", 2, 5, 5, torch.float64, proj_size=2)
+    got_output, got_state = fast(packed, hx)
+    want_output, want_state = expected(packed, hx)
+    assert_close(got_output.data, want_output.data, torch.float64, "packed output")
+    for got, want in zip(got_state, want_state):
+        assert_close(got, want, torch.float64, "state")
+
+
+def test_projections_fall_back_to_the_reference_with_a_warning(monkeypatch):
+    """Where the default backend's kernels take no projections, the reference runs them, and says so."""
+    monkeypatch.delenv("BIRNN_FAST_BACKEND", raising=False)
+    monkeypatch.setitem(backends._PROJECTIONS, "cpu", False)
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_selected", {})
+    fast, expected = make_pair("LSTM", 3, 5, proj_size=2)
+    x = torch.randn(4, 2, 3, device=DEVICE, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="falls back to the slow reference.*proj_size"):
+        check_same("LSTM", fast, expected, x, None)
+
+
+def test_projections_parameters_as_torch():
+    torch.manual_seed(0)
+    fast = FastBiLSTM(6, 9, num_layers=2, proj_size=4, bias=False)
+    torch.manual_seed(0)
+    expected = nn.LSTM(6, 9, num_layers=2, bidirectional=True, proj_size=4, bias=False)
+    assert [(n, p.shape) for n, p in fast.named_parameters()] == [(n, p.shape) for n, p in expected.named_parameters()]
+    for (name, a), (_, b) in zip(fast.named_parameters(), expected.named_parameters()):
+        assert torch.equal(a, b), name
+    assert repr(fast).replace("FastBiLSTM", "LSTM") == repr(expected)
+    back = FastBiLSTM(6, 9, num_layers=2, proj_size=4, bias=False)
+    back.load_state_dict(expected.state_dict())
+    x = torch.randn(3, 2, 6)
+    assert torch.equal(pickle.loads(pickle.dumps(back))(x)[0], back(x)[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_as_torch(cell, batch_first):
+    """B = 0: torch's shapes, and a backward that runs (all gradients zero)."""
+    fast, expected = make_pair(cell, 3, 4, num_layers=2, batch_first=batch_first)
+    x = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), device=DEVICE, dtype=torch.float64, requires_grad=True)
+    got, want = fast(x), expected(x)
+    got_all = [got[0], *(got[1] if cell == "LSTM" else (got[1],))]
+    want_all = [want[0], *(want[1] if cell == "LSTM" else (want[1],))]
+    assert [t.shape for t in got_all] == [t.shape for t in want_all]
+    sum(t.sum() for t in got_all).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in fast.parameters())
+    output, _ = fast(x, lengths=torch.zeros(0, dtype=torch.int64))
+    assert output.shape == want[0].shape
