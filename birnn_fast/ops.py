@@ -3,7 +3,7 @@ functional entry point ``birnn_layer``. The ops' contract and schemas: ``library
 """
 import torch
 
-from . import backends, reference
+from . import backends, onnx, reference
 
 
 class BiRNNFunction(torch.autograd.Function):
@@ -53,6 +53,8 @@ def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
     Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or empty.
     ``backend`` defaults to ``backends.select(input.device, input.dtype)``.
     """
+    if onnx.exporting():
+        return onnx.birnn_layer(cell, input, weights, h0, c0, lengths)
     if len(weights) != 8:
         raise ValueError(f"birnn_layer: expected the 8 parameters of a bidirectional layer, got {len(weights)}")
     if backend is None:
