@@ -64,7 +64,31 @@ def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
     lengths = lengths.to(input.device, torch.int64)
     if backend == "reference":
         return reference.birnn_layer(cell, input, *stack_directions(weights), h0, c0, lengths)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (input, h0, c0, *weights)):
-        return BiRNNFunction.apply(cell, backend, input, h0, c0, lengths, *weights)
+    needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (input, h0, c0, *weights))
     forward_op, _ = backends.implementation(backend, input.device)
+    if forward_op is torch.ops.birnn_fast.forward:
+        # One op call in every grad mode (its autograd is registered below), so that a jit trace,
+        # which replays the call under no_grad to check itself, records the same graph; for the
+        # same reason a trace always saves the workspace its backward may need.
+        return forward_op(cell, input, weights, h0, c0, lengths, needs_grad or torch.jit.is_tracing())[:3]
+    if needs_grad:
+        return BiRNNFunction.apply(cell, backend, input, h0, c0, lengths, *weights)
     return forward_op(cell, input, weights, h0, c0, lengths, False)[:3]
+
+
+def _setup_context(ctx, inputs, output):
+    cell, input, weights, h0, c0, lengths, _ = inputs
+    ctx.cell = cell
+    ctx.save_for_backward(input, h0, c0, lengths, output[0], output[3], *weights)
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+    input, h0, c0, lengths, output, workspace, *weights = ctx.saved_tensors
+    grad_input, grad_weights, grad_h0, grad_c0 = torch.ops.birnn_fast.backward(
+        ctx.cell, _materialize(grad_output, output), _materialize(grad_h_n, h0), _materialize(grad_c_n, c0),
+        input, weights, h0, c0, lengths, output, workspace,
+    )
+    return None, grad_input, grad_weights, grad_h0, grad_c0 if ctx.cell == "LSTM" else None, None, None
+
+
+torch.library.register_autograd("birnn_fast::forward", _backward, setup_context=_setup_context)
