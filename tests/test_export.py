@@ -257,7 +257,9 @@ def test_torch_export_with_lengths_kwarg(cell):
 
 def _run_fresh(script):
     """Run ``script`` in a new interpreter (nothing imported or warmed up); return its stdout."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # A user's environment: not the Triton interpreter that conftest.py switches on for this process.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONWARNINGS"] = "ignore"
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
