@@ -28,7 +28,7 @@ _DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 # The backends whose kernels take the 10 weights of an LSTM layer with projections (proj_size > 0).
-_PROJECTIONS = {"cpu": False, "triton": False}
+_PROJECTIONS = {"cpu": True, "triton": False}
 _load_errors = {}
 _warned = set()
 _selected = {}  # (BIRNN_FAST_BACKEND, device type, dtype, projections) -> backend

@@ -13,7 +13,7 @@ see them), and the functional entry point ``birnn_layer``. The contract and sche
 """
 import torch
 
-from . import backends, library, reference
+from . import backends, library, onnx, reference
 from .cells import cell_of
 
 
@@ -162,6 +162,8 @@ def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
                          f"bidirectional layer, got {len(weights)}")
     if input.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if onnx.exporting():
+        return onnx.birnn_layer(cell, input, weights, h0, c0, lengths)
     input, weights, h0, c0 = _autocast(input.device.type, input, weights, h0, c0)
     if backend is None:
         backend = backends.select(input.device, input.dtype, len(weights) == 10)
@@ -171,7 +173,9 @@ def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
         return reference.layer(cell, input, weights, h0, c0, lengths)
     weights = [weight.contiguous() for weight in weights]
     input, h0, c0 = input.contiguous(), h0.contiguous(), c0.contiguous()
-    save_workspace = _needs_grad(input, h0, c0, *weights)
+    # A jit trace replays the call under no_grad to check itself, and a traced module may later
+    # be used for backward: while tracing, the workspace is always saved, so both records agree.
+    save_workspace = _needs_grad(input, h0, c0, *weights) or torch.jit.is_tracing()
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Tracers see the op, opaque, with its fake and its registered formula.
         return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths, save_workspace)[:3]
