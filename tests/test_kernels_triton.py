@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/birnn.py against the reference and torch's own layers.
+"""The Triton kernels (kernels/) against the reference and torch's own layers.
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter, which must be chosen
 before triton is imported. The compile tests build the kernels for sm_80 and sm_90 without a GPU
@@ -25,9 +25,15 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
-from birnn_fast.kernels import birnn as kernels  # noqa: E402
+from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
+from birnn_fast.kernels import config as kernels  # noqa: E402
+from birnn_fast.kernels import forward as kernels_forward  # noqa: E402
 from birnn_fast.reference import birnn_layer  # noqa: E402
 from concurrent_interpreter import concurrent_programs  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = {"birnn_forward_kernel": kernels_forward.birnn_forward_kernel,
+           "birnn_backward_kernel": kernels_backward.birnn_backward_kernel}
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type != "cuda"
@@ -76,12 +82,16 @@ def reference_with_grads(cell, args, grads):
     return [o.detach() for o in outputs], dict(zip(primal_names(cell), vjp))
 
 
-def run_kernels(cell, args, grads):
-    output, h_n, c_n, workspace = kernels.forward(cell, *args.values())
+def run_kernels(cell, args, grads, pick=None):
+    """Forward and backward launchers on args; pick(cell, input, H, backward) gives their configs
+    (default: the launchers' own)."""
+    H = args["weight_hh"].shape[-1]
+    configs = [pick(cell, args["input"], H, backward) if pick else None for backward in (False, True)]
+    output, h_n, c_n, workspace = kernels_forward.forward(cell, *args.values(), config=configs[0])
     grad_output, grad_h_n, grad_c_n = grads
-    result = kernels.backward(cell, grad_output, grad_h_n, grad_c_n, args["input"], args["weight_ih"],
-                              args["weight_hh"], args["bias_hh"], args["h0"], args["c0"], args["lengths"],
-                              output, workspace)
+    result = kernels_backward.backward(cell, grad_output, grad_h_n, grad_c_n, args["input"], args["weight_ih"],
+                                       args["weight_hh"], args["bias_hh"], args["h0"], args["c0"], args["lengths"],
+                                       output, workspace, config=configs[1])
     names = ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0"]
     return (output, h_n, c_n, workspace), dict(zip(names, result))
 
@@ -109,14 +119,19 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def launcher_pick(cell, input, H, backward):
+    return kernels.launch_config(cell, input.shape[1], H, input.dtype, input.device, backward)
+
+
+def streamed_pick(cell, input, H, backward):
+    return launcher_pick(cell, input, H, backward)._replace(NK=1, BK=16, RESIDENT=False)
+
+
 @pytest.fixture(params=["resident", "streaming"])
-def weights(request, monkeypatch):
-    """W_hh loaded once (what the launcher picks here) or streamed each step, in K chunks of 16."""
-    if request.param == "streaming":
-        picked = kernels._config
-        monkeypatch.setattr(kernels, "_config",
-                            lambda *args, **kwargs: picked(*args, **kwargs)._replace(NK=1, BK=16, RESIDENT=False))
-    return request.param
+def weights(request):
+    """W_hh loaded once (what the launcher picks here) or streamed each step, in K chunks of 16: the
+    configs' pick (see run_kernels)."""
+    return request.param, launcher_pick if request.param == "resident" else streamed_pick
 
 
 # (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
@@ -129,12 +144,12 @@ SHAPES = [
 ]
 
 
-def check_against_reference(cell, T, B, H, lengths):
+def check_against_reference(cell, T, B, H, lengths, pick=None):
     """Output, h_n, c_n and every gradient of the kernels against reference.birnn_layer + autograd."""
     args = make_inputs(cell, T, B, 3, H, lengths)
     grads = make_grads(cell, T, B, H)
     expected, expected_grads = reference_with_grads(cell, args, grads)
-    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads, pick)
 
     check_padding(output, args["lengths"])
     assert workspace.shape == (T, B, 2, kernels.WORKSPACE[cell] * H) and workspace.dtype == torch.float32
@@ -152,7 +167,7 @@ def check_against_reference(cell, T, B, H, lengths):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
 def test_matches_reference(cell, T, B, H, lengths, weights):
-    check_against_reference(cell, T, B, H, lengths)
+    check_against_reference(cell, T, B, H, lengths, weights[1])
 
 
 # A GPU of few SMs for the grid tests: hidden units split over programs, batch blocks looped over.
@@ -160,19 +175,21 @@ SMALL_GPU_SMS = 6
 
 
 @pytest.fixture
-def small_gpu(weights, monkeypatch):
-    """The launcher picks what select_config picks for a GPU of SMALL_GPU_SMS SMs, with W_hh resident
-    (the only candidate) or streamed: a direction's hidden units split over programs that exchange h
-    at the grid barrier each step. Interpreted, the programs run concurrently, one thread each
+def small_gpu(weights):
+    """The pick of select_config for a GPU of SMALL_GPU_SMS SMs, with W_hh resident (the only
+    candidate) or streamed: a direction's hidden units split over programs that exchange h at the grid
+    barrier each step. Interpreted, the programs run concurrently, one thread each
     (concurrent_interpreter), as on a GPU."""
-    if weights == "resident":
-        monkeypatch.setattr(kernels, "STREAM_TILES", ())
-    shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
-    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
-        cell, input.shape[1], H, input.dtype, kernels._dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
-        shared_bytes, backward))
+    resident = weights[0] == "resident"
+
+    def pick(cell, input, H, backward):
+        return kernels.select_config(cell, input.shape[1], H, input.dtype,
+                                     kernels.dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
+                                     SHARED_LIMIT[90] if resident else 0, backward,
+                                     stream_tiles=() if resident else kernels.STREAM_TILES)
+
     with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
-        yield
+        yield pick
 
 
 # On the small GPU, H = 40 takes 3 programs per direction (resident: 16 units each, K in 4 chunks;
@@ -192,23 +209,24 @@ def test_grid_matches_reference(cell, T, B, H, lengths, weights, small_gpu):
     """As test_matches_reference, on grids of several programs per direction meeting at the barrier."""
     input = torch.empty(T, B, 3, device=DEVICE)
     for backward in (False, True):
-        config = kernels._config(cell, input, H, backward)
-        assert config.n_hblocks == 3 and config.RESIDENT == (weights == "resident"), config
-    check_against_reference(cell, T, B, H, lengths)
+        config = small_gpu(cell, input, H, backward)
+        assert config.n_hblocks == 3 and config.RESIDENT == (weights[0] == "resident"), config
+    check_against_reference(cell, T, B, H, lengths, small_gpu)
 
 
-def test_barrier_floor(monkeypatch):
+def test_barrier_floor():
     """The benchmarks' floor kernel meets at the barrier once per step of the forward it stands for,
     T times, however many rounds of batch blocks a step takes (here H = 40 over 3 programs, B = 40 in 3
     rounds of 16)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu.floor import barrier_floor
+
     T, B, H = 3, 40, 40
     input = torch.zeros(T, B, 3, device=DEVICE)
-    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
-        cell, input.shape[1], H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90], backward))
-    config = kernels._config("LSTM", input, H, backward=False)
+    config = kernels.select_config("LSTM", B, H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90])
     assert (config.n_hblocks, config.n_bprog, triton.cdiv(B, config.BB)) == (3, 1, 3)
     with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
-        counter = kernels.barrier_floor("LSTM", input, H)
+        counter = barrier_floor("LSTM", input, H, config)
     assert counter.tolist() == [[T * 3], [T * 3]]
 
 
@@ -258,7 +276,7 @@ def test_non_contiguous_input():
     args = make_inputs("LSTM", T, B, 3, H, lengths, seed=4)
     args["input"] = args["input"].transpose(0, 1).contiguous().transpose(0, 1)  # batch-first storage
     assert not args["input"].is_contiguous()
-    output, h_n, c_n, _ = kernels.forward("LSTM", *args.values())
+    output, h_n, c_n, _ = kernels_forward.forward("LSTM", *args.values())
     expected = birnn_layer("LSTM", *args.values())
     for actual, reference in zip((output, h_n, c_n), expected):
         assert relative_error(actual, reference) <= 1e-4
@@ -280,7 +298,7 @@ def test_half_precision(cell, dtype, weights):
     grads = [g.to(dtype) for g in grads32]
     expected, expected_grads = reference_with_grads(cell, args32, grads32)
     low, low_grads = reference_with_grads(cell, args, grads)
-    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads, weights[1])
     assert output.dtype == dtype and workspace.dtype == torch.float32
     check_padding(output, args["lengths"])
     pairs = [("output", output, low[0], expected[0]), ("h_n", h_n, low[1], expected[1])]
@@ -362,7 +380,7 @@ INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
 def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
     # The launchers' own arguments, for a grid with a barrier: its constexprs and launch options
     # (which must all be options of this Triton's CUDA backend).
-    launch = kernels._tiling(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
+    launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
     constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
                       DOT_PRECISION=precision)
@@ -541,5 +559,5 @@ if __name__ == "__main__":
     for config in selectable_configs(target_cc):
         if config_id(config) in wanted:
             fn_name, *rest = config
-            compiled = compile_kernel(getattr(kernels, fn_name), *rest, cc=target_cc)
+            compiled = compile_kernel(KERNELS[fn_name], *rest, cc=target_cc)
             print(json.dumps(dict(id=config_id(config), **resource_usage(compiled))), flush=True)

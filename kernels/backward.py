@@ -1,0 +1,243 @@
+"""The backward kernel of one bidirectional layer (BPTT, the vector-Jacobian product of forward.py)
+and its launcher.
+
+Same grid, rounds and barrier as the forward, in reverse time. Per step each program computes its
+slice of the gate gradients for each of its blocks and publishes the hidden-projection version to a
+double-buffered exchange buffer; after the barrier, for each block, dh_prev[:, jslice] +=
+gbuf(BB, G*H) @ W_hh[:, jslice]. dh and dc live in an fp32 state buffer between the two halves and
+between steps; rows not yet started carry them unchanged, so grad_h_n / grad_c_n enter at each row's
+own last step, and grad_h0 / grad_c0 are stored at its first. The launcher then computes grad_input,
+grad_W_ih, grad_W_hh and the bias gradients as GEMMs and reductions over all steps at once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from birnn_fast.cells import CELLS as _CELL_TABLE
+
+from . import config as _config
+from .common import (batch_block, copy_slices, exchanged_tile, group_barrier, group_steps, resident_weights,
+                     split_k_dot, weight_tile)
+from .forward import check_inputs
+from .pointwise import elman_backward, gru_backward, lstm_backward
+
+LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
+GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
+RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+
+
+@triton.jit
+def birnn_backward_kernel(
+    grad_out_ptr,  # (T, B, 2*H)
+    grad_h_n_ptr,  # (2, B, H)
+    grad_c_n_ptr,  # (2, B, H) for LSTM
+    w_hh_ptr,      # (2, G*H, H)
+    h0_ptr,        # (2, B, H)
+    c0_ptr,        # (2, B, H) for LSTM
+    lengths_ptr,   # (B,) int64
+    out_ptr,       # (T, B, 2*H) forward output, for GRU and RNN
+    ws_ptr,        # (T, B, 2, W*H)
+    dgates_ptr,    # (T, B, 2, G*H) fp32, zero-filled: gradient of the input projection
+    gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
+    state_ptr,     # (1 or 2, 2, B, H) fp32: gradients reaching h, and c (LSTM), of each direction and row
+    counter_ptr,   # (2, programs along batch) int32 zeros
+    grad_h0_ptr,   # (2, B, H)
+    grad_c0_ptr,   # (2, B, H) for LSTM
+    T, B, H,
+    CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2).to(tl.int64)
+    n_bprog = tl.num_programs(1)
+    n_hblocks = tl.num_programs(0)
+    n_bblocks = tl.cdiv(B, BB)
+    GH = G * H
+    p_counter = counter_ptr + d * n_bprog + pid_b
+
+    offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    # Gradients reaching h and c after step s; a row's final state is where grad_h_n enters.
+    p_dc = state_ptr + 2 * B * H
+    copy_slices(grad_h_n_ptr, state_ptr, B, H, BB, BH)
+    if CELL == LSTM:
+        copy_slices(grad_c_n_ptr, p_dc, B, H, BB, BH)
+    tl.debug_barrier()
+    steps = group_steps(lengths_ptr, B, BB)
+    p_w = w_hh_ptr + d * GH * H
+    if RESIDENT:
+        # Gate g's rows of W_hh, the program's columns j: W_hh[g*H + k, j], kept in shared memory.
+        b_w0, b_w1, b_w2, b_w3 = resident_weights(p_w, offs_j, mask_j, H, H, 1, G, NK, BK)
+    for i in range(0, steps):
+        s = steps - 1 - i
+        parity = s % 2
+        # The gate gradients of every batch block of the program; the group exchanges them at the barrier.
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+            if s < tl.max(b_len, axis=0):  # else no row of the block has reached step s yet
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                active = s < b_len  # [BB]
+                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
+                # The time index of the row's previous step (its h and c are this step's inputs).
+                t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
+                has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
+                mask_prev = mask_a & has_prev[:, None]
+                mask_first = mask_a & (~has_prev)[:, None]
+                row = (t * B + offs_b) * 2 + d  # [BB]
+                row_prev = (t_prev * B + offs_b) * 2 + d
+                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
+                               mask=mask_a, other=0.0).to(tl.float32)
+                b_dh = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_go  # [BB, BH]
+                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]
+                b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
+                b_dh2 = tl.zeros([BB, BH], dtype=tl.float32)  # hidden-projection gradient of GRU's n gate
+                b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)
+                if CELL == LSTM:
+                    b_i = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                    b_f = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_g = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_o = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_c = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_c_prev = tl.load(ws_ptr + row_prev[:, None] * (W * H) + 4 * H + offs_j[None, :],
+                                       mask=mask_prev, other=0.0).to(tl.float32)
+                    b_c_prev += tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                    b_dc = tl.load(p_dc + p_state, mask=mask_a, other=0.0)
+                    b_d0, b_d1, b_d2, b_d3, b_dc_prev = lstm_backward(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+                    b_dh2 = b_d2
+                    tl.store(p_dc + p_state, b_dc_prev, mask=mask_a)
+                    tl.store(grad_c0_ptr + p_state, b_dc_prev.to(grad_c0_ptr.dtype.element_ty), mask=mask_first)
+                elif CELL == GRU:
+                    b_r = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
+                    b_z = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_n = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_hn = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    b_h_prev = tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
+                    b_h_prev += tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
+                    b_d0, b_d1, b_d2, b_dh2, b_dh_direct = gru_backward(b_dh, b_r, b_z, b_n, b_hn, b_h_prev)
+                else:
+                    b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+                    b_d0 = elman_backward(b_dh, b_h, CELL == RNN_RELU)
+                # What reaches h_prev other than through W_hh (the product adds that after the barrier).
+                tl.store(state_ptr + p_state, b_dh_direct, mask=mask_a)
+
+                p_dg = dgates_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
+                gb_ty = gbuf_ptr.dtype.element_ty
+                # An inactive row's entries are left as they were: they enter only that row's (masked)
+                # products.
+                tl.store(p_dg, b_d0, mask=mask_a)
+                tl.store(p_gb, b_d0.to(gb_ty), mask=mask_a)
+                if G > 1:
+                    tl.store(p_dg + H, b_d1, mask=mask_a)
+                    tl.store(p_gb + H, b_d1.to(gb_ty), mask=mask_a)
+                    tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
+                    tl.store(p_gb + 2 * H, b_dh2.to(gb_ty), mask=mask_a)
+                if G > 3:
+                    tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
+                    tl.store(p_gb + 3 * H, b_d3.to(gb_ty), mask=mask_a)
+        group_barrier(p_counter, (i + 1) * n_hblocks, SYNC)
+
+        # dh_prev[:, jslice] += sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+            if s < tl.max(b_len, axis=0):
+                mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                b_acc = tl.zeros([BB, BH], dtype=tl.float32)
+                p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
+                if RESIDENT:
+                    b_gk = exchanged_tile(p_gbuf, 0, mask_b, H, NK, BK)
+                    b_acc = split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
+                    if G > 1:
+                        b_gk = exchanged_tile(p_gbuf + H, 0, mask_b, H, NK, BK)
+                        b_acc = split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
+                        b_gk = exchanged_tile(p_gbuf + 2 * H, 0, mask_b, H, NK, BK)
+                        b_acc = split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
+                    if G > 3:
+                        b_gk = exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
+                        b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
+                else:
+                    # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time.
+                    for k0 in range(0, GH, NK * BK):
+                        b_gk = exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
+                        b_w = weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
+                        b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
+                b_dh_state = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_acc
+                tl.store(state_ptr + p_state, b_dh_state, mask=mask_a)
+                if s == 0:  # every row's first step
+                    tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_a)
+        # The next step's gate gradients read the state this one wrote.
+        tl.debug_barrier()
+
+
+def _previous_hidden(output, h0, lengths):
+    """(2, T, B, H): the h each (direction, time, row) step started from; h0 at a row's first step."""
+    T, B, H2 = output.shape
+    H = H2 // 2
+    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :H]])
+    reverse_prev = torch.cat([output[1:, :, H:], output.new_zeros(1, B, H)])
+    first = torch.arange(T, device=output.device)[:, None, None] == (lengths - 1)[None, :, None]  # [T, B, 1]
+    reverse_prev = torch.where(first, h0[1, None].to(output.dtype), reverse_prev)
+    return torch.stack([forward_prev, reverse_prev])
+
+
+def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
+             output, workspace, config=None):
+    """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
+    stacked; config as forward's.
+
+    Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, H),
+    grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, H), grad_c0 (2, B, H) or (0,).
+    """
+    T, B, I, G, H = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    GH = G * H
+    if tuple(grad_output.shape) != (T, B, 2 * H):
+        raise ValueError(f"Expected grad_output size {(T, B, 2 * H)}, got {list(grad_output.shape)}")
+    input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output, grad_h_n, grad_c_n = (
+        x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output,
+                                 grad_h_n, grad_c_n))
+    lstm = cell == "LSTM"
+
+    if config is None:
+        config = _config.launch_config(cell, B, H, input.dtype, input.device, backward=True)
+    dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
+    gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
+    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
+    grad_h0 = torch.empty_like(h0)
+    grad_c0 = torch.empty_like(c0)
+    grid = (config.n_hblocks, config.n_bprog, 2)
+    birnn_backward_kernel[grid](
+        grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
+        output, workspace, dgates, gbuf, state, counter, grad_h0, grad_c0 if lstm else grad_h0,
+        T, B, H,
+        CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
+        DOT_PRECISION=_config.dot_precision(input.dtype, input.device), **_config.launch_options(config),
+    )
+
+    # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
+    dtype = input.dtype
+    dgates_hh = dgates
+    if cell == "GRU":
+        # The hidden projection of n enters scaled by r.
+        # The workspace is unwritten at padded steps, hence the mask.
+        valid = (torch.arange(T, device=input.device)[:, None] < lengths[None, :])[..., None, None]  # [T, B, 1, 1]
+        dgates_hh = dgates.clone()
+        dgates_hh[..., 2 * H:] = torch.where(valid, dgates[..., 2 * H:] * workspace[..., :H], 0.0)
+    flat = dgates.view(T * B, 2, GH)
+    flat_hh = dgates_hh.view(T * B, 2, GH)
+    grad_input = (flat.view(T * B, 2 * GH).to(dtype) @ weight_ih.view(2 * GH, I)).view(T, B, I)
+    grad_weight_ih = flat.permute(1, 2, 0).to(dtype) @ input.view(T * B, I)  # [2, GH, I]
+    h_prev = _previous_hidden(output, h0, lengths).view(2, T * B, H)
+    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)  # [2, GH, H]
+    grad_bias_ih = flat.sum(0).to(bias_hh.dtype)
+    grad_bias_hh = flat_hh.sum(0).to(bias_hh.dtype)
+    return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0

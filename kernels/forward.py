@@ -1,0 +1,230 @@
+"""The forward kernel of one bidirectional layer and its launcher.
+
+The input projection of every step is one cuBLAS GEMM done by the launcher; the kernel runs the
+whole recurrence, one step after another. Program (j, p, d) owns hidden units [j*BH, (j+1)*BH) (all
+G gates of them) of direction d for batch blocks p, p + n_bprog, ... of BB rows each, and runs all
+of its blocks in every step, one after another, with the same W_hh slice. Between steps their state
+is in global memory (L2): h in the exchange buffer below, and in fp32 LSTM c, GRU h. Rows that have
+ended are masked out; a block whose rows have all ended is skipped.
+
+Where the program's slice of W_hh fits in shared memory (and the time loop compiles without spills)
+it is loaded once, before the time loop (RESIDENT), and the per-step products split K over the
+warps: a 3-D tl.dot whose batch is NK chunks of BK, then a sum over the chunks, so no warp repeats
+another's work. Otherwise each step streams the slice from L2 in 2-D chunks of BK.
+
+The full h of a step is exchanged through a small double-buffered global buffer, then the n_hblocks
+programs of a (direction, batch blocks) group meet at a grid barrier, once per step: a global counter
+bumped with release semantics and polled with acquire. A barrier among programs that are not all
+resident deadlocks, so the launcher never launches more programs than there are SMs (each takes
+several batch blocks instead), and launches a grid with a barrier cooperatively: the driver then
+starts all its programs together, or refuses a grid that cannot be resident at once with an error,
+instead of a partial launch hanging at the barrier (not yet seen on hardware).
+
+Contract: ``birnn_fast/library.py``. Workspace, (T, B, 2, W*H), at each row's time index:
+LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from birnn_fast.cells import CELLS as _CELL_TABLE
+
+from . import config as _config
+from .common import batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_steps, resident_weights
+from .pointwise import elman_forward, gru_forward, lstm_forward
+
+LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
+GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
+RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+
+
+@triton.jit
+def birnn_forward_kernel(
+    xg_ptr,        # (T, B, 2, G*H) input projection + biases (GRU: b_hn excluded)
+    w_hh_ptr,      # (2, G*H, H)
+    b_hh_ptr,      # (2, G*H), read for GRU's b_hn only
+    h0_ptr,        # (2, B, H)
+    c0_ptr,        # (2, B, H) for LSTM
+    lengths_ptr,   # (B,) int64
+    out_ptr,       # (T, B, 2*H), zero-filled by the launcher
+    h_n_ptr,       # (2, B, H)
+    c_n_ptr,       # (2, B, H) for LSTM
+    ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
+    hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
+    state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
+    counter_ptr,   # (2, programs along batch) int32 zeros
+    T, B, H,
+    CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2).to(tl.int64)
+    n_bprog = tl.num_programs(1)
+    n_hblocks = tl.num_programs(0)
+    n_bblocks = tl.cdiv(B, BB)
+    GH = G * H
+    p_counter = counter_ptr + d * n_bprog + pid_b
+
+    offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    if CELL == LSTM:
+        copy_slices(c0_ptr, state_ptr, B, H, BB, BH)
+    if CELL == GRU:
+        copy_slices(h0_ptr, state_ptr, B, H, BB, BH)
+    tl.debug_barrier()
+    steps = group_steps(lengths_ptr, B, BB)
+    p_w = w_hh_ptr + d * GH * H
+    if RESIDENT:
+        # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
+        # them in shared memory for the whole launch (loaded after the loops above, so that their
+        # registers are not held across them).
+        b_w0, b_w1, b_w2, b_w3 = resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
+    else:
+        b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # loaded chunk by chunk in the step loop
+    if CELL == GRU:
+        b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+    # Each step runs every batch block of the program in turn, on the same W_hh slice, then the group
+    # meets once.
+    for s in range(0, steps):
+        parity = s % 2
+        for bb in range(pid_b, n_bblocks, n_bprog):
+            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+            # A block whose rows have all ended is done: no program of the group reads it again.
+            if s < tl.max(b_len, axis=0):
+                active = s < b_len  # [BB]
+                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
+                row = (t * B + offs_b) * 2 + d  # [BB]
+                p_xg = xg_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                acc0 = tl.load(p_xg, mask=mask_a, other=0.0).to(tl.float32)
+                acc1 = tl.zeros([BB, BH], dtype=tl.float32)
+                acc2 = tl.zeros([BB, BH], dtype=tl.float32)
+                acc3 = tl.zeros([BB, BH], dtype=tl.float32)
+                if G > 1:
+                    acc1 = tl.load(p_xg + H, mask=mask_a, other=0.0).to(tl.float32)
+                if CELL == GRU:
+                    # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
+                    b_xn = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    acc2 = tl.zeros([BB, BH], dtype=tl.float32) + b_bhn[None, :]
+                if CELL == LSTM:
+                    acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
+                    acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
+                p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
+                for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
+                    b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                    acc0 = gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                                     DOT_PRECISION)
+                    if G > 1:
+                        acc1 = gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK,
+                                         BK, DOT_PRECISION)
+                        acc2 = gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
+                                         NK, BK, DOT_PRECISION)
+                    if G > 3:
+                        acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
+                                         NK, BK, DOT_PRECISION)
+
+                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+                if CELL == LSTM:
+                    b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    b_i, b_f, b_g, b_o, b_c_new, b_h_new = lstm_forward(acc0, acc1, acc2, acc3, b_c_prev)
+                    tl.store(state_ptr + p_state, b_c_new, mask=mask_a)
+                    tl.store(c_n_ptr + p_state, b_c_new.to(c_n_ptr.dtype.element_ty), mask=mask_a)
+                    if SAVE:
+                        tl.store(p_ws, b_i, mask=mask_a)
+                        tl.store(p_ws + H, b_f, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_g, mask=mask_a)
+                        tl.store(p_ws + 3 * H, b_o, mask=mask_a)
+                        tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+                elif CELL == GRU:
+                    b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    b_r, b_z, b_n, b_h_new = gru_forward(acc0, acc1, b_xn, acc2, b_h_prev)
+                    tl.store(state_ptr + p_state, b_h_new, mask=mask_a)
+                    if SAVE:
+                        tl.store(p_ws, b_r, mask=mask_a)
+                        tl.store(p_ws + H, b_z, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_n, mask=mask_a)
+                        tl.store(p_ws + 3 * H, acc2, mask=mask_a)
+                else:
+                    b_h_new = elman_forward(acc0, CELL == RNN_RELU)
+                # Every step: a row's last write is its final state.
+                tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_a)
+                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
+                # An ended row's h is left as it was: it enters only that row's (masked) products.
+                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
+                tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
+        group_barrier(p_counter, (s + 1) * n_hblocks, SYNC)
+
+
+def check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths):
+    """(T, B, I, G, H) of a layer's stacked arguments, or the error naming the first that is wrong."""
+    if cell not in _config.CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(_config.CELLS)}")
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16 input, got {input.dtype}")
+    if input.dim() != 3:
+        raise ValueError(f"Expected input of 3 dimensions (T, B, I), got {list(input.shape)}")
+    T, B, I = input.shape
+    G = _config.GATES[cell]
+    H = weight_hh.shape[-1]
+    expected = {"weight_ih": (weight_ih, (2, G * H, I)), "weight_hh": (weight_hh, (2, G * H, H)),
+                "h0": (h0, (2, B, H)), "c0": (c0, (2, B, H) if cell == "LSTM" else (0,)),
+                "lengths": (lengths, (B,))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"Expected {name} size {shape}, got {list(tensor.shape)}")
+    for name in ("weight_ih", "weight_hh"):
+        if expected[name][0].dtype != input.dtype:
+            raise TypeError(f"Expected {name} of dtype {input.dtype}, got {expected[name][0].dtype}")
+    if lengths.dtype != torch.int64 or lengths.device != input.device:
+        raise TypeError(f"Expected lengths int64 on {input.device}, got {lengths.dtype} on {lengths.device}")
+    return T, B, I, G, H
+
+
+def workspace_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None):
+    """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
+
+    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_*: (2, G*H);
+    h0, c0: (2, B, H) (c0 (0,) unless LSTM); lengths: (B,) int64. config: the launch's
+    ``config.Config``, by default ``config.launch_config``'s.
+    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
+    or (0,) without save_workspace.
+    """
+    T, B, I, G, H = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    GH = G * H
+    input, weight_ih, weight_hh, h0, c0 = (x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0))
+    bias_hh = bias_hh.contiguous()
+    bias = bias_ih + bias_hh
+    if cell == "GRU":
+        bias[:, 2 * H:] = bias_ih[:, 2 * H:]
+    xg = torch.addmm(bias.reshape(1, 2 * GH).to(input.dtype), input.view(T * B, I),
+                     weight_ih.view(2 * GH, I).t())  # [T*B, 2*G*H]
+
+    if config is None:
+        config = _config.launch_config(cell, B, H, input.dtype, input.device, backward=False)
+    output = input.new_zeros(T, B, 2 * H)
+    h_n = torch.empty_like(h0)
+    c_n = torch.empty_like(c0)
+    workspace_shape = (T, B, 2, _config.WORKSPACE[cell] * H) if save_workspace else (0,)
+    workspace = input.new_empty(workspace_shape, dtype=workspace_dtype(input.dtype))
+    hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    hbuf[:, 0].copy_(h0)
+    state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
+    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
+    grid = (config.n_hblocks, config.n_bprog, 2)
+    birnn_forward_kernel[grid](
+        xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
+        output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counter,
+        T, B, H,
+        CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
+        DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace,
+        **_config.launch_options(config),
+    )
+    return output, h_n, c_n, workspace
