@@ -22,3 +22,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/cpu.json
+
+# The GPU path (kernels/): `sass-report` writes benchmarks/results/sass_$(SASS).md from offline sm_90
+# builds (no GPU needed).
+.PHONY: sass-report
+SASS ?= after
+sass-report: $(VENV)/.installed
+	TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.sass_report --title $(SASS) \
+		--out benchmarks/results/sass_$(SASS).md
