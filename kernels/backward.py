@@ -16,9 +16,10 @@ import triton.language as tl
 from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
-from .common import (batch_block, copy_slices, exchanged_tile, group_barrier, group_steps, resident_weights,
+from .common import (batch_block, copy_slices, exchanged_tile, group_barrier, group_counter, group_steps, resident_weights,
                      split_k_dot, weight_tile)
 from .forward import check_inputs
+from .launch import barrier_counters, launch
 from .pointwise import elman_backward, gru_backward, lstm_backward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -40,10 +41,10 @@ def birnn_backward_kernel(
     dgates_ptr,    # (T, B, 2, G*H) fp32, zero-filled: gradient of the input projection
     gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
     state_ptr,     # (1 or 2, 2, B, H) fp32: gradients reaching h, and c (LSTM), of each direction and row
-    counter_ptr,   # (2, programs along batch) int32 zeros
+    counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
     grad_h0_ptr,   # (2, B, H)
     grad_c0_ptr,   # (2, B, H) for LSTM
-    T, B, H,
+    T, B, H, max_polls,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -55,7 +56,8 @@ def birnn_backward_kernel(
     n_hblocks = tl.num_programs(0)
     n_bblocks = tl.cdiv(B, BB)
     GH = G * H
-    p_counter = counter_ptr + d * n_bprog + pid_b
+    p_counter, p_status = group_counter(counter_ptr)
+    failed = tl.zeros([], tl.int32)
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -143,7 +145,7 @@ def birnn_backward_kernel(
                 if G > 3:
                     tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
                     tl.store(p_gb + 3 * H, b_d3.to(gb_ty), mask=mask_a)
-        group_barrier(p_counter, (i + 1) * n_hblocks, SYNC)
+        failed = group_barrier(p_counter, p_status, (i + 1) * n_hblocks, failed, max_polls, SYNC)
 
         # dh_prev[:, jslice] += sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
         for bb in range(pid_b, n_bblocks, n_bprog):
@@ -190,9 +192,9 @@ def _previous_hidden(output, h0, lengths):
 
 
 def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
-             output, workspace, config=None):
+             output, workspace, config=None, max_polls=None):
     """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
-    stacked; config as forward's.
+    stacked; config and max_polls as forward's.
 
     Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, H),
     grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, H), grad_c0 (2, B, H) or (0,).
@@ -211,17 +213,15 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
     dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
-    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
+    counters = barrier_counters(config, input.device)
     grad_h0 = torch.empty_like(h0)
     grad_c0 = torch.empty_like(c0)
-    grid = (config.n_hblocks, config.n_bprog, 2)
-    birnn_backward_kernel[grid](
-        grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
-        output, workspace, dgates, gbuf, state, counter, grad_h0, grad_c0 if lstm else grad_h0,
-        T, B, H,
-        CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-        DOT_PRECISION=_config.dot_precision(input.dtype, input.device), **_config.launch_options(config),
-    )
+    launch(birnn_backward_kernel, config, counters,
+           grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
+           output, workspace, dgates, gbuf, state, counters, grad_h0, grad_c0 if lstm else grad_h0,
+           T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
+           CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
+           DOT_PRECISION=_config.dot_precision(input.dtype, input.device))
 
     # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
     dtype = input.dtype

@@ -88,17 +88,59 @@ def gate_dot(acc, a, b_w, p_w, k0, offs_j, mask_j, H, stride_k, stride_j, RESIDE
     return split_k_dot(a, b_w, acc, NK, DOT_PRECISION)
 
 
+# The group barrier's counters and status word, one 128-byte line each (COUNTER_STRIDE int32), so
+# that the polls of one group do not share a line with another group's arrivals.
+COUNTER_STRIDE = tl.constexpr(32)
+
+
 @triton.jit
-def group_barrier(p_counter, target, SYNC: tl.constexpr):
-    """All programs of a group have finished the step once the counter reaches target."""
-    # The CTA barrier orders this CTA's global writes before the release (cumulativity), and its
-    # reads after the acquire; alone it suffices when the group is a single program.
+def group_counter(counter_ptr):
+    """The counter of the program's group (direction, programs along batch), and the launch's status
+    word after all counters: set to 1 by a program whose barrier wait timed out."""
+    group = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    return counter_ptr + group * COUNTER_STRIDE, counter_ptr + 2 * tl.num_programs(1) * COUNTER_STRIDE
+
+
+@triton.jit
+def barrier_arrive(p_counter, SYNC: tl.constexpr):
+    """This program has written its part of the step: returns the arrivals counted so far, itself
+    included."""
+    # The CTA barrier orders every thread's global writes before the release (cumulativity); alone it
+    # suffices when the group is a single program.
     tl.debug_barrier()
+    arrived = tl.zeros([], tl.int32)
     if SYNC:
         arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
-        while arrived < target:
-            arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+    return arrived
+
+
+@triton.jit
+def barrier_wait(p_counter, p_status, arrived, target, failed, max_polls, SYNC: tl.constexpr):
+    """Wait until the group's counter reaches target (arrived: what barrier_arrive saw). A wait that
+    has not seen it after max_polls polls gives up: it sets the status word, and returns failed = 1, so
+    that the program's later waits return at once and the launch ends (its results are then garbage,
+    and the launcher raises). A GPU that cannot hold the whole grid at once fails so instead of
+    hanging."""
+    if SYNC:
+        if failed == 0:
+            polls = tl.zeros([], tl.int32)
+            while (arrived < target) & (polls < max_polls):
+                arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+                polls += 1
+            if arrived < target:
+                tl.atomic_xchg(p_status, 1, sem="relaxed", scope="gpu")
+                failed = tl.full([], 1, tl.int32)
+    # Every thread reads after the acquire.
     tl.debug_barrier()
+    return failed
+
+
+@triton.jit
+def group_barrier(p_counter, p_status, target, failed, max_polls, SYNC: tl.constexpr):
+    """All programs of a group have finished the step once the counter reaches target: barrier_arrive
+    then barrier_wait. Returns failed."""
+    arrived = barrier_arrive(p_counter, SYNC)
+    return barrier_wait(p_counter, p_status, arrived, target, failed, max_polls, SYNC)
 
 
 @triton.jit

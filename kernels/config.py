@@ -9,6 +9,7 @@ program is resident at once: ``select_config`` never launches more programs than
 a grid with a barrier is launched cooperatively (``check_cooperative``).
 """
 import collections
+import dataclasses
 import os
 
 import torch
@@ -38,6 +39,10 @@ RESIDENT_TILE = (16, 16)
 RESIDENT_MAX_BK = 64
 # The installed Triton's (major, minor): what compiles without spills depends on it.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# A barrier wait gives up after this many polls of its counter (each a round trip to L2, about a
+# microsecond: seconds, far beyond any step) and the launcher raises; interpreted programs take turns
+# under the GIL, so there only a hang far longer than any test's step gives up.
+MAX_POLLS = {"cuda": 1 << 22, "interpreter": 1 << 30}
 # Shared memory a resident program uses beyond its two operands (reductions, barriers): 1 KiB measured
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
 RESIDENT_SHARED_SLACK = 2048
@@ -140,9 +145,50 @@ def launch_options(config):
                 num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
 
 
+def fp32_precision():
+    """"tf32" or "ieee": what torch's cuDNN RNN uses for fp32, the rule the kernels follow.
+
+    torch >= 2.9 has per-op flags: ``torch.backends.cudnn.rnn.fp32_precision``, where "none" defers to
+    ``torch.backends.cudnn.fp32_precision``, then to ``torch.backends.fp32_precision``. Reading the
+    legacy ``torch.backends.cudnn.allow_tf32`` there raises a RuntimeError once cuDNN's conv and rnn
+    flags were set apart; before 2.9 it is the only flag.
+    """
+    rnn = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)
+    if rnn is None:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    for precision in (rnn, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return "tf32" if precision == "tf32" else "ieee"
+    return "ieee"
+
+
 def dot_precision(dtype, device):
-    """The input_precision of the kernels' fp32 dots: TF32 where cuDNN would use it (on CUDA; the
-    interpreter computes in ieee)."""
-    if dtype == torch.float32 and not interpreted(device) and torch.backends.cudnn.allow_tf32:
+    """The input_precision of the kernels' fp32 dots: TF32 where cuDNN's RNN would use it (on CUDA; the
+    interpreter computes in ieee). Triton's TF32 mma reads the fp32 operands' mantissas truncated to
+    10 bits, where cuDNN and cuBLAS round them: a slightly larger error, biased towards zero."""
+    if dtype == torch.float32 and not interpreted(device) and fp32_precision() == "tf32":
         return "tf32"
     return "ieee"
+
+
+def max_polls(device):
+    """The launchers' bound on a barrier wait (MAX_POLLS) on device."""
+    return MAX_POLLS["interpreter" if interpreted(device) else "cuda"]
+
+
+def check_cooperative(compiled, kernel, config):
+    """Raise unless a launch whose grid meets at a barrier was compiled for a cooperative launch: Triton
+    drops or refuses launch options it does not know, and a non-cooperative launch of a grid that
+    does not fit would hang at the barrier (until its bounded wait gives up)."""
+    if config.n_hblocks > 1 and not getattr(getattr(compiled, "metadata", None), "launch_cooperative_grid", False):
+        raise RuntimeError(f"{kernel} with {config} was not launched cooperatively: this Triton "
+                           f"({triton.__version__}) ignored launch_cooperative_grid, and its grid barrier needs it")
+
+
+def cooperative_launch_supported():
+    """Whether this Triton's CUDA backend knows the launch_cooperative_grid option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in {field.name for field in dataclasses.fields(CUDAOptions)}

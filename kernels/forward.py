@@ -30,7 +30,8 @@ import triton.language as tl
 from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
-from .common import batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_steps, resident_weights
+from .launch import barrier_counters, launch
+from .common import batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_counter, group_steps, resident_weights
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -52,8 +53,8 @@ def birnn_forward_kernel(
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
     state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
-    counter_ptr,   # (2, programs along batch) int32 zeros
-    T, B, H,
+    counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
+    T, B, H, max_polls,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
@@ -65,7 +66,8 @@ def birnn_forward_kernel(
     n_hblocks = tl.num_programs(0)
     n_bblocks = tl.cdiv(B, BB)
     GH = G * H
-    p_counter = counter_ptr + d * n_bprog + pid_b
+    p_counter, p_status = group_counter(counter_ptr)
+    failed = tl.zeros([], tl.int32)
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -156,7 +158,7 @@ def birnn_forward_kernel(
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
                 tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
-        group_barrier(p_counter, (s + 1) * n_hblocks, SYNC)
+        failed = group_barrier(p_counter, p_status, (s + 1) * n_hblocks, failed, max_polls, SYNC)
 
 
 def check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths):
@@ -188,12 +190,14 @@ def workspace_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None):
+def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
+            max_polls=None):
     """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
 
     input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_*: (2, G*H);
     h0, c0: (2, B, H) (c0 (0,) unless LSTM); lengths: (B,) int64. config: the launch's
-    ``config.Config``, by default ``config.launch_config``'s.
+    ``config.Config``, by default ``config.launch_config``'s; max_polls: the bound of a barrier wait
+    (default ``config.max_polls``), past which the launch raises a RuntimeError.
     Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
     or (0,) without save_workspace.
     """
@@ -217,14 +221,11 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
     state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
-    counter = torch.zeros(2, config.n_bprog, dtype=torch.int32, device=input.device)
-    grid = (config.n_hblocks, config.n_bprog, 2)
-    birnn_forward_kernel[grid](
-        xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
-        output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counter,
-        T, B, H,
-        CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-        DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace,
-        **_config.launch_options(config),
-    )
+    counters = barrier_counters(config, input.device)
+    launch(birnn_forward_kernel, config, counters,
+           xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
+           output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,
+           T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
+           CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
+           DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace)
     return output, h_n, c_n, workspace
