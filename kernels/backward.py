@@ -17,7 +17,8 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .common import (batch_block, copy_slices, exchanged_tile, group_barrier, group_counter, group_steps, resident_weights,
-                     split_k_dot, weight_tile)
+                     split_k_dot, weight_tile, zero_padded_steps)
+from . import forward as forward_module
 from .forward import check_inputs
 from .launch import barrier_counters, launch
 from .pointwise import elman_backward, gru_backward, lstm_backward
@@ -38,7 +39,7 @@ def birnn_backward_kernel(
     lengths_ptr,   # (B,) int64
     out_ptr,       # (T, B, 2*H) forward output, for GRU and RNN
     ws_ptr,        # (T, B, 2, W*H)
-    dgates_ptr,    # (T, B, 2, G*H) fp32, zero-filled: gradient of the input projection
+    dgates_ptr,    # (T, B, 2, G*H) fp32: gradient of the input projection
     gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
     state_ptr,     # (1 or 2, 2, B, H) fp32: gradients reaching h, and c (LSTM), of each direction and row
     counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
@@ -178,46 +179,86 @@ def birnn_backward_kernel(
                     tl.store(grad_h0_ptr + p_state, b_dh_state.to(grad_h0_ptr.dtype.element_ty), mask=mask_a)
         # The next step's gate gradients read the state this one wrote.
         tl.debug_barrier()
+    zero_padded_steps(dgates_ptr, lengths_ptr, T, B, H, G, BB, BH)
 
 
 def _previous_hidden(output, h0, lengths):
-    """(2, T, B, H): the h each (direction, time, row) step started from; h0 at a row's first step."""
-    T, B, H2 = output.shape
-    H = H2 // 2
-    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :H]])
-    reverse_prev = torch.cat([output[1:, :, H:], output.new_zeros(1, B, H)])
+    """(2, T, B, P): the h each (direction, time, row) step started from; h0 at a row's first step."""
+    T, B, P2 = output.shape
+    P = P2 // 2
+    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :P]])
+    reverse_prev = torch.cat([output[1:, :, P:], output.new_zeros(1, B, P)])
     first = torch.arange(T, device=output.device)[:, None, None] == (lengths - 1)[None, :, None]  # [T, B, 1]
     reverse_prev = torch.where(first, h0[1, None].to(output.dtype), reverse_prev)
     return torch.stack([forward_prev, reverse_prev])
 
 
-def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
-             output, workspace, config=None, max_polls=None):
-    """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
-    stacked; config and max_polls as forward's.
+def _projection_grads(dgates, grad_output, grad_h_n, weight_hh, workspace, lengths):
+    """grad_weight_hr (2, P, H) and grad_h0 (2, B, P) (fp32) of an LSTM with projections, from the
+    gate gradients: the gradient reaching each h_t = W_hr m_t is grad_output_t, plus grad_h_n at the
+    row's last step, plus W_hh^T of the next step's gate gradients; m_t = o_t * tanh(c_t) comes from
+    the workspace (0 at padding, as the gate gradients)."""
+    T, B, _, GH = dgates.shape
+    H = GH // 4
+    rows = torch.arange(B, device=dgates.device)
+    grad_weight_hr, grad_h0 = [], []
+    for d in range(2):
+        # The gradient that step t's gates send back to the h they started from.
+        back = dgates[:, :, d] @ weight_hh[d].float()  # [T, B, P]
+        dh = grad_output[..., d * back.shape[-1]:(d + 1) * back.shape[-1]].float()
+        last = lengths - 1 if d == 0 else torch.zeros_like(lengths)
+        dh = dh.index_put((last, rows), grad_h_n[d].float(), accumulate=True)
+        if d == 0:
+            dh[:-1] += back[1:]  # step t + 1 started from h_t
+        else:
+            dh[1:] += back[:-1]  # the reverse direction's step t - 1 started from h_t
+        m = workspace[:, :, d, 3 * H:4 * H].float() * torch.tanh(workspace[:, :, d, 4 * H:5 * H].float())
+        grad_weight_hr.append(dh.reshape(T * B, -1).t() @ m.reshape(T * B, H))
+        first = torch.zeros_like(lengths) if d == 0 else lengths - 1
+        grad_h0.append(back[first, rows])
+    return torch.stack(grad_weight_hr), torch.stack(grad_h0)
 
-    Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, H),
-    grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, H), grad_c0 (2, B, H) or (0,).
+
+def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
+             output, workspace, config=None, max_polls=None, weight_hr=None):
+    """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
+    stacked; config, max_polls and weight_hr as forward's.
+
+    Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, P),
+    grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, P), grad_c0 (2, B, H) or (0,), and with
+    weight_hr grad_weight_hr (2, P, H).
     """
-    T, B, I, G, H = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    T, B, I, G, H, P = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths, weight_hr)
     GH = G * H
-    if tuple(grad_output.shape) != (T, B, 2 * H):
-        raise ValueError(f"Expected grad_output size {(T, B, 2 * H)}, got {list(grad_output.shape)}")
+    if tuple(grad_output.shape) != (T, B, 2 * P):
+        raise ValueError(f"Expected grad_output size {(T, B, 2 * P)}, got {list(grad_output.shape)}")
+    if B == 0:
+        grads = [input.new_zeros(input.shape), torch.zeros_like(weight_ih), torch.zeros_like(weight_hh),
+                 torch.zeros_like(bias_hh), torch.zeros_like(bias_hh), torch.empty_like(h0), torch.empty_like(c0)]
+        return tuple(grads) + ((torch.zeros_like(weight_hr),) if weight_hr is not None else ())
     input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output, grad_h_n, grad_c_n = (
         x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0, output, workspace, grad_output,
                                  grad_h_n, grad_c_n))
     lstm = cell == "LSTM"
+    recurrent, grad_m, grad_m_n, h0_m = weight_hh, grad_output, grad_h_n, h0
+    if weight_hr is not None:
+        # The kernel runs on m (forward.projected_recurrence): the gradients reaching m through W_hr.
+        weight_hr = weight_hr.contiguous()
+        recurrent = forward_module.projected_recurrence(weight_hh, weight_hr)
+        grad_m = torch.cat([grad_output[..., d * P:(d + 1) * P] @ weight_hr[d] for d in range(2)], dim=-1)
+        grad_m_n = torch.stack([grad_h_n[d] @ weight_hr[d] for d in range(2)])
+        h0_m = h0.new_zeros(2, B, H)
 
     if config is None:
         config = _config.launch_config(cell, B, H, input.dtype, input.device, backward=True)
-    dgates = torch.zeros(T, B, 2, GH, dtype=torch.float32, device=input.device)
+    dgates = torch.empty(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
     counters = barrier_counters(config, input.device)
-    grad_h0 = torch.empty_like(h0)
+    grad_h0 = torch.empty_like(h0_m)
     grad_c0 = torch.empty_like(c0)
     launch(birnn_backward_kernel, config, counters,
-           grad_output, grad_h_n, grad_c_n if lstm else grad_h_n, weight_hh, h0, c0 if lstm else h0, lengths,
+           grad_m, grad_m_n, grad_c_n if lstm else grad_m_n, recurrent, h0_m, c0 if lstm else h0_m, lengths,
            output, workspace, dgates, gbuf, state, counters, grad_h0, grad_c0 if lstm else grad_h0,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
@@ -227,17 +268,19 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
     dtype = input.dtype
     dgates_hh = dgates
     if cell == "GRU":
-        # The hidden projection of n enters scaled by r.
-        # The workspace is unwritten at padded steps, hence the mask.
-        valid = (torch.arange(T, device=input.device)[:, None] < lengths[None, :])[..., None, None]  # [T, B, 1, 1]
+        # The hidden projection of n enters scaled by r (0 at padding, as the gate gradients).
         dgates_hh = dgates.clone()
-        dgates_hh[..., 2 * H:] = torch.where(valid, dgates[..., 2 * H:] * workspace[..., :H], 0.0)
+        dgates_hh[..., 2 * H:] *= workspace[..., :H]
     flat = dgates.view(T * B, 2, GH)
     flat_hh = dgates_hh.view(T * B, 2, GH)
     grad_input = (flat.view(T * B, 2 * GH).to(dtype) @ weight_ih.view(2 * GH, I)).view(T, B, I)
     grad_weight_ih = flat.permute(1, 2, 0).to(dtype) @ input.view(T * B, I)  # [2, GH, I]
-    h_prev = _previous_hidden(output, h0, lengths).view(2, T * B, H)
-    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)  # [2, GH, H]
+    h_prev = _previous_hidden(output, h0, lengths).view(2, T * B, P)
+    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)  # [2, GH, P]
     grad_bias_ih = flat.sum(0).to(bias_hh.dtype)
     grad_bias_hh = flat_hh.sum(0).to(bias_hh.dtype)
-    return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0
+    if weight_hr is None:
+        return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0, grad_c0
+    grad_weight_hr, grad_h0 = _projection_grads(dgates, grad_output, grad_h_n, weight_hh, workspace, lengths)
+    return (grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_h0.to(h0.dtype), grad_c0,
+            grad_weight_hr.to(weight_hr.dtype))

@@ -176,3 +176,22 @@ def copy_slices(src_ptr, dst_ptr, B, H, BB: tl.constexpr, BH: tl.constexpr):
         mask = mask_b[:, None] & (offs_j < H)[None, :]
         p = (tl.program_id(2) * B + offs_b[:, None]) * H + offs_j[None, :]
         tl.store(dst_ptr + p, tl.load(src_ptr + p, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def zero_padded_steps(ptr, lengths_ptr, T, B, H, N: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """ptr: a (T, B, 2, N*H) tensor; zeros at every t >= lengths[b] of the program's rows, units and
+    direction (the kernels write every other element): the padding is defined without a memset of the
+    whole tensor."""
+    offs_j = tl.program_id(0) * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    d = tl.program_id(2)
+    b_zero = tl.zeros([BB, BH], dtype=ptr.dtype.element_ty)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+        b_len = tl.where(mask_b, b_len, T)  # rows past B: nothing to pad
+        for t in range(tl.min(b_len, axis=0), T):
+            mask = (t >= b_len)[:, None] & mask_b[:, None] & mask_j[None, :]  # [BB, BH]
+            p = ptr + ((t * B + offs_b[:, None]) * 2 + d) * (N * H) + offs_j[None, :]  # [BB, BH]
+            for n in tl.static_range(N):
+                tl.store(p + n * H, b_zero, mask=mask)

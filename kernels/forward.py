@@ -31,7 +31,8 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .launch import barrier_counters, launch
-from .common import batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_counter, group_steps, resident_weights
+from .common import (batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_counter, group_steps,
+                     resident_weights, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -47,7 +48,7 @@ def birnn_forward_kernel(
     h0_ptr,        # (2, B, H)
     c0_ptr,        # (2, B, H) for LSTM
     lengths_ptr,   # (B,) int64
-    out_ptr,       # (T, B, 2*H), zero-filled by the launcher
+    out_ptr,       # (T, B, 2*H)
     h_n_ptr,       # (2, B, H)
     c_n_ptr,       # (2, B, H) for LSTM
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
@@ -159,50 +160,76 @@ def birnn_forward_kernel(
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
                 tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
         failed = group_barrier(p_counter, p_status, (s + 1) * n_hblocks, failed, max_polls, SYNC)
+    zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
+    if SAVE:
+        zero_padded_steps(ws_ptr, lengths_ptr, T, B, H, W, BB, BH)
 
 
-def check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths):
-    """(T, B, I, G, H) of a layer's stacked arguments, or the error naming the first that is wrong."""
+def check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths, weight_hr=None):
+    """(T, B, I, G, H, P) of a layer's stacked arguments, or the error naming the first that is wrong."""
     if cell not in _config.CELLS:
         raise ValueError(f"unknown cell {cell!r}; expected one of {sorted(_config.CELLS)}")
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16 input, got {input.dtype}")
     if input.dim() != 3:
         raise ValueError(f"Expected input of 3 dimensions (T, B, I), got {list(input.shape)}")
+    if weight_hr is not None and cell != "LSTM":
+        raise ValueError(f"weight_hr (proj_size) is for LSTM only, got cell {cell}")
     T, B, I = input.shape
     G = _config.GATES[cell]
-    H = weight_hh.shape[-1]
-    expected = {"weight_ih": (weight_ih, (2, G * H, I)), "weight_hh": (weight_hh, (2, G * H, H)),
-                "h0": (h0, (2, B, H)), "c0": (c0, (2, B, H) if cell == "LSTM" else (0,)),
+    H, P = weight_hh.shape[1] // G, weight_hh.shape[-1]
+    expected = {"weight_ih": (weight_ih, (2, G * H, I)), "weight_hh": (weight_hh, (2, G * H, P)),
+                "h0": (h0, (2, B, P)), "c0": (c0, (2, B, H) if cell == "LSTM" else (0,)),
                 "lengths": (lengths, (B,))}
+    if weight_hr is not None:
+        expected["weight_hr"] = (weight_hr, (2, P, H))
+    elif P != H:
+        raise ValueError(f"Expected weight_hh size {(2, G * H, H)} without weight_hr, got {list(weight_hh.shape)}")
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"Expected {name} size {shape}, got {list(tensor.shape)}")
-    for name in ("weight_ih", "weight_hh"):
+    for name in ("weight_ih", "weight_hh") + (("weight_hr",) if weight_hr is not None else ()):
         if expected[name][0].dtype != input.dtype:
             raise TypeError(f"Expected {name} of dtype {input.dtype}, got {expected[name][0].dtype}")
     if lengths.dtype != torch.int64 or lengths.device != input.device:
         raise TypeError(f"Expected lengths int64 on {input.device}, got {lengths.dtype} on {lengths.device}")
-    return T, B, I, G, H
+    return T, B, I, G, H, P
 
 
 def workspace_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def projected_recurrence(weight_hh, weight_hr):
+    """W_hh W_hr (2, G*H, H): with a projection, h_t = W_hr m_t (m_t = o_t * tanh(c_t)), so the next
+    step's W_hh h_t is (W_hh W_hr) m_t, and the kernels run on m, K = H, one exchange per step; the
+    product is taken in fp32."""
+    return (weight_hh.float() @ weight_hr.float()).to(weight_hh.dtype)
+
+
+def first_steps(lengths):
+    """(2, B) int64: the time index of each row's first step, forward direction (0) and reverse."""
+    return torch.stack([torch.zeros_like(lengths), lengths - 1])
+
+
 def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
-            max_polls=None):
+            max_polls=None, weight_hr=None):
     """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
 
-    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, H); bias_*: (2, G*H);
-    h0, c0: (2, B, H) (c0 (0,) unless LSTM); lengths: (B,) int64. config: the launch's
+    input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, P); bias_*: (2, G*H);
+    h0: (2, B, P); c0: (2, B, H) ((0,) unless LSTM); lengths: (B,) int64; weight_hr: (2, P, H) for an
+    LSTM with projections (P = proj_size), else None and P = H. config: the launch's
     ``config.Config``, by default ``config.launch_config``'s; max_polls: the bound of a barrier wait
     (default ``config.max_polls``), past which the launch raises a RuntimeError.
-    Returns output (T, B, 2*H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
+    Returns output (T, B, 2*P), h_n (2, B, P), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
     or (0,) without save_workspace.
     """
-    T, B, I, G, H = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths)
+    T, B, I, G, H, P = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths, weight_hr)
     GH = G * H
+    workspace_shape = (T, B, 2, _config.WORKSPACE[cell] * H) if save_workspace else (0,)
+    workspace = input.new_empty(workspace_shape, dtype=workspace_dtype(input.dtype))
+    if B == 0:
+        return input.new_zeros(T, 0, 2 * P), torch.empty_like(h0), torch.empty_like(c0), workspace
     input, weight_ih, weight_hh, h0, c0 = (x.contiguous() for x in (input, weight_ih, weight_hh, h0, c0))
     bias_hh = bias_hh.contiguous()
     bias = bias_ih + bias_hh
@@ -210,22 +237,35 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
         bias[:, 2 * H:] = bias_ih[:, 2 * H:]
     xg = torch.addmm(bias.reshape(1, 2 * GH).to(input.dtype), input.view(T * B, I),
                      weight_ih.view(2 * GH, I).t())  # [T*B, 2*G*H]
+    recurrent = weight_hh
+    if weight_hr is not None:
+        # h0 enters only each row's first step, through W_hh: there in the input projection; the
+        # kernel starts from m = 0.
+        recurrent = projected_recurrence(weight_hh, weight_hr)
+        xg = xg.view(T, B, 2, GH)
+        rows = torch.arange(B, device=input.device)
+        for d, t in enumerate(first_steps(lengths)):
+            xg[t, rows, d] = (xg[t, rows, d].float() + h0[d].float() @ weight_hh[d].float().t()).to(xg.dtype)
+        h0 = h0.new_zeros(2, B, H)
 
     if config is None:
         config = _config.launch_config(cell, B, H, input.dtype, input.device, backward=False)
-    output = input.new_zeros(T, B, 2 * H)
-    h_n = torch.empty_like(h0)
+    output = input.new_empty(T, B, 2 * H)
+    h_n = input.new_empty(2, B, H)
     c_n = torch.empty_like(c0)
-    workspace_shape = (T, B, 2, _config.WORKSPACE[cell] * H) if save_workspace else (0,)
-    workspace = input.new_empty(workspace_shape, dtype=workspace_dtype(input.dtype))
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     hbuf[:, 0].copy_(h0)
     state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
     counters = barrier_counters(config, input.device)
     launch(birnn_forward_kernel, config, counters,
-           xg, weight_hh, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
+           xg, recurrent, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
            output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
            DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace)
+    if weight_hr is not None:
+        # The projection of every step at once: output and h_n are W_hr m (0 where m is, at padding).
+        weight_hr = weight_hr.contiguous()
+        output = torch.cat([output[..., d * H:(d + 1) * H] @ weight_hr[d].t() for d in range(2)], dim=-1)
+        h_n = torch.stack([h_n[d] @ weight_hr[d].t() for d in range(2)])
     return output, h_n, c_n, workspace
