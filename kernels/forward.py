@@ -31,13 +31,35 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .launch import barrier_counters, launch
-from .common import (batch_block, copy_slices, exchanged_tile, gate_dot, group_barrier, group_counter, group_steps,
-                     resident_weights, zero_padded_steps)
+from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile, gate_dot,
+                     group_counter, group_steps, resident_weights, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
 GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
 RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+
+
+@triton.jit
+def _round_inputs(xg_ptr, lengths_ptr, s, bb, d, B, H, offs_j, mask_j, CELL: tl.constexpr, G: tl.constexpr,
+                  BB: tl.constexpr):
+    """What a round of step s on batch block bb reads that only this program's launch wrote before it:
+    the rows' lengths (BB,) and the input projection of each gate, [BB, BH] in xg's dtype (zeros for
+    the gates a cell lacks), loaded without waiting (converted where used)."""
+    offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+    mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
+    t = tl.where(d == 0, s, b_len - 1 - s)  # [BB]
+    p_xg = xg_ptr + ((t * B + offs_b) * 2 + d)[:, None] * (G * H) + offs_j[None, :]  # [BB, BH]
+    b_x0 = tl.load(p_xg, mask=mask_a, other=0.0)
+    b_x1 = b_x0 * 0
+    b_x2 = b_x0 * 0
+    b_x3 = b_x0 * 0
+    if G > 1:
+        b_x1 = tl.load(p_xg + H, mask=mask_a, other=0.0)
+        b_x2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0)
+    if G > 3:
+        b_x3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0)
+    return b_len, b_x0, b_x1, b_x2, b_x3
 
 
 @triton.jit
@@ -88,78 +110,97 @@ def birnn_forward_kernel(
         b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # loaded chunk by chunk in the step loop
     if CELL == GRU:
         b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-    # Each step runs every batch block of the program in turn, on the same W_hh slice, then the group
-    # meets once.
+    # Each step runs every batch block of the program in turn ("rounds"), on the same W_hh slice,
+    # then the group meets once. The barrier is split: a program arrives right after its last h
+    # exchange store of the step, then loads the next step's first round's own operands (lengths, the
+    # input projection: nothing another program writes), then stores its other results, and only
+    # then waits, at the top of the next step: those loads and stores overlap the wait.
+    b_len, b_x0, b_x1, b_x2, b_x3 = _round_inputs(xg_ptr, lengths_ptr, 0, pid_b, d, B, H, offs_j, mask_j, CELL, G, BB)
+    arrived = tl.zeros([], tl.int32)
     for s in range(0, steps):
         parity = s % 2
+        failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, SYNC)
+        b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next = b_len, b_x0, b_x1, b_x2, b_x3  # set by the last round
         for bb in range(pid_b, n_bblocks, n_bprog):
-            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+            if bb != pid_b:
+                b_len, b_x0, b_x1, b_x2, b_x3 = _round_inputs(xg_ptr, lengths_ptr, s, bb, d, B, H, offs_j, mask_j,
+                                                              CELL, G, BB)
+            offs_b, mask_b = batch_rows(bb, B, BB)
+            active = s < b_len  # [BB]
+            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+            p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
             # A block whose rows have all ended is done: no program of the group reads it again.
-            if s < tl.max(b_len, axis=0):
-                active = s < b_len  # [BB]
-                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
-                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
-                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64; negative where inactive
-                row = (t * B + offs_b) * 2 + d  # [BB]
-                p_xg = xg_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
-                acc0 = tl.load(p_xg, mask=mask_a, other=0.0).to(tl.float32)
+            live = s < tl.max(b_len, axis=0)
+            b_h_new = tl.zeros([BB, BH], dtype=tl.float32)
+            b_c_new = tl.zeros([BB, BH], dtype=tl.float32)
+            b_s0 = tl.zeros([BB, BH], dtype=tl.float32)  # the activations the workspace saves
+            b_s1 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_s2 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_s3 = tl.zeros([BB, BH], dtype=tl.float32)
+            if live:
+                acc0 = tl.zeros([BB, BH], dtype=tl.float32)
                 acc1 = tl.zeros([BB, BH], dtype=tl.float32)
                 acc2 = tl.zeros([BB, BH], dtype=tl.float32)
                 acc3 = tl.zeros([BB, BH], dtype=tl.float32)
-                if G > 1:
-                    acc1 = tl.load(p_xg + H, mask=mask_a, other=0.0).to(tl.float32)
-                if CELL == GRU:
-                    # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
-                    b_xn = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    acc2 = tl.zeros([BB, BH], dtype=tl.float32) + b_bhn[None, :]
-                if CELL == LSTM:
-                    acc2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    acc3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
                 for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
                     b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
                     acc0 = gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
-                                     DOT_PRECISION)
+                                    DOT_PRECISION)
                     if G > 1:
                         acc1 = gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK,
-                                         BK, DOT_PRECISION)
+                                        BK, DOT_PRECISION)
                         acc2 = gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
-                                         NK, BK, DOT_PRECISION)
+                                        NK, BK, DOT_PRECISION)
                     if G > 3:
                         acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
-                                         NK, BK, DOT_PRECISION)
-
-                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+                                        NK, BK, DOT_PRECISION)
+                # The input projection joins after the products: they need not wait for it.
                 if CELL == LSTM:
                     b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
-                    b_i, b_f, b_g, b_o, b_c_new, b_h_new = lstm_forward(acc0, acc1, acc2, acc3, b_c_prev)
-                    tl.store(state_ptr + p_state, b_c_new, mask=mask_a)
-                    tl.store(c_n_ptr + p_state, b_c_new.to(c_n_ptr.dtype.element_ty), mask=mask_a)
-                    if SAVE:
-                        tl.store(p_ws, b_i, mask=mask_a)
-                        tl.store(p_ws + H, b_f, mask=mask_a)
-                        tl.store(p_ws + 2 * H, b_g, mask=mask_a)
-                        tl.store(p_ws + 3 * H, b_o, mask=mask_a)
-                        tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+                    b_s0, b_s1, b_s2, b_s3, b_c_new, b_h_new = lstm_forward(
+                        acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32), acc2 + b_x2.to(tl.float32),
+                        acc3 + b_x3.to(tl.float32), b_c_prev)
                 elif CELL == GRU:
+                    # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
+                    b_s3 = acc2 + b_bhn[None, :]
                     b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
-                    b_r, b_z, b_n, b_h_new = gru_forward(acc0, acc1, b_xn, acc2, b_h_prev)
-                    tl.store(state_ptr + p_state, b_h_new, mask=mask_a)
-                    if SAVE:
-                        tl.store(p_ws, b_r, mask=mask_a)
-                        tl.store(p_ws + H, b_z, mask=mask_a)
-                        tl.store(p_ws + 2 * H, b_n, mask=mask_a)
-                        tl.store(p_ws + 3 * H, acc2, mask=mask_a)
+                    b_s0, b_s1, b_s2, b_h_new = gru_forward(acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32),
+                                                            b_x2.to(tl.float32), b_s3, b_h_prev)
                 else:
-                    b_h_new = elman_forward(acc0, CELL == RNN_RELU)
-                # Every step: a row's last write is its final state.
-                tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_a)
-                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-                tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
+                    b_h_new = elman_forward(acc0 + b_x0.to(tl.float32), CELL == RNN_RELU)
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
                 tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
-        failed = group_barrier(p_counter, p_status, (s + 1) * n_hblocks, failed, max_polls, SYNC)
+            if bb + n_bprog >= n_bblocks:  # the step's last round
+                arrived = barrier_arrive(p_counter, SYNC)
+                b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next = _round_inputs(
+                    xg_ptr, lengths_ptr, s + 1, pid_b, d, B, H, offs_j, mask_j, CELL, G, BB)
+            if live:
+                row = (t * B + offs_b) * 2 + d  # [BB]
+                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+                mask_last = mask_a & (s == b_len - 1)[:, None]  # each row's final state, once
+                if CELL == LSTM:
+                    tl.store(state_ptr + p_state, b_c_new, mask=mask_a)
+                    tl.store(c_n_ptr + p_state, b_c_new.to(c_n_ptr.dtype.element_ty), mask=mask_last)
+                    if SAVE:
+                        tl.store(p_ws, b_s0, mask=mask_a)
+                        tl.store(p_ws + H, b_s1, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_s2, mask=mask_a)
+                        tl.store(p_ws + 3 * H, b_s3, mask=mask_a)
+                        tl.store(p_ws + 4 * H, b_c_new, mask=mask_a)
+                elif CELL == GRU:
+                    tl.store(state_ptr + p_state, b_h_new, mask=mask_a)
+                    if SAVE:
+                        tl.store(p_ws, b_s0, mask=mask_a)
+                        tl.store(p_ws + H, b_s1, mask=mask_a)
+                        tl.store(p_ws + 2 * H, b_s2, mask=mask_a)
+                        tl.store(p_ws + 3 * H, b_s3, mask=mask_a)
+                tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_last)
+                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+                tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
+        b_len, b_x0, b_x1, b_x2, b_x3 = b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next
     zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
     if SAVE:
         zero_padded_steps(ws_ptr, lengths_ptr, T, B, H, W, BB, BH)
