@@ -30,3 +30,12 @@ SASS ?= after
 sass-report: $(VENV)/.installed
 	TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.sass_report --title $(SASS) \
 		--out benchmarks/results/sass_$(SASS).md
+
+# `gpu-check`: the hardware check of the GPU path, about 8 minutes on an H100/H200 (see
+# benchmarks/gpu/check.sh); `gpu-selftest`: the same script on the CPU, interpreted, tiny sizes (CI).
+.PHONY: gpu-check gpu-selftest
+gpu-check:
+	bash benchmarks/gpu/check.sh
+
+gpu-selftest: $(VENV)/.installed
+	PY=$(abspath $(PY)) bash benchmarks/gpu/check.sh --self-test

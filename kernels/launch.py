@@ -21,14 +21,13 @@ def launch(kernel, config, counters, *args, max_polls, **constexprs):
     device = counters.device
     compiled = kernel[grid](*args, max_polls, **constexprs, **_config.launch_options(config))
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
-    if not _config.interpreted(device):
-        _config.check_cooperative(compiled, name, config)
-        if torch.cuda.is_current_stream_capturing():
-            return compiled
-    if counters[-COUNTER_STRIDE.value].item():
+    capturing = not _config.interpreted(device) and torch.cuda.is_current_stream_capturing()
+    if not capturing and counters[-COUNTER_STRIDE.value].item():
         raise RuntimeError(
             f"{name} with {config}: a program waited at the grid barrier for more than "
             f"{max_polls} polls, so its grid of {2 * config.n_hblocks * config.n_bprog} programs was "
             "not resident at once (a launch that was not cooperative, or a GPU with fewer free SMs than the "
             "launcher assumed); its results are garbage")
+    if not _config.interpreted(device):
+        _config.check_cooperative(compiled, name, config)
     return compiled

@@ -12,18 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
 from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
 from birnn_fast.kernels import config as kernels  # noqa: E402
@@ -32,8 +28,6 @@ from birnn_fast.reference import birnn_layer  # noqa: E402
 from concurrent_interpreter import concurrent_programs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {"birnn_forward_kernel": kernels_forward.birnn_forward_kernel,
-           "birnn_backward_kernel": kernels_backward.birnn_backward_kernel}
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type != "cuda"
@@ -370,67 +364,24 @@ def test_grid_fits_on_the_gpu(gpu):
 
 
 # Compile tests: every (config, cell, dtype, dot precision) the launchers can pick, for sm_80 and
-# sm_90. They run in a child process without the interpreter, where triton.jit gives compilable
-# functions; that process is this file run as a script.
+# sm_90, built as launched (benchmarks/gpu/sass.py: fp32 state, the launch options), without the
+# JIT's divisibility-by-16 hints (odd H, B, T), and with them for a subset (hinted_configs). They run
+# in a child process without the interpreter, where triton.jit gives compilable functions; that
+# process is this file run as a script.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FP32_POINTERS = {"ws_ptr", "dgates_ptr"}  # fp32 whatever the input dtype
-INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
-
-
-def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
-    # The launchers' own arguments, for a grid with a barrier: its constexprs and launch options
-    # (which must all be options of this Triton's CUDA backend).
-    launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
-    constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
-    constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
-                      DOT_PRECISION=precision)
-    if "SAVE" in fn.arg_names:
-        # SAVE=False (inference) only drops the workspace stores: SAVE=True bounds its registers.
-        constexprs["SAVE"] = True
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in INT_POINTERS:
-            signature[name] = INT_POINTERS[name]
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*" + SIGNATURE_DTYPES[dtype]
-        else:
-            signature[name] = "i32"
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    unknown = set(launch) - {field.name for field in dataclasses.fields(CUDAOptions)}
-    assert not unknown, f"launch options this Triton does not know: {unknown}"
-    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=launch)
-
-
-def loop_spills(sass):
-    """Spill stores and reloads (STL / LDL) inside the time loop: the outermost loop around the group
-    barrier's first atomic, i.e. from the earliest target of a branch back across it to the last such
-    branch."""
-    code = [(int(address, 16), op) for address, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    atomic = min(address for address, op in code if "ATOMG" in op)
-    back = []  # (target, address) of the branches from after the atomic to before it
-    for address, op in code:
-        branch = re.search(r"\bBRA\b.*0x([0-9a-f]+)\s*$", op)
-        if branch and address > atomic and int(branch.group(1), 16) < atomic:
-            back.append((int(branch.group(1), 16), address))
-    start, end = min(back)[0], max(address for _, address in back)
-    return sum(1 for address, op in code if start <= address <= end and re.search(r"\b(STL|LDL)\b", op))
 
 
 def resource_usage(compiled):
     """Registers, stack and local bytes per thread, shared bytes per program, from the cubin; spill
-    instructions in the time loop (loop_spills)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        text, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True, check=True).stdout
-                      for flag in ("--dump-resource-usage", "--dump-sass"))
+    instructions in the time loop (sass.round_shape)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import sass
+
+    text = sass.cuobjdump(compiled, "--dump-resource-usage")
     usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text)}
     usage["SHARED"] += compiled.metadata.shared  # the dynamic part, sized by Triton
-    usage["LOOP_SPILLS"] = loop_spills(sass)
+    usage["LOOP_SPILLS"] = sass.round_shape(sass.cuobjdump(compiled, "--dump-sass"))["LOOP_SPILLS"]
     # Shared-memory allocations outside every loop (the function body's indentation): a resident
     # program's W_hh tiles.
     usage["HOISTED"] = len(re.findall(r"^    %\S+ = ttg\.local_alloc ", compiled.asm["ttgir"], re.MULTILINE))
@@ -475,10 +426,11 @@ def test_triton_36_selection(monkeypatch):
     assert largest_resident(backward, "GRU", torch.float16, "ieee") == (512, (8, 64))
 
 
-def config_id(config):
+def config_id(config, hints=False):
     fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT = config
     variant = f"resident-K{NK * BK}" if RESIDENT else "streaming"
-    return f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-{variant}"
+    return (f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-{variant}"
+            f"{'-hinted' if hints else ''}")
 
 
 def quick_configs(cc):
@@ -495,10 +447,34 @@ def quick_configs(cc):
     return list(largest_k.values()) + [c for c in configs if not c[-1] and tuple(c[4:6]) in largest_tiles]
 
 
-def compile_in_child(configs, cc):
-    """Start this file as a script compiling configs for sm_cc; it prints one JSON line per config."""
+def hinted_configs(cc):
+    """The selectable configurations also built with the divisibility hints: for every kernel, cell,
+    dtype and precision, the resident one at its largest K and the streamed 32x16 tile. Registers grow
+    with the resident K (its operands live across the step) and not with H when W_hh streams (the K
+    loop's chunk is fixed), and the streamed 32x16 tile holds the most of the streamed tiles (compile
+    tables, triton_notes.md); the hints change addressing and vectorisation, not which values are
+    live, so these bound the rest."""
+    largest = {}
+    streamed = []
+    for config in selectable_configs(cc):
+        if config[-1]:
+            key = config[:4]
+            largest[key] = max(largest.get(key, config), config, key=lambda c: c[6] * c[7])
+        elif tuple(config[4:6]) == (32, 16):
+            streamed.append(config)
+    return list(largest.values()) + streamed
+
+
+def builds(cc, configs, hinted):
+    """(config, hints) pairs: configs without hints, hinted with them."""
+    return [(config, False) for config in configs] + [(config, True) for config in hinted]
+
+
+def compile_in_child(pairs, cc):
+    """Start this file as a script compiling (config, hints) pairs for sm_cc; it prints one JSON line
+    per build."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    ids = [config_id(config) for config in configs]
+    ids = [config_id(config, hints) for config, hints in pairs]
     return subprocess.Popen([sys.executable, __file__, str(cc), *ids], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -515,50 +491,59 @@ def collect(children):
     return usage
 
 
+def quick_builds(cc):
+    return builds(cc, quick_configs(cc), quick_configs(cc))
+
+
+def full_builds(cc):
+    return builds(cc, list(selectable_configs(cc)), hinted_configs(cc))
+
+
 @pytest.fixture(scope="module")
 def quick_usage():
-    return collect({cc: compile_in_child(quick_configs(cc), cc) for cc in SHARED_LIMIT})
+    return collect({cc: compile_in_child(quick_builds(cc), cc) for cc in SHARED_LIMIT})
 
 
 @pytest.fixture(scope="module")
 def full_usage():
-    return collect({cc: compile_in_child(list(selectable_configs(cc)), cc) for cc in SHARED_LIMIT})
+    return collect({cc: compile_in_child(full_builds(cc), cc) for cc in SHARED_LIMIT})
 
 
-def check_usage(usage, config, cc):
-    record = usage[cc, config_id(config)]
-    print(f"sm_{cc} {config_id(config)}: {record['REG']} registers, {record['SHARED']} B shared, "
+def check_usage(usage, config, hints, cc):
+    record = usage[cc, config_id(config, hints)]
+    print(f"sm_{cc} {config_id(config, hints)}: {record['REG']} registers, {record['SHARED']} B shared, "
           f"{record['STACK']} B stack, {record['LOCAL']} B local, {record['LOOP_SPILLS']} spills in the time loop")
     assert record["SHARED"] <= SHARED_LIMIT[cc], f"{record['SHARED']} B of shared memory"
-    # Spills before the time loop run once per launch: a resident program's W_hh tile loads, whose
-    # addresses vectorise only where H is a multiple of 16, which this build does not assume.
+    # Spills before the time loop run once per launch: a resident program's W_hh tile loads.
     assert record["LOOP_SPILLS"] == 0 and record["LOCAL"] == 0, f"register spills in the time loop: {record}"
     # Resident: each gate's W_hh tile is placed in shared memory once, before the time loop.
     fn_name, cell, *_, resident = config
     assert record["HOISTED"] == (kernels.GATES[cell] if resident else 0), record
 
 
-def by_cc(configs_of):
-    return [pytest.param(config, cc, id=f"{config_id(config)}-sm{cc}") for cc in sorted(SHARED_LIMIT)
-            for config in configs_of(cc)]
+def by_cc(builds_of):
+    return [pytest.param(config, hints, cc, id=f"{config_id(config, hints)}-sm{cc}") for cc in sorted(SHARED_LIMIT)
+            for config, hints in builds_of(cc)]
 
 
-@pytest.mark.parametrize("config,cc", by_cc(quick_configs))
-def test_compiles_without_spills(quick_usage, config, cc):
-    check_usage(quick_usage, config, cc)
+@pytest.mark.parametrize("config,hints,cc", by_cc(quick_builds))
+def test_compiles_without_spills(quick_usage, config, hints, cc):
+    check_usage(quick_usage, config, hints, cc)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,cc", by_cc(selectable_configs))
-def test_every_config_compiles_without_spills(full_usage, config, cc):
-    check_usage(full_usage, config, cc)
+@pytest.mark.parametrize("config,hints,cc", by_cc(full_builds))
+def test_every_config_compiles_without_spills(full_usage, config, hints, cc):
+    check_usage(full_usage, config, hints, cc)
 
 
 if __name__ == "__main__":
-    # The child of compile_in_child: python test_kernels_triton.py CC CONFIG_ID...
+    # The child of compile_in_child: python test_kernels_triton.py CC BUILD_ID...
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import sass
+
     target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
-    for config in selectable_configs(target_cc):
-        if config_id(config) in wanted:
-            fn_name, *rest = config
-            compiled = compile_kernel(KERNELS[fn_name], *rest, cc=target_cc)
-            print(json.dumps(dict(id=config_id(config), **resource_usage(compiled))), flush=True)
+    for config, hints in full_builds(target_cc):
+        if config_id(config, hints) in wanted:
+            compiled = sass.compile_kernel(*config, cc=target_cc, hints=hints)
+            print(json.dumps(dict(id=config_id(config, hints), **resource_usage(compiled))), flush=True)

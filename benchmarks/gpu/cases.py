@@ -24,8 +24,11 @@ def grid(args):
     return [(dtype, batch, step, hidden) for hidden in hiddens for batch in batches for step in steps for dtype in dtypes]
 
 
-def import_birnn_fast():
-    """birnn_fast from this checkout, with kernels/ as birnn_fast.kernels (setup.py's package_dir)."""
+def import_birnn_fast(interpret=False):
+    """birnn_fast from this checkout, with kernels/ as birnn_fast.kernels (setup.py's package_dir).
+    interpret: run the kernels in Triton's interpreter (CPU tensors), set before triton is imported."""
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
     if sys.path[0] != ROOT:
         sys.path.insert(0, ROOT)
     import birnn_fast

@@ -251,7 +251,9 @@ def main(argv=None):
     text = write_report(out, header, checks, rows, report_backends, notes, CHECK_CASE)
     print("\n" + text[text.index("## Timings"):] if "## Timings" in text else text)
     print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
-    return 0
+    # A run that could not time ours, or whose correctness check failed, is a failed run.
+    blocked = any(ours_blocked[case[0]] for case in grid)
+    return 1 if blocked or any(not row[-1] for row in checks) else 0
 
 
 def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
