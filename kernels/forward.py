@@ -41,12 +41,11 @@ RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
 
 
 @triton.jit
-def _round_inputs(xg_ptr, lengths_ptr, s, bb, d, B, H, offs_j, mask_j, CELL: tl.constexpr, G: tl.constexpr,
-                  BB: tl.constexpr):
-    """What a round of step s on batch block bb reads that only this program's launch wrote before it:
-    the rows' lengths (BB,) and the input projection of each gate, [BB, BH] in xg's dtype (zeros for
-    the gates a cell lacks), loaded without waiting (converted where used)."""
-    offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+def _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G: tl.constexpr, BB: tl.constexpr):
+    """The input projection of each gate for the round of step s on batch block bb (its rows' lengths
+    b_len), [BB, BH] in xg's dtype (zeros for the gates a cell lacks), loaded without waiting
+    (converted where used). Only this program's launch wrote xg before: no barrier orders it."""
+    offs_b, _ = batch_rows(bb, B, BB)
     mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
     t = tl.where(d == 0, s, b_len - 1 - s)  # [BB]
     p_xg = xg_ptr + ((t * B + offs_b) * 2 + d)[:, None] * (G * H) + offs_j[None, :]  # [BB, BH]
@@ -59,7 +58,7 @@ def _round_inputs(xg_ptr, lengths_ptr, s, bb, d, B, H, offs_j, mask_j, CELL: tl.
         b_x2 = tl.load(p_xg + 2 * H, mask=mask_a, other=0.0)
     if G > 3:
         b_x3 = tl.load(p_xg + 3 * H, mask=mask_a, other=0.0)
-    return b_len, b_x0, b_x1, b_x2, b_x3
+    return b_x0, b_x1, b_x2, b_x3
 
 
 @triton.jit
@@ -112,19 +111,27 @@ def birnn_forward_kernel(
         b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
     # Each step runs every batch block of the program in turn ("rounds"), on the same W_hh slice,
     # then the group meets once. The barrier is split: a program arrives right after its last h
-    # exchange store of the step, then loads the next step's first round's own operands (lengths, the
-    # input projection: nothing another program writes), then stores its other results, and only
-    # then waits, at the top of the next step: those loads and stores overlap the wait.
-    b_len, b_x0, b_x1, b_x2, b_x3 = _round_inputs(xg_ptr, lengths_ptr, 0, pid_b, d, B, H, offs_j, mask_j, CELL, G, BB)
+    # exchange store of the step, stores its other results, and only then waits, at the top of the
+    # next step: those stores overlap the wait. Where W_hh is resident, the next step's first round
+    # also loads its input projection there (program-local: nothing another program writes). Where
+    # W_hh streams, each round loads it after its K loop: the loop's chunks need the registers that
+    # projection tiles held across it would take (fp32 spills), and one more load after a loop of
+    # dependent L2 round trips per chunk costs little.
+    _, _, b_len_first = batch_block(lengths_ptr, pid_b, B, BB)  # the first round's: the same every step
+    if RESIDENT:
+        b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, 0, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
     arrived = tl.zeros([], tl.int32)
     for s in range(0, steps):
         parity = s % 2
         failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, SYNC)
-        b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next = b_len, b_x0, b_x1, b_x2, b_x3  # set by the last round
+        if RESIDENT:
+            b_x0_next, b_x1_next, b_x2_next, b_x3_next = b_x0, b_x1, b_x2, b_x3  # set by the last round
         for bb in range(pid_b, n_bblocks, n_bprog):
+            b_len = b_len_first
             if bb != pid_b:
-                b_len, b_x0, b_x1, b_x2, b_x3 = _round_inputs(xg_ptr, lengths_ptr, s, bb, d, B, H, offs_j, mask_j,
-                                                              CELL, G, BB)
+                _, _, b_len = batch_block(lengths_ptr, bb, B, BB)
+                if RESIDENT:
+                    b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
             offs_b, mask_b = batch_rows(bb, B, BB)
             active = s < b_len  # [BB]
             mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
@@ -157,6 +164,8 @@ def birnn_forward_kernel(
                         acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
                                         NK, BK, DOT_PRECISION)
                 # The input projection joins after the products: they need not wait for it.
+                if not RESIDENT:
+                    b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
                 if CELL == LSTM:
                     b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                     b_s0, b_s1, b_s2, b_s3, b_c_new, b_h_new = lstm_forward(
@@ -175,8 +184,9 @@ def birnn_forward_kernel(
                 tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
             if bb + n_bprog >= n_bblocks:  # the step's last round
                 arrived = barrier_arrive(p_counter, SYNC)
-                b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next = _round_inputs(
-                    xg_ptr, lengths_ptr, s + 1, pid_b, d, B, H, offs_j, mask_j, CELL, G, BB)
+                if RESIDENT:
+                    b_x0_next, b_x1_next, b_x2_next, b_x3_next = _round_projection(
+                        xg_ptr, s + 1, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
             if live:
                 row = (t * B + offs_b) * 2 + d  # [BB]
                 p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
@@ -200,7 +210,8 @@ def birnn_forward_kernel(
                 tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_last)
                 p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
                 tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
-        b_len, b_x0, b_x1, b_x2, b_x3 = b_len_next, b_x0_next, b_x1_next, b_x2_next, b_x3_next
+        if RESIDENT:
+            b_x0, b_x1, b_x2, b_x3 = b_x0_next, b_x1_next, b_x2_next, b_x3_next
     zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
     if SAVE:
         zero_padded_steps(ws_ptr, lengths_ptr, T, B, H, W, BB, BH)
