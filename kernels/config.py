@@ -55,15 +55,25 @@ def interpreted(device):
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def split_k(H, resident):
+def split_k(H, resident, fma_backward=False):
     """(NK, BK) of the per-step products. Resident: all of H in one pass, in chunks of BK, one per warp
     (NK = 8), or of 64 at most (NK = 16 at K = 1024). Streamed: 2-D chunks (NK = 1) of STREAM_BK per
-    pass."""
+    pass. fma_backward: the backward kernel with its products on the FMA units (fp32 without TF32),
+    which at K = 32 takes one 2-D chunk instead of two: two chunks of 16 over the 8 warps take the
+    LSTM's to 255 registers and a spill in the time loop on sm_80 (206-214 with one chunk), where the
+    forward and the MMA products need two (one costs them 250-255 registers and spills)."""
     if not resident:
         return STREAM_NK, STREAM_BK
     k = max(16, triton.next_power_of_2(H))
+    if fma_backward and k == 32:
+        return 1, k
     BK = max(16, min(RESIDENT_MAX_BK, k // NUM_WARPS))
     return k // BK, BK
+
+
+def uses_fma(dtype, dot_precision):
+    """Whether the kernels' products run on the FMA units rather than tensor cores: fp32 without TF32."""
+    return dtype == torch.float32 and dot_precision == "ieee"
 
 
 def resident_max_k(cell, dtype, dot_precision, backward):
@@ -72,7 +82,7 @@ def resident_max_k(cell, dtype, dot_precision, backward):
     the most registers (FMA-unit operands). Checked with Triton 3.9 and 3.6 (the GPU image's), which
     stands for every version before 3.9."""
     old_triton = TRITON_VERSION < (3, 9)
-    if dtype == torch.float32 and dot_precision == "ieee":
+    if uses_fma(dtype, dot_precision):
         return 512 if cell.startswith("RNN") else 128 if old_triton else 256
     if backward and (cell == "GRU" or cell == "LSTM" and old_triton):
         return 512
@@ -111,7 +121,7 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
             continue
         key = (not resident, triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
         if best is None or key < best[0]:
-            NK, BK = split_k(H, resident)
+            NK, BK = split_k(H, resident, fma_backward=backward and uses_fma(dtype, dot_precision))
             best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog)
     if best is None:
         widest = max((BH for _, BH in stream_tiles), default=RESIDENT_TILE[1])

@@ -399,10 +399,11 @@ def selectable_configs(cc):
             for dtype, precision in PRECISIONS:
                 for BB, BH in kernels.STREAM_TILES:
                     yield fn_name, cell, dtype, precision, BB, BH, kernels.STREAM_NK, kernels.STREAM_BK, False
+                fma_backward = bool(backward) and kernels.uses_fma(dtype, precision)
                 H = 16
                 while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc], backward):
-                    yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True),
-                           True)
+                    yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE,
+                           *kernels.split_k(H, True, fma_backward), True)
                     H *= 2
 
 
