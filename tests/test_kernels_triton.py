@@ -500,14 +500,28 @@ def full_builds(cc):
     return builds(cc, list(selectable_configs(cc)), hinted_configs(cc))
 
 
-@pytest.fixture(scope="module")
-def quick_usage():
-    return collect({cc: compile_in_child(quick_builds(cc), cc) for cc in SHARED_LIMIT})
+def selected_builds(request, test_name, builds_of):
+    """{cc: the (config, hints) builds_of(cc) that the session's selected tests of test_name check}: a
+    -k selection compiles only what it runs."""
+    wanted = {(item.callspec.params["cc"], config_id(item.callspec.params["config"], item.callspec.params["hints"]))
+              for item in request.session.items if getattr(item, "originalname", None) == test_name}
+    return {cc: [(config, hints) for config, hints in builds_of(cc) if (cc, config_id(config, hints)) in wanted]
+            for cc in SHARED_LIMIT}
+
+
+def compile_selected(request, test_name, builds_of):
+    return collect({cc: compile_in_child(pairs, cc)
+                    for cc, pairs in selected_builds(request, test_name, builds_of).items() if pairs})
 
 
 @pytest.fixture(scope="module")
-def full_usage():
-    return collect({cc: compile_in_child(full_builds(cc), cc) for cc in SHARED_LIMIT})
+def quick_usage(request):
+    return compile_selected(request, "test_compiles_without_spills", quick_builds)
+
+
+@pytest.fixture(scope="module")
+def full_usage(request):
+    return compile_selected(request, "test_every_config_compiles_without_spills", full_builds)
 
 
 def check_usage(usage, config, hints, cc):
@@ -544,7 +558,8 @@ if __name__ == "__main__":
     from benchmarks.gpu import sass
 
     target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
-    for config, hints in full_builds(target_cc):
+    every = list(selectable_configs(target_cc))
+    for config, hints in builds(target_cc, every, every):
         if config_id(config, hints) in wanted:
             compiled = sass.compile_kernel(*config, cc=target_cc, hints=hints)
             print(json.dumps(dict(id=config_id(config, hints), **resource_usage(compiled))), flush=True)
