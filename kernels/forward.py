@@ -112,25 +112,26 @@ def birnn_forward_kernel(
     # Each step runs every batch block of the program in turn ("rounds"), on the same W_hh slice,
     # then the group meets once. The barrier is split: a program arrives right after its last h
     # exchange store of the step, stores its other results, and only then waits, at the top of the
-    # next step: those stores overlap the wait. Where W_hh is resident, the next step's first round
-    # also loads its input projection there (program-local: nothing another program writes). Where
-    # W_hh streams, each round loads it after its K loop: the loop's chunks need the registers that
-    # projection tiles held across it would take (fp32 spills), and one more load after a loop of
-    # dependent L2 round trips per chunk costs little.
+    # next step: those stores overlap the wait. With PREFETCH the next step's first round also loads
+    # its input projection there (program-local: nothing another program writes). Without, each round
+    # loads it after its products: where W_hh streams, or the products run on the FMA units (fp32
+    # without TF32), the projection tiles held across the products would take registers those need
+    # (spills), and one more load after a product that long costs little.
+    PREFETCH: tl.constexpr = RESIDENT and not (DOT_PRECISION == "ieee" and hbuf_ptr.dtype.element_ty == tl.float32)
     _, _, b_len_first = batch_block(lengths_ptr, pid_b, B, BB)  # the first round's: the same every step
-    if RESIDENT:
+    if PREFETCH:
         b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, 0, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
     arrived = tl.zeros([], tl.int32)
     for s in range(0, steps):
         parity = s % 2
         failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, SYNC)
-        if RESIDENT:
+        if PREFETCH:
             b_x0_next, b_x1_next, b_x2_next, b_x3_next = b_x0, b_x1, b_x2, b_x3  # set by the last round
         for bb in range(pid_b, n_bblocks, n_bprog):
             b_len = b_len_first
             if bb != pid_b:
                 _, _, b_len = batch_block(lengths_ptr, bb, B, BB)
-                if RESIDENT:
+                if PREFETCH:
                     b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
             offs_b, mask_b = batch_rows(bb, B, BB)
             active = s < b_len  # [BB]
@@ -164,7 +165,7 @@ def birnn_forward_kernel(
                         acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
                                         NK, BK, DOT_PRECISION)
                 # The input projection joins after the products: they need not wait for it.
-                if not RESIDENT:
+                if not PREFETCH:
                     b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
                 if CELL == LSTM:
                     b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
@@ -184,7 +185,7 @@ def birnn_forward_kernel(
                 tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
             if bb + n_bprog >= n_bblocks:  # the step's last round
                 arrived = barrier_arrive(p_counter, SYNC)
-                if RESIDENT:
+                if PREFETCH:
                     b_x0_next, b_x1_next, b_x2_next, b_x3_next = _round_projection(
                         xg_ptr, s + 1, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
             if live:
@@ -210,7 +211,7 @@ def birnn_forward_kernel(
                 tl.store(h_n_ptr + p_state, b_h_new.to(h_n_ptr.dtype.element_ty), mask=mask_last)
                 p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
                 tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
-        if RESIDENT:
+        if PREFETCH:
             b_x0, b_x1, b_x2, b_x3 = b_x0_next, b_x1_next, b_x2_next, b_x3_next
     zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
     if SAVE:
