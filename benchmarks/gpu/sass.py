@@ -125,11 +125,14 @@ def _outermost(ranges, address, within=None):
 def dependent_loads(code, start, end):
     """The chain of global-memory round trips from start to end: a wait on a global load issued since
     the last counted wait adds one (loads issued together and waited on in turn count once)."""
+    return _chain(instruction for instruction in code if start <= instruction.address < end)
+
+
+def _chain(code):
+    """dependent_loads over the instructions of code, in the order given."""
     pending = {}  # scoreboard -> epoch at which a global load set it
     depth = 0
     for instruction in code:
-        if not start <= instruction.address < end:
-            continue
         waited = [pending.pop(board) for board in range(6) if instruction.wait_mask >> board & 1 and board in pending]
         if any(epoch == depth for epoch in waited):
             depth += 1
@@ -141,19 +144,35 @@ def dependent_loads(code, start, end):
     return depth
 
 
+def wait_to_arrive(in_time):
+    """The dependent global loads (as dependent_loads) from the grid barrier's wait (the acquire: its
+    CCTL.IVALL) to the program's next arrive (the release's ATOMG.E.ADD), through the time loop's back
+    edge where the arrive comes first in the code: the memory round trips on the critical path of a
+    step, between two barriers (loads issued between arrive and wait are off it). None without both."""
+    acquire = next((i.address for i in in_time if i.op.startswith("CCTL.IVALL")), None)
+    arrive = next((i.address for i in in_time if re.match(r"^(@!?U?P\w+ )?ATOMG\.E\.ADD\b", i.op)), None)
+    if acquire is None or arrive is None:
+        return None
+    if acquire < arrive:
+        return _chain(i for i in in_time if acquire < i.address < arrive)
+    return _chain([i for i in in_time if i.address > acquire] + [i for i in in_time if i.address < arrive])
+
+
 def round_shape(sass):
     """What a step of the time loop looks like in SASS: for the round (the loop over the program's
     batch blocks) that holds the first matrix product, the dependent global loads before that product
     (dependent_loads, from the round's start or the last barrier poll before it) and all its global
-    loads there; the CTA barriers (BAR) of a step at one round, with those of an inner K loop apart;
-    spill instructions in the time loop."""
+    loads there; the dependent global loads from the barrier's wait to the next arrive
+    (wait_to_arrive); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
+    apart; spill instructions in the time loop."""
     code = instructions(sass)
     ranges = loops(code)
     atomic = min(instruction.address for instruction in code if "ATOMG" in instruction.op)
     time_loop = _outermost(ranges, atomic)
     in_time = [instruction for instruction in code if time_loop[0] <= instruction.address <= time_loop[1]]
     mmas = [instruction.address for instruction in in_time if MMAS.match(instruction.op)]
-    shape = {"LOOP_SPILLS": sum(1 for instruction in in_time if SPILLS.search(instruction.op))}
+    shape = {"LOOP_SPILLS": sum(1 for instruction in in_time if SPILLS.search(instruction.op)),
+             "WAIT_TO_ARRIVE": wait_to_arrive(in_time)}
     inner = [r for r in ranges if time_loop[0] <= r[0] and r[1] <= time_loop[1] and r != time_loop]
     # The innermost loops holding a product are its K loop (streamed) or, resident, its round loop.
     k_loops = [r for r in inner if any(r[0] <= m <= r[1] for m in mmas)
