@@ -144,18 +144,42 @@ def _chain(code):
     return depth
 
 
-def wait_to_arrive(in_time):
-    """The dependent global loads (as dependent_loads) from the grid barrier's wait (the acquire: its
-    CCTL.IVALL) to the program's next arrive (the release's ATOMG.E.ADD), through the time loop's back
-    edge where the arrive comes first in the code: the memory round trips on the critical path of a
-    step, between two barriers (loads issued between arrive and wait are off it). None without both."""
+ARRIVE = re.compile(r"^(@!?U?P\w+ )?ATOMG\.E\.ADD\b")
+
+
+def _barrier_points(in_time):
+    """Addresses of the grid barrier's wait (the acquire's CCTL.IVALL) and arrive (the release's
+    ATOMG.E.ADD) in the time loop, or None."""
     acquire = next((i.address for i in in_time if i.op.startswith("CCTL.IVALL")), None)
-    arrive = next((i.address for i in in_time if re.match(r"^(@!?U?P\w+ )?ATOMG\.E\.ADD\b", i.op)), None)
+    arrive = next((i.address for i in in_time if ARRIVE.match(i.op)), None)
+    return acquire, arrive
+
+
+def _cyclic(in_time, start, end):
+    """The instructions after start and before end, in the order a step runs them: through the time
+    loop's back edge where end comes first in the code."""
+    if start < end:
+        return [i for i in in_time if start < i.address < end]
+    return [i for i in in_time if i.address > start] + [i for i in in_time if i.address < end]
+
+
+def wait_to_arrive(in_time):
+    """The dependent global loads (as dependent_loads) from the grid barrier's wait to the program's
+    next arrive: the memory round trips on a step's critical path between two barriers (a static
+    count: the loads of a step's later rounds count too). None without a barrier."""
+    acquire, arrive = _barrier_points(in_time)
+    return None if acquire is None or arrive is None else _chain(_cyclic(in_time, acquire, arrive))
+
+
+def arrive_to_wait(in_time, ranges):
+    """The global loads issued between the program's arrive and its wait (the poll loop's own
+    excepted): the loads that overlap the wait instead of lying on the critical path. None without a
+    barrier."""
+    acquire, arrive = _barrier_points(in_time)
     if acquire is None or arrive is None:
         return None
-    if acquire < arrive:
-        return _chain(i for i in in_time if acquire < i.address < arrive)
-    return _chain([i for i in in_time if i.address > acquire] + [i for i in in_time if i.address < arrive])
+    poll = min((r for r in ranges if r[0] <= acquire <= r[1]), key=lambda r: r[1] - r[0], default=(acquire, acquire))
+    return sum(1 for i in _cyclic(in_time, arrive, poll[0]) if GLOBAL_LOADS.match(i.op))
 
 
 def round_shape(sass):
@@ -163,7 +187,7 @@ def round_shape(sass):
     batch blocks) that holds the first matrix product, the dependent global loads before that product
     (dependent_loads, from the round's start or the last barrier poll before it) and all its global
     loads there; the dependent global loads from the barrier's wait to the next arrive
-    (wait_to_arrive); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
+    (wait_to_arrive), and the loads issued between arrive and wait (arrive_to_wait); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
     apart; spill instructions in the time loop."""
     code = instructions(sass)
     ranges = loops(code)
@@ -172,7 +196,7 @@ def round_shape(sass):
     in_time = [instruction for instruction in code if time_loop[0] <= instruction.address <= time_loop[1]]
     mmas = [instruction.address for instruction in in_time if MMAS.match(instruction.op)]
     shape = {"LOOP_SPILLS": sum(1 for instruction in in_time if SPILLS.search(instruction.op)),
-             "WAIT_TO_ARRIVE": wait_to_arrive(in_time)}
+             "WAIT_TO_ARRIVE": wait_to_arrive(in_time), "ARRIVE_TO_WAIT": arrive_to_wait(in_time, ranges)}
     inner = [r for r in ranges if time_loop[0] <= r[0] and r[1] <= time_loop[1] and r != time_loop]
     # The innermost loops holding a product are its K loop (streamed) or, resident, its round loop.
     k_loops = [r for r in inner if any(r[0] <= m <= r[1] for m in mmas)

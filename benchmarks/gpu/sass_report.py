@@ -6,8 +6,8 @@ at H, B, T multiples of 16).
 
 Columns (sass.round_shape): the chain of dependent global loads a round waits on before its first
 matrix product (from the round's start, or from the barrier's poll when the round follows it), all
-global loads there, the dependent global loads from the barrier's wait to the program's next arrive,
-CTA barriers (BAR) per step at one round (+ per K chunk where W_hh streams), spill instructions in the
+global loads there, the dependent global loads from the barrier's wait to the program's next arrive
+and the loads issued between its arrive and wait, CTA barriers (BAR) per step at one round (+ per K chunk where W_hh streams), spill instructions in the
 time loop, registers per thread.
 """
 import argparse
@@ -59,7 +59,7 @@ def main(argv=None):
         dependent = "-" if shape["DEPENDENT_LOADS"] is None else str(shape["DEPENDENT_LOADS"])
         loads = "-" if shape["LOADS_BEFORE_MMA"] is None else str(shape["LOADS_BEFORE_MMA"])
         rows.append(f"| {fn_name.split('_')[1]} | {cell} | {sass.SIGNATURE_DTYPES[dtype]}-{precision} | {variant} | "
-                    f"{dependent} | {loads} | {shape['WAIT_TO_ARRIVE']} | {barrier_text} | {shape['LOOP_SPILLS']} | "
+                    f"{dependent} | {loads} | {shape['WAIT_TO_ARRIVE']} | {shape['ARRIVE_TO_WAIT']} | {barrier_text} | {shape['LOOP_SPILLS']} | "
                     f"{registers} |")
         print(rows[-1], flush=True)
     text = "\n".join([
@@ -76,13 +76,16 @@ def main(argv=None):
         "- loads: every global load issued there.",
         "- wait -> arrive: dependent global loads from the grid barrier's wait (acquire) to the program's next "
         "arrive (release), through the loop's back edge where needed: the memory round trips on a step's "
-        "critical path between two barriers (loads issued between arrive and wait overlap the wait).",
+        "critical path between two barriers; a static count, which includes the loads of a step's later rounds "
+        "(the kernels' `bb != pid_b` branch), which a one-round step does not run.",
+        "- loads arrive -> wait: global loads issued between the program's arrive and its wait (the next step's "
+        "program-local operands): they overlap the wait instead of lying on the critical path.",
         "- CTA barriers: BAR instructions in one step's code at one round (each poll of the grid barrier adds its own).",
         "- spills: STL / LDL in the time loop.",
         "",
         "| kernel | cell | dtype-dot | W_hh | dependent loads before 1st MMA | loads before 1st MMA | dependent loads "
-        "wait -> arrive | CTA barriers per step | loop spills | registers |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---:|",
+        "wait -> arrive | loads arrive -> wait | CTA barriers per step | loop spills | registers |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|",
         *rows,
         "",
     ])
