@@ -3,7 +3,9 @@ and its launcher.
 
 Same grid, rounds and barrier as the forward, in reverse time. Per step each program computes its
 slice of the gate gradients for each of its blocks and publishes the hidden-projection version to a
-double-buffered exchange buffer; after the barrier, for each block, dh_prev[:, jslice] +=
+double-buffered exchange buffer; it arrives at the barrier, loads the next step's first round's
+inputs (grad_out and the forward's results, which nothing in the launch writes) and stores its other
+results while the group arrives, then waits; after the barrier, for each block, dh_prev[:, jslice] +=
 gbuf(BB, G*H) @ W_hh[:, jslice]. dh and dc live in an fp32 state buffer between the two halves and
 between steps; rows not yet started carry them unchanged, so grad_h_n / grad_c_n enter at each row's
 own last step, and grad_h0 / grad_c0 are stored at its first. The launcher then computes grad_input,
@@ -16,8 +18,8 @@ import triton.language as tl
 from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
-from .common import (batch_block, copy_slices, exchanged_tile, group_barrier, group_counter, group_steps, resident_weights,
-                     split_k_dot, weight_tile, zero_padded_steps)
+from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile, group_counter,
+                     group_steps, resident_weights, split_k_dot, weight_tile, zero_padded_steps)
 from . import forward as forward_module
 from .forward import check_inputs
 from .launch import barrier_counters, launch
@@ -26,6 +28,55 @@ from .pointwise import elman_backward, gru_backward, lstm_backward
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
 GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
 RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+
+
+@triton.jit
+def _round_inputs(grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s, bb, b_len, d, B, H, offs_j, mask_j,
+                  CELL: tl.constexpr, W: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """What the gate gradients of step s on batch block bb (its rows' lengths b_len) read that nothing
+    in this launch writes, so that no barrier orders them: grad_out (in its dtype) and the forward's
+    results, [BB, BH] each. LSTM: i, f, g, o, c and the previous c (c0 at a row's first step), fp32;
+    GRU: r, z, n, hn (fp32) and the previous h (h0 at the first step, in h's dtype); RNN: h. Zeros
+    for what a cell lacks."""
+    offs_b, _ = batch_rows(bb, B, BB)
+    t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
+    mask_a = ((t >= 0) & (t < b_len))[:, None] & mask_j[None, :]  # [BB, BH]: 0 <= s < b_len (s = -1 at the end)
+    # The time index of the row's previous step (its h and c are this step's inputs).
+    t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
+    has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
+    mask_prev = mask_a & has_prev[:, None]
+    mask_first = mask_a & (~has_prev)[:, None]
+    p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+    p_ws = ws_ptr + ((t * B + offs_b) * 2 + d)[:, None] * (W * H) + offs_j[None, :]  # [BB, BH]
+    p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+    b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
+                   mask=mask_a, other=0.0)
+    b_v0 = tl.zeros([BB, BH], dtype=tl.float32)
+    b_v1 = b_v0
+    b_v2 = b_v0
+    b_v3 = b_v0
+    b_v4 = b_v0
+    b_v5 = b_v0
+    if CELL == LSTM:
+        b_v0 = tl.load(p_ws, mask=mask_a, other=0.0)
+        b_v1 = tl.load(p_ws + H, mask=mask_a, other=0.0)
+        b_v2 = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0)
+        b_v3 = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0)
+        b_v4 = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0)
+        p_ws_prev = ws_ptr + ((t_prev * B + offs_b) * 2 + d)[:, None] * (W * H) + 4 * H + offs_j[None, :]
+        b_v5 = (tl.load(p_ws_prev, mask=mask_prev, other=0.0)
+                + tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32))
+    elif CELL == GRU:
+        b_v0 = tl.load(p_ws, mask=mask_a, other=0.0)
+        b_v1 = tl.load(p_ws + H, mask=mask_a, other=0.0)
+        b_v2 = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0)
+        b_v3 = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0)
+        p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
+        b_v4 = (tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
+                + tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32))
+    else:
+        b_v0 = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
+    return b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5
 
 
 @triton.jit
@@ -73,84 +124,92 @@ def birnn_backward_kernel(
     if RESIDENT:
         # Gate g's rows of W_hh, the program's columns j: W_hh[g*H + k, j], kept in shared memory.
         b_w0, b_w1, b_w2, b_w3 = resident_weights(p_w, offs_j, mask_j, H, H, 1, G, NK, BK)
+    # The barrier is split as the forward's: a program arrives right after its last exchange store of
+    # the step's gate gradients, then loads the next step's first round's inputs that nothing in this
+    # launch writes (grad_out, the forward's results), stores its program-local results, and only
+    # then waits: those loads and stores overlap the wait.
+    _, _, b_len_first = batch_block(lengths_ptr, pid_b, B, BB)  # the first round's: the same every step
+    b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5 = _round_inputs(
+        grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, steps - 1, pid_b, b_len_first, d, B, H, offs_j, mask_j,
+        CELL, W, BB, BH)
+    arrived = tl.zeros([], tl.int32)
     for i in range(0, steps):
         s = steps - 1 - i
         parity = s % 2
+        b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next = (
+            b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5)  # set by the last round
         # The gate gradients of every batch block of the program; the group exchanges them at the barrier.
         for bb in range(pid_b, n_bblocks, n_bprog):
-            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
-            if s < tl.max(b_len, axis=0):  # else no row of the block has reached step s yet
-                p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
-                active = s < b_len  # [BB]
-                mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
-                t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
-                # The time index of the row's previous step (its h and c are this step's inputs).
-                t_prev = tl.where(d == 0, t - 1, t + 1)  # [BB]
-                has_prev = (t_prev >= 0) & (t_prev < b_len)  # [BB], i.e. s > 0
-                mask_prev = mask_a & has_prev[:, None]
-                mask_first = mask_a & (~has_prev)[:, None]
-                row = (t * B + offs_b) * 2 + d  # [BB]
-                row_prev = (t_prev * B + offs_b) * 2 + d
-                p_out = out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-                p_out_prev = out_ptr + (t_prev[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :]
-                b_go = tl.load(grad_out_ptr + (t[:, None] * B + offs_b[:, None]) * (2 * H) + d * H + offs_j[None, :],
-                               mask=mask_a, other=0.0).to(tl.float32)
-                b_dh = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_go  # [BB, BH]
-                p_ws = ws_ptr + row[:, None] * (W * H) + offs_j[None, :]
-                b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
-                b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
-                b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
-                b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_len = b_len_first
+            if bb != pid_b:
+                _, _, b_len = batch_block(lengths_ptr, bb, B, BB)
+                b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5 = _round_inputs(
+                    grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, CELL, W,
+                    BB, BH)
+            offs_b, _ = batch_rows(bb, B, BB)
+            p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
+            active = s < b_len  # [BB]
+            mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
+            t = tl.where(d == 0, s, b_len - 1 - s)  # [BB] int64
+            # A block none of whose rows has reached step s yet has nothing to do.
+            live = s < tl.max(b_len, axis=0)
+            b_d0 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d1 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d2 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_d3 = tl.zeros([BB, BH], dtype=tl.float32)
+            b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)  # what reaches h_prev other than through W_hh
+            b_dc_prev = tl.zeros([BB, BH], dtype=tl.float32)
+            if live:
+                b_dh = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_go.to(tl.float32)  # [BB, BH]
                 b_dh2 = tl.zeros([BB, BH], dtype=tl.float32)  # hidden-projection gradient of GRU's n gate
-                b_dh_direct = tl.zeros([BB, BH], dtype=tl.float32)
                 if CELL == LSTM:
-                    b_i = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
-                    b_f = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_g = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_o = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_c = tl.load(p_ws + 4 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_c_prev = tl.load(ws_ptr + row_prev[:, None] * (W * H) + 4 * H + offs_j[None, :],
-                                       mask=mask_prev, other=0.0).to(tl.float32)
-                    b_c_prev += tl.load(c0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
                     b_dc = tl.load(p_dc + p_state, mask=mask_a, other=0.0)
-                    b_d0, b_d1, b_d2, b_d3, b_dc_prev = lstm_backward(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+                    b_d0, b_d1, b_d2, b_d3, b_dc_prev = lstm_backward(b_dh, b_dc, b_v0, b_v1, b_v2, b_v3, b_v4,
+                                                                      b_v5)
                     b_dh2 = b_d2
-                    tl.store(p_dc + p_state, b_dc_prev, mask=mask_a)
-                    tl.store(grad_c0_ptr + p_state, b_dc_prev.to(grad_c0_ptr.dtype.element_ty), mask=mask_first)
                 elif CELL == GRU:
-                    b_r = tl.load(p_ws, mask=mask_a, other=0.0).to(tl.float32)
-                    b_z = tl.load(p_ws + H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_n = tl.load(p_ws + 2 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_hn = tl.load(p_ws + 3 * H, mask=mask_a, other=0.0).to(tl.float32)
-                    b_h_prev = tl.load(p_out_prev, mask=mask_prev, other=0.0).to(tl.float32)
-                    b_h_prev += tl.load(h0_ptr + p_state, mask=mask_first, other=0.0).to(tl.float32)
-                    b_d0, b_d1, b_d2, b_dh2, b_dh_direct = gru_backward(b_dh, b_r, b_z, b_n, b_hn, b_h_prev)
+                    b_d0, b_d1, b_d2, b_dh2, b_dh_direct = gru_backward(b_dh, b_v0, b_v1, b_v2, b_v3, b_v4)
                 else:
-                    b_h = tl.load(p_out, mask=mask_a, other=0.0).to(tl.float32)
-                    b_d0 = elman_backward(b_dh, b_h, CELL == RNN_RELU)
-                # What reaches h_prev other than through W_hh (the product adds that after the barrier).
-                tl.store(state_ptr + p_state, b_dh_direct, mask=mask_a)
-
-                p_dg = dgates_ptr + row[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                    b_d0 = elman_backward(b_dh, b_v0, CELL == RNN_RELU)
                 p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
                 gb_ty = gbuf_ptr.dtype.element_ty
                 # An inactive row's entries are left as they were: they enter only that row's (masked)
                 # products.
-                tl.store(p_dg, b_d0, mask=mask_a)
                 tl.store(p_gb, b_d0.to(gb_ty), mask=mask_a)
                 if G > 1:
-                    tl.store(p_dg + H, b_d1, mask=mask_a)
                     tl.store(p_gb + H, b_d1.to(gb_ty), mask=mask_a)
-                    tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
                     tl.store(p_gb + 2 * H, b_dh2.to(gb_ty), mask=mask_a)
                 if G > 3:
-                    tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
                     tl.store(p_gb + 3 * H, b_d3.to(gb_ty), mask=mask_a)
-        failed = group_barrier(p_counter, p_status, (i + 1) * n_hblocks, failed, max_polls, SYNC)
+            if bb + n_bprog >= n_bblocks:  # the step's last round
+                arrived = barrier_arrive(p_counter, SYNC)
+                b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next = _round_inputs(
+                    grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s - 1, pid_b, b_len_first, d, B, H, offs_j,
+                    mask_j, CELL, W, BB, BH)
+            if live:
+                if CELL == LSTM:
+                    tl.store(p_dc + p_state, b_dc_prev, mask=mask_a)
+                    if s == 0:  # every row's first step
+                        tl.store(grad_c0_ptr + p_state, b_dc_prev.to(grad_c0_ptr.dtype.element_ty), mask=mask_a)
+                # The product adds what reaches h_prev through W_hh after the barrier.
+                tl.store(state_ptr + p_state, b_dh_direct, mask=mask_a)
+                p_dg = dgates_ptr + ((t * B + offs_b) * 2 + d)[:, None] * GH + offs_j[None, :]  # [BB, BH]
+                tl.store(p_dg, b_d0, mask=mask_a)
+                if G > 1:
+                    tl.store(p_dg + H, b_d1, mask=mask_a)
+                    tl.store(p_dg + 2 * H, b_d2, mask=mask_a)
+                if G > 3:
+                    tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
+        b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5 = (
+            b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next)
+        failed = barrier_wait(p_counter, p_status, arrived, (i + 1) * n_hblocks, failed, max_polls, SYNC)
 
         # dh_prev[:, jslice] += sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
         for bb in range(pid_b, n_bblocks, n_bprog):
-            offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+            offs_b, mask_b = batch_rows(bb, B, BB)
+            b_len = b_len_first
+            if bb != pid_b:
+                _, _, b_len = batch_block(lengths_ptr, bb, B, BB)
             if s < tl.max(b_len, axis=0):
                 mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
                 p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
