@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest
 
-.PHONY: demo test bench bench-avx2 test-cpu-isa
+.PHONY: demo test bench bench-avx2 test-cpu-isa test-avx2
 $(VENV)/.installed: Makefile setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -16,8 +16,12 @@ $(VENV)/.installed: Makefile setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/
 demo: $(VENV)/.installed
 	$(PY) examples/train_tagger.py
 
+# The tests (what CI runs): the suite, the CPU kernel's tests again under the AVX2 ceiling, the GPU
+# check's script interpreted on the CPU, and the benchmarks once each, untimed.
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
+	$(MAKE) test-avx2
+	$(MAKE) gpu-selftest
 	$(PY) -m pytest benchmarks --benchmark-disable -q
 
 bench: $(VENV)/.installed
@@ -33,5 +37,25 @@ bench-avx2: $(VENV)/.installed
 # two are the same; the ISA tests in test_cpu_kernel.py force every level in subprocesses either way).
 test-cpu-isa: $(VENV)/.installed
 	$(PY) -m pytest tests/test_cpu_kernel.py -q
+	$(MAKE) test-avx2
+
+test-avx2: $(VENV)/.installed
 	$(AVX2_CEILING) $(PY) -m pytest tests/test_cpu_kernel.py -q
 	$(AVX2_CEILING) $(PY) -m pytest tests/test_modules.py -q -k "cpu and not slow"
+
+# The GPU path (kernels/): `sass-report` writes benchmarks/results/sass_$(SASS).md from offline sm_90
+# builds (no GPU needed).
+.PHONY: sass-report
+SASS ?= after
+sass-report: $(VENV)/.installed
+	TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.sass_report --title $(SASS) \
+		--out benchmarks/results/sass_$(SASS).md
+
+# `gpu-check`: the hardware check of the GPU path, about 8 minutes on an H100/H200 (see
+# benchmarks/gpu/check.sh); `gpu-selftest`: the same script on the CPU, interpreted, tiny sizes (CI).
+.PHONY: gpu-check gpu-selftest
+gpu-check:
+	bash benchmarks/gpu/check.sh
+
+gpu-selftest: $(VENV)/.installed
+	PY=$(abspath $(PY)) bash benchmarks/gpu/check.sh --self-test

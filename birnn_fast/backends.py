@@ -28,7 +28,7 @@ _DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 # The backends whose kernels take the 10 weights of an LSTM layer with projections (proj_size > 0).
-_PROJECTIONS = {"cpu": True, "triton": False}
+_PROJECTIONS = {"cpu": True, "triton": True}
 _load_errors = {}
 _warned = set()
 _selected = {}  # (BIRNN_FAST_BACKEND, device type, dtype, projections) -> backend
@@ -52,14 +52,12 @@ else:
 
 if torch.backends.cuda.is_built():
     try:
-        from .kernels import birnn as _triton
+        from . import kernels  # noqa: F401  (importing it registers the Triton kernels for CUDA)
     except ImportError as error:
         _load_errors["triton"] = f"Triton kernels are unavailable: {error}"
         _register(reference.forward_op, reference.backward_op, "CUDA")
     else:
         _load_errors["triton"] = None
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(library.FORWARD, "CUDA"):
-            _register(_triton.forward_op, _triton.backward_op, "CUDA")
 else:
     _load_errors["triton"] = "this torch is built without CUDA"
 

@@ -5,7 +5,8 @@ each other (the grid barrier of kernels/birnn.py) never returns there. ``concurr
 starts every program in its own thread instead and joins them all at the end of the launch; a
 program spinning at a barrier then waits for the others, as on a GPU. So the interpreter runs, and
 the tests check, what a GPU runs where a direction's hidden units span several programs: the h
-exchange, the barrier, batch blocks looped over. It models neither the GPU's memory ordering nor its
+exchange, the barrier, batch blocks looped over. ``held_back=n`` starts the grid's last n programs
+only once all the others have finished: what a GPU does with a grid larger than it can hold at once. It models neither the GPU's memory ordering nor its
 timing: the threads take turns under the GIL, in near lockstep, so a missing barrier gives wrong
 results only some of the time.
 
@@ -47,8 +48,10 @@ class _Launch:
     """Stands for a GridExecutor's ``fn``: each call starts the current program in a thread; the last
     one waits for them all and raises the first program's error."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, held_back):
         self.fn = fn
+        self.held_back = held_back
+        self.waiting = []  # (grid index, kwargs) of the programs held back
         self.threads = []
         self.errors = []
         # Set when a program failed or the launch timed out: the programs still spinning at a barrier
@@ -68,15 +71,13 @@ class _Launch:
             self.errors.append(error)
             self.aborted.set()
 
-    def __call__(self, **kwargs):
-        builder = interpreter.interpreter_builder
-        thread = threading.Thread(target=self._program, args=(builder.grid_idx, kwargs), daemon=True)
+    def _start(self, idx, kwargs):
+        thread = threading.Thread(target=self._program, args=(idx, kwargs), daemon=True)
         thread.start()
         self.threads.append(thread)
-        if len(self.threads) < math.prod(builder.grid_dim):
-            return
+
+    def _join(self, deadline):
         threads, self.threads = self.threads, []
-        deadline = time.monotonic() + TIMEOUT_S
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads):
@@ -84,6 +85,22 @@ class _Launch:
             for thread in threads:
                 thread.join(1.0)
             raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens?")
+
+    def __call__(self, **kwargs):
+        builder = interpreter.interpreter_builder
+        total = math.prod(builder.grid_dim)
+        if len(self.threads) + len(self.waiting) >= total - self.held_back:
+            self.waiting.append((builder.grid_idx, kwargs))
+        else:
+            self._start(builder.grid_idx, kwargs)
+        if len(self.threads) + len(self.waiting) < total:
+            return
+        deadline = time.monotonic() + TIMEOUT_S
+        self._join(deadline)
+        waiting, self.waiting = self.waiting, []
+        for idx, held in waiting:
+            self._start(idx, held)
+        self._join(deadline)
         if self.errors:
             raise self.errors[0]
 
@@ -99,15 +116,16 @@ def _abortable(atomic_rmw):
 
 
 @contextlib.contextmanager
-def concurrent_programs():
-    """Within the block, interpreted launches run all their programs at once."""
+def concurrent_programs(held_back=0):
+    """Within the block, interpreted launches run all their programs at once, but for the last
+    held_back, which start when the others have finished."""
     init = interpreter.GridExecutor.__init__
     atomic_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
     previous_idx = interpreter.InterpreterBuilder.__dict__.get("grid_idx")
 
     def concurrent_init(executor, fn, *args, **kwargs):
         init(executor, fn, *args, **kwargs)
-        executor.fn = _Launch(executor.fn)
+        executor.fn = _Launch(executor.fn, held_back)
 
     # Programs spinning at a barrier hold the GIL for a whole switch interval: keep it short.
     interval = sys.getswitchinterval()

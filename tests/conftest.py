@@ -31,10 +31,10 @@ def interpreted_triton(dtype):
     if dtype not in backends._DTYPES["triton"]:
         pytest.skip(f"the triton backend does not take {dtype}")
     try:
-        from birnn_fast.kernels import birnn
+        from birnn_fast import kernels
     except ImportError as error:
         pytest.skip(f"Triton kernels are unavailable: {error}")
-    return birnn
+    return kernels
 
 
 @contextlib.contextmanager
@@ -84,8 +84,8 @@ def use_backend(monkeypatch):
     with contextlib.ExitStack() as stack:
         def use(backend, dtype=torch.float64):
             if backend == "triton" and DEVICE.type == "cpu":
-                birnn = interpreted_triton(dtype)
-                stack.enter_context(cpu_kernels(birnn.forward_op, birnn.backward_op))
+                kernels = interpreted_triton(dtype)
+                stack.enter_context(cpu_kernels(kernels.forward_op, kernels.backward_op))
                 monkeypatch.setitem(backends._load_errors, "cpu", None)
                 monkeypatch.setitem(backends._DTYPES, "cpu", backends._DTYPES["triton"])
                 monkeypatch.setattr(backends, "_selected", {})

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/birnn.py against the reference and torch's own layers.
+"""The Triton kernels (kernels/) against the reference and torch's own layers.
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter, which must be chosen
 before triton is imported. The compile tests build the kernels for sm_80 and sm_90 without a GPU
@@ -12,22 +12,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
 
-from birnn_fast.kernels import birnn as kernels  # noqa: E402
+from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
+from birnn_fast.kernels import config as kernels  # noqa: E402
+from birnn_fast.kernels import forward as kernels_forward  # noqa: E402
 from birnn_fast.reference import birnn_layer  # noqa: E402
 from concurrent_interpreter import concurrent_programs  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type != "cuda"
@@ -76,12 +76,16 @@ def reference_with_grads(cell, args, grads):
     return [o.detach() for o in outputs], dict(zip(primal_names(cell), vjp))
 
 
-def run_kernels(cell, args, grads):
-    output, h_n, c_n, workspace = kernels.forward(cell, *args.values())
+def run_kernels(cell, args, grads, pick=None):
+    """Forward and backward launchers on args; pick(cell, input, H, backward) gives their configs
+    (default: the launchers' own)."""
+    H = args["weight_hh"].shape[-1]
+    configs = [pick(cell, args["input"], H, backward) if pick else None for backward in (False, True)]
+    output, h_n, c_n, workspace = kernels_forward.forward(cell, *args.values(), config=configs[0])
     grad_output, grad_h_n, grad_c_n = grads
-    result = kernels.backward(cell, grad_output, grad_h_n, grad_c_n, args["input"], args["weight_ih"],
-                              args["weight_hh"], args["bias_hh"], args["h0"], args["c0"], args["lengths"],
-                              output, workspace)
+    result = kernels_backward.backward(cell, grad_output, grad_h_n, grad_c_n, args["input"], args["weight_ih"],
+                                       args["weight_hh"], args["bias_hh"], args["h0"], args["c0"], args["lengths"],
+                                       output, workspace, config=configs[1])
     names = ["input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0"]
     return (output, h_n, c_n, workspace), dict(zip(names, result))
 
@@ -109,14 +113,19 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def launcher_pick(cell, input, H, backward):
+    return kernels.launch_config(cell, input.shape[1], H, input.dtype, input.device, backward)
+
+
+def streamed_pick(cell, input, H, backward):
+    return launcher_pick(cell, input, H, backward)._replace(NK=1, BK=16, RESIDENT=False)
+
+
 @pytest.fixture(params=["resident", "streaming"])
-def weights(request, monkeypatch):
-    """W_hh loaded once (what the launcher picks here) or streamed each step, in K chunks of 16."""
-    if request.param == "streaming":
-        picked = kernels._config
-        monkeypatch.setattr(kernels, "_config",
-                            lambda *args, **kwargs: picked(*args, **kwargs)._replace(NK=1, BK=16, RESIDENT=False))
-    return request.param
+def weights(request):
+    """W_hh loaded once (what the launcher picks here) or streamed each step, in K chunks of 16: the
+    configs' pick (see run_kernels)."""
+    return request.param, launcher_pick if request.param == "resident" else streamed_pick
 
 
 # (T, B, H, lengths): T = 1, 5, 13; B = 1, 3, 17 (two batch blocks); H = 1, 7, 20, 40 (K split in
@@ -129,12 +138,12 @@ SHAPES = [
 ]
 
 
-def check_against_reference(cell, T, B, H, lengths):
+def check_against_reference(cell, T, B, H, lengths, pick=None):
     """Output, h_n, c_n and every gradient of the kernels against reference.birnn_layer + autograd."""
     args = make_inputs(cell, T, B, 3, H, lengths)
     grads = make_grads(cell, T, B, H)
     expected, expected_grads = reference_with_grads(cell, args, grads)
-    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads, pick)
 
     check_padding(output, args["lengths"])
     assert workspace.shape == (T, B, 2, kernels.WORKSPACE[cell] * H) and workspace.dtype == torch.float32
@@ -152,7 +161,7 @@ def check_against_reference(cell, T, B, H, lengths):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
 def test_matches_reference(cell, T, B, H, lengths, weights):
-    check_against_reference(cell, T, B, H, lengths)
+    check_against_reference(cell, T, B, H, lengths, weights[1])
 
 
 # A GPU of few SMs for the grid tests: hidden units split over programs, batch blocks looped over.
@@ -160,19 +169,21 @@ SMALL_GPU_SMS = 6
 
 
 @pytest.fixture
-def small_gpu(weights, monkeypatch):
-    """The launcher picks what select_config picks for a GPU of SMALL_GPU_SMS SMs, with W_hh resident
-    (the only candidate) or streamed: a direction's hidden units split over programs that exchange h
-    at the grid barrier each step. Interpreted, the programs run concurrently, one thread each
+def small_gpu(weights):
+    """The pick of select_config for a GPU of SMALL_GPU_SMS SMs, with W_hh resident (the only
+    candidate) or streamed: a direction's hidden units split over programs that exchange h at the grid
+    barrier each step. Interpreted, the programs run concurrently, one thread each
     (concurrent_interpreter), as on a GPU."""
-    if weights == "resident":
-        monkeypatch.setattr(kernels, "STREAM_TILES", ())
-    shared_bytes = SHARED_LIMIT[90] if weights == "resident" else 0
-    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
-        cell, input.shape[1], H, input.dtype, kernels._dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
-        shared_bytes, backward))
+    resident = weights[0] == "resident"
+
+    def pick(cell, input, H, backward):
+        return kernels.select_config(cell, input.shape[1], H, input.dtype,
+                                     kernels.dot_precision(input.dtype, input.device), SMALL_GPU_SMS,
+                                     SHARED_LIMIT[90] if resident else 0, backward,
+                                     stream_tiles=() if resident else kernels.STREAM_TILES)
+
     with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
-        yield
+        yield pick
 
 
 # On the small GPU, H = 40 takes 3 programs per direction (resident: 16 units each, K in 4 chunks;
@@ -192,24 +203,26 @@ def test_grid_matches_reference(cell, T, B, H, lengths, weights, small_gpu):
     """As test_matches_reference, on grids of several programs per direction meeting at the barrier."""
     input = torch.empty(T, B, 3, device=DEVICE)
     for backward in (False, True):
-        config = kernels._config(cell, input, H, backward)
-        assert config.n_hblocks == 3 and config.RESIDENT == (weights == "resident"), config
-    check_against_reference(cell, T, B, H, lengths)
+        config = small_gpu(cell, input, H, backward)
+        assert config.n_hblocks == 3 and config.RESIDENT == (weights[0] == "resident"), config
+    check_against_reference(cell, T, B, H, lengths, small_gpu)
 
 
-def test_barrier_floor(monkeypatch):
+def test_barrier_floor():
     """The benchmarks' floor kernel meets at the barrier once per step of the forward it stands for,
     T times, however many rounds of batch blocks a step takes (here H = 40 over 3 programs, B = 40 in 3
     rounds of 16)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu.floor import barrier_floor
+
     T, B, H = 3, 40, 40
     input = torch.zeros(T, B, 3, device=DEVICE)
-    monkeypatch.setattr(kernels, "_config", lambda cell, input, H, backward: kernels.select_config(
-        cell, input.shape[1], H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90], backward))
-    config = kernels._config("LSTM", input, H, backward=False)
+    config = kernels.select_config("LSTM", B, H, input.dtype, "ieee", SMALL_GPU_SMS, SHARED_LIMIT[90])
     assert (config.n_hblocks, config.n_bprog, triton.cdiv(B, config.BB)) == (3, 1, 3)
     with concurrent_programs() if INTERPRETED else contextlib.nullcontext():
-        counter = kernels.barrier_floor("LSTM", input, H)
-    assert counter.tolist() == [[T * 3], [T * 3]]
+        counter = barrier_floor("LSTM", input, H, config)
+    stride = kernels_forward.barrier_counters(config, input.device).shape[0] // 3
+    assert counter[::stride].tolist() == [T * 3, T * 3, 0]  # each direction's counter; the status word
 
 
 def torch_layer(cell, args):
@@ -258,7 +271,7 @@ def test_non_contiguous_input():
     args = make_inputs("LSTM", T, B, 3, H, lengths, seed=4)
     args["input"] = args["input"].transpose(0, 1).contiguous().transpose(0, 1)  # batch-first storage
     assert not args["input"].is_contiguous()
-    output, h_n, c_n, _ = kernels.forward("LSTM", *args.values())
+    output, h_n, c_n, _ = kernels_forward.forward("LSTM", *args.values())
     expected = birnn_layer("LSTM", *args.values())
     for actual, reference in zip((output, h_n, c_n), expected):
         assert relative_error(actual, reference) <= 1e-4
@@ -269,18 +282,15 @@ def low_precision_dtypes():
     return [torch.float16] + ([torch.bfloat16] if not INTERPRETED else [])
 
 
-@pytest.mark.parametrize("dtype", low_precision_dtypes())
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-def test_half_precision(cell, dtype, weights):
+def check_half_precision(cell, dtype, T, B, H, lengths, pick):
     """Error against an fp32 reference at most ~2x that of the reference itself run in dtype."""
-    T, B, H, lengths = 5, 3, 7, [2, 5, 1]
     args32 = make_inputs(cell, T, B, 3, H, lengths, seed=5)
     args = {name: value.to(dtype) if value.is_floating_point() else value for name, value in args32.items()}
     grads32 = make_grads(cell, T, B, H, seed=6)
     grads = [g.to(dtype) for g in grads32]
     expected, expected_grads = reference_with_grads(cell, args32, grads32)
     low, low_grads = reference_with_grads(cell, args, grads)
-    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads)
+    (output, h_n, c_n, workspace), actual_grads = run_kernels(cell, args, grads, pick)
     assert output.dtype == dtype and workspace.dtype == torch.float32
     check_padding(output, args["lengths"])
     pairs = [("output", output, low[0], expected[0]), ("h_n", h_n, low[1], expected[1])]
@@ -289,6 +299,21 @@ def test_half_precision(cell, dtype, weights):
         assert actual.dtype == dtype, name
         bound = 2 * relative_error(reference_low, reference) + 1e-3
         assert relative_error(actual, reference) <= bound, name
+
+
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_half_precision(cell, dtype, weights):
+    check_half_precision(cell, dtype, 5, 3, 7, [2, 5, 1], weights[1])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_grid_half_precision(cell, small_gpu):
+    """fp16 on the 3-program grids, B = 40 in rounds: with W_hh resident the forward prefetches the next
+    step's input projection between arrive and wait, which fp32 without TF32 (the other grid tests)
+    does not."""
+    T, B, H, lengths = GRID_SHAPES[0]
+    check_half_precision(cell, torch.float16, T, B, H, lengths, small_gpu)
 
 
 # The GPUs the launcher is checked for: (SMs, compute capability; its shared memory is SHARED_LIMIT).
@@ -351,67 +376,24 @@ def test_grid_fits_on_the_gpu(gpu):
 
 
 # Compile tests: every (config, cell, dtype, dot precision) the launchers can pick, for sm_80 and
-# sm_90. They run in a child process without the interpreter, where triton.jit gives compilable
-# functions; that process is this file run as a script.
+# sm_90, built as launched (benchmarks/gpu/sass.py: fp32 state, the launch options), without the
+# JIT's divisibility-by-16 hints (odd H, B, T), and with them for a subset (hinted_configs). They run
+# in a child process without the interpreter, where triton.jit gives compilable functions; that
+# process is this file run as a script.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FP32_POINTERS = {"ws_ptr", "dgates_ptr"}  # fp32 whatever the input dtype
-INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
-
-
-def compile_kernel(fn, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc):
-    # The launchers' own arguments, for a grid with a barrier: its constexprs and launch options
-    # (which must all be options of this Triton's CUDA backend).
-    launch = kernels._tiling(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
-    constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
-    constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
-                      DOT_PRECISION=precision)
-    if "SAVE" in fn.arg_names:
-        # SAVE=False (inference) only drops the workspace stores: SAVE=True bounds its registers.
-        constexprs["SAVE"] = True
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in INT_POINTERS:
-            signature[name] = INT_POINTERS[name]
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*" + SIGNATURE_DTYPES[dtype]
-        else:
-            signature[name] = "i32"
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    unknown = set(launch) - {field.name for field in dataclasses.fields(CUDAOptions)}
-    assert not unknown, f"launch options this Triton does not know: {unknown}"
-    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=launch)
-
-
-def loop_spills(sass):
-    """Spill stores and reloads (STL / LDL) inside the time loop: the outermost loop around the group
-    barrier's first atomic, i.e. from the earliest target of a branch back across it to the last such
-    branch."""
-    code = [(int(address, 16), op) for address, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    atomic = min(address for address, op in code if "ATOMG" in op)
-    back = []  # (target, address) of the branches from after the atomic to before it
-    for address, op in code:
-        branch = re.search(r"\bBRA\b.*0x([0-9a-f]+)\s*$", op)
-        if branch and address > atomic and int(branch.group(1), 16) < atomic:
-            back.append((int(branch.group(1), 16), address))
-    start, end = min(back)[0], max(address for _, address in back)
-    return sum(1 for address, op in code if start <= address <= end and re.search(r"\b(STL|LDL)\b", op))
 
 
 def resource_usage(compiled):
     """Registers, stack and local bytes per thread, shared bytes per program, from the cubin; spill
-    instructions in the time loop (loop_spills)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        text, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True, check=True).stdout
-                      for flag in ("--dump-resource-usage", "--dump-sass"))
+    instructions in the time loop (sass.round_shape)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import sass
+
+    text = sass.cuobjdump(compiled, "--dump-resource-usage")
     usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text)}
     usage["SHARED"] += compiled.metadata.shared  # the dynamic part, sized by Triton
-    usage["LOOP_SPILLS"] = loop_spills(sass)
+    usage["LOOP_SPILLS"] = sass.round_shape(sass.cuobjdump(compiled, "--dump-sass"))["LOOP_SPILLS"]
     # Shared-memory allocations outside every loop (the function body's indentation): a resident
     # program's W_hh tiles.
     usage["HOISTED"] = len(re.findall(r"^    %\S+ = ttg\.local_alloc ", compiled.asm["ttgir"], re.MULTILINE))
@@ -429,10 +411,11 @@ def selectable_configs(cc):
             for dtype, precision in PRECISIONS:
                 for BB, BH in kernels.STREAM_TILES:
                     yield fn_name, cell, dtype, precision, BB, BH, kernels.STREAM_NK, kernels.STREAM_BK, False
+                fma_backward = bool(backward) and kernels.uses_fma(dtype, precision)
                 H = 16
                 while kernels.resident_fits(cell, H, dtype, precision, SHARED_LIMIT[cc], backward):
-                    yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE, *kernels.split_k(H, True),
-                           True)
+                    yield (fn_name, cell, dtype, precision, *kernels.RESIDENT_TILE,
+                           *kernels.split_k(H, True, fma_backward), True)
                     H *= 2
 
 
@@ -456,10 +439,11 @@ def test_triton_36_selection(monkeypatch):
     assert largest_resident(backward, "GRU", torch.float16, "ieee") == (512, (8, 64))
 
 
-def config_id(config):
+def config_id(config, hints=False):
     fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT = config
     variant = f"resident-K{NK * BK}" if RESIDENT else "streaming"
-    return f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-{variant}"
+    return (f"{fn_name.split('_')[1]}-{cell}-{SIGNATURE_DTYPES[dtype]}-{precision}-{BB}x{BH}-{variant}"
+            f"{'-hinted' if hints else ''}")
 
 
 def quick_configs(cc):
@@ -476,10 +460,35 @@ def quick_configs(cc):
     return list(largest_k.values()) + [c for c in configs if not c[-1] and tuple(c[4:6]) in largest_tiles]
 
 
-def compile_in_child(configs, cc):
-    """Start this file as a script compiling configs for sm_cc; it prints one JSON line per config."""
+def hinted_configs(cc):
+    """The selectable configurations also built with the divisibility hints: for every kernel, cell,
+    dtype and precision, every streamed tile and the resident one at its largest K (the ones nearest
+    255 registers, where a spill appears first). The hints move registers either way (from 87 fewer
+    to 24 more than the same build without, Triton 3.9), so this is a sample where registers are
+    tightest, not a bound: a smaller resident K hinted could still spill more than its unhinted twin
+    (the backward's K = 32 of two chunks: 3 spill instructions against 1). All 604 hinted would about
+    double the sweep's time."""
+    largest = {}
+    streamed = []
+    for config in selectable_configs(cc):
+        if config[-1]:
+            key = config[:4]
+            largest[key] = max(largest.get(key, config), config, key=lambda c: c[6] * c[7])
+        else:
+            streamed.append(config)
+    return list(largest.values()) + streamed
+
+
+def builds(cc, configs, hinted):
+    """(config, hints) pairs: configs without hints, hinted with them."""
+    return [(config, False) for config in configs] + [(config, True) for config in hinted]
+
+
+def compile_in_child(pairs, cc):
+    """Start this file as a script compiling (config, hints) pairs for sm_cc; it prints one JSON line
+    per build."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    ids = [config_id(config) for config in configs]
+    ids = [config_id(config, hints) for config, hints in pairs]
     return subprocess.Popen([sys.executable, __file__, str(cc), *ids], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -496,50 +505,74 @@ def collect(children):
     return usage
 
 
-@pytest.fixture(scope="module")
-def quick_usage():
-    return collect({cc: compile_in_child(quick_configs(cc), cc) for cc in SHARED_LIMIT})
+def quick_builds(cc):
+    return builds(cc, quick_configs(cc), quick_configs(cc))
+
+
+def full_builds(cc):
+    return builds(cc, list(selectable_configs(cc)), hinted_configs(cc))
+
+
+def selected_builds(request, test_name, builds_of):
+    """{cc: the (config, hints) builds_of(cc) that the session's selected tests of test_name check}: a
+    -k selection compiles only what it runs."""
+    wanted = {(item.callspec.params["cc"], config_id(item.callspec.params["config"], item.callspec.params["hints"]))
+              for item in request.session.items if getattr(item, "originalname", None) == test_name}
+    return {cc: [(config, hints) for config, hints in builds_of(cc) if (cc, config_id(config, hints)) in wanted]
+            for cc in SHARED_LIMIT}
+
+
+def compile_selected(request, test_name, builds_of):
+    return collect({cc: compile_in_child(pairs, cc)
+                    for cc, pairs in selected_builds(request, test_name, builds_of).items() if pairs})
 
 
 @pytest.fixture(scope="module")
-def full_usage():
-    return collect({cc: compile_in_child(list(selectable_configs(cc)), cc) for cc in SHARED_LIMIT})
+def quick_usage(request):
+    return compile_selected(request, "test_compiles_without_spills", quick_builds)
 
 
-def check_usage(usage, config, cc):
-    record = usage[cc, config_id(config)]
-    print(f"sm_{cc} {config_id(config)}: {record['REG']} registers, {record['SHARED']} B shared, "
+@pytest.fixture(scope="module")
+def full_usage(request):
+    return compile_selected(request, "test_every_config_compiles_without_spills", full_builds)
+
+
+def check_usage(usage, config, hints, cc):
+    record = usage[cc, config_id(config, hints)]
+    print(f"sm_{cc} {config_id(config, hints)}: {record['REG']} registers, {record['SHARED']} B shared, "
           f"{record['STACK']} B stack, {record['LOCAL']} B local, {record['LOOP_SPILLS']} spills in the time loop")
     assert record["SHARED"] <= SHARED_LIMIT[cc], f"{record['SHARED']} B of shared memory"
-    # Spills before the time loop run once per launch: a resident program's W_hh tile loads, whose
-    # addresses vectorise only where H is a multiple of 16, which this build does not assume.
+    # Spills before the time loop run once per launch: a resident program's W_hh tile loads.
     assert record["LOOP_SPILLS"] == 0 and record["LOCAL"] == 0, f"register spills in the time loop: {record}"
     # Resident: each gate's W_hh tile is placed in shared memory once, before the time loop.
     fn_name, cell, *_, resident = config
     assert record["HOISTED"] == (kernels.GATES[cell] if resident else 0), record
 
 
-def by_cc(configs_of):
-    return [pytest.param(config, cc, id=f"{config_id(config)}-sm{cc}") for cc in sorted(SHARED_LIMIT)
-            for config in configs_of(cc)]
+def by_cc(builds_of):
+    return [pytest.param(config, hints, cc, id=f"{config_id(config, hints)}-sm{cc}") for cc in sorted(SHARED_LIMIT)
+            for config, hints in builds_of(cc)]
 
 
-@pytest.mark.parametrize("config,cc", by_cc(quick_configs))
-def test_compiles_without_spills(quick_usage, config, cc):
-    check_usage(quick_usage, config, cc)
+@pytest.mark.parametrize("config,hints,cc", by_cc(quick_builds))
+def test_compiles_without_spills(quick_usage, config, hints, cc):
+    check_usage(quick_usage, config, hints, cc)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,cc", by_cc(selectable_configs))
-def test_every_config_compiles_without_spills(full_usage, config, cc):
-    check_usage(full_usage, config, cc)
+@pytest.mark.parametrize("config,hints,cc", by_cc(full_builds))
+def test_every_config_compiles_without_spills(full_usage, config, hints, cc):
+    check_usage(full_usage, config, hints, cc)
 
 
 if __name__ == "__main__":
-    # The child of compile_in_child: python test_kernels_triton.py CC CONFIG_ID...
+    # The child of compile_in_child: python test_kernels_triton.py CC BUILD_ID...
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import sass
+
     target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
-    for config in selectable_configs(target_cc):
-        if config_id(config) in wanted:
-            fn_name, *rest = config
-            compiled = compile_kernel(getattr(kernels, fn_name), *rest, cc=target_cc)
-            print(json.dumps(dict(id=config_id(config), **resource_usage(compiled))), flush=True)
+    every = list(selectable_configs(target_cc))
+    for config, hints in builds(target_cc, every, every):
+        if config_id(config, hints) in wanted:
+            compiled = sass.compile_kernel(*config, cc=target_cc, hints=hints)
+            print(json.dumps(dict(id=config_id(config, hints), **resource_usage(compiled))), flush=True)

@@ -1,0 +1,81 @@
+"""What the GPU benchmark runs: the grids of cases, their inputs, and the module pairs it times (cuDNN
+nn.LSTM and FastBiLSTM with the same weights)."""
+import importlib.util
+import os
+import sys
+
+import torch
+
+from benchmarks.gpu import timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FULL_GRID = {"B": [1, 16, 64, 256], "T": [64, 512, 1024], "H": [128, 256, 512, 768, 1024],
+             "dtypes": ["fp32", "fp16", "bf16"]}
+QUICK_GRID = {"B": [16, 64], "T": [512], "H": [256, 512, 1024], "dtypes": ["fp32", "bf16"]}
+SEED = 0
+
+
+def grid(args):
+    base = QUICK_GRID if args.quick else FULL_GRID
+    batches, steps, hiddens = args.B or base["B"], args.T or base["T"], args.H or base["H"]
+    dtypes = args.dtypes or base["dtypes"]
+    # Dtypes innermost: a run cut short by the budget still covers every dtype on the shapes it did.
+    return [(dtype, batch, step, hidden) for hidden in hiddens for batch in batches for step in steps for dtype in dtypes]
+
+
+def import_birnn_fast(interpret=False):
+    """birnn_fast from this checkout, with kernels/ as birnn_fast.kernels (setup.py's package_dir).
+    interpret: run the kernels in Triton's interpreter (CPU tensors), set before triton is imported."""
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if sys.path[0] != ROOT:
+        sys.path.insert(0, ROOT)
+    import birnn_fast
+
+    if not os.path.abspath(birnn_fast.__file__).startswith(ROOT):
+        print(f"note: birnn_fast imported from {birnn_fast.__file__}, not from this checkout {ROOT}")
+    try:
+        import birnn_fast.kernels  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name != "birnn_fast.kernels":
+            raise
+        kernels = os.path.join(ROOT, "kernels")
+        spec = importlib.util.spec_from_file_location(
+            "birnn_fast.kernels", os.path.join(kernels, "__init__.py"), submodule_search_locations=[kernels])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["birnn_fast.kernels"] = module
+        spec.loader.exec_module(module)
+        birnn_fast.kernels = module
+    return birnn_fast
+
+
+def make_lengths(steps, batch):
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(max(1, steps // 4), steps + 1, (batch,), generator=generator)
+
+
+def build_pair(birnn_fast, hidden, dtype):
+    """cuDNN nn.LSTM and FastBiLSTM with the same weights (torch's init, seeded), I = H."""
+    torch.manual_seed(SEED)
+    reference = torch.nn.LSTM(hidden, hidden, bidirectional=True).to(timing.DEVICE, dtype)
+    ours = birnn_fast.FastBiLSTM(hidden, hidden).to(timing.DEVICE, dtype)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def packed_forward(module, x, lengths):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    output, _ = pad_packed_sequence(module(packed)[0], total_length=x.shape[0])
+    return output
+
+
+def cases_of(rows):
+    """Rows grouped by case (dtype, B, T, H), modes together, skipping cases whose inputs did not fit."""
+    groups = {}
+    for row in rows:
+        if row["cudnn"] != "oom" or row["ours"] != "oom":
+            groups.setdefault((row["dtype"], row["B"], row["T"], row["H"]), []).append(row)
+    return list(groups.values())

@@ -1,0 +1,197 @@
+"""Triton helpers both kernels share: W_hh tiles, exchanged operands, the split-K product, the
+group barrier, and the batch blocks a program owns."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # exp of a non-positive argument only: no overflow for large |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+# The K chunks of the per-step products: with NK > 1 a 3-D batch of NK chunks of BK (split across
+# the warps), with NK == 1 a plain 2-D tile (a 3-D batch of one costs registers in Triton 3.6).
+@triton.jit
+def weight_tile(p, k0, offs_j, mask_j, H, stride_k, stride_j, NK: tl.constexpr, BK: tl.constexpr):
+    """[NK, BK, BH] ([BK, BH] if NK == 1): W[k, j] at p + k*stride_k + j*stride_j for k0 <= k < k0 + NK*BK
+    (k < H), j of offs_j."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[:, None]  # [BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_j[None, :] * stride_j, mask=(offs_k < H) & mask_j[None, :],
+                       other=0.0)
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]  # [NK, BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_j[None, None, :] * stride_j,
+                       mask=(offs_k < H) & mask_j[None, None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def resident_weights(p_w, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexpr, NK: tl.constexpr,
+                     BK: tl.constexpr):
+    """weight_tile of every gate over all of K, gate g at p_w + g*H*H; entries past G repeat gate 0."""
+    b_w0 = weight_tile(p_w, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    b_w1 = b_w0
+    b_w2 = b_w0
+    b_w3 = b_w0
+    if G > 1:
+        tl.debug_barrier()
+        b_w1 = weight_tile(p_w + H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+        tl.debug_barrier()
+        b_w2 = weight_tile(p_w + 2 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    if G > 3:
+        tl.debug_barrier()
+        b_w3 = weight_tile(p_w + 3 * H * H, 0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    return b_w0, b_w1, b_w2, b_w3
+
+
+@triton.jit
+def exchanged_tile(p_rows, k0, mask_b, H, NK: tl.constexpr, BK: tl.constexpr):
+    """[NK, BB, BK] ([BB, BK] if NK == 1): p_rows[b] + k for k0 <= k < k0 + NK*BK (k < H), read past L1
+    (.cg): other SMs wrote it."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
+        tile = tl.load(p_rows + offs_k, mask=mask_b[:, None] & (offs_k < H), other=0.0, cache_modifier=".cg")
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
+        tile = tl.load(p_rows[None, :, :] + offs_k, mask=mask_b[None, :, None] & (offs_k < H), other=0.0,
+                       cache_modifier=".cg")
+    return tile
+
+
+@triton.jit
+def split_k_dot(a, w, acc, NK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a[NK, BB, BK] @ w[NK, BK, BH] summed over the NK chunks (K split across the warps), or
+    acc + a[BB, BK] @ w[BK, BH]: [BB, BH] fp32."""
+    if NK == 1:
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION), axis=0)
+    return acc
+
+
+@triton.jit
+def gate_dot(acc, a, b_w, p_w, k0, offs_j, mask_j, H, stride_k, stride_j, RESIDENT: tl.constexpr,
+             NK: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ one gate's K chunk of W: b_w when RESIDENT, else the chunk at k0 of the W at p_w,
+    loaded here, right before its product (loading every gate's chunk first spills in Triton 3.6)."""
+    if not RESIDENT:
+        b_w = weight_tile(p_w, k0, offs_j, mask_j, H, stride_k, stride_j, NK, BK)
+    return split_k_dot(a, b_w, acc, NK, DOT_PRECISION)
+
+
+# The group barrier's counters and status word, one 128-byte line each (COUNTER_STRIDE int32), so
+# that the polls of one group do not share a line with another group's arrivals.
+COUNTER_STRIDE = tl.constexpr(32)
+
+
+@triton.jit
+def group_counter(counter_ptr):
+    """The counter of the program's group (direction, programs along batch), and the launch's status
+    word after all counters: set to 1 by a program whose barrier wait timed out."""
+    group = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    return counter_ptr + group * COUNTER_STRIDE, counter_ptr + 2 * tl.num_programs(1) * COUNTER_STRIDE
+
+
+@triton.jit
+def barrier_arrive(p_counter, SYNC: tl.constexpr):
+    """This program has written its part of the step: returns the arrivals counted so far, itself
+    included."""
+    # The CTA barrier orders every thread's global writes before the release (cumulativity); alone it
+    # suffices when the group is a single program.
+    tl.debug_barrier()
+    arrived = tl.zeros([], tl.int32)
+    if SYNC:
+        arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
+    return arrived
+
+
+@triton.jit
+def barrier_wait(p_counter, p_status, arrived, target, failed, max_polls, SYNC: tl.constexpr):
+    """Wait until the group's counter reaches target (arrived: what barrier_arrive saw). A wait that
+    has not seen it after max_polls polls gives up: it sets the status word, and returns failed = 1, so
+    that the program's later waits return at once and the launch ends (its results are then garbage,
+    and the launcher raises). A GPU that cannot hold the whole grid at once fails so instead of
+    hanging."""
+    if SYNC:
+        if failed == 0:
+            polls = tl.zeros([], tl.int32)
+            while (arrived < target) & (polls < max_polls):
+                arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+                polls += 1
+            if arrived < target:
+                tl.atomic_xchg(p_status, 1, sem="relaxed", scope="gpu")
+                failed = tl.full([], 1, tl.int32)
+    # Every thread reads after the acquire.
+    tl.debug_barrier()
+    return failed
+
+
+@triton.jit
+def group_barrier(p_counter, p_status, target, failed, max_polls, SYNC: tl.constexpr):
+    """All programs of a group have finished the step once the counter reaches target: barrier_arrive
+    then barrier_wait. Returns failed."""
+    arrived = barrier_arrive(p_counter, SYNC)
+    return barrier_wait(p_counter, p_status, arrived, target, failed, max_polls, SYNC)
+
+
+@triton.jit
+def batch_rows(bb, B, BB: tl.constexpr):
+    """Rows [bb*BB, (bb+1)*BB) of batch block bb: their int64 indices and mask (< B)."""
+    offs_b = bb * BB + tl.arange(0, BB).to(tl.int64)
+    return offs_b, offs_b < B
+
+
+@triton.jit
+def batch_block(lengths_ptr, bb, B, BB: tl.constexpr):
+    """batch_rows of batch block bb, and their lengths (0 past B)."""
+    offs_b, mask_b = batch_rows(bb, B, BB)
+    return offs_b, mask_b, tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+
+
+@triton.jit
+def group_steps(lengths_ptr, B, BB: tl.constexpr):
+    """The longest row of the program's batch blocks: the steps of its group, which shares them."""
+    steps = tl.full([], 0, tl.int64)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        _, _, b_len = batch_block(lengths_ptr, bb, B, BB)
+        steps = tl.maximum(steps, tl.max(b_len, axis=0))
+    return steps
+
+
+@triton.jit
+def copy_slices(src_ptr, dst_ptr, B, H, BB: tl.constexpr, BH: tl.constexpr):
+    """dst[d, b, j] = src[d, b, j] of (2, B, H) tensors, for the program's rows and units, in dst's dtype."""
+    offs_j = tl.program_id(0) * BH + tl.arange(0, BH)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        offs_b, mask_b = batch_rows(bb, B, BB)
+        mask = mask_b[:, None] & (offs_j < H)[None, :]
+        p = (tl.program_id(2) * B + offs_b[:, None]) * H + offs_j[None, :]
+        tl.store(dst_ptr + p, tl.load(src_ptr + p, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def zero_padded_steps(ptr, lengths_ptr, T, B, H, N: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """ptr: a (T, B, 2, N*H) tensor; zeros at every t >= lengths[b] of the program's rows, units and
+    direction (the kernels write every other element): the padding is defined without a memset of the
+    whole tensor."""
+    offs_j = tl.program_id(0) * BH + tl.arange(0, BH)  # [BH]
+    mask_j = offs_j < H
+    d = tl.program_id(2)
+    b_zero = tl.zeros([BB, BH], dtype=ptr.dtype.element_ty)
+    for bb in range(tl.program_id(1), tl.cdiv(B, BB), tl.num_programs(1)):
+        offs_b, mask_b, b_len = batch_block(lengths_ptr, bb, B, BB)
+        b_len = tl.where(mask_b, b_len, T)  # rows past B: nothing to pad
+        for t in range(tl.min(b_len, axis=0), T):
+            mask = (t >= b_len)[:, None] & mask_b[:, None] & mask_j[None, :]  # [BB, BH]
+            p = ptr + ((t * B + offs_b[:, None]) * 2 + d) * (N * H) + offs_j[None, :]  # [BB, BH]
+            for n in tl.static_range(N):
+                tl.store(p + n * H, b_zero, mask=mask)

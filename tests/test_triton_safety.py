@@ -1,0 +1,123 @@
+"""What keeps a launch of the Triton kernels from hanging or silently computing garbage: the bounded
+barrier wait and the launcher's error, the cooperative-launch check, the precision flags."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
+from birnn_fast.kernels import config as kernels  # noqa: E402
+from birnn_fast.kernels import forward as kernels_forward  # noqa: E402
+from concurrent_interpreter import concurrent_programs  # noqa: E402
+from test_kernels_triton import DEVICE, INTERPRETED, SHARED_LIMIT, make_grads, make_inputs  # noqa: E402
+
+# Polls before a barrier wait gives up in these tests: in the interpreter a poll takes tens of
+# microseconds, a step of these shapes a few milliseconds.
+SHORT_WAIT = 5000
+
+
+def three_programs(cell, B, H, backward):
+    """select_config's resident grid for a 6-SM GPU: 3 programs per direction meet at the barrier."""
+    config = kernels.select_config(cell, B, H, torch.float32, "ieee", 6, SHARED_LIMIT[90], backward, stream_tiles=())
+    assert config.n_hblocks == 3, config
+    return config
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="a grid one program short is staged by the interpreter")
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_grid_one_program_short_raises(cell, kernel):
+    """The last program of the grid starts only once the others have finished, as on a GPU that cannot
+    hold the grid: their barrier waits give up, the launch ends, and the launcher raises, naming the
+    kernel and its configuration."""
+    T, B, H, lengths = 3, 4, 40, [3, 1, 2, 3]
+    args = make_inputs(cell, T, B, 3, H, lengths)
+    forward_config, backward_config = (three_programs(cell, B, H, backward) for backward in (False, True))
+    if kernel == "forward":
+        with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="birnn_forward_kernel with Config"):
+            kernels_forward.forward(cell, *args.values(), config=forward_config, max_polls=SHORT_WAIT)
+        return
+    with concurrent_programs():
+        output, h_n, c_n, workspace = kernels_forward.forward(cell, *args.values(), config=forward_config)
+    grads = make_grads(cell, T, B, H)
+    with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="birnn_backward_kernel with Config"):
+        kernels_backward.backward(cell, *grads, args["input"], args["weight_ih"], args["weight_hh"], args["bias_hh"],
+                                  args["h0"], args["c0"], args["lengths"], output, workspace, config=backward_config,
+                                  max_polls=SHORT_WAIT)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="a grid one program short is staged by the interpreter")
+def test_barrier_floor_one_program_short_raises():
+    import sys
+
+    from test_kernels_triton import ROOT
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu.floor import barrier_floor
+
+    input = torch.zeros(4, 16, 3, device=DEVICE)
+    with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="barrier_floor_kernel"):
+        barrier_floor("LSTM", input, 40, three_programs("LSTM", 16, 40, False), max_polls=SHORT_WAIT)
+
+
+def test_launch_must_be_cooperative():
+    """A grid that meets at a barrier raises unless its compiled kernel is cooperative (Triton drops or
+    refuses launch options it does not know); one program per group needs no cooperative launch."""
+    barrier = kernels.Config(16, 16, 1, 32, False, n_hblocks=2, n_bprog=1)
+    single = barrier._replace(n_hblocks=1)
+    plain = types.SimpleNamespace(metadata=types.SimpleNamespace(launch_cooperative_grid=False))
+    cooperative = types.SimpleNamespace(metadata=types.SimpleNamespace(launch_cooperative_grid=True))
+    with pytest.raises(RuntimeError, match="birnn_forward_kernel .* not launched cooperatively"):
+        kernels.check_cooperative(plain, "birnn_forward_kernel", barrier)
+    with pytest.raises(RuntimeError, match="not launched cooperatively"):
+        kernels.check_cooperative(types.SimpleNamespace(), "birnn_forward_kernel", barrier)
+    kernels.check_cooperative(cooperative, "birnn_forward_kernel", barrier)
+    kernels.check_cooperative(plain, "birnn_forward_kernel", single)
+    assert kernels.cooperative_launch_supported()
+    assert kernels.launch_options(barrier)["launch_cooperative_grid"]
+
+
+@pytest.fixture
+def precision_flags():
+    """Restores torch's TF32 flags, old and new API, however a test left them."""
+    if not hasattr(torch.backends.cudnn, "rnn"):
+        pytest.skip("torch before 2.9: no per-op fp32_precision flags")
+    cudnn = torch.backends.cudnn
+    saved = (torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    yield
+    torch.backends.fp32_precision, cudnn.fp32_precision = saved[:2]
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[2:]
+
+
+@pytest.mark.parametrize("rnn,expected", [("ieee", "ieee"), ("tf32", "tf32")])
+def test_precision_from_the_rnn_flag(precision_flags, rnn, expected):
+    """cuDNN's conv and rnn flags set apart (torch >= 2.9): the legacy cudnn.allow_tf32 raises, the
+    kernels follow cuDNN's RNN flag."""
+    torch.backends.cudnn.conv.fp32_precision = "ieee" if rnn == "tf32" else "tf32"
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    with pytest.raises(RuntimeError, match="allow_tf32"):
+        torch.backends.cudnn.allow_tf32
+    assert kernels.fp32_precision() == expected
+
+
+def test_precision_inherits(precision_flags):
+    """"none" defers to cuDNN's flag, then to the generic one."""
+    torch.backends.fp32_precision = "tf32"
+    torch.backends.cudnn.rnn.fp32_precision = "none"
+    torch.backends.cudnn.fp32_precision = "none"
+    assert kernels.fp32_precision() == "tf32"
+    torch.backends.cudnn.fp32_precision = "ieee"
+    assert kernels.fp32_precision() == "ieee"
+    torch.backends.fp32_precision = "none"
+    torch.backends.cudnn.fp32_precision = "none"
+    assert kernels.fp32_precision() == "ieee"
+    # The interpreter computes in ieee whatever the flags.
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    assert kernels.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
