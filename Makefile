@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest
 
-.PHONY: demo test bench bench-avx2 test-cpu-isa test-avx2
+.PHONY: demo test bench bench-avx2 test-cpu-isa test-avx2 fuzz sanitize
 $(VENV)/.installed: Makefile setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -59,3 +59,8 @@ gpu-check:
 
 gpu-selftest: $(VENV)/.installed
 	PY=$(abspath $(PY)) bash benchmarks/gpu/check.sh --self-test
+
+# The differential fuzzing of tests/test_fuzz.py with FUZZ_SCALE times CI's cases (2,000 on the C++ path).
+FUZZ_SCALE ?= 10
+fuzz: $(VENV)/.installed
+	BIRNN_FAST_FUZZ_EXAMPLES=$(FUZZ_SCALE) $(PY) -m pytest tests/test_fuzz.py -q -p no:warnings --durations=12
