@@ -114,6 +114,10 @@ def _forward_autograd(cell, input, weights, h0, c0, lengths, save_workspace):
 # (pytree over the weight list, per-call metadata) costs several times the kernels of a small layer.
 torch.library.impl(library.FORWARD, "Autograd", _forward_autograd)
 torch.library.impl(library.BACKWARD, "Autograd", _backward)
+# Batched gradients (gradcheck's check_batched_grad vmaps the backward with torch's legacy vmap,
+# whose generic fallback cannot take the ops' tensor lists): the reference's backward, a VJP by
+# autograd, runs on the batched cotangents through the batching rules of torch's own ops.
+torch.library.impl(library.BACKWARD, "Batched", reference.backward_op)
 
 
 def _autocast(device_type, input, weights, h0, c0):

@@ -15,7 +15,7 @@ from .cells import CELLS, cell_of
 def cell_step(cell, gates_x, h, c, weight_hh, bias_hh, weight_hr=None):
     """One step of ``cell`` from the input projection ``gates_x`` (B, G*H) and state h (B, P),
     c (B, H); an LSTM with projections maps its hidden state through ``weight_hr`` (P, H)."""
-    gates_h = h @ weight_hh.t() + bias_hh
+    gates_h = torch.addmm(bias_hh, h, weight_hh.t())
     if cell == "LSTM":
         i, f, g, o = (gates_x + gates_h).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -68,7 +68,7 @@ def birnn_layer(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, len
             h = torch.where(active[s], h_new, h)
             if c is not None:
                 c = torch.where(active[s], c_new, c)
-            steps.append(torch.where(active[s], h, torch.zeros_like(h)))
+            steps.append(torch.where(active[s], h, 0.0))
         out = torch.stack(steps)
         outputs.append(reverse_padded(out, lengths) if direction == 1 else out)
         h_n.append(h)
