@@ -110,6 +110,18 @@ class _FastBiRNNBase(nn.RNNBase):
             c_n.append(c)
         return output, torch.cat(h_n), None if c0 is None else torch.cat(c_n)
 
+    def _check_devices(self, input, hx):
+        """torch's messages (from _VF.lstm and friends) for parameters or states on another device
+        than the input; the ops check each tensor again."""
+        parameter = self._parameters.get(self._flat_weights_names[0])
+        if parameter is not None and parameter.device != input.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {parameter.device}")
+        for state in hx:
+            if state.device != input.device:
+                raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{input.device} and hidden tensor at {state.device}")
+
     def _as_torch_returns(self, output, h_n, c_n, state_dtype, packed):
         """Under CPU autocast, the dtypes nn.* returns. The layers compute in the autocast dtype
         (the ops' rule), as torch's one fused CPU RNN op, mkldnn_rnn_layer (a dense LSTM without
@@ -156,6 +168,7 @@ class _FastBiRNNBase(nn.RNNBase):
             if is_lstm:
                 hx += (padded.new_zeros(2 * self.num_layers, batch, self.hidden_size),)
         self.check_forward_args(checked, hx if is_lstm else hx[0], batch_sizes)
+        self._check_devices(padded, hx)
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is None:
