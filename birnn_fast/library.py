@@ -73,8 +73,17 @@ def workspace_shape(cell, steps, batch, hidden):
     return (steps, batch, 2, cell_of(cell).saved * hidden)
 
 
+def _check_devices(input, named):
+    """One device for all: a tensor on another (the meta device above all, whose kernels are these
+    fake ones) would otherwise pick this kernel for CPU tensors, and its uninitialised outputs."""
+    for name, tensor in named:
+        if tensor.device != input.device:
+            raise RuntimeError(f"birnn_fast: expected {name} on {input.device} (input's device), got {tensor.device}")
+
+
 @torch.library.register_fake(FORWARD)
 def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
+    _check_devices(input, [(f"weights[{k}]", weight) for k, weight in enumerate(weights)] + [("h0", h0), ("c0", c0)])
     T, B, _ = input.shape
     _, H, P = sizes(cell, weights)
     output = input.new_empty(T, B, 2 * P)
@@ -85,5 +94,8 @@ def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
 
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
+    _check_devices(input, [(f"weights[{k}]", weight) for k, weight in enumerate(weights)] + [
+        ("h0", h0), ("c0", c0), ("grad_output", grad_output), ("grad_h_n", grad_h_n), ("grad_c_n", grad_c_n),
+        ("output", output), ("workspace", workspace)])
     return (input.new_empty(input.shape), [weight.new_empty(weight.shape) for weight in weights],
             h0.new_empty(h0.shape), c0.new_empty(c0.shape))

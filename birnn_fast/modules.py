@@ -110,6 +110,34 @@ class _FastBiRNNBase(nn.RNNBase):
             c_n.append(c)
         return output, torch.cat(h_n), None if c0 is None else torch.cat(c_n)
 
+    def _check_devices(self, input, hx):
+        """torch's messages (from _VF.lstm and friends) for parameters or states on another device
+        than the input; the ops check each tensor again."""
+        parameter = self._parameters.get(self._flat_weights_names[0])
+        if parameter is not None and parameter.device != input.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {parameter.device}")
+        for state in hx:
+            if state.device != input.device:
+                raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{input.device} and hidden tensor at {state.device}")
+
+    def _as_torch_returns(self, output, h_n, c_n, state_dtype, packed):
+        """Under CPU autocast, the dtypes nn.* returns. The layers compute in the autocast dtype
+        (the ops' rule), as torch's one fused CPU RNN op, mkldnn_rnn_layer (a dense LSTM without
+        projections), does; everywhere else torch's RNNs are a decomposition that autocast reaches
+        only at its matmuls, and whose state updates promote to the dtype of the given state
+        (c0 for an LSTM: c = f * c + i * g, h = o * tanh(c), then a matmul with weight_hr;
+        h0 for a GRU: (1 - z) * n + z * h; nothing for tanh(...) or relu(...))."""
+        low = output.dtype
+        state = torch.promote_types(state_dtype, low) if state_dtype.is_floating_point else low
+        if self.mode == "GRU":
+            return output.to(state), h_n.to(state), c_n
+        if self.mode == "LSTM" and (packed or self.proj_size > 0):
+            hidden = low if self.proj_size > 0 else state
+            return output.to(hidden), h_n.to(hidden), c_n.to(state)
+        return output, h_n, c_n
+
     def _forward(self, input, hx, lengths):
         """hx and the result's hidden state are tuples: (h,) or (h, c)."""
         is_lstm = self.mode == "LSTM"
@@ -140,6 +168,7 @@ class _FastBiRNNBase(nn.RNNBase):
             if is_lstm:
                 hx += (padded.new_zeros(2 * self.num_layers, batch, self.hidden_size),)
         self.check_forward_args(checked, hx if is_lstm else hx[0], batch_sizes)
+        self._check_devices(padded, hx)
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is None:
@@ -148,6 +177,8 @@ class _FastBiRNNBase(nn.RNNBase):
             lengths = _check_lengths(lengths, steps, batch)
 
         output, h_n, c_n = self._run(padded, hx[0], hx[1] if is_lstm else None, lengths)
+        if torch.is_autocast_enabled("cpu") and padded.device.type == "cpu":
+            output, h_n, c_n = self._as_torch_returns(output, h_n, c_n, hx[-1].dtype, packed)
 
         if packed:
             order = input.sorted_indices

@@ -168,12 +168,16 @@ def birnn_layer(cell, input, weights, h0, c0, lengths, backend=None):
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     if onnx.exporting():
         return onnx.birnn_layer(cell, input, weights, h0, c0, lengths)
+    if input.device.type == "meta":
+        # Shapes only, as nn.LSTM on the meta device: the ops' fake kernels are their Meta kernels.
+        return torch.ops.birnn_fast.forward(cell, input, weights, h0, c0, lengths.to("meta", torch.int64),
+                                            False)[:3]
     input, weights, h0, c0 = _autocast(input.device.type, input, weights, h0, c0)
     if backend is None:
         backend = backends.select(input.device, input.dtype, len(weights) == 10)
     lengths = lengths.to(input.device, torch.int64)
-    if backend == "reference" or input.shape[1] == 0:
-        # No rows, nothing to run (the compiled kernels do not take B = 0 yet).
+    if backend == "reference" or (input.shape[1] == 0 and backend != "cpu"):
+        # No rows: the C++ kernels take B = 0; the Triton ones are not known to.
         return reference.layer(cell, input, weights, h0, c0, lengths)
     weights = [weight.contiguous() for weight in weights]
     input, h0, c0 = input.contiguous(), h0.contiguous(), c0.contiguous()
