@@ -229,7 +229,7 @@ struct ElmanCell {
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const T pre = gx[k] + gh[k] + bias_hh[k];
-      const T h_t = kRelu ? (pre > T(0) ? pre : T(0)) : Activation<T>::tanh(pre);
+      const T h_t = kRelu ? (pre < T(0) ? T(0) : pre) : Activation<T>::tanh(pre);
       h[k] = h_t;
       out[k] = h_t;
     }
