@@ -212,7 +212,7 @@ for _name, _cls, _kwargs in [("LSTM", FastBiLSTM, {}), ("GRU", FastBiGRU, {}), (
             lambda c=_cls, w=_with_lengths, k=_kwargs: empty_batch(c, w, **k), None, "ok")
 
 
-def run_isolated(name, timeout=120):
+def run_isolated(name, timeout=60):
     """(kind, message) of CASES[name] run in a forked child: kind is the exception's type name,
     'returned' (the call's result as the message), 'signal' or 'timeout'."""
     read_end, write_end = os.pipe()
@@ -220,6 +220,9 @@ def run_isolated(name, timeout=120):
     if pid == 0:
         os.close(read_end)
         try:
+            # The parent's OpenMP pool does not survive the fork (a parallel region would wait on
+            # its threads for ever): one thread, run inline.
+            torch.set_num_threads(1)
             torch.manual_seed(0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
