@@ -38,7 +38,7 @@ def gru_forward(pre_r, pre_z, x_n, hidden_n, h_prev):
 def elman_forward(pre, RELU: tl.constexpr):
     """-> h."""
     if RELU:
-        h = tl.maximum(pre, 0.0)
+        h = tl.where(pre < 0.0, 0.0, pre)  # keeps a NaN, as torch.relu (tl.maximum drops it)
     else:
         h = tanh(pre)
     return h
