@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unfrozen_backend_flags():
+    """Importing torch.testing._internal.common_utils (test_module_info does) freezes torch.backends'
+    flags for the whole process (disable_global_flags); other tests set them, as users do."""
+    with getattr(torch.backends, "__allow_nonbracketed_mutation")():
+        yield
+
+
 def interpreted_triton(dtype):
     """The Triton kernels module for CPU tensors through the interpreter, or a pytest skip."""
     if DEVICE.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":

@@ -11,7 +11,10 @@ the count (``make fuzz`` runs ten times as many).
 - reference: 4 x 100; triton, interpreted on CPU tensors (float32, no projections): 4 x 12.
 
 bfloat16 follows the house rule: the error against an fp32 torch run is at most twice torch's own
-bfloat16 error (plus a small absolute floor, since at these sizes torch's error can be ~0).
+bfloat16 error (plus a small absolute floor, since at these sizes torch's error can be ~0). relu's
+derivative jumps at 0, so a bfloat16 rounding near it flips a gradient (torch's bfloat16 run flips
+others): where the rule fails for RNN_RELU, the result must equal the float32 function rounded to
+bfloat16 where the op rounds (``SameRounding``), which no rounding can flip.
 """
 import os
 
@@ -22,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN
+from birnn_fast import FastBiGRU, FastBiLSTM, FastBiRNN, reference
 
 SCALE = float(os.environ.get("BIRNN_FAST_FUZZ_EXAMPLES", "1"))
 CELLS = {
@@ -70,7 +73,9 @@ def make_modules(cell, case):
     if case["proj_size"]:
         kwargs["proj_size"] = case["proj_size"]
     reference_dtype = torch.float32 if case["dtype"] == torch.bfloat16 else case["dtype"]
-    fast = fast_cls(case["I"], case["H"], dtype=case["dtype"], **kwargs)
+    with torch.random.fork_rng(devices=[]):  # the case alone decides the weights: replays reproduce
+        torch.manual_seed(case["seed"])
+        fast = fast_cls(case["I"], case["H"], dtype=case["dtype"], **kwargs)
     expected = torch_cls(case["I"], case["H"], bidirectional=True, dtype=reference_dtype, **kwargs)
     expected.load_state_dict(fast.state_dict())
     return fast, expected
@@ -122,6 +127,48 @@ def run(module, cell, case, x, hx, cotangents, dtype, packed):
     return dict(zip(names, [t.detach().double() for t in results + list(grads)]))
 
 
+class SameRounding(nn.Module):
+    """A bfloat16 ``fast`` module's function in float32 through the reference, rounded to bfloat16
+    exactly where the C++ op rounds: its input and hx, each layer's output and state (and so each
+    layer's incoming gradient), every gradient it returns."""
+
+    def __init__(self, fast, cell):
+        super().__init__()
+        self.cell, self.layers, self.batch_first = cell, fast.num_layers, fast.batch_first
+        for name, parameter in fast.named_parameters():
+            self.register_parameter(name, nn.Parameter(parameter.detach().float()))
+
+    def stacked(self, kind, layer, rows=None):  # rows: of a missing bias
+        both = [getattr(self, f"{kind}_l{layer}{suffix}", None) for suffix in ("", "_reverse")]
+        return torch.zeros(2, rows) if both[0] is None else torch.stack(both)
+
+    def forward(self, x, state=None, lengths=None):
+        def rounded(tensor):
+            return tensor.to(torch.bfloat16).float()
+
+        x = rounded(x.transpose(0, 1) if self.batch_first else x)
+        T, B = x.shape[:2]
+        lengths = torch.tensor(lengths if lengths is not None else [T] * B)
+        h0 = rounded(state[0] if self.cell == "LSTM" else state) if state is not None else None
+        c0 = rounded(state[1]) if state is not None and self.cell == "LSTM" else None
+        h_n, c_n = [], []
+        for layer in range(self.layers):
+            w_ih, w_hh = self.stacked("weight_ih", layer), self.stacked("weight_hh", layer)
+            b_ih, b_hh = self.stacked("bias_ih", layer, w_ih.shape[1]), self.stacked("bias_hh", layer, w_ih.shape[1])
+            w_hr = getattr(self, f"weight_hr_l{layer}", None)
+            w_hr = None if w_hr is None else torch.stack([w_hr, getattr(self, f"weight_hr_l{layer}_reverse")])
+            h = x.new_zeros(2, B, w_hh.shape[-1]) if h0 is None else h0[2 * layer:2 * layer + 2]
+            c = (x.new_zeros(2, B, w_ih.shape[1] // 4) if c0 is None else c0[2 * layer:2 * layer + 2]) \
+                if self.cell == "LSTM" else x.new_empty(0)
+            x, h, c = (rounded(t) for t in reference.birnn_layer(self.cell, x, w_ih, w_hh, b_ih, b_hh, h, c,
+                                                                 lengths, w_hr))
+            h_n.append(h)
+            c_n.append(c)
+        output = x.transpose(0, 1) if self.batch_first else x
+        h_n = torch.cat(h_n)
+        return output, ((h_n, torch.cat(c_n)) if self.cell == "LSTM" else h_n)
+
+
 def error(actual, expected):
     return (actual - expected).norm().item()
 
@@ -137,6 +184,8 @@ def check(cell, case):
     if dtype == torch.bfloat16:
         expected.to(dtype)
         same_dtype = run(expected, cell, case, x, hx, cotangents, dtype, torch_packed)
+        if cell == "RNN_RELU":
+            same_rounding = run(SameRounding(fast, cell), cell, case, x, hx, cotangents, dtype, packed=False)
     for name, expected_value in want.items():
         actual = got[name]
         assert actual.shape == expected_value.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected_value.shape)}"
@@ -148,6 +197,9 @@ def check(cell, case):
         scale = expected_value.norm().item()
         if dtype == torch.bfloat16:
             allowed = 2 * error(same_dtype[name], expected_value) + 2e-2 * (scale + 1)
+            if cell == "RNN_RELU" and error(actual, expected_value) > allowed:
+                expected_value, scale = same_rounding[name], same_rounding[name].norm().item()
+                allowed = 5e-2 * (scale + 1e-1)  # the backward reads h from the bfloat16 output
         else:
             allowed = TOLERANCE[dtype] * (scale + 1e-3)
         assert error(actual, expected_value) <= allowed, (
