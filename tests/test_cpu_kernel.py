@@ -179,9 +179,10 @@ def test_projection_through_birnn_layer():
 
 # --- bfloat16 / float16: fp32 inside, error at most 2x torch's own in the same dtype --------------
 
-def precision_errors(cell, proj, dtype, lengths):
-    """{result name: (our error, torch's error)} against torch in fp64 on the same rounded inputs."""
-    layer = make_layer(cell, 16, 6, 24, 32, proj and 12, lengths, seed=3)
+def precision_errors(cell, proj, dtype, lengths, size=(16, 6, 24, 32)):
+    """{result name: (our error, torch's error)} against torch in fp64 on the same rounded inputs;
+    size: steps, batch, inputs, hidden."""
+    layer = make_layer(cell, *size, proj and 12, lengths, seed=3)
     low = cast(layer, dtype)
     reference = run_torch(cell, cast(low, torch.float64), packed=lengths is not None)
     ours = run_ops(cell, low)
@@ -437,6 +438,64 @@ def test_isa_run_under_the_ceiling_variables_of_the_environment():
         assert info["ceiling"] == "avx2" and info["cells"] in ("avx2", "baseline")
     else:
         assert info["cells"] == info["cpu"] or info["ceiling"] != "avx512"
+
+
+# Large enough that every product with a reused weight runs on the half backend (not the plain loop).
+_HALF_PRODUCTS = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+import birnn_fast  # noqa: F401  (imports the C++ kernels)
+from test_cpu_kernel import PRECISION_CASES, cast, make_layer, precision_errors, run_ops
+worst, outputs = 0.0, []
+for cell, proj in PRECISION_CASES:
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, (ours, theirs) in precision_errors(cell, proj, dtype, [12, 3, 12, 7, 1, 12, 9, 5],
+                                                     size=(12, 8, 40, 64)).items():
+            worst = max(worst, ours / (2 * theirs + 1e-6))
+        outputs.append(run_ops(cell, cast(make_layer(cell, 12, 8, 40, 64, proj and 12, seed=1), dtype))[0])
+torch.save(outputs, {path!r})
+print(torch.ops.birnn_fast_cpu.engine_info())
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("half", ["float32", "brgemm", "vnni"])
+def test_half_products(half, tmp_path):
+    """Every backend of the bf16 / fp16 products: within twice torch's own error, for every cell, and
+    (brgemm, vnni) really run: operands rounded to the dtype change the result. vnni, oneDNN's packed
+    path, runs where the CPU has it (AMX / AVX512-BF16); the default picks it there."""
+    def run(backend):
+        path = tmp_path / f"{backend}.pt"
+        environment = {**os.environ, "BIRNN_FAST_CPU_HALF_PRODUCTS": backend}
+        script = _HALF_PRODUCTS.format(tests=os.path.dirname(os.path.abspath(__file__)), path=str(path))
+        result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                                timeout=600)
+        return result, path
+
+    result, path = run(half)
+    if half == "vnni" and "needs a CPU that multiplies" in result.stderr:
+        pytest.skip("this CPU (or the ISA ceiling) has no native bf16 / fp16 products")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info_line, worst = result.stdout.strip().splitlines()[-2:]
+    info = dict(item.split("=") for item in info_line.split())
+    assert info["products.bfloat16"] == {"vnni": "brgemm-vnni"}.get(half, half)
+    assert float(worst) <= 1.0, f"{info_line}: error {float(worst):.3g} x the allowed 2 x torch's"
+    if half != "float32":
+        baseline, baseline_path = run("float32")
+        assert baseline.returncode == 0, baseline.stderr[-3000:]
+        for ours, widened in zip(torch.load(path), torch.load(baseline_path)):
+            assert not torch.equal(ours, widened), "the half products did not run: results equal float32's"
+
+
+def test_half_products_default():
+    """Without the override, bf16 / fp16 run natively exactly where oneDNN packs that dtype."""
+    info = dict(item.split("=") for item in torch.ops.birnn_fast_cpu.engine_info().split())
+    if os.environ.get("BIRNN_FAST_CPU_HALF_PRODUCTS"):
+        pytest.skip("BIRNN_FAST_CPU_HALF_PRODUCTS is set")
+    if info["cells"] != "avx512":
+        assert info["products.bfloat16"] == info["products.float16"] == "float32"
+    else:
+        assert info["products.bfloat16"] in ("brgemm-vnni", "float32")
 
 
 def error_table():

@@ -235,7 +235,7 @@ template <typename Cell, typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
     at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths, const Tensor& output,
-    const Tensor& workspace) {
+    const Tensor& workspace, at::ScalarType layer_dtype) {
   const Layer layer = layer_of(input, weights, Cell::kGates);
   const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
   const int64_t GH = Cell::kGates * H;
@@ -318,12 +318,13 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
       std::optional<ReusedWeight<T>> weight_hr;
       std::optional<Projection<T>> projection;
       if (layer.projected) {
-        weight_hr.emplace(P, H, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/false);
+        weight_hr.emplace(P, H, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/false, layer_dtype);
         projection = Projection<T>{&*weight_hr, chunk_rows, proj_dh_total.data_ptr<T>() + d * chunk_rows * P,
                                    proj_unprojected.data_ptr<T>() + d * chunk_rows * H,
                                    weight_of<T>(grad_weights, layer, d, kWeightHr)};
       }
-      const ReusedWeight<T> weight_hh(GH, P, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/false);
+      const ReusedWeight<T> weight_hh(GH, P, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/false,
+                                      layer_dtype);
       backward_direction<Cell, T>(args, weight_hh, projection ? &*projection : nullptr,
                                   layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
                                   chunked ? &gradients : nullptr);
@@ -357,18 +358,18 @@ template <typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel(
     std::string_view cell, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
-    const Tensor& output, const Tensor& workspace) {
+    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype) {
   return dispatch_cell(cell, [&](auto cell_type) {
     return backward_impl<decltype(cell_type), T>(grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
-                                                 output, workspace);
+                                                 output, workspace, layer_dtype);
   });
 }
 
 template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<float>(
     std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType);
 template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<double>(
     std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType);
 
 }  // namespace birnn_fast::cpu

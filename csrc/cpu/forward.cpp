@@ -100,7 +100,8 @@ void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, co
 
 template <typename Cell, typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at::TensorList weights, const Tensor& h0,
-                                                        const Tensor& c0, const Tensor& lengths, bool save_workspace) {
+                                                        const Tensor& c0, const Tensor& lengths, bool save_workspace,
+                                                        at::ScalarType layer_dtype) {
   const Layer layer = layer_of(input, weights, Cell::kGates);
   const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
   const int64_t GH = Cell::kGates * H, WH = Cell::kSaved * H;
@@ -147,15 +148,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
       std::optional<ReusedWeight<T>> weight_ih, weight_hr;
       ChunkedProjection<T> projection{};
       if (chunked) {
-        weight_ih.emplace(I, GH, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true);
+        weight_ih.emplace(I, GH, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
         projection = {input.data_ptr<T>(), &*weight_ih, weight_of<T>(weights, layer, d, kBiasIh),
                       I, chunk_steps, chunk_x.data_ptr<T>() + d * chunk_steps * B * I,
                       chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
       }
       if (layer.projected) {
-        weight_hr.emplace(H, P, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true);
+        weight_hr.emplace(H, P, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true, layer_dtype);
       }
-      const ReusedWeight<T> weight_hh(P, GH, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true);
+      const ReusedWeight<T> weight_hh(P, GH, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true,
+                                      layer_dtype);
       auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
       run(args, weight_hh, layer.projected ? &*weight_hr : nullptr, chunked ? &projection : nullptr);
     }
@@ -172,17 +174,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
                                                           at::TensorList weights, const Tensor& h0, const Tensor& c0,
-                                                          const Tensor& lengths, bool save_workspace) {
+                                                          const Tensor& lengths, bool save_workspace,
+                                                          at::ScalarType layer_dtype) {
   return dispatch_cell(cell, [&](auto cell_type) {
-    return forward_impl<decltype(cell_type), T>(input, weights, h0, c0, lengths, save_workspace);
+    return forward_impl<decltype(cell_type), T>(input, weights, h0, c0, lengths, save_workspace, layer_dtype);
   });
 }
 
 template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<float>(std::string_view, const Tensor&,
                                                                           at::TensorList, const Tensor&,
-                                                                          const Tensor&, const Tensor&, bool);
+                                                                          const Tensor&, const Tensor&, bool,
+                                                                          at::ScalarType);
 template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<double>(std::string_view, const Tensor&,
                                                                            at::TensorList, const Tensor&,
-                                                                           const Tensor&, const Tensor&, bool);
+                                                                           const Tensor&, const Tensor&, bool,
+                                                                           at::ScalarType);
 
 }  // namespace birnn_fast::cpu

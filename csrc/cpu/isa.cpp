@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "half_products.h"
 #include "panel_gemm.h"
 
 namespace birnn_fast::cpu {
@@ -105,6 +106,48 @@ Products float32_products() {
   return products;
 }
 
+HalfProducts half_products(c10::ScalarType dtype) {
+  auto choose = [](c10::ScalarType dtype) {
+    const char* forced = std::getenv("BIRNN_FAST_CPU_HALF_PRODUCTS");
+    const bool packs = effective_isa() == Isa::kAvx512 && at::native::cpublas::could_pack(dtype);
+    if (forced != nullptr && *forced != '\0') {
+      const std::string name(forced);
+      if (name == "vnni") {
+        TORCH_CHECK(packs, "birnn_fast: BIRNN_FAST_CPU_HALF_PRODUCTS=vnni needs a CPU that multiplies ", dtype,
+                    " natively (AMX, AVX512-BF16 / -FP16) and an ISA ceiling of AVX-512 or more");
+        return HalfProducts::kBrgemmVnni;
+      }
+      if (name == "brgemm") {
+        return HalfProducts::kBrgemm;
+      }
+      TORCH_CHECK(name == "float32", "birnn_fast: BIRNN_FAST_CPU_HALF_PRODUCTS must be float32, brgemm or vnni, got '",
+                  name, "'");
+      return HalfProducts::kFloat32;
+    }
+    if (!packs) {
+      return HalfProducts::kFloat32;
+    }
+    if (!vnni_products_work(dtype)) {
+      TORCH_WARN("birnn_fast: oneDNN's packed ", dtype, " product disagreed with the plain one on this CPU; ", dtype,
+                 " layers run their products in float32");
+      return HalfProducts::kFloat32;
+    }
+    return HalfProducts::kBrgemmVnni;
+  };
+  static const HalfProducts bfloat16 = choose(c10::ScalarType::BFloat16);
+  static const HalfProducts float16 = choose(c10::ScalarType::Half);
+  TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half);
+  return dtype == c10::ScalarType::BFloat16 ? bfloat16 : float16;
+}
+
+const char* half_products_name(HalfProducts products) {
+  switch (products) {
+    case HalfProducts::kBrgemmVnni: return "brgemm-vnni";
+    case HalfProducts::kBrgemm: return "brgemm";
+    default: return "float32";
+  }
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
@@ -124,7 +167,8 @@ const char* products_name(Products products) {
 std::string engine_info() {
   return std::string("cells=") + isa_name(effective_isa()) + " cpu=" + isa_name(cpu_isa()) +
          " ceiling=" + isa_name(isa_ceiling()) + " products.float32=" + products_name(float32_products()) +
-         " products.float64=mm half=float32-compute";
+         " products.float64=mm products.bfloat16=" + half_products_name(half_products(c10::ScalarType::BFloat16)) +
+         " products.float16=" + half_products_name(half_products(c10::ScalarType::Half));
 }
 
 }  // namespace birnn_fast::cpu

@@ -6,7 +6,15 @@
 // AVX512_CORE_AMX, AVX10_1_512, DEFAULT) and MKL_ENABLE_INSTRUCTIONS (SSE4_2, AVX, AVX2, AVX512, ...);
 // the lower of the two wins. BIRNN_FAST_CPU_PRODUCTS=panel|brgemm|mm forces the product backend
 // (for tests: every backend runs on any x86 CPU that has its instructions).
+//
+// The reused-weight products of a bfloat16 / float16 layer (half_products.h) run on oneDNN's
+// brgemm with operands in that dtype where the CPU multiplies it natively (cpublas::could_pack: AMX,
+// AVX512-BF16 / -FP16) and a self-check of the packed layout passes; elsewhere on float32 operands.
+// BIRNN_FAST_CPU_HALF_PRODUCTS=float32|brgemm|vnni forces it (brgemm: the operands' rounding without
+// packing, which torch runs on any CPU -- slowly; for tests).
 #pragma once
+
+#include <c10/core/ScalarType.h>
 
 #include <string>
 
@@ -18,12 +26,17 @@ enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // Backends of the float32 products whose weight every step reuses (products.h).
 enum class Products { kPanel, kBrgemm, kMm };
 
+// Backends of a bfloat16 / float16 layer's reused-weight products (half_products.h).
+enum class HalfProducts { kFloat32, kBrgemm, kBrgemmVnni };
+
 Isa cpu_isa();        // what the CPU has
 Isa isa_ceiling();    // what the environment allows (kAvx512 if unset)
 Isa effective_isa();  // the lower of the two: what the cell math runs
 Products float32_products();
 const char* isa_name(Isa isa);
 const char* products_name(Products products);
+HalfProducts half_products(c10::ScalarType dtype);  // dtype: BFloat16 or Half
+const char* half_products_name(HalfProducts products);
 
 // One line naming what runs here, for tests and benchmark records.
 std::string engine_info();

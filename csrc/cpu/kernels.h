@@ -62,16 +62,18 @@ decltype(auto) dispatch_cell(std::string_view cell, Fn&& fn) {
   return fn(RnnReluCell{});
 }
 
-// float or double; B >= 1; arguments checked.
+// float or double; B >= 1; arguments checked. layer_dtype: the caller's dtype when the arguments
+// are float32 copies of a bfloat16 / float16 layer (its products may run in that dtype), else T's.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
                                                           at::TensorList weights, const Tensor& h0, const Tensor& c0,
-                                                          const Tensor& lengths, bool save_workspace);
+                                                          const Tensor& lengths, bool save_workspace,
+                                                          at::ScalarType layer_dtype);
 
 template <typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel(
     std::string_view cell, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
-    const Tensor& output, const Tensor& workspace);
+    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype);
 
 }  // namespace birnn_fast::cpu

@@ -7,9 +7,9 @@
 // out-of-bounds read.
 //
 // bfloat16 and float16 run the float32 kernels on float32 copies of the arguments (fp32
-// accumulation, fp32 h and c inside, an fp32 workspace) and return the input's dtype: on CPUs
-// without bf16 / fp16 arithmetic that is the fastest correct path, and the copies cost O(T*B*I)
-// next to the O(T*B*G*H*(I+P)) products.
+// accumulation, fp32 h and c inside, an fp32 workspace) and return the input's dtype; the copies
+// cost O(T*B*I) next to the O(T*B*G*H*(I+P)) products. Where the CPU multiplies that dtype
+// natively, the products with a reused weight take operands in it (isa.h: half_products).
 #include <torch/library.h>
 
 #include <ostream>
@@ -131,13 +131,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(c10::string_view cell_vie
   if (is_half(dtype)) {
     auto [output, h_n, c_n, workspace] = forward_kernel<float>(cell, input.to(at::kFloat), to_float(weights),
                                                                h0.to(at::kFloat), c0.to(at::kFloat), lengths,
-                                                               save_workspace);
+                                                               save_workspace, dtype);
     return {output.to(dtype), h_n.to(dtype), c_n.to(dtype), workspace};
   }
   if (dtype == at::kDouble) {
-    return forward_kernel<double>(cell, input, weights, h0, c0, lengths, save_workspace);
+    return forward_kernel<double>(cell, input, weights, h0, c0, lengths, save_workspace, dtype);
   }
-  return forward_kernel<float>(cell, input, weights, h0, c0, lengths, save_workspace);
+  return forward_kernel<float>(cell, input, weights, h0, c0, lengths, save_workspace, dtype);
 }
 
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
@@ -169,7 +169,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
   if (is_half(dtype)) {
     auto [grad_input, grad_weights, grad_h0, grad_c0] = backward_kernel<float>(
         cell, grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), grad_c_n.to(at::kFloat), input.to(at::kFloat),
-        to_float(weights), h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat), workspace);
+        to_float(weights), h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat), workspace, dtype);
     for (Tensor& grad : grad_weights) {
       grad = grad.to(dtype);
     }
@@ -177,10 +177,10 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
   }
   if (dtype == at::kDouble) {
     return backward_kernel<double>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-                                   workspace);
+                                   workspace, dtype);
   }
   return backward_kernel<float>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-                                workspace);
+                                workspace, dtype);
 }
 
 }  // namespace

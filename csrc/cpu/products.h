@@ -6,7 +6,8 @@
 //
 // A reused float32 weight runs on the backend isa.h chose for the CPU (float32_products): the AVX2
 // panel kernel (panel_gemm.h), oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AVX-512 /
-// AMX), or at::mm (MKL). Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
+// AMX), or at::mm (MKL); the float32 copy of a bfloat16 / float16 layer's weight, on the backend
+// half_products chose: brgemm on operands in that dtype (half_products.h), or as float32. Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
 // takes a transposed operand as fast as a plain one, so weights are used in place. Products
 // smaller than one trip through the dispatcher run as plain loops.
 #pragma once
@@ -16,9 +17,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "half_products.h"
 #include "isa.h"
 #include "panel_gemm.h"
 
@@ -94,13 +97,22 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, 
 
 // op(b) of a product that runs many times with the same weight (every step, every chunk), laid out
 // once per call for the float32 backend (panels for the panel kernel, (k, n) row-major for
-// brgemm); used in place through gemm() for at::mm and float64.
+// brgemm); used in place through gemm() for at::mm and float64. `layer_dtype` is the dtype of the
+// layer whose float32 copy b is: bfloat16 / float16 may run the product in that dtype.
 template <typename T>
 class ReusedWeight {
  public:
-  ReusedWeight(int64_t k, int64_t n, const T* b, int64_t ldb, bool transpose_b)
+  ReusedWeight(int64_t k, int64_t n, const T* b, int64_t ldb, bool transpose_b,
+               c10::ScalarType layer_dtype = c10::CppTypeToScalarType<T>::value)
       : k_(k), n_(n), b_(b), ldb_(ldb), transpose_b_(transpose_b) {
     if constexpr (std::is_same_v<T, float>) {
+      if (layer_dtype == c10::ScalarType::BFloat16 || layer_dtype == c10::ScalarType::Half) {
+        const HalfProducts products = half_products(layer_dtype);
+        if (products != HalfProducts::kFloat32) {
+          half_.emplace(layer_dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb, transpose_b);
+          return;
+        }
+      }
       products_ = float32_products();
       if (products_ == Products::kPanel) {
         panels_ = pack_panels(k, n, b, ldb, transpose_b);
@@ -133,6 +145,10 @@ class ReusedWeight {
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
+      if (half_ && m * n_ * k_ > kSmallMultiplyAdds) {
+        half_->multiply(m, a, lda, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
+        return;
+      }
       if (products_ == Products::kPanel) {
         panel_gemm(m, a, lda, panels_, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
         return;
@@ -154,6 +170,7 @@ class ReusedWeight {
   Products products_ = Products::kMm;
   PanelMatrix panels_;
   std::vector<float> rows_;
+  std::optional<HalfWeight> half_;
 };
 
 // c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.

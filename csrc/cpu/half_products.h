@@ -1,0 +1,160 @@
+// The reused-weight products of a bfloat16 / float16 layer on oneDNN's brgemm ukernel
+// (at::native::cpublas): operands rounded to the layer's dtype, float32 accumulation into the
+// float32 kernels' buffers -- how torch's own bf16 LSTM rounds its products. Everything else in
+// the layer (gate math, h, c) stays float32. isa.h's half_products() chooses whether this runs.
+//
+// The weight is rounded once per call; with VNNI it is also packed by cpublas::pack, kVnniColumns
+// columns at a time, depth padded to even (pairs of rows interleave), each panel then one brgemm.
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <vector>
+
+namespace birnn_fast::cpu {
+
+// cpublas::pack fails on a whole 1024-column weight (measured); torch's CPU flash attention packs
+// 64 columns at a time too.
+constexpr int64_t kVnniColumns = 64;
+
+template <typename Fn>
+decltype(auto) dispatch_half(c10::ScalarType dtype, Fn&& fn) {
+  TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half);
+  if (dtype == c10::ScalarType::BFloat16) {
+    return fn(c10::BFloat16{});
+  }
+  return fn(c10::Half{});
+}
+
+class HalfWeight {
+ public:
+  // op(b) (k x n; b[k, n] row-major, or with transpose_b b[n, k]) rounded to dtype.
+  HalfWeight(c10::ScalarType dtype, bool vnni, int64_t k, int64_t n, const float* b, int64_t ldb, bool transpose_b)
+      : dtype_(dtype), vnni_(vnni), k_(k), n_(n), depth_(vnni ? k + (k & 1) : k) {
+    std::vector<uint16_t> rows(depth_ * n, 0);  // op(b) rounded, (depth, n); a padding row stays zero
+    dispatch_half(dtype, [&](auto low) {
+      using Low = decltype(low);
+      Low* dst = reinterpret_cast<Low*>(rows.data());
+      for (int64_t p = 0; p < k; ++p) {
+        for (int64_t j = 0; j < n; ++j) {
+          dst[p * n + j] = Low(transpose_b ? b[j * ldb + p] : b[p * ldb + j]);
+        }
+      }
+    });
+    if (!vnni) {
+      weight_ = std::move(rows);
+      return;
+    }
+    const int64_t panels = (n + kVnniColumns - 1) / kVnniColumns;
+    weight_.assign(panels * depth_ * kVnniColumns, 0);
+    std::vector<uint16_t> panel(depth_ * kVnniColumns);
+    for (int64_t q = 0; q < panels; ++q) {
+      const int64_t first = q * kVnniColumns, columns = std::min(kVnniColumns, n - first);
+      std::fill(panel.begin(), panel.end(), 0);  // a last, narrower panel is padded with zero columns
+      for (int64_t p = 0; p < depth_; ++p) {
+        std::copy_n(rows.data() + p * n + first, columns, panel.data() + p * kVnniColumns);
+      }
+      at::native::cpublas::pack(depth_, kVnniColumns, kVnniColumns, kVnniColumns, dtype, dtype, panel.data(),
+                                weight_.data() + q * depth_ * kVnniColumns);
+    }
+  }
+  HalfWeight(const HalfWeight&) = delete;
+  HalfWeight& operator=(const HalfWeight&) = delete;
+
+  ~HalfWeight() {
+    if (vnni_) {
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // the thread's AMX tile configuration
+    }
+  }
+
+  // c[m, n] = round(a[m, k]) @ op(b) (+ c if add_c), accumulated in float32.
+  void multiply(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c) const {
+    dispatch_half(dtype_, [&](auto low) { multiply_as<decltype(low)>(m, a, lda, c, ldc, add_c); });
+  }
+
+ private:
+  template <typename Low>
+  void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c) const {
+    rows_.resize(m * depth_);
+    Low* rounded = reinterpret_cast<Low*>(rows_.data());
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t p = 0; p < k_; ++p) {
+        rounded[i * depth_ + p] = Low(a[i * lda + p]);
+      }
+      if (depth_ > k_) {
+        rounded[i * depth_ + k_] = Low(0.0f);
+      }
+    }
+    const Low* weight = reinterpret_cast<const Low*>(weight_.data());
+    if (!vnni_) {
+      at::native::cpublas::brgemm(m, n_, k_, k_, n_, ldc, add_c, rounded, weight, c, /*is_vnni=*/false);
+      return;
+    }
+    for (int64_t first = 0; first < n_; first += kVnniColumns) {
+      const Low* panel = weight + first * depth_;  // panel q = first / 64 starts at q * depth * 64
+      const int64_t columns = std::min(kVnniColumns, n_ - first);
+      if (columns == kVnniColumns) {
+        at::native::cpublas::brgemm(m, kVnniColumns, depth_, depth_, kVnniColumns, ldc, add_c, rounded, panel,
+                                    c + first, /*is_vnni=*/true);
+        continue;
+      }
+      // The padded last panel runs whole into a scratch tile: c's row may end at column n.
+      scratch_.resize(m * kVnniColumns);
+      at::native::cpublas::brgemm(m, kVnniColumns, depth_, depth_, kVnniColumns, kVnniColumns, /*add_C=*/false,
+                                  rounded, panel, scratch_.data(), /*is_vnni=*/true);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < columns; ++j) {
+          float& out = c[i * ldc + first + j];
+          out = (add_c ? out : 0.0f) + scratch_[i * kVnniColumns + j];
+        }
+      }
+    }
+  }
+
+  c10::ScalarType dtype_;
+  bool vnni_;
+  int64_t k_, n_, depth_;  // depth: k, rounded up to even with VNNI
+  std::vector<uint16_t> weight_;  // (depth, n) row-major; with VNNI, panels of (depth, 64) packed
+  // Per-call scratch: a ReusedWeight is used by one thread (its direction's).
+  mutable std::vector<uint16_t> rows_;  // a rounded, (m, depth)
+  mutable std::vector<float> scratch_;
+};
+
+// Whether the VNNI path computes what the plain product does on this CPU (exactly: the values are
+// small multiples of 1/4), so that a library or CPU the packed layout was never run on falls back
+// instead of returning wrong numbers.
+inline bool vnni_products_work(c10::ScalarType dtype) {
+  try {
+    constexpr int64_t m = 5, k = 35, n = kVnniColumns + 17;  // odd depth, a narrow last panel
+    std::vector<float> a(m * k), b(k * n), c(m * n), expected(m * n, 0.0f);
+    for (int64_t i = 0; i < m * k; ++i) {
+      a[i] = static_cast<float>(i * 7 % 9 - 4) * 0.25f;
+    }
+    for (int64_t i = 0; i < k * n; ++i) {
+      b[i] = static_cast<float>(i * 5 % 7 - 3) * 0.25f;
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t p = 0; p < k; ++p) {
+        for (int64_t j = 0; j < n; ++j) {
+          expected[i * n + j] += a[i * k + p] * b[p * n + j];
+        }
+      }
+    }
+    {
+      const HalfWeight weight(dtype, /*vnni=*/true, k, n, b.data(), n, /*transpose_b=*/false);
+      weight.multiply(m, a.data(), k, c.data(), n, /*add_c=*/false);
+    }
+    return c == expected;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace birnn_fast::cpu
