@@ -498,17 +498,20 @@ def test_half_products_default():
         assert info["products.bfloat16"] in ("brgemm-vnni", "float32")
 
 
-def error_table():
-    """The bf16 / fp16 error table: ours and torch's relative error against fp64, per result."""
+def error_table(size=(16, 6, 24, 32)):
+    """The bf16 / fp16 error table: ours and torch's relative error against fp64, per result;
+    ``python tests/test_cpu_kernel.py [steps batch inputs hidden]``."""
     print("| case | result | ours | torch same dtype | ours / torch |")
     print("|---|---|---:|---:|---:|")
     for cell, proj in PRECISION_CASES:
         for dtype in (torch.bfloat16, torch.float16):
-            for lengths in (None, [16, 1, 9, 16, 4, 12]):
+            for mixed in (False, True):
+                steps, batch = size[:2]
+                lengths = [steps if b % 3 == 0 else 1 + (b * 7) % steps for b in range(batch)] if mixed else None
                 label = f"{cell}{' proj' if proj else ''} {str(dtype)[6:]} {'mixed' if lengths else 'equal'}"
-                for name, (ours, theirs) in precision_errors(cell, proj, dtype, lengths).items():
+                for name, (ours, theirs) in precision_errors(cell, proj, dtype, lengths, size).items():
                     print(f"| {label} | {name} | {ours:.2e} | {theirs:.2e} | {ours / theirs:.2f} |")
 
 
 if __name__ == "__main__":
-    error_table()
+    error_table(tuple(int(value) for value in sys.argv[1:5]) if len(sys.argv) > 4 else (16, 6, 24, 32))
