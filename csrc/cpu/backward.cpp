@@ -121,6 +121,9 @@ template <typename T>
 struct ChunkedGradients {
   const T* input;      // (T, B, I)
   const T* weight_ih;  // (GH, I), this direction's
+  // dgates_x @ W_ih for a half layer's products (W_ih rounded once per call); else W_ih in place.
+  const ReusedWeight<T>* half_weight_ih;
+  c10::ScalarType layer_dtype;
   int64_t inputs, steps_per_chunk;
   T* x;               // (rows, I): the chunk's input rows, then their input gradients
   T* h_prev;          // (rows, P): the states the chunk's steps started from
@@ -150,8 +153,8 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
       std::copy_n(h_prev, P, g.h_prev + r * P);
     }
   }
-  gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I);
-  gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P);
+  gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I, g.layer_dtype);
+  gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P, g.layer_dtype);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < GH; ++k) {
       g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
@@ -159,7 +162,11 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
     }
   }
   // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
-  gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
+  if (g.half_weight_ih != nullptr) {
+    g.half_weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
+  } else {
+    gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
+  }
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
       const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d);
@@ -299,9 +306,17 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                                  layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
                                  layer.projected ? zeros.data_ptr<T>() : nullptr};
       ChunkedGradients<T> gradients{};
+      std::optional<ReusedWeight<T>> half_weight_ih;
+      if (chunked && layer_dtype != c10::CppTypeToScalarType<T>::value &&
+          half_products(layer_dtype) != HalfProducts::kFloat32) {
+        half_weight_ih.emplace(GH, I, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/false,
+                               layer_dtype);
+      }
       if (chunked) {
         gradients = {input.data_ptr<T>(),
                      weight_of<T>(weights, layer, d, kWeightIh),
+                     half_weight_ih ? &*half_weight_ih : nullptr,
+                     layer_dtype,
                      I,
                      chunk_steps,
                      chunk_x.data_ptr<T>() + d * chunk_rows * I,

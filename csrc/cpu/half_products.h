@@ -74,22 +74,30 @@ class HalfWeight {
     }
   }
 
-  // c[m, n] = round(a[m, k]) @ op(b) (+ c if add_c), accumulated in float32.
-  void multiply(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c) const {
-    dispatch_half(dtype_, [&](auto low) { multiply_as<decltype(low)>(m, a, lda, c, ldc, add_c); });
+  // c[m, n] = round(op(a)) @ op(b) (+ c if add_c), accumulated in float32; op(a) is a[m, k], or
+  // with transpose_a the transpose of a[k, m] (the weight gradients' dgates^T).
+  void multiply(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
+                bool transpose_a = false) const {
+    dispatch_half(dtype_, [&](auto low) { multiply_as<decltype(low)>(m, a, lda, c, ldc, add_c, transpose_a); });
   }
 
  private:
   template <typename Low>
-  void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c) const {
-    rows_.resize(m * depth_);
+  void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
+                   bool transpose_a) const {
+    rows_.assign(m * depth_, 0);  // a padding column stays zero
     Low* rounded = reinterpret_cast<Low*>(rows_.data());
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t p = 0; p < k_; ++p) {
-        rounded[i * depth_ + p] = Low(a[i * lda + p]);
+    if (transpose_a) {
+      for (int64_t p = 0; p < k_; ++p) {  // read a's rows in order
+        for (int64_t i = 0; i < m; ++i) {
+          rounded[i * depth_ + p] = Low(a[p * lda + i]);
+        }
       }
-      if (depth_ > k_) {
-        rounded[i * depth_ + k_] = Low(0.0f);
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t p = 0; p < k_; ++p) {
+          rounded[i * depth_ + p] = Low(a[i * lda + p]);
+        }
       }
     }
     const Low* weight = reinterpret_cast<const Low*>(weight_.data());

@@ -173,12 +173,22 @@ class ReusedWeight {
   std::optional<HalfWeight> half_;
 };
 
-// c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens.
+// c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens; for the float32
+// copies of a bfloat16 / float16 layer (layer_dtype), on the half backend where it runs natively.
 template <typename T>
 void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                        int64_t ldc) {
+                        int64_t ldc, c10::ScalarType layer_dtype = c10::CppTypeToScalarType<T>::value) {
   if (m == 0 || n == 0 || k == 0) {
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if ((layer_dtype == c10::ScalarType::BFloat16 || layer_dtype == c10::ScalarType::Half) &&
+        half_products(layer_dtype) != HalfProducts::kFloat32 && m * n * k > kSmallMultiplyAdds) {
+      const HalfWeight tokens(layer_dtype, half_products(layer_dtype) == HalfProducts::kBrgemmVnni, k, n, b, ldb,
+                              /*transpose_b=*/false);
+      tokens.multiply(m, a, lda, c, ldc, /*add_c=*/true, /*transpose_a=*/true);
+      return;
+    }
   }
   if (m * n * k <= kSmallMultiplyAdds) {
     for (int64_t p = 0; p < k; ++p) {
