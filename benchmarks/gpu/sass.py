@@ -43,14 +43,19 @@ def signature_of(fn, dtype, constexprs):
     return signature
 
 
-def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False):
+def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False, fused=None):
     """The cubin of a kernel as its launcher launches it on a grid with a barrier: its constexprs and
     launch options (which must all be options of this Triton's CUDA backend). hints: the
     divisibility-by-16 attributes the JIT adds to 16-byte aligned pointers and to T, B and H when they
-    are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned)."""
+    are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned).
+    fused: the forward's FUSED, by default what select_config picks for the configuration."""
     fn = KERNELS[fn_name]
     launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
+    if "FUSED" in fn.arg_names:  # the forward's
+        if fused is None:
+            fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
+        constexprs["FUSED"] = fused
     constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
                       DOT_PRECISION=precision)
     if "SAVE" in fn.arg_names:
