@@ -193,7 +193,8 @@ def round_shape(sass):
     (dependent_loads, from the round's start or the last barrier poll before it) and all its global
     loads there; the dependent global loads from the barrier's wait to the next arrive
     (wait_to_arrive), and the loads issued between arrive and wait (arrive_to_wait); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
-    apart; spill instructions in the time loop."""
+    apart, and the dependent global loads a K chunk waits on before its last product
+    (K_CHUNK_DEPENDENT_LOADS); spill instructions in the time loop."""
     code = instructions(sass)
     ranges = loops(code)
     atomic = min(instruction.address for instruction in code if "ATOMG" in instruction.op)
@@ -210,6 +211,11 @@ def round_shape(sass):
     in_k = [b for b in barriers if any(head <= b <= last for head, last in k_loops)]
     shape["BARRIERS"] = len(barriers) - len(in_k)
     shape["BARRIERS_PER_K_CHUNK"] = len(in_k)
+    # A K chunk's own round trips: those its products wait on, from the K loop's head to its last
+    # product (none where the chunk's operands were loaded during the previous chunk's products).
+    shape["K_CHUNK_DEPENDENT_LOADS"] = max(
+        (_chain(i for i in in_time if head <= i.address <= max(m for m in mmas if head <= m <= last))
+         for head, last in k_loops), default=None)
     if not mmas:
         shape["DEPENDENT_LOADS"] = shape["LOADS_BEFORE_MMA"] = None
         return shape
