@@ -227,11 +227,17 @@ def birnn_backward_kernel(
                         b_gk = exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
                         b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
                 else:
-                    # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time.
+                    # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time, through a
+                    # register double buffer as the forward's (the next chunk loaded before this one's
+                    # product).
+                    b_gk = exchanged_tile(p_gbuf, 0, mask_b, GH, NK, BK)
+                    b_w = weight_tile(p_w, 0, offs_j, mask_j, GH, H, 1, NK, BK)
                     for k0 in range(0, GH, NK * BK):
-                        b_gk = exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
-                        b_w = weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
+                        b_gk_next = exchanged_tile(p_gbuf, k0 + NK * BK, mask_b, GH, NK, BK)
+                        b_w_next = weight_tile(p_w, k0 + NK * BK, offs_j, mask_j, GH, H, 1, NK, BK)
                         b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
+                        b_gk = b_gk_next
+                        b_w = b_w_next
                 b_dh_state = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_acc
                 tl.store(state_ptr + p_state, b_dh_state, mask=mask_a)
                 if s == 0:  # every row's first step

@@ -54,6 +54,42 @@ def resident_weights(p_w, offs_j, mask_j, H, stride_k, stride_j, G: tl.constexpr
 
 
 @triton.jit
+def fused_weight_tile(p, k0, j0, H, stride_k, stride_j, G: tl.constexpr, NG: tl.constexpr, NK: tl.constexpr,
+                      BK: tl.constexpr, BH: tl.constexpr):
+    """[NK, BK, NG*BH] ([BK, NG*BH] if NK == 1): the weight_tile of every gate side by side, column
+    NG*jj + g holding gate g of unit j0 + jj, i.e. W[k, g*H + j0 + jj] at p + k*stride_k +
+    (g*H + j0 + jj)*stride_j (k0 <= k < k0 + NK*BK, k < H); zeros for gates past G. A unit's gates
+    are neighbours so that gate_columns takes them apart within each thread's registers."""
+    offs_n = tl.arange(0, NG * BH)
+    gate = offs_n % NG
+    unit = j0 + offs_n // NG
+    offs_col = gate * H + unit  # [NG*BH]
+    mask_n = (gate < G) & (unit < H)
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[:, None]  # [BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_col[None, :] * stride_j, mask=(offs_k < H) & mask_n[None, :],
+                       other=0.0)
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]  # [NK, BK, 1]
+        tile = tl.load(p + offs_k * stride_k + offs_col[None, None, :] * stride_j,
+                       mask=(offs_k < H) & mask_n[None, None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def gate_columns(acc, BB: tl.constexpr, BH: tl.constexpr, NG: tl.constexpr):
+    """The [BB, BH] gates of acc, a [BB, NG*BH] product with fused_weight_tile's columns: 4 of them
+    (NG = 4), or acc and copies of it (NG = 1)."""
+    acc0, acc1, acc2, acc3 = acc, acc, acc, acc
+    if NG == 4:
+        pairs = tl.reshape(acc, [BB, BH, 2, 2])  # [row, unit, gate // 2, gate % 2]
+        even, odd = tl.split(pairs)  # gates 0, 2 and 1, 3: [BB, BH, 2]
+        acc0, acc2 = tl.split(even)
+        acc1, acc3 = tl.split(odd)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def exchanged_tile(p_rows, k0, mask_b, H, NK: tl.constexpr, BK: tl.constexpr):
     """[NK, BB, BK] ([BB, BK] if NK == 1): p_rows[b] + k for k0 <= k < k0 + NK*BK (k < H), read past L1
     (.cg): other SMs wrote it."""

@@ -47,7 +47,9 @@ MAX_POLLS = {"cuda": 1 << 22, "interpreter": 1 << 30}
 # in the compile test, which holds every selectable configuration to its sm_80 / sm_90 limit.
 RESIDENT_SHARED_SLACK = 2048
 
-Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bprog")
+# FUSED (fused_gates): the forward's step takes one product of N = NG*BH columns for all gates
+# (NG = 4 for LSTM, and for GRU with a zero fourth gate; 1 for RNN) instead of G products.
+Config = collections.namedtuple("Config", "BB BH NK BK RESIDENT n_hblocks n_bprog FUSED", defaults=(False,))
 
 
 def interpreted(device):
@@ -89,6 +91,19 @@ def resident_max_k(cell, dtype, dot_precision, backward):
     return 1024
 
 
+def fused_gates(cell, dtype, dot_precision, BB, BH, K, resident, backward):
+    """Whether the forward kernel with this tile takes one product for all gates (Config.FUSED): where
+    that compiles without spills for sm_80 and sm_90 (compile tests, Triton 3.9). Not: the backward
+    (its products are of another shape), the GRU resident (its zero fourth gate would take a third
+    more shared memory), the LSTM resident at K = 1024 (spills), fp32 without TF32 streamed in tiles
+    of 16x32 (spills), and Triton before 3.9, whose builds of it were never checked."""
+    if backward or TRITON_VERSION < (3, 9):
+        return False
+    if resident:
+        return cell != "GRU" and not (cell == "LSTM" and K > 512)
+    return not (uses_fma(dtype, dot_precision) and (BB, BH) == (16, 32))
+
+
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
     """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, with its time
     loop spill-free (resident_max_k)."""
@@ -122,7 +137,8 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
         key = (not resident, triton.cdiv(n_bblocks, n_bprog), BB * BH, BB)
         if best is None or key < best[0]:
             NK, BK = split_k(H, resident, fma_backward=backward and uses_fma(dtype, dot_precision))
-            best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog)
+            fused = fused_gates(cell, dtype, dot_precision, BB, BH, NK * BK, resident, backward)
+            best = key, Config(BB, BH, NK, BK, resident, n_hblocks, n_bprog, fused)
     if best is None:
         widest = max((BH for _, BH in stream_tiles), default=RESIDENT_TILE[1])
         raise ValueError(f"hidden size {H} needs {2 * triton.cdiv(H, widest)} co-resident programs, "
@@ -130,26 +146,29 @@ def select_config(cell, B, H, dtype, dot_precision, num_sms, shared_bytes, backw
     return best[1]
 
 
-def interpreter_config(B, H, resident=True):
+def interpreter_config(B, H, resident=True, fused=False):
     """The interpreter's launch: programs run one after another there, and a barrier waiting on another
     program of the group would never return, so one program holds every unit of a direction (one per
-    batch block). ``resident=False`` streams W_hh in K chunks of 16 instead."""
+    batch block). ``resident=False`` streams W_hh in K chunks of 16 instead; ``fused``: Config.FUSED."""
     BB, BH = 16, max(16, triton.next_power_of_2(H))
     NK, BK = split_k(H, True) if resident else (1, 16)
-    return Config(BB, BH, NK, BK, resident, 1, triton.cdiv(B, BB))
+    return Config(BB, BH, NK, BK, resident, 1, triton.cdiv(B, BB), fused)
 
 
 def launch_config(cell, B, H, dtype, device, backward):
     """The Config a launcher picks for B rows and H units on ``device`` (see select_config)."""
     if interpreted(device):
-        return interpreter_config(B, H)
+        config = interpreter_config(B, H)
+        return config._replace(FUSED=fused_gates(cell, dtype, "ieee", config.BB, config.BH, config.NK * config.BK,
+                                                 True, backward))
     properties = torch.cuda.get_device_properties(device)
     return select_config(cell, B, H, dtype, dot_precision(dtype, device), properties.multi_processor_count,
                          getattr(properties, "shared_memory_per_block_optin", 48 * 1024), backward)
 
 
 def launch_options(config):
-    """The launch arguments both kernels take from a Config: constexprs and compile options."""
+    """The launch arguments both kernels take from a Config: constexprs and compile options (FUSED,
+    the forward's only, its launcher passes)."""
     return dict(BB=config.BB, BH=config.BH, NK=config.NK, BK=config.BK, RESIDENT=config.RESIDENT,
                 SYNC=config.n_hblocks > 1, launch_cooperative_grid=config.n_hblocks > 1, num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)

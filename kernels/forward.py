@@ -10,7 +10,10 @@ ended are masked out; a block whose rows have all ended is skipped.
 Where the program's slice of W_hh fits in shared memory (and the time loop compiles without spills)
 it is loaded once, before the time loop (RESIDENT), and the per-step products split K over the
 warps: a 3-D tl.dot whose batch is NK chunks of BK, then a sum over the chunks, so no warp repeats
-another's work. Otherwise each step streams the slice from L2 in 2-D chunks of BK.
+another's work. Otherwise each step streams the slice from L2 in 2-D chunks of BK. With FUSED
+(config.fused_gates) a step takes one product of N = 4*BH columns (a unit's gates side by side, the
+GRU's fourth zero; N = BH for RNN) instead of one per gate, and a streamed step loads each chunk of
+all gates during the previous chunk's product (a register double buffer).
 
 The full h of a step is exchanged through a small double-buffered global buffer, then the n_hblocks
 programs of a (direction, batch blocks) group meet at a grid barrier, once per step: a global counter
@@ -31,8 +34,9 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .launch import barrier_counters, launch
-from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile, gate_dot,
-                     group_counter, group_steps, resident_weights, zero_padded_steps)
+from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile,
+                     fused_weight_tile, gate_columns, gate_dot, group_counter, group_steps, resident_weights,
+                     split_k_dot, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -79,7 +83,7 @@ def birnn_forward_kernel(
     T, B, H, max_polls,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
-    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr, FUSED: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -100,13 +104,17 @@ def birnn_forward_kernel(
     tl.debug_barrier()
     steps = group_steps(lengths_ptr, B, BB)
     p_w = w_hh_ptr + d * GH * H
+    # FUSED: one product of N = NG*BH columns for all gates (fused_weight_tile), else one per gate.
+    NG: tl.constexpr = 1 if G == 1 else 4
+    b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # streamed: loaded chunk by chunk in the step loop
     if RESIDENT:
         # W_hh^T[k, j] of gate g is W_hh[g*H + j, k]. Loop-invariant dot operands: Triton keeps
         # them in shared memory for the whole launch (loaded after the loops above, so that their
         # registers are not held across them).
-        b_w0, b_w1, b_w2, b_w3 = resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
-    else:
-        b_w0, b_w1, b_w2, b_w3 = 0.0, 0.0, 0.0, 0.0  # loaded chunk by chunk in the step loop
+        if FUSED:
+            b_w0 = fused_weight_tile(p_w, 0, pid_h * BH, H, 1, H, G, NG, NK, BK, BH)
+        else:
+            b_w0, b_w1, b_w2, b_w3 = resident_weights(p_w, offs_j, mask_j, H, 1, H, G, NK, BK)
     if CELL == GRU:
         b_bhn = tl.load(b_hh_ptr + d * GH + 2 * H + offs_j, mask=mask_j, other=0.0).to(tl.float32)
     # Each step runs every batch block of the program in turn ("rounds"), on the same W_hh slice,
@@ -147,23 +155,42 @@ def birnn_forward_kernel(
             b_s2 = tl.zeros([BB, BH], dtype=tl.float32)
             b_s3 = tl.zeros([BB, BH], dtype=tl.float32)
             if live:
-                acc0 = tl.zeros([BB, BH], dtype=tl.float32)
-                acc1 = tl.zeros([BB, BH], dtype=tl.float32)
-                acc2 = tl.zeros([BB, BH], dtype=tl.float32)
-                acc3 = tl.zeros([BB, BH], dtype=tl.float32)
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
-                for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                    b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
-                    acc0 = gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
-                                    DOT_PRECISION)
-                    if G > 1:
-                        acc1 = gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK,
-                                        BK, DOT_PRECISION)
-                        acc2 = gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
-                                        NK, BK, DOT_PRECISION)
-                    if G > 3:
-                        acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
-                                        NK, BK, DOT_PRECISION)
+                if FUSED:
+                    acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
+                    b_hk = exchanged_tile(p_hbuf, 0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                    if RESIDENT:  # a single pass (NK * BK >= H)
+                        acc = split_k_dot(b_hk, b_w0, acc, NK, DOT_PRECISION)
+                    else:
+                        # A register double buffer: chunk k0 + BK is loaded before chunk k0's product,
+                        # so that its round trip to L2 overlaps the product. (tl.range's num_stages
+                        # pipelining would issue the loads as cp.async, which drops the .cg the
+                        # exchanged h needs.)
+                        b_wk = fused_weight_tile(p_w, 0, pid_h * BH, H, 1, H, G, NG, 1, BK, BH)
+                        for k0 in range(0, H, BK):
+                            b_hk_next = exchanged_tile(p_hbuf, k0 + BK, mask_b, H, 1, BK)
+                            b_wk_next = fused_weight_tile(p_w, k0 + BK, pid_h * BH, H, 1, H, G, NG, 1, BK, BH)
+                            acc = tl.dot(b_hk, b_wk, acc, input_precision=DOT_PRECISION)
+                            b_hk = b_hk_next
+                            b_wk = b_wk_next
+                    acc0, acc1, acc2, acc3 = gate_columns(acc, BB, BH, NG)
+                else:
+                    acc0 = tl.zeros([BB, BH], dtype=tl.float32)
+                    acc1 = tl.zeros([BB, BH], dtype=tl.float32)
+                    acc2 = tl.zeros([BB, BH], dtype=tl.float32)
+                    acc3 = tl.zeros([BB, BH], dtype=tl.float32)
+                    for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
+                        b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                        acc0 = gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
+                                        DOT_PRECISION)
+                        if G > 1:
+                            acc1 = gate_dot(acc1, b_hk, b_w1, p_w + H * H, k0, offs_j, mask_j, H, 1, H, RESIDENT,
+                                            NK, BK, DOT_PRECISION)
+                            acc2 = gate_dot(acc2, b_hk, b_w2, p_w + 2 * H * H, k0, offs_j, mask_j, H, 1, H,
+                                            RESIDENT, NK, BK, DOT_PRECISION)
+                        if G > 3:
+                            acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H,
+                                            RESIDENT, NK, BK, DOT_PRECISION)
                 # The input projection joins after the products: they need not wait for it.
                 if not PREFETCH:
                     b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
@@ -315,7 +342,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
            output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-           DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace)
+           DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace, FUSED=config.FUSED)
     if weight_hr is not None:
         # The projection of every step at once: output and h_n are W_hr m (0 where m is, at padding).
         weight_hr = weight_hr.contiguous()

@@ -118,7 +118,9 @@ def launcher_pick(cell, input, H, backward):
 
 
 def streamed_pick(cell, input, H, backward):
-    return launcher_pick(cell, input, H, backward)._replace(NK=1, BK=16, RESIDENT=False)
+    config = launcher_pick(cell, input, H, backward)._replace(NK=1, BK=16, RESIDENT=False)
+    return config._replace(FUSED=kernels.fused_gates(cell, input.dtype, "ieee", config.BB, config.BH, config.BK,
+                                                     False, backward))
 
 
 @pytest.fixture(params=["resident", "streaming"])
@@ -162,6 +164,20 @@ def check_against_reference(cell, T, B, H, lengths, pick=None):
 @pytest.mark.parametrize("T,B,H,lengths", SHAPES, ids=[f"T{s[0]}-B{s[1]}-H{s[2]}" for s in SHAPES])
 def test_matches_reference(cell, T, B, H, lengths, weights):
     check_against_reference(cell, T, B, H, lengths, weights[1])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("fused", [False, True], ids=["per-gate", "fused"])
+def test_fused_and_per_gate_products(cell, fused, weights):
+    """Both forms of the forward's products, whichever the launcher would pick: one product of every
+    gate's columns (FUSED; streamed, its K loop double-buffered) and one per gate. H = 40 streamed:
+    3 chunks of 16, the last one partial."""
+    T, B, _, lengths = SHAPES[2]
+
+    def pick(cell, input, H, backward):
+        return weights[1](cell, input, H, backward)._replace(FUSED=fused and not backward)
+
+    check_against_reference(cell, T, B, 40, lengths, pick)
 
 
 # A GPU of few SMs for the grid tests: hidden units split over programs, batch blocks looped over.
@@ -544,9 +560,11 @@ def check_usage(usage, config, hints, cc):
     assert record["SHARED"] <= SHARED_LIMIT[cc], f"{record['SHARED']} B of shared memory"
     # Spills before the time loop run once per launch: a resident program's W_hh tile loads.
     assert record["LOOP_SPILLS"] == 0 and record["LOCAL"] == 0, f"register spills in the time loop: {record}"
-    # Resident: each gate's W_hh tile is placed in shared memory once, before the time loop.
-    fn_name, cell, *_, resident = config
-    assert record["HOISTED"] == (kernels.GATES[cell] if resident else 0), record
+    # Resident: each gate's W_hh tile (or, fused, the one tile of all gates) is placed in shared memory
+    # once, before the time loop.
+    fn_name, cell, dtype, precision, BB, BH, NK, BK, resident = config
+    fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, resident, fn_name == "birnn_backward_kernel")
+    assert record["HOISTED"] == ((1 if fused else kernels.GATES[cell]) if resident else 0), record
 
 
 def by_cc(builds_of):

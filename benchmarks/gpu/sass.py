@@ -43,14 +43,19 @@ def signature_of(fn, dtype, constexprs):
     return signature
 
 
-def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False):
+def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False, fused=None):
     """The cubin of a kernel as its launcher launches it on a grid with a barrier: its constexprs and
     launch options (which must all be options of this Triton's CUDA backend). hints: the
     divisibility-by-16 attributes the JIT adds to 16-byte aligned pointers and to T, B and H when they
-    are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned)."""
+    are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned).
+    fused: the forward's FUSED, by default what select_config picks for the configuration."""
     fn = KERNELS[fn_name]
     launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
+    if "FUSED" in fn.arg_names:  # the forward's
+        if fused is None:
+            fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
+        constexprs["FUSED"] = fused
     constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
                       DOT_PRECISION=precision)
     if "SAVE" in fn.arg_names:
@@ -188,7 +193,8 @@ def round_shape(sass):
     (dependent_loads, from the round's start or the last barrier poll before it) and all its global
     loads there; the dependent global loads from the barrier's wait to the next arrive
     (wait_to_arrive), and the loads issued between arrive and wait (arrive_to_wait); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
-    apart; spill instructions in the time loop."""
+    apart, and the dependent global loads a K chunk waits on before its last product
+    (K_CHUNK_DEPENDENT_LOADS); spill instructions in the time loop."""
     code = instructions(sass)
     ranges = loops(code)
     atomic = min(instruction.address for instruction in code if "ATOMG" in instruction.op)
@@ -205,6 +211,11 @@ def round_shape(sass):
     in_k = [b for b in barriers if any(head <= b <= last for head, last in k_loops)]
     shape["BARRIERS"] = len(barriers) - len(in_k)
     shape["BARRIERS_PER_K_CHUNK"] = len(in_k)
+    # A K chunk's own round trips: those its products wait on, from the K loop's head to its last
+    # product (none where the chunk's operands were loaded during the previous chunk's products).
+    shape["K_CHUNK_DEPENDENT_LOADS"] = max(
+        (_chain(i for i in in_time if head <= i.address <= max(m for m in mmas if head <= m <= last))
+         for head, last in k_loops), default=None)
     if not mmas:
         shape["DEPENDENT_LOADS"] = shape["LOADS_BEFORE_MMA"] = None
         return shape

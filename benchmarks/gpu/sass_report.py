@@ -7,7 +7,7 @@ at H, B, T multiples of 16).
 Columns (sass.round_shape): the chain of dependent global loads a round waits on before its first
 matrix product (from the round's start, or from the barrier's poll when the round follows it), all
 global loads there, the dependent global loads from the barrier's wait to the program's next arrive
-and the loads issued between its arrive and wait, CTA barriers (BAR) per step at one round (+ per K chunk where W_hh streams), spill instructions in the
+and the loads issued between its arrive and wait, the dependent global loads of a streamed K chunk, CTA barriers (BAR) per step at one round (+ per K chunk where W_hh streams), spill instructions in the
 time loop, registers per thread.
 """
 import argparse
@@ -57,9 +57,11 @@ def main(argv=None):
         barriers = shape["BARRIERS"] + (shape["BARRIERS_PER_K_CHUNK"] if resident else 0)
         barrier_text = str(barriers) if resident else f"{barriers} + {shape['BARRIERS_PER_K_CHUNK']} per K chunk"
         dependent = "-" if shape["DEPENDENT_LOADS"] is None else str(shape["DEPENDENT_LOADS"])
+        chunk = "-" if resident or shape["K_CHUNK_DEPENDENT_LOADS"] is None else str(shape["K_CHUNK_DEPENDENT_LOADS"])
         loads = "-" if shape["LOADS_BEFORE_MMA"] is None else str(shape["LOADS_BEFORE_MMA"])
         rows.append(f"| {fn_name.split('_')[1]} | {cell} | {sass.SIGNATURE_DTYPES[dtype]}-{precision} | {variant} | "
-                    f"{dependent} | {loads} | {shape['WAIT_TO_ARRIVE']} | {shape['ARRIVE_TO_WAIT']} | {barrier_text} | {shape['LOOP_SPILLS']} | "
+                    f"{dependent} | {loads} | {shape['WAIT_TO_ARRIVE']} | {shape['ARRIVE_TO_WAIT']} | {chunk} | {barrier_text} | "
+                    f"{shape['LOOP_SPILLS']} | "
                     f"{registers} |")
         print(rows[-1], flush=True)
     text = "\n".join([
@@ -80,12 +82,16 @@ def main(argv=None):
         "(the kernels' `bb != pid_b` branch), which a one-round step does not run.",
         "- loads arrive -> wait: global loads issued between the program's arrive and its wait (the next step's "
         "program-local operands): they overlap the wait instead of lying on the critical path.",
+        "- dependent loads per K chunk (W_hh streamed): global-memory round trips a K chunk waits on before its "
+        "last matrix product, from the K loop's head; 0 where its operands were loaded during the previous chunk's "
+        "products; '-': resident, or the dot runs on FMA units.",
         "- CTA barriers: BAR instructions in one step's code at one round (each poll of the grid barrier adds its own).",
         "- spills: STL / LDL in the time loop.",
         "",
         "| kernel | cell | dtype-dot | W_hh | dependent loads before 1st MMA | loads before 1st MMA | dependent loads "
-        "wait -> arrive | loads arrive -> wait | CTA barriers per step | loop spills | registers |",
-        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "wait -> arrive | loads arrive -> wait | dependent loads per K chunk | CTA barriers per step | loop spills | "
+        "registers |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
         *rows,
         "",
     ])
