@@ -99,7 +99,7 @@ def birnn_backward_kernel(
     T, B, H, max_polls,
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
-    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOUBLE_BUFFER: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -226,7 +226,7 @@ def birnn_backward_kernel(
                     if G > 3:
                         b_gk = exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
                         b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
-                else:
+                elif DOUBLE_BUFFER:
                     # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time, through a
                     # register double buffer as the forward's (the next chunk loaded before this one's
                     # product).
@@ -238,6 +238,13 @@ def birnn_backward_kernel(
                         b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
                         b_gk = b_gk_next
                         b_w = b_w_next
+                else:
+                    # The same loop without the double buffer: what Triton before 3.9 builds (its
+                    # configurations were checked spill-free by hand with 3.6 in this form).
+                    for k0 in range(0, GH, NK * BK):
+                        b_gk = exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
+                        b_w = weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
+                        b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
                 b_dh_state = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_acc
                 tl.store(state_ptr + p_state, b_dh_state, mask=mask_a)
                 if s == 0:  # every row's first step
@@ -327,7 +334,8 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
            output, workspace, dgates, gbuf, state, counters, grad_h0, grad_c0 if lstm else grad_h0,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-           DOT_PRECISION=_config.dot_precision(input.dtype, input.device))
+           DOT_PRECISION=_config.dot_precision(input.dtype, input.device),
+           DOUBLE_BUFFER=_config.double_buffered_backward())
 
     # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
     dtype = input.dtype

@@ -104,6 +104,13 @@ def fused_gates(cell, dtype, dot_precision, BB, BH, K, resident, backward):
     return not (uses_fma(dtype, dot_precision) and (BB, BH) == (16, 32))
 
 
+def double_buffered_backward():
+    """Whether the backward's streamed K loop loads the next chunk before this chunk's product (its
+    DOUBLE_BUFFER): with Triton 3.9, whose builds of it the compile tests check; before 3.9 the loop
+    the 3.6 configurations were checked with by hand."""
+    return TRITON_VERSION >= (3, 9)
+
+
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):
     """Whether a program's W_hh slice and one (BB, K) operand of a step fit shared_bytes, with its time
     loop spill-free (resident_max_k)."""

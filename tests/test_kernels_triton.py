@@ -180,6 +180,15 @@ def test_fused_and_per_gate_products(cell, fused, weights):
     check_against_reference(cell, T, B, 40, lengths, pick)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_without_double_buffer(cell, weights, monkeypatch):
+    """The backward's streamed K loop as Triton before 3.9 builds it (DOUBLE_BUFFER off: the form the
+    3.6 configurations were checked with), against the reference."""
+    monkeypatch.setattr(kernels, "double_buffered_backward", lambda: False)
+    T, B, _, lengths = SHAPES[2]
+    check_against_reference(cell, T, B, 40, lengths, weights[1])
+
+
 # A GPU of few SMs for the grid tests: hidden units split over programs, batch blocks looped over.
 SMALL_GPU_SMS = 6
 

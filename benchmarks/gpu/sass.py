@@ -56,6 +56,8 @@ def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc
         if fused is None:
             fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
         constexprs["FUSED"] = fused
+    if "DOUBLE_BUFFER" in fn.arg_names:  # the backward's
+        constexprs["DOUBLE_BUFFER"] = kernels.double_buffered_backward()
     constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
                       DOT_PRECISION=precision)
     if "SAVE" in fn.arg_names:
