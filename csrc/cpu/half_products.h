@@ -3,8 +3,10 @@
 // float32 kernels' buffers -- how torch's own bf16 LSTM rounds its products. Everything else in
 // the layer (gate math, h, c) stays float32. isa.h's half_products() chooses whether this runs.
 //
-// The weight is rounded once per call; with VNNI it is also packed by cpublas::pack, kVnniColumns
-// columns at a time, depth padded to even (pairs of rows interleave), each panel then one brgemm.
+// The weight is rounded once per call; with VNNI it is also packed kVnniColumns columns at a time,
+// depth padded to even (pairs of rows interleave), each panel then one brgemm. cpublas::pack packs
+// only for AMX (could_pack); oneDNN's AVX512-BF16 / -FP16 brgemm takes the same pair-interleaved
+// layout, a plain reorder, which pack_pairs writes where cpublas::pack refuses.
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
@@ -23,6 +25,19 @@ namespace birnn_fast::cpu {
 // cpublas::pack fails on a whole 1024-column weight (measured); torch's CPU flash attention packs
 // 64 columns at a time too.
 constexpr int64_t kVnniColumns = 64;
+
+// out[p / 2][j][p % 2] = panel[p][j]: a (depth, kVnniColumns) panel, depth even, in VNNI pairs.
+inline void pack_pairs(int64_t depth, const uint16_t* panel, uint16_t* out) {
+  for (int64_t p = 0; p < depth; p += 2) {
+    const uint16_t* even = panel + p * kVnniColumns;
+    const uint16_t* odd = even + kVnniColumns;
+    uint16_t* pairs = out + p * kVnniColumns;
+    for (int64_t j = 0; j < kVnniColumns; ++j) {
+      pairs[2 * j] = even[j];
+      pairs[2 * j + 1] = odd[j];
+    }
+  }
+}
 
 template <typename Fn>
 decltype(auto) dispatch_half(c10::ScalarType dtype, Fn&& fn) {
@@ -53,6 +68,7 @@ class HalfWeight {
       return;
     }
     const int64_t panels = (n + kVnniColumns - 1) / kVnniColumns;
+    const bool library_packs = at::native::cpublas::could_pack(dtype);
     weight_.assign(panels * depth_ * kVnniColumns, 0);
     std::vector<uint16_t> panel(depth_ * kVnniColumns);
     for (int64_t q = 0; q < panels; ++q) {
@@ -61,8 +77,12 @@ class HalfWeight {
       for (int64_t p = 0; p < depth_; ++p) {
         std::copy_n(rows.data() + p * n + first, columns, panel.data() + p * kVnniColumns);
       }
-      at::native::cpublas::pack(depth_, kVnniColumns, kVnniColumns, kVnniColumns, dtype, dtype, panel.data(),
-                                weight_.data() + q * depth_ * kVnniColumns);
+      uint16_t* packed = weight_.data() + q * depth_ * kVnniColumns;
+      if (library_packs) {
+        at::native::cpublas::pack(depth_, kVnniColumns, kVnniColumns, kVnniColumns, dtype, dtype, panel.data(), packed);
+      } else {
+        pack_pairs(depth_, panel.data(), packed);
+      }
     }
   }
   HalfWeight(const HalfWeight&) = delete;

@@ -39,6 +39,36 @@ Isa onednn_ceiling() {
   return Isa::kAvx512;
 }
 
+// Whether the CPU multiplies dtype natively and ONEDNN_MAX_CPU_ISA leaves oneDNN those
+// instructions: AVX512-BF16 (AVX512_CORE_BF16 and up) for bfloat16, AVX512-FP16 (AVX512_CORE_FP16,
+// AVX10_1_512 and up) for float16. AMX implies both levels.
+bool native_half_instructions(c10::ScalarType dtype) {
+#ifdef BIRNN_HAS_ISA_DISPATCH
+  __builtin_cpu_init();
+  const bool bfloat16 = dtype == c10::ScalarType::BFloat16;
+  if (!(bfloat16 ? __builtin_cpu_supports("avx512bf16") : __builtin_cpu_supports("avx512fp16"))) {
+    return false;
+  }
+  const char* value = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (value == nullptr) {
+    value = std::getenv("DNNL_MAX_CPU_ISA");
+  }
+  if (value == nullptr) {
+    return true;
+  }
+  const std::string name = upper(value);
+  for (const char* below : {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}) {
+    if (name == below) {
+      return false;
+    }
+  }
+  return bfloat16 || name != "AVX512_CORE_BF16";
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
 Isa mkl_ceiling() {
   const char* value = std::getenv("MKL_ENABLE_INSTRUCTIONS");
   if (value == nullptr) {
@@ -107,15 +137,20 @@ Products float32_products() {
 }
 
 HalfProducts half_products(c10::ScalarType dtype) {
-  auto choose = [](c10::ScalarType dtype) {
+  // could_pack: oneDNN packs for AMX; without AMX its AVX512-BF16 / -FP16 brgemm takes our packing.
+  auto packs = [](c10::ScalarType dtype) {
+    return effective_isa() == Isa::kAvx512 &&
+           (at::native::cpublas::could_pack(dtype) || native_half_instructions(dtype));
+  };
+  auto choose = [&packs](c10::ScalarType dtype) {
     const char* forced = std::getenv("BIRNN_FAST_CPU_HALF_PRODUCTS");
-    const bool packs = effective_isa() == Isa::kAvx512 && at::native::cpublas::could_pack(dtype);
     if (forced != nullptr && *forced != '\0') {
       const std::string name(forced);
-      if (name == "vnni") {
-        TORCH_CHECK(packs, "birnn_fast: BIRNN_FAST_CPU_HALF_PRODUCTS=vnni needs a CPU that multiplies ", dtype,
-                    " natively (AMX, AVX512-BF16 / -FP16) and an ISA ceiling of AVX-512 or more");
-        return HalfProducts::kBrgemmVnni;
+      if (name == "vnni") {  // each dtype the CPU multiplies natively; an error if it has neither
+        TORCH_CHECK(packs(c10::ScalarType::BFloat16) || packs(c10::ScalarType::Half),
+                    "birnn_fast: BIRNN_FAST_CPU_HALF_PRODUCTS=vnni needs a CPU that multiplies bfloat16 or float16 "
+                    "natively (AMX, AVX512-BF16 / -FP16) and an ISA ceiling of AVX-512 or more");
+        return packs(dtype) ? HalfProducts::kBrgemmVnni : HalfProducts::kFloat32;
       }
       if (name == "brgemm") {
         return HalfProducts::kBrgemm;
@@ -124,7 +159,7 @@ HalfProducts half_products(c10::ScalarType dtype) {
                   name, "'");
       return HalfProducts::kFloat32;
     }
-    if (!packs) {
+    if (!packs(dtype)) {
       return HalfProducts::kFloat32;
     }
     if (!vnni_products_work(dtype)) {

@@ -8,8 +8,9 @@
 // (for tests: every backend runs on any x86 CPU that has its instructions).
 //
 // The reused-weight products of a bfloat16 / float16 layer (half_products.h) run on oneDNN's
-// brgemm with operands in that dtype where the CPU multiplies it natively (cpublas::could_pack: AMX,
-// AVX512-BF16 / -FP16) and a self-check of the packed layout passes; elsewhere on float32 operands.
+// brgemm with operands in that dtype where the CPU multiplies it natively (AMX, or AVX512-BF16 /
+// -FP16, as the oneDNN ceiling allows) and a self-check of the packed layout passes; elsewhere on
+// float32 operands.
 // BIRNN_FAST_CPU_HALF_PRODUCTS=float32|brgemm|vnni forces it (brgemm: the operands' rounding without
 // packing, which torch runs on any CPU -- slowly; for tests).
 #pragma once
