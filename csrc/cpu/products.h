@@ -49,6 +49,22 @@ bool start_with_bias(int64_t m, int64_t n, const T* bias, T* c, int64_t ldc, boo
   return true;
 }
 
+// c[m, n] = a[m, k] @ b[k, n] (+ c if add_c) on oneDNN's brgemm, b in place, kBrgemmColumns
+// columns per call; single-threaded, for the products inside a direction's thread.
+inline void brgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool add_c) {
+  for (int64_t first = 0; first < n; first += kBrgemmColumns) {
+    const int64_t columns = std::min(kBrgemmColumns, n - first);
+    at::native::cpublas::brgemm(m, columns, k, lda, ldb, ldc, add_c, a, b + first, c + first, /*is_vnni=*/false);
+  }
+}
+
+// Whether the float32 products of a direction's thread run on brgemm rather than MKL, whose
+// sgemm on AMD CPUs runs AVX2 kernels (mkl_blas_def_sgemm_kernel_0_zen) even with AVX-512.
+inline bool brgemm_in_thread(int64_t m, int64_t n, int64_t k) {
+  return float32_products() == Products::kBrgemm && m * n * k > kSmallMultiplyAdds;
+}
+
 // c[m, n] = a[m, k] @ op(b) + (c[m, n] if accumulate, else bias[n] if given); row-major with
 // leading dimensions. op(b) is b[k, n], or with transpose_b the transpose of b[n, k]: a layer's
 // weights are (G*H, K), used in place by x @ W^T (forward) and by dgates @ W (backward).
@@ -201,6 +217,25 @@ void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda
       const HalfWeight tokens(layer_dtype, half_products(layer_dtype) == HalfProducts::kBrgemmVnni, k, n, b, ldb,
                               /*transpose_b=*/false);
       tokens.multiply(m, a, lda, c, ldc, /*add_c=*/true, /*transpose_a=*/true);
+      return;
+    }
+    if (brgemm_in_thread(m, n, k)) {
+      // brgemm reads a row-major (m, k) left operand: a^T, written once per call.
+      static thread_local std::vector<float> transposed;
+      transposed.resize(m * k);
+      constexpr int64_t kTile = 16;  // tiles, so that both sides stream through cache lines
+      for (int64_t p0 = 0; p0 < k; p0 += kTile) {
+        const int64_t p1 = std::min(k, p0 + kTile);
+        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+          const int64_t i1 = std::min(m, i0 + kTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t p = p0; p < p1; ++p) {
+              transposed[i * k + p] = a[p * lda + i];
+            }
+          }
+        }
+      }
+      brgemm_nn(m, n, k, transposed.data(), k, b, ldb, c, ldc, /*add_c=*/true);
       return;
     }
   }
