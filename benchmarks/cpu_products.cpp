@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../csrc/cpu/half_products.h"
 #include "../csrc/cpu/panel_gemm.h"
 
 namespace {
@@ -87,9 +88,18 @@ std::tuple<double, std::string> product_gflops(const std::string& backend, const
       cpublas::brgemm_release(false);
       return {flops / s / 1e9, packed ? "packed" : "unpacked"};
     }
+    if (backend == "half") {  // the kernel's own: HalfWeight, a rounded from float32 on every call
+      const at::Tensor b = weight.t().contiguous();
+      const birnn_fast::cpu::HalfWeight half(at::kBFloat16, /*vnni=*/true, K, N, b.data_ptr<float>(), N,
+                                             /*transpose_b=*/false);
+      const double s = median_seconds([&] {
+        half.multiply(M, a32.data_ptr<float>(), K, c.data_ptr<float>(), N, /*add_c=*/false);
+      }, budget);
+      return {flops / s / 1e9, cpublas::could_pack(at::kBFloat16) ? "cpublas::pack" : "HalfWeight's own VNNI pairs"};
+    }
     const at::Tensor a = a32.to(at::kBFloat16);
     const at::Tensor b = weight.t().contiguous().to(at::kBFloat16);
-    TORCH_CHECK(cpublas::could_pack(at::kBFloat16), "cpublas::could_pack(bfloat16) is false");
+    TORCH_CHECK(cpublas::could_pack(at::kBFloat16), "cpublas::could_pack(bfloat16) is false (\"half\" packs itself)");
     at::Tensor b_packed = at::empty({N / block, K, block}, b.options());
     for (int64_t j = 0; j < N; j += block) {
       cpublas::pack(K, block, N, block, at::kBFloat16, at::kBFloat16, b.data_ptr<at::BFloat16>() + j,
@@ -102,7 +112,7 @@ std::tuple<double, std::string> product_gflops(const std::string& backend, const
       }
     }, budget);
     cpublas::brgemm_release(true);
-    return {flops / s / 1e9, "packed"};
+    return {flops / s / 1e9, "cpublas::pack"};
   } catch (const c10::Error& error) {
     return {-1.0, error.msg().substr(0, 120)};
   }

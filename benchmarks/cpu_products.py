@@ -19,7 +19,7 @@ from torch.utils.cpp_extension import load
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 SHAPES = ((256, 1024), (512, 2048))  # (K, N): H = 256 and 512, N = 4H
-BACKENDS = {"float32": ("panel", "mm", "brgemm", "brgemm64"), "bfloat16": ("mm", "brgemm", "brgemm64")}
+BACKENDS = {"float32": ("panel", "mm", "brgemm", "brgemm64"), "bfloat16": ("mm", "brgemm", "brgemm64", "half")}
 
 
 def machine():

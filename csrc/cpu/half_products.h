@@ -6,7 +6,7 @@
 // The weight is rounded once per call; with VNNI it is also packed kVnniColumns columns at a time,
 // depth padded to even (pairs of rows interleave), each panel then one brgemm. cpublas::pack packs
 // only for AMX (could_pack); oneDNN's AVX512-BF16 / -FP16 brgemm takes the same pair-interleaved
-// layout, a plain reorder, which pack_pairs writes where cpublas::pack refuses.
+// layout, a plain reorder, which HalfWeight writes itself where cpublas::pack refuses.
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
@@ -26,19 +26,6 @@ namespace birnn_fast::cpu {
 // 64 columns at a time too.
 constexpr int64_t kVnniColumns = 64;
 
-// out[p / 2][j][p % 2] = panel[p][j]: a (depth, kVnniColumns) panel, depth even, in VNNI pairs.
-inline void pack_pairs(int64_t depth, const uint16_t* panel, uint16_t* out) {
-  for (int64_t p = 0; p < depth; p += 2) {
-    const uint16_t* even = panel + p * kVnniColumns;
-    const uint16_t* odd = even + kVnniColumns;
-    uint16_t* pairs = out + p * kVnniColumns;
-    for (int64_t j = 0; j < kVnniColumns; ++j) {
-      pairs[2 * j] = even[j];
-      pairs[2 * j + 1] = odd[j];
-    }
-  }
-}
-
 template <typename Fn>
 decltype(auto) dispatch_half(c10::ScalarType dtype, Fn&& fn) {
   TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half);
@@ -53,37 +40,7 @@ class HalfWeight {
   // op(b) (k x n; b[k, n] row-major, or with transpose_b b[n, k]) rounded to dtype.
   HalfWeight(c10::ScalarType dtype, bool vnni, int64_t k, int64_t n, const float* b, int64_t ldb, bool transpose_b)
       : dtype_(dtype), vnni_(vnni), k_(k), n_(n), depth_(vnni ? k + (k & 1) : k) {
-    std::vector<uint16_t> rows(depth_ * n, 0);  // op(b) rounded, (depth, n); a padding row stays zero
-    dispatch_half(dtype, [&](auto low) {
-      using Low = decltype(low);
-      Low* dst = reinterpret_cast<Low*>(rows.data());
-      for (int64_t p = 0; p < k; ++p) {
-        for (int64_t j = 0; j < n; ++j) {
-          dst[p * n + j] = Low(transpose_b ? b[j * ldb + p] : b[p * ldb + j]);
-        }
-      }
-    });
-    if (!vnni) {
-      weight_ = std::move(rows);
-      return;
-    }
-    const int64_t panels = (n + kVnniColumns - 1) / kVnniColumns;
-    const bool library_packs = at::native::cpublas::could_pack(dtype);
-    weight_.assign(panels * depth_ * kVnniColumns, 0);
-    std::vector<uint16_t> panel(depth_ * kVnniColumns);
-    for (int64_t q = 0; q < panels; ++q) {
-      const int64_t first = q * kVnniColumns, columns = std::min(kVnniColumns, n - first);
-      std::fill(panel.begin(), panel.end(), 0);  // a last, narrower panel is padded with zero columns
-      for (int64_t p = 0; p < depth_; ++p) {
-        std::copy_n(rows.data() + p * n + first, columns, panel.data() + p * kVnniColumns);
-      }
-      uint16_t* packed = weight_.data() + q * depth_ * kVnniColumns;
-      if (library_packs) {
-        at::native::cpublas::pack(depth_, kVnniColumns, kVnniColumns, kVnniColumns, dtype, dtype, panel.data(), packed);
-      } else {
-        pack_pairs(depth_, panel.data(), packed);
-      }
-    }
+    dispatch_half(dtype, [&](auto low) { lay_out<decltype(low)>(b, ldb, transpose_b); });
   }
   HalfWeight(const HalfWeight&) = delete;
   HalfWeight& operator=(const HalfWeight&) = delete;
@@ -102,6 +59,59 @@ class HalfWeight {
   }
 
  private:
+  template <typename Low>
+  void lay_out(const float* b, int64_t ldb, bool transpose_b) {
+    const int64_t k = k_, n = n_, panels = (n + kVnniColumns - 1) / kVnniColumns;
+    if (vnni_ && !at::native::cpublas::could_pack(dtype_)) {
+      // VNNI pairs written straight from b, reading b's rows in order: out[p / 2][j][p % 2] =
+      // op(b)[p][first + j]; padding (an odd depth's last row, a narrow panel's columns) stays zero.
+      weight_.assign(panels * depth_ * kVnniColumns, 0);
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t first = q * kVnniColumns, columns = std::min(kVnniColumns, n - first);
+        Low* out = reinterpret_cast<Low*>(weight_.data() + q * depth_ * kVnniColumns);
+        if (transpose_b) {
+          for (int64_t j = 0; j < columns; ++j) {
+            const float* row = b + (first + j) * ldb;
+            for (int64_t p = 0; p < k; ++p) {
+              out[(p >> 1) * 2 * kVnniColumns + 2 * j + (p & 1)] = Low(row[p]);
+            }
+          }
+        } else {
+          for (int64_t p = 0; p < k; ++p) {
+            const float* row = b + p * ldb + first;
+            Low* pairs = out + (p >> 1) * 2 * kVnniColumns + (p & 1);
+            for (int64_t j = 0; j < columns; ++j) {
+              pairs[2 * j] = Low(row[j]);
+            }
+          }
+        }
+      }
+      return;
+    }
+    std::vector<uint16_t> rows(depth_ * n, 0);  // op(b) rounded, (depth, n); a padding row stays zero
+    Low* dst = reinterpret_cast<Low*>(rows.data());
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t j = 0; j < n; ++j) {
+        dst[p * n + j] = Low(transpose_b ? b[j * ldb + p] : b[p * ldb + j]);
+      }
+    }
+    if (!vnni_) {
+      weight_ = std::move(rows);
+      return;
+    }
+    weight_.assign(panels * depth_ * kVnniColumns, 0);
+    std::vector<uint16_t> panel(depth_ * kVnniColumns);
+    for (int64_t q = 0; q < panels; ++q) {
+      const int64_t first = q * kVnniColumns, columns = std::min(kVnniColumns, n - first);
+      std::fill(panel.begin(), panel.end(), 0);  // a last, narrower panel is padded with zero columns
+      for (int64_t p = 0; p < depth_; ++p) {
+        std::copy_n(rows.data() + p * n + first, columns, panel.data() + p * kVnniColumns);
+      }
+      at::native::cpublas::pack(depth_, kVnniColumns, kVnniColumns, kVnniColumns, dtype_, dtype_, panel.data(),
+                                weight_.data() + q * depth_ * kVnniColumns);
+    }
+  }
+
   template <typename Low>
   void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
                    bool transpose_a) const {
