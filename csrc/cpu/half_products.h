@@ -115,12 +115,35 @@ class HalfWeight {
   template <typename Low>
   void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
                    bool transpose_a) const {
-    rows_.assign(m * depth_, 0);  // a padding column stays zero
+    rows_.resize(m * depth_);
     Low* rounded = reinterpret_cast<Low*>(rows_.data());
+    if (depth_ != k_) {
+      for (int64_t i = 0; i < m; ++i) {
+        rounded[i * depth_ + k_] = Low(0.0f);  // the padding column
+      }
+    }
     if (transpose_a) {
-      for (int64_t p = 0; p < k_; ++p) {  // read a's rows in order
+      // Rounded in a's row order first (the loop vectorizes), then transposed as 16-bit values in
+      // 16 x 16 tiles: a rounding per strided element ran 7x slower.
+      transposed_.resize(k_ * m);
+      Low* narrow = reinterpret_cast<Low*>(transposed_.data());
+      for (int64_t p = 0; p < k_; ++p) {
         for (int64_t i = 0; i < m; ++i) {
-          rounded[i * depth_ + p] = Low(a[p * lda + i]);
+          narrow[p * m + i] = Low(a[p * lda + i]);
+        }
+      }
+      const uint16_t* from = transposed_.data();
+      uint16_t* to = rows_.data();
+      constexpr int64_t kTile = 16;
+      for (int64_t p0 = 0; p0 < k_; p0 += kTile) {
+        const int64_t p1 = std::min(k_, p0 + kTile);
+        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+          const int64_t i1 = std::min(m, i0 + kTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t p = p0; p < p1; ++p) {
+              to[i * depth_ + p] = from[p * m + i];
+            }
+          }
         }
       }
     } else {
@@ -162,6 +185,7 @@ class HalfWeight {
   std::vector<uint16_t> weight_;  // (depth, n) row-major; with VNNI, panels of (depth, 64) packed
   // Per-call scratch: a ReusedWeight is used by one thread (its direction's).
   mutable std::vector<uint16_t> rows_;  // a rounded, (m, depth)
+  mutable std::vector<uint16_t> transposed_;  // with transpose_a, a rounded in its own layout (k, m)
   mutable std::vector<float> scratch_;
 };
 
