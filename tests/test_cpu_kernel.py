@@ -493,6 +493,22 @@ def test_half_products(half, tmp_path):
                 assert all(map(torch.equal, ours, widened)), f"{dtype}: float32 products changed the result"
 
 
+@pytest.mark.parametrize("level", ["AVX512_CORE", "AVX512_CORE_VNNI"])
+def test_half_products_under_the_onednn_ceiling(level):
+    """A oneDNN ceiling below AVX512_CORE_BF16 takes the bf16 instructions away from oneDNN: our bf16 /
+    fp16 products fall back to float32 operands, while the float32 ones stay on AVX-512."""
+    script = "import torch, birnn_fast; print(torch.ops.birnn_fast_cpu.engine_info())"
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("BIRNN_FAST_CPU_HALF_PRODUCTS", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    environment["ONEDNN_MAX_CPU_ISA"] = level
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = dict(item.split("=") for item in result.stdout.strip().splitlines()[-1].split())
+    assert info["products.bfloat16"] == info["products.float16"] == "float32"
+    assert info["cells"] == native_isa()
+
+
 def test_half_products_default():
     """Without the override, bf16 / fp16 run natively only on AVX-512 cells (AMX, AVX512-BF16 / -FP16)."""
     info = dict(item.split("=") for item in torch.ops.birnn_fast_cpu.engine_info().split())

@@ -164,12 +164,8 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
   // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
   if (g.half_weight_ih != nullptr) {
     g.half_weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
-  } else if (std::is_same_v<T, float> && brgemm_in_thread(rows, I, GH)) {
-    if constexpr (std::is_same_v<T, float>) {
-      brgemm_nn(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, g.x, I, /*add_c=*/false);
-    }
   } else {
-    gemm<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, /*transpose_b=*/false, g.x, I, /*accumulate=*/false);
+    gemm_in_thread<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, g.x, I);
   }
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {

@@ -20,16 +20,18 @@ std::string upper(const char* text) {
 
 bool starts_with(std::string_view text, std::string_view prefix) { return text.substr(0, prefix.size()) == prefix; }
 
-// ONEDNN_MAX_CPU_ISA's names; values oneDNN does not know leave it uncapped, and so do we.
-Isa onednn_ceiling() {
+// ONEDNN_MAX_CPU_ISA (or the older name oneDNN still reads, DNNL_MAX_CPU_ISA) upper-cased; empty if unset.
+std::string onednn_max_isa() {
   const char* value = std::getenv("ONEDNN_MAX_CPU_ISA");
   if (value == nullptr) {
-    value = std::getenv("DNNL_MAX_CPU_ISA");  // the older name oneDNN still reads
+    value = std::getenv("DNNL_MAX_CPU_ISA");
   }
-  if (value == nullptr) {
-    return Isa::kAvx512;
-  }
-  const std::string name = upper(value);
+  return value == nullptr ? std::string() : upper(value);
+}
+
+// ONEDNN_MAX_CPU_ISA's names; values oneDNN does not know leave it uncapped, and so do we.
+Isa onednn_ceiling() {
+  const std::string name = onednn_max_isa();
   if (name == "SSE41" || name == "AVX") {
     return Isa::kBaseline;
   }
@@ -49,14 +51,7 @@ bool native_half_instructions(c10::ScalarType dtype) {
   if (!(bfloat16 ? __builtin_cpu_supports("avx512bf16") : __builtin_cpu_supports("avx512fp16"))) {
     return false;
   }
-  const char* value = std::getenv("ONEDNN_MAX_CPU_ISA");
-  if (value == nullptr) {
-    value = std::getenv("DNNL_MAX_CPU_ISA");
-  }
-  if (value == nullptr) {
-    return true;
-  }
-  const std::string name = upper(value);
+  const std::string name = onednn_max_isa();
   for (const char* below : {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}) {
     if (name == below) {
       return false;

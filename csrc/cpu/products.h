@@ -203,6 +203,20 @@ class ReusedWeight {
   std::optional<HalfWeight> half_;
 };
 
+// c[m, n] = a[m, k] @ b[k, n] inside a direction's thread (the backward's dX by chunks): on brgemm
+// where the float32 products run on it, else gemm.
+template <typename T>
+void gemm_in_thread(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                    int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm_in_thread(m, n, k)) {
+      brgemm_nn(m, n, k, a, lda, b, ldb, c, ldc, /*add_c=*/false);
+      return;
+    }
+  }
+  gemm<T>(m, n, k, a, lda, b, ldb, /*transpose_b=*/false, c, ldc, /*accumulate=*/false);
+}
+
 // c[m, n] += a[k, m]^T @ b[k, n]: the weight gradients, summed over k tokens; for the float32
 // copies of a bfloat16 / float16 layer (layer_dtype), on the half backend where it runs natively.
 template <typename T>
