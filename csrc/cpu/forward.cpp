@@ -6,10 +6,16 @@
 // cache (ChunkedProjection); with more threads as one multi-threaded GEMM up front into gates_x
 // (N, 2*G*H), direction d at column d*G*H. The workspace (T, B, 2, W*H) holds the saved
 // activations of (packed token, direction) in its first N*2*W*H elements and zeros after them.
+//
+// The kernel reads and writes the layer's storage type S and computes in C = compute_t<S>: a
+// bfloat16 / float16 layer's input and weights go to the products as they are (float32
+// accumulation), while h, c, the gate math and the workspace are float32 and every output row is
+// rounded once as it is written.
 #include <ATen/Parallel.h>
 
 #include <optional>
 
+#include "convert.h"
 #include "isa.h"
 #include "kernels.h"
 #include "products.h"
@@ -18,8 +24,9 @@
 namespace birnn_fast::cpu {
 namespace {
 
-template <typename T>
+template <typename S>
 struct ForwardArgs {
+  using T = compute_t<S>;
   const Schedule* schedule;
   int64_t direction, step, hidden, state;
   const T* gates_x;       // (N, 2GH) packed, when projected up front
@@ -30,13 +37,14 @@ struct ForwardArgs {
   T* c;                   // (B, H) sorted, LSTM only
   T* unprojected;         // (B, H) sorted: o * tanh(c_t), projected LSTM only
   T* workspace;
-  T* output;              // (T, B, 2P)
+  S* output;              // (T, B, 2P)
 };
 
 // kSave: store the activations backward needs (training) or not (inference).
-template <typename Cell, typename T, bool kSave>
+template <typename Cell, typename S, bool kSave>
 struct ForwardRows {
-  static BIRNN_INLINE void run(const ForwardArgs<T>& a) {
+  using T = compute_t<S>;
+  static BIRNN_INLINE void run(const ForwardArgs<S>& a) {
     const Schedule& schedule = *a.schedule;
     const int64_t H = a.hidden, P = a.state, GH = Cell::kGates * H, WH = Cell::kSaved * H, B = schedule.batch;
     const int64_t rows = schedule.active[a.step];
@@ -44,28 +52,38 @@ struct ForwardRows {
       const int64_t t = schedule.time(a.step, j, a.direction);
       const int64_t row = t * B + schedule.order[j], token = schedule.packed(t, j);
       const T* gx = a.step_gates_x != nullptr ? a.step_gates_x + j * GH : a.gates_x + token * 2 * GH + a.direction * GH;
-      T* out = a.unprojected != nullptr ? a.unprojected + j * H : a.output + row * 2 * P + a.direction * P;
-      T* h = a.unprojected != nullptr ? out : a.h + j * P;
+      S* output_row = a.output + row * 2 * P + a.direction * P;
+      T* h = a.unprojected != nullptr ? a.unprojected + j * H : a.h + j * P;
+      T* out = h;
+      if constexpr (std::is_same_v<S, T>) {
+        out = a.unprojected != nullptr ? h : output_row;
+      }
       Cell::template forward<kSave>(H, gx, a.gates_h + j * GH, a.bias_hh, h,
                                     Cell::kHasCellState ? a.c + j * H : nullptr,
                                     kSave ? a.workspace + (token * 2 + a.direction) * WH : nullptr, out);
+      if constexpr (!std::is_same_v<S, T>) {
+        if (a.unprojected == nullptr) {
+          narrow(H, h, output_row);
+        }
+      }
     }
   }
 };
 
-template <typename T>
+template <typename S>
 struct ChunkedProjection {
-  const T* input;                    // (T, B, I)
+  using T = compute_t<S>;
+  const S* input;                    // (T, B, I)
   const ReusedWeight<T>* weight_ih;  // x @ W_ih^T, this direction's
   const T* bias_ih;                  // (GH), this direction's
   int64_t inputs, steps_per_chunk;
-  T* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
+  S* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
   T* gx;  // (steps_per_chunk * B, GH): their projections
 };
 
-template <typename Cell, typename T, bool kSave>
-void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, const ReusedWeight<T>* weight_hr,
-                       const ChunkedProjection<T>* projection) {
+template <typename Cell, typename S, bool kSave>
+void forward_direction(ForwardArgs<S> args, const ReusedWeight<compute_t<S>>& weight_hh,
+                       const ReusedWeight<compute_t<S>>* weight_hr, const ChunkedProjection<S>* projection) {
   const Schedule& schedule = *args.schedule;
   const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H, d = args.direction, B = schedule.batch;
   const int64_t longest = schedule.longest();
@@ -86,52 +104,63 @@ void forward_direction(ForwardArgs<T> args, const ReusedWeight<T>& weight_hh, co
         args.step_gates_x = projection->gx + starts[step - first] * GH;
       }
       weight_hh.multiply(rows, args.h, P, args.gates_h, GH, /*accumulate=*/false);
-      run_rows<ForwardRows<Cell, T, kSave>>(args);
+      run_rows<ForwardRows<Cell, S, kSave>>(args);
       if (weight_hr != nullptr) {
         weight_hr->multiply(rows, args.unprojected, H, args.h, P, /*accumulate=*/false);
         for (int64_t j = 0; j < rows; ++j) {
           const int64_t row = schedule.time(step, j, d) * B + schedule.order[j];
-          std::copy_n(args.h + j * P, P, args.output + row * 2 * P + d * P);
+          convert_row(P, args.h + j * P, args.output + row * 2 * P + d * P);
         }
       }
     }
   }
 }
 
-template <typename Cell, typename T>
+template <typename Cell, typename S>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at::TensorList weights, const Tensor& h0,
                                                         const Tensor& c0, const Tensor& lengths, bool save_workspace,
                                                         at::ScalarType layer_dtype) {
+  using T = compute_t<S>;
+  constexpr at::ScalarType kCompute = c10::CppTypeToScalarType<T>::value;
   const Layer layer = layer_of(input, weights, Cell::kGates);
   const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
   const int64_t GH = Cell::kGates * H, WH = Cell::kSaved * H;
   const Schedule schedule(lengths, steps);
+  const at::TensorOptions compute = input.options().dtype(kCompute);
+  // The biases in T (a copy only for a bfloat16 / float16 layer: G*H values each).
+  std::vector<Tensor> biases(2 * layer.per_direction());
+  for (int64_t d = 0; d < 2; ++d) {
+    for (const Weight kind : {kBiasIh, kBiasHh}) {
+      const int64_t k = d * layer.per_direction() + kind;
+      biases[k] = weights[k].to(kCompute);
+    }
+  }
 
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule);
   Tensor gates_x, chunk_x, chunk_gx;
   if (chunked) {
     chunk_x = at::empty({2, chunk_steps * B, I}, input.options());
-    chunk_gx = at::empty({2, chunk_steps * B, GH}, input.options());
+    chunk_gx = at::empty({2, chunk_steps * B, GH}, compute);
   } else {
-    gates_x = at::addmm(both_directions(weights, layer, kBiasIh), pack<T>(schedule, input),
-                        both_directions(weights, layer, kWeightIh).t());
+    gates_x = at::addmm(both_directions(biases, layer, kBiasIh), pack<S>(schedule, input).to(kCompute),
+                        both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
   Tensor output = empty_large({steps, B, 2 * P}, input.options());
-  Tensor workspace = at::empty({0}, input.options());
+  Tensor workspace = at::empty({0}, compute);
   if (save_workspace) {
     const int64_t used = schedule.tokens * 2 * WH;
-    workspace = empty_large({steps, B, 2, WH}, input.options(), used);
+    workspace = empty_large({steps, B, 2, WH}, compute, used);
     zero_tail(workspace, used);
   }
-  Tensor h = reorder_states<T>(schedule, h0, /*to_sorted=*/true);
-  Tensor c = Cell::kHasCellState ? reorder_states<T>(schedule, c0, /*to_sorted=*/true) : Tensor();
-  Tensor gates_h = at::empty({2, B, GH}, input.options());
-  Tensor unprojected = layer.projected ? at::empty({2, B, H}, input.options()) : Tensor();
+  Tensor h = reorder_states<T>(schedule, h0.to(kCompute), /*to_sorted=*/true);
+  Tensor c = Cell::kHasCellState ? reorder_states<T>(schedule, c0.to(kCompute), /*to_sorted=*/true) : Tensor();
+  Tensor gates_h = at::empty({2, B, GH}, compute);
+  Tensor unprojected = layer.projected ? at::empty({2, B, H}, compute) : Tensor();
 
   at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
-      const ForwardArgs<T> args{&schedule,
+      const ForwardArgs<S> args{&schedule,
                                 d,
                                 /*step=*/0,
                                 H,
@@ -139,33 +168,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
                                 chunked ? nullptr : gates_x.data_ptr<T>(),
                                 /*step_gates_x=*/nullptr,
                                 gates_h.data_ptr<T>() + d * B * GH,
-                                weight_of<T>(weights, layer, d, kBiasHh),
+                                weight_of<T>(biases, layer, d, kBiasHh),
                                 h.data_ptr<T>() + d * B * P,
                                 Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
                                 layer.projected ? unprojected.data_ptr<T>() + d * B * H : nullptr,
                                 workspace.data_ptr<T>(),
-                                output.data_ptr<T>()};
+                                output.data_ptr<S>()};
       std::optional<ReusedWeight<T>> weight_ih, weight_hr;
-      ChunkedProjection<T> projection{};
+      ChunkedProjection<S> projection{};
       if (chunked) {
-        weight_ih.emplace(I, GH, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
-        projection = {input.data_ptr<T>(), &*weight_ih, weight_of<T>(weights, layer, d, kBiasIh),
-                      I, chunk_steps, chunk_x.data_ptr<T>() + d * chunk_steps * B * I,
+        weight_ih.emplace(I, GH, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
+        projection = {input.data_ptr<S>(), &*weight_ih, weight_of<T>(biases, layer, d, kBiasIh),
+                      I, chunk_steps, chunk_x.data_ptr<S>() + d * chunk_steps * B * I,
                       chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
       }
       if (layer.projected) {
-        weight_hr.emplace(H, P, weight_of<T>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true, layer_dtype);
+        weight_hr.emplace(H, P, weight_of<S>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true, layer_dtype);
       }
-      const ReusedWeight<T> weight_hh(P, GH, weight_of<T>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true,
+      const ReusedWeight<T> weight_hh(P, GH, weight_of<S>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true,
                                       layer_dtype);
-      auto run = save_workspace ? forward_direction<Cell, T, true> : forward_direction<Cell, T, false>;
+      auto run = save_workspace ? forward_direction<Cell, S, true> : forward_direction<Cell, S, false>;
       run(args, weight_hh, layer.projected ? &*weight_hr : nullptr, chunked ? &projection : nullptr);
     }
   });
-  zero_padding(schedule, steps, output.data_ptr<T>(), 2 * P);
+  zero_padding(schedule, steps, output.data_ptr<S>(), 2 * P);
 
-  Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false);
-  Tensor c_n = Cell::kHasCellState ? reorder_states<T>(schedule, c, /*to_sorted=*/false) : at::empty({0}, input.options());
+  Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false).to(input.scalar_type());
+  Tensor c_n = Cell::kHasCellState ? reorder_states<T>(schedule, c, /*to_sorted=*/false).to(input.scalar_type())
+                                   : at::empty({0}, input.options());
   return {output, h_n, c_n, workspace};
 }
 
@@ -181,13 +211,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell,
   });
 }
 
-template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<float>(std::string_view, const Tensor&,
-                                                                          at::TensorList, const Tensor&,
-                                                                          const Tensor&, const Tensor&, bool,
-                                                                          at::ScalarType);
-template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<double>(std::string_view, const Tensor&,
-                                                                           at::TensorList, const Tensor&,
-                                                                           const Tensor&, const Tensor&, bool,
-                                                                           at::ScalarType);
+#define BIRNN_FORWARD_KERNEL(S)                                                                                  \
+  template std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel<S>(std::string_view, const Tensor&,         \
+                                                                        at::TensorList, const Tensor&,          \
+                                                                        const Tensor&, const Tensor&, bool,     \
+                                                                        at::ScalarType);
+BIRNN_FORWARD_KERNEL(float)
+BIRNN_FORWARD_KERNEL(double)
+BIRNN_FORWARD_KERNEL(c10::BFloat16)
+BIRNN_FORWARD_KERNEL(c10::Half)
+#undef BIRNN_FORWARD_KERNEL
 
 }  // namespace birnn_fast::cpu

@@ -1,9 +1,10 @@
 // The reused-weight products of a bfloat16 / float16 layer on oneDNN's brgemm ukernel
-// (at::native::cpublas): operands rounded to the layer's dtype, float32 accumulation into the
-// float32 kernels' buffers -- how torch's own bf16 LSTM rounds its products. Everything else in
-// the layer (gate math, h, c) stays float32. isa.h's half_products() chooses whether this runs.
+// (at::native::cpublas): operands in the layer's dtype (given so, or rounded from float32), float32
+// accumulation into the kernels' float32 buffers -- how torch's own bf16 LSTM rounds its products.
+// Everything else in the layer (gate math, h, c) stays float32. isa.h's half_products() chooses
+// whether this runs.
 //
-// The weight is rounded once per call; with VNNI it is also packed kVnniColumns columns at a time,
+// The weight is laid out once per call; with VNNI it is also packed kVnniColumns columns at a time,
 // depth padded to even (pairs of rows interleave), each panel then one brgemm. cpublas::pack packs
 // only for AMX (could_pack); oneDNN's AVX512-BF16 / -FP16 brgemm takes the same pair-interleaved
 // layout, a plain reorder, which HalfWeight writes itself where cpublas::pack refuses.
@@ -18,7 +19,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <type_traits>
 #include <vector>
+
+#include "convert.h"
 
 namespace birnn_fast::cpu {
 
@@ -54,10 +58,16 @@ decltype(auto) dispatch_half(c10::ScalarType dtype, Fn&& fn) {
   return fn(c10::Half{});
 }
 
+// Whether a Low product reads Src operands: float32 ones (rounded) or Low ones.
+template <typename Low, typename Src>
+constexpr bool kReads = std::is_same_v<Src, float> || std::is_same_v<Src, Low>;
+
 class HalfWeight {
  public:
-  // op(b) (k x n; b[k, n] row-major, or with transpose_b b[n, k]) rounded to dtype.
-  HalfWeight(c10::ScalarType dtype, bool vnni, int64_t k, int64_t n, const float* b, int64_t ldb, bool transpose_b)
+  // op(b) (k x n; b[k, n] row-major, or with transpose_b b[n, k]) in dtype: b is float32 (rounded
+  // here) or already of dtype.
+  template <typename Src>
+  HalfWeight(c10::ScalarType dtype, bool vnni, int64_t k, int64_t n, const Src* b, int64_t ldb, bool transpose_b)
       : dtype_(dtype), vnni_(vnni), k_(k), n_(n), depth_(vnni ? k + (k & 1) : k) {
     dispatch_half(dtype, [&](auto low) { lay_out<decltype(low)>(b, ldb, transpose_b); });
   }
@@ -71,16 +81,28 @@ class HalfWeight {
   }
 
   // c[m, n] = round(op(a)) @ op(b) (+ c if add_c), accumulated in float32; op(a) is a[m, k], or
-  // with transpose_a the transpose of a[k, m] (the weight gradients' dgates^T).
-  void multiply(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
+  // with transpose_a the transpose of a[k, m] (the weight gradients' dgates^T); a is float32 or
+  // of the weight's dtype.
+  template <typename Src>
+  void multiply(int64_t m, const Src* a, int64_t lda, float* c, int64_t ldc, bool add_c,
                 bool transpose_a = false) const {
     dispatch_half(dtype_, [&](auto low) { multiply_as<decltype(low)>(m, a, lda, c, ldc, add_c, transpose_a); });
   }
 
  private:
-  template <typename Low>
-  void lay_out(const float* b, int64_t ldb, bool transpose_b) {
+  template <typename Low, typename Src>
+  void lay_out(const Src* b, int64_t ldb, bool transpose_b) {
+    if constexpr (!kReads<Low, Src>) {
+      TORCH_INTERNAL_ASSERT(false, "HalfWeight: a weight of another dtype than the layer's");
+    } else {
+      lay_out_from<Low>(b, ldb, transpose_b);
+    }
+  }
+
+  template <typename Low, typename Src>
+  void lay_out_from(const Src* b, int64_t ldb, bool transpose_b) {
     const int64_t k = k_, n = n_, panels = (n + kVnniColumns - 1) / kVnniColumns;
+    std::vector<Low> row(std::max(k, n));  // one row of b in Low
     if (vnni_ && !at::native::cpublas::could_pack(dtype_)) {
       // VNNI pairs written straight from b, reading b's rows in order: out[p / 2][j][p % 2] =
       // op(b)[p][first + j]; padding (an odd depth's last row, a narrow panel's columns) stays zero.
@@ -90,17 +112,17 @@ class HalfWeight {
         Low* out = reinterpret_cast<Low*>(weight_.data() + q * depth_ * kVnniColumns);
         if (transpose_b) {
           for (int64_t j = 0; j < columns; ++j) {
-            const float* row = b + (first + j) * ldb;
+            convert_row(k, b + (first + j) * ldb, row.data());
             for (int64_t p = 0; p < k; ++p) {
-              out[(p >> 1) * 2 * kVnniColumns + 2 * j + (p & 1)] = Low(row[p]);
+              out[(p >> 1) * 2 * kVnniColumns + 2 * j + (p & 1)] = row[p];
             }
           }
         } else {
           for (int64_t p = 0; p < k; ++p) {
-            const float* row = b + p * ldb + first;
+            convert_row(columns, b + p * ldb + first, row.data());
             Low* pairs = out + (p >> 1) * 2 * kVnniColumns + (p & 1);
             for (int64_t j = 0; j < columns; ++j) {
-              pairs[2 * j] = Low(row[j]);
+              pairs[2 * j] = row[j];
             }
           }
         }
@@ -109,9 +131,15 @@ class HalfWeight {
     }
     std::vector<uint16_t> rows(depth_ * n, 0);  // op(b) rounded, (depth, n); a padding row stays zero
     Low* dst = reinterpret_cast<Low*>(rows.data());
-    for (int64_t p = 0; p < k; ++p) {
+    if (transpose_b) {
+      std::vector<Low> rounded(n * k);  // b rounded in its own (n, k) layout, then transposed
       for (int64_t j = 0; j < n; ++j) {
-        dst[p * n + j] = Low(transpose_b ? b[j * ldb + p] : b[p * ldb + j]);
+        convert_row(k, b + j * ldb, rounded.data() + j * k);
+      }
+      transpose_in_tiles(n, k, rounded.data(), k, dst, n);
+    } else {
+      for (int64_t p = 0; p < k; ++p) {
+        convert_row(n, b + p * ldb, dst + p * n);
       }
     }
     if (!vnni_) {
@@ -131,51 +159,68 @@ class HalfWeight {
     }
   }
 
-  template <typename Low>
-  void multiply_as(int64_t m, const float* a, int64_t lda, float* c, int64_t ldc, bool add_c,
+  template <typename Low, typename Src>
+  void multiply_as(int64_t m, const Src* a, int64_t lda, float* c, int64_t ldc, bool add_c,
                    bool transpose_a) const {
-    rows_.resize(m * depth_);
-    Low* rounded = reinterpret_cast<Low*>(rows_.data());
-    if (depth_ != k_) {
-      for (int64_t i = 0; i < m; ++i) {
-        rounded[i * depth_ + k_] = Low(0.0f);  // the padding column
+    if constexpr (!kReads<Low, Src>) {
+      TORCH_INTERNAL_ASSERT(false, "HalfWeight: an operand of another dtype than the layer's");
+    } else {
+      multiply_from<Low>(m, a, lda, c, ldc, add_c, transpose_a);
+    }
+  }
+
+  template <typename Low, typename Src>
+  void multiply_from(int64_t m, const Src* a, int64_t lda, float* c, int64_t ldc, bool add_c,
+                     bool transpose_a) const {
+    const Low* operand = nullptr;  // round(op(a)), (m, depth) with leading dimension ld
+    int64_t ld = depth_;
+    if constexpr (std::is_same_v<Src, Low>) {
+      if (!transpose_a && depth_ == k_) {
+        operand = a;  // already in the layer's dtype: used in place
+        ld = lda;
       }
     }
-    if (transpose_a) {
-      // Rounded in a's row order first (the loop vectorizes), then transposed as 16-bit values: a
-      // rounding per strided element ran 7x slower.
-      transposed_.resize(k_ * m);
-      Low* narrow = reinterpret_cast<Low*>(transposed_.data());
-      for (int64_t p = 0; p < k_; ++p) {
+    if (operand == nullptr) {
+      rows_.resize(m * depth_);
+      Low* rounded = reinterpret_cast<Low*>(rows_.data());
+      if (depth_ != k_) {
         for (int64_t i = 0; i < m; ++i) {
-          narrow[p * m + i] = Low(a[p * lda + i]);
+          rounded[i * depth_ + k_] = Low(0.0f);  // the padding column
         }
       }
-      transpose_in_tiles(k_, m, transposed_.data(), m, rows_.data(), depth_);
-    } else {
-      for (int64_t i = 0; i < m; ++i) {
+      if (transpose_a) {
+        // Rounded in a's row order first, then transposed as 16-bit values: a rounding per strided
+        // element ran 7x slower.
+        transposed_.resize(k_ * m);
+        Low* narrow_rows = reinterpret_cast<Low*>(transposed_.data());
         for (int64_t p = 0; p < k_; ++p) {
-          rounded[i * depth_ + p] = Low(a[i * lda + p]);
+          convert_row(m, a + p * lda, narrow_rows + p * m);
+        }
+        transpose_in_tiles(k_, m, transposed_.data(), m, rows_.data(), depth_);
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          convert_row(k_, a + i * lda, rounded + i * depth_);
         }
       }
+      operand = rounded;
     }
     const Low* weight = reinterpret_cast<const Low*>(weight_.data());
     if (!vnni_) {
-      at::native::cpublas::brgemm(m, n_, k_, k_, n_, ldc, add_c, rounded, weight, c, /*is_vnni=*/false);
+      at::native::cpublas::brgemm(m, n_, k_, ld, n_, ldc, add_c, operand, weight, c, /*is_vnni=*/false);
       return;
     }
     for (int64_t first = 0; first < n_; first += kVnniColumns) {
       const Low* panel = weight + first * depth_;  // panel q = first / 64 starts at q * depth * 64
       const int64_t columns = std::min(kVnniColumns, n_ - first);
       if (columns == kVnniColumns) {
-        at::native::cpublas::brgemm(m, kVnniColumns, depth_, depth_, kVnniColumns, ldc, add_c, rounded, panel,
-                                    c + first, /*is_vnni=*/true);
+        at::native::cpublas::brgemm(m, kVnniColumns, depth_, ld, kVnniColumns, ldc, add_c, operand, panel, c + first,
+                                    /*is_vnni=*/true);
         continue;
       }
       // The padded last panel runs whole into a scratch tile: c's row may end at column n.
       scratch_.resize(m * kVnniColumns);
-      at::native::cpublas::brgemm(m, kVnniColumns, depth_, depth_, kVnniColumns, kVnniColumns, /*add_C=*/false,
-                                  rounded, panel, scratch_.data(), /*is_vnni=*/true);
+      at::native::cpublas::brgemm(m, kVnniColumns, depth_, ld, kVnniColumns, kVnniColumns, /*add_C=*/false, operand,
+                                  panel, scratch_.data(), /*is_vnni=*/true);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < columns; ++j) {
           float& out = c[i * ldc + first + j];

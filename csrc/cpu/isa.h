@@ -21,7 +21,8 @@
 
 namespace birnn_fast::cpu {
 
-// Levels our code is compiled for; kBaseline is x86-64's SSE2 (or any other architecture).
+// Levels our code is compiled for, each with FMA and F16C; kBaseline is x86-64's SSE2 (or any other
+// architecture).
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Backends of the float32 products whose weight every step reuses (products.h).

@@ -62,8 +62,10 @@ decltype(auto) dispatch_cell(std::string_view cell, Fn&& fn) {
   return fn(RnnReluCell{});
 }
 
-// float or double; B >= 1; arguments checked. layer_dtype: the caller's dtype when the arguments
-// are float32 copies of a bfloat16 / float16 layer (its products may run in that dtype), else T's.
+// B >= 1; arguments checked. layer_dtype: the caller's dtype when the arguments are float32 copies
+// of a bfloat16 / float16 layer (its products may run in that dtype), else T's. forward_kernel runs
+// float, double, and bfloat16 / float16 where half_products(T) is not kFloat32; backward_kernel
+// float and double.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
                                                           at::TensorList weights, const Tensor& h0, const Tensor& c0,

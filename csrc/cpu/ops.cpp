@@ -6,15 +6,17 @@
 // this, but a direct call of the op must get an error naming the argument, never a crash or an
 // out-of-bounds read.
 //
-// bfloat16 and float16 run the float32 kernels on float32 copies of the arguments (fp32
-// accumulation, fp32 h and c inside, an fp32 workspace) and return the input's dtype; the copies
-// cost O(T*B*I) next to the O(T*B*G*H*(I+P)) products. Where the CPU multiplies that dtype
-// natively, the products with a reused weight take operands in it (isa.h: half_products).
+// bfloat16 and float16 keep fp32 accumulation, fp32 h and c inside and an fp32 workspace, and
+// return the input's dtype. Where the CPU multiplies that dtype natively (isa.h: half_products),
+// forward runs in it (its products read the input and weights as they are); elsewhere, and in
+// backward, the float32 kernels run on float32 copies of the arguments, whose reused-weight
+// products round their operands back to the dtype where it is native.
 #include <torch/library.h>
 
 #include <ostream>
 #include <string_view>
 
+#include "half_products.h"
 #include "isa.h"
 #include "kernels.h"
 
@@ -127,6 +129,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(c10::string_view cell_vie
     return {at::zeros({layer.steps, 0, 2 * layer.state}, input.options()), at::zeros_like(h0), at::zeros_like(c0),
             save_workspace ? at::zeros({layer.steps, 0, 2, saved}, input.options().dtype(workspace_dtype(dtype)))
                            : at::empty({0}, input.options().dtype(workspace_dtype(dtype)))};
+  }
+  if (is_half(dtype) && half_products(dtype) != HalfProducts::kFloat32) {
+    return dispatch_half(dtype, [&](auto low) {
+      return forward_kernel<decltype(low)>(cell, input, weights, h0, c0, lengths, save_workspace, dtype);
+    });
   }
   if (is_half(dtype)) {
     auto [output, h_n, c_n, workspace] = forward_kernel<float>(cell, input.to(at::kFloat), to_float(weights),

@@ -6,8 +6,9 @@
 //
 // A reused float32 weight runs on the backend isa.h chose for the CPU (float32_products): the AVX2
 // panel kernel (panel_gemm.h), oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AVX-512 /
-// AMX), or at::mm (MKL); the float32 copy of a bfloat16 / float16 layer's weight, on the backend
-// half_products chose: brgemm on operands in that dtype (half_products.h), or as float32. Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
+// AMX), or at::mm (MKL); a bfloat16 / float16 layer's weight (or its float32 copy), on the backend
+// half_products chose: brgemm on operands in that dtype (half_products.h), or as float32.
+// Everything else runs on at::mm, whose kernels MKL picks for the CPU; MKL
 // takes a transposed operand as fast as a plain one, so weights are used in place. Products
 // smaller than one trip through the dispatcher run as plain loops.
 #pragma once
@@ -152,6 +153,17 @@ class ReusedWeight {
       }
     }
   }
+  // A bfloat16 / float16 layer's own weight (the kernels of that storage type): always on the half
+  // backend, which half_products must have chosen.
+  template <typename Low, typename = std::enable_if_t<!std::is_same_v<Low, T>>>
+  ReusedWeight(int64_t k, int64_t n, const Low* b, int64_t ldb, bool transpose_b, c10::ScalarType layer_dtype)
+      : k_(k), n_(n), b_(nullptr), ldb_(ldb), transpose_b_(transpose_b) {
+    static_assert(std::is_same_v<T, float>);
+    constexpr c10::ScalarType dtype = c10::CppTypeToScalarType<Low>::value;
+    const HalfProducts products = half_products(dtype);
+    TORCH_INTERNAL_ASSERT(layer_dtype == dtype && products != HalfProducts::kFloat32);
+    half_.emplace(dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb, transpose_b);
+  }
   ReusedWeight(const ReusedWeight&) = delete;
   ReusedWeight& operator=(const ReusedWeight&) = delete;
 
@@ -164,14 +176,20 @@ class ReusedWeight {
     }
   }
 
-  // c[m, n] = a[m, k] @ op(b) + (c if accumulate, else bias[n] if given).
-  void multiply(int64_t m, const T* a, int64_t lda, T* c, int64_t ldc, bool accumulate,
+  // c[m, n] = a[m, k] @ op(b) + (c if accumulate, else bias[n] if given); a is of T, or of the
+  // half backend's dtype.
+  template <typename Src = T>
+  void multiply(int64_t m, const Src* a, int64_t lda, T* c, int64_t ldc, bool accumulate,
                 const T* bias = nullptr) const {
     if (m == 0) {
       return;
     }
-    if constexpr (std::is_same_v<T, float>) {
-      if (half_ && m * n_ * k_ > kSmallMultiplyAdds) {
+    if constexpr (!std::is_same_v<Src, T>) {
+      half_->multiply(m, a, lda, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
+      return;
+    } else if constexpr (std::is_same_v<T, float>) {
+      // b_ is null for a weight given in the half dtype: then every product runs on the half backend.
+      if (half_ && (b_ == nullptr || m * n_ * k_ > kSmallMultiplyAdds)) {
         half_->multiply(m, a, lda, c, ldc, start_with_bias(m, n_, bias, c, ldc, accumulate));
         return;
       }
@@ -189,7 +207,9 @@ class ReusedWeight {
         return;
       }
     }
-    gemm<T>(m, n_, k_, a, lda, b_, ldb_, transpose_b_, c, ldc, accumulate, bias);
+    if constexpr (std::is_same_v<Src, T>) {
+      gemm<T>(m, n_, k_, a, lda, b_, ldb_, transpose_b_, c, ldc, accumulate, bias);
+    }
   }
 
  private:
