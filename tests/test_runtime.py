@@ -2,8 +2,10 @@
 module) give what sequential runs give, results are bitwise equal run to run, one intra-op thread
 and many agree to rounding, a module used before a fork works in forked DataLoader workers, and
 two-rank DistributedDataParallel over gloo gives one process's gradients on the whole batch."""
+import datetime
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -166,6 +168,7 @@ def test_forked_dataloader_workers(kind):
 
 
 DDP_KINDS = ["LSTM_PROJ", "GRU"]
+DDP_TIMEOUT_S = 60  # a hung rank fails the test instead of the CI run
 
 
 def _whole_batch_loss(output, batch):
@@ -176,7 +179,8 @@ def _whole_batch_loss(output, batch):
 def _ddp_rank(rank, world_size, init_file, result_file):
     torch.set_num_threads(1)
     os.environ["BIRNN_FAST_BACKEND"] = "cpu"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
     try:
         grads = {}
         for kind in DDP_KINDS:
@@ -188,15 +192,25 @@ def _ddp_rank(rank, world_size, init_file, result_file):
             # DDP averages the ranks' gradients of their own batch's mean: the whole batch's mean.
             _whole_batch_loss(output, B).backward()
             grads[kind] = [p.grad for p in module.parameters()]
+            # A DistributedDataParallel freed after destroy_process_group could hang in its
+            # reducer's destructor (1 run in 3 here): each goes while the group is alive.
+            del model, output
         if rank == 0:
             torch.save(grads, result_file)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_distributed_data_parallel_gloo_equals_one_process(tmp_path):
     result_file = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), result_file), nprocs=2, join=True)
+    ranks = mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), result_file), nprocs=2, join=False)
+    deadline = time.monotonic() + 2 * DDP_TIMEOUT_S
+    while not ranks.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks did not finish in {2 * DDP_TIMEOUT_S} s")
     ddp_grads = torch.load(result_file)
     for kind in DDP_KINDS:
         module = make_module(kind, dtype=torch.float64)
