@@ -220,7 +220,7 @@ void backward_direction(BackwardArgs<T> args, const ReusedWeight<T>& weight_hh, 
 template <typename T>
 Tensor previous_states(const Schedule& schedule, const Tensor& output, const Tensor& h0) {
   const int64_t B = schedule.batch, P = h0.size(2);
-  Tensor h_prev = at::empty({schedule.tokens, 2 * P}, output.options());
+  Tensor h_prev = empty_cpu({schedule.tokens, 2 * P}, output.options());
   const T* out = output.data_ptr<T>();
   const T* initial = h0.data_ptr<T>();
   T* dst = h_prev.data_ptr<T>();
@@ -250,7 +250,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
 
   Tensor dh = reorder_states<T>(schedule, grad_h_n, /*to_sorted=*/true);
   Tensor dc = Cell::kHasCellState ? reorder_states<T>(schedule, grad_c_n, /*to_sorted=*/true) : Tensor();
-  Tensor step_dgates_h = at::empty({2, B, GH}, input.options());
+  Tensor step_dgates_h = empty_cpu({2, B, GH}, input.options());
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
   Tensor dgates_x, dgates_h, grad_input;
@@ -258,28 +258,28 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h;
   std::vector<std::mutex> grad_input_locks(chunked ? steps : 0);
   if (chunked) {
-    chunk_x = at::empty({2, chunk_rows, I}, input.options());
-    chunk_h_prev = at::empty({2, chunk_rows, P}, input.options());
-    chunk_dgates_x = at::empty({2, chunk_rows, GH}, input.options());
-    chunk_dgates_h = Cell::kSplitGateGrad ? at::empty_like(chunk_dgates_x) : chunk_dgates_x;
+    chunk_x = empty_cpu({2, chunk_rows, I}, input.options());
+    chunk_h_prev = empty_cpu({2, chunk_rows, P}, input.options());
+    chunk_dgates_x = empty_cpu({2, chunk_rows, GH}, input.options());
+    chunk_dgates_h = Cell::kSplitGateGrad ? empty_cpu(chunk_dgates_x.sizes(), input.options()) : chunk_dgates_x;
     grad_input = empty_large(input.sizes(), input.options()).zero_();
     for (size_t k = 0; k < weights.size(); ++k) {
-      grad_weights[k] = at::zeros_like(weights[k]);
+      grad_weights[k] = zeros_cpu(weights[k].sizes(), weights[k].options());
     }
   } else {
-    dgates_x = at::empty({schedule.tokens, 2 * GH}, input.options());
-    dgates_h = Cell::kSplitGateGrad ? at::empty_like(dgates_x) : dgates_x;
+    dgates_x = empty_cpu({schedule.tokens, 2 * GH}, input.options());
+    dgates_h = Cell::kSplitGateGrad ? empty_cpu(dgates_x.sizes(), input.options()) : dgates_x;
   }
   Tensor proj_dh_total, proj_unprojected, dunprojected, zeros;
   if (layer.projected) {
-    proj_dh_total = at::empty({2, chunk_rows, P}, input.options());
-    proj_unprojected = at::empty({2, chunk_rows, H}, input.options());
-    dunprojected = at::empty({2, B, H}, input.options());
-    zeros = at::zeros({H}, input.options());
+    proj_dh_total = empty_cpu({2, chunk_rows, P}, input.options());
+    proj_unprojected = empty_cpu({2, chunk_rows, H}, input.options());
+    dunprojected = empty_cpu({2, B, H}, input.options());
+    zeros = zeros_cpu({H}, input.options());
     for (int64_t d = 0; d < 2; ++d) {
       const int64_t k = d * layer.per_direction() + kWeightHr;
       if (!grad_weights[k].defined()) {
-        grad_weights[k] = at::zeros_like(weights[k]);
+        grad_weights[k] = zeros_cpu(weights[k].sizes(), weights[k].options());
       }
     }
   }
@@ -348,7 +348,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
 
   Tensor grad_h0 = reorder_states<T>(schedule, dh, /*to_sorted=*/false);
   Tensor grad_c0 =
-      Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : at::empty({0}, input.options());
+      Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : empty_cpu({0}, input.options());
   if (chunked) {
     return {grad_input, grad_weights, grad_h0, grad_c0};
   }

@@ -140,14 +140,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
   const int64_t chunk_steps = steps_per_chunk(schedule);
   Tensor gates_x, chunk_x, chunk_gx;
   if (chunked) {
-    chunk_x = at::empty({2, chunk_steps * B, I}, input.options());
-    chunk_gx = at::empty({2, chunk_steps * B, GH}, compute);
+    chunk_x = empty_cpu({2, chunk_steps * B, I}, input.options());
+    chunk_gx = empty_cpu({2, chunk_steps * B, GH}, compute);
   } else {
     gates_x = at::addmm(both_directions(biases, layer, kBiasIh), pack<S>(schedule, input).to(kCompute),
                         both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
   Tensor output = empty_large({steps, B, 2 * P}, input.options());
-  Tensor workspace = at::empty({0}, compute);
+  Tensor workspace = empty_cpu({0}, compute);
   if (save_workspace) {
     const int64_t used = schedule.tokens * 2 * WH;
     workspace = empty_large({steps, B, 2, WH}, compute, used);
@@ -155,8 +155,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
   }
   Tensor h = reorder_states<T>(schedule, h0.to(kCompute), /*to_sorted=*/true);
   Tensor c = Cell::kHasCellState ? reorder_states<T>(schedule, c0.to(kCompute), /*to_sorted=*/true) : Tensor();
-  Tensor gates_h = at::empty({2, B, GH}, compute);
-  Tensor unprojected = layer.projected ? at::empty({2, B, H}, compute) : Tensor();
+  Tensor gates_h = empty_cpu({2, B, GH}, compute);
+  Tensor unprojected = layer.projected ? empty_cpu({2, B, H}, compute) : Tensor();
 
   at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
@@ -195,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
 
   Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false).to(input.scalar_type());
   Tensor c_n = Cell::kHasCellState ? reorder_states<T>(schedule, c, /*to_sorted=*/false).to(input.scalar_type())
-                                   : at::empty({0}, input.options());
+                                   : empty_cpu({0}, input.options());
   return {output, h_n, c_n, workspace};
 }
 

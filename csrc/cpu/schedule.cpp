@@ -1,5 +1,6 @@
 #include "schedule.h"
 
+#include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <cstring>
@@ -12,8 +13,18 @@
 
 namespace birnn_fast::cpu {
 
+Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options.dtype().toScalarType());
+}
+
+Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor tensor = empty_cpu(sizes, options);
+  zero_tail(tensor, 0);
+  return tensor;
+}
+
 Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, int64_t used) {
-  Tensor tensor = at::empty(sizes, options);
+  Tensor tensor = empty_cpu(sizes, options);
 #ifdef __linux__
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const auto start = reinterpret_cast<uintptr_t>(tensor.data_ptr());
