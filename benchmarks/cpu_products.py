@@ -22,6 +22,13 @@ SHAPES = ((256, 1024), (512, 2048))  # (K, N): H = 256 and 512, N = 4H
 BACKENDS = {"float32": ("panel", "mm", "brgemm", "brgemm64"), "bfloat16": ("mm", "brgemm", "brgemm64", "half")}
 
 
+def load_products():
+    """The JIT-built extension: cpu_products.cpp and the kernel's ISA dispatch (csrc/cpu/isa.cpp),
+    which its headers call."""
+    sources = [os.path.join(HERE, "cpu_products.cpp"), os.path.join(HERE, "..", "csrc", "cpu", "isa.cpp")]
+    return load("birnn_fast_cpu_products", sources, extra_cflags=["-O3"], verbose=False)
+
+
 def machine():
     """The facts every CPU result records: CPU model, ISA ceilings, torch version."""
     model = "unknown"
@@ -42,8 +49,7 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    module = load("birnn_fast_cpu_products", [os.path.join(HERE, "cpu_products.cpp")],
-                  extra_cflags=["-O3"], verbose=False)
+    module = load_products()
     facts = machine()
     print(" ".join(f"{key}={value}" for key, value in facts.items()))
     results = []
