@@ -18,8 +18,8 @@ namespace birnn_fast::cpu {
 using at::Tensor;
 
 // The kernels' own CPU buffers (scratch, and outputs they write whole), allocated without a trip
-// through the dispatcher: at::empty costs ~1 us and a call makes 20-30 of them, a tenth of a tiny
-// layer's training step. zeros_cpu zeroes in the calling thread (zero_tail): small accumulators.
+// through the dispatcher, which a call would make 20-30 times: part of a small layer's fixed cost.
+// zeros_cpu zeroes in the calling thread (zero_tail, which hands large ranges back as zero pages).
 Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 
