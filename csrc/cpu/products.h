@@ -203,26 +203,13 @@ class ReusedWeight {
         for (int64_t first = 0; first < n_; first += kBrgemmColumns) {
           const int64_t columns = std::min(kBrgemmColumns, n_ - first);
           const float* panel = rows_.data() + first * k_;
-          if (!small) {
+          if (small) {
+            // gemm()'s plain loop on the row-major panel runs along its columns; on the weight in
+            // place (transpose_b) it would take a dot product and a horizontal sum per column.
+            gemm<float>(m, columns, k_, a, lda, panel, columns, /*transpose_b=*/false, c + first, ldc, add_c);
+          } else {
             at::native::cpublas::brgemm(m, columns, k_, lda, columns, ldc, add_c, a, panel, c + first,
                                         /*is_vnni=*/false);
-            continue;
-          }
-          // Rows of the panel scaled and added, vectorized along its columns: gemm()'s loop on the
-          // weight in place takes a dot product (and a horizontal sum) per column.
-          for (int64_t i = 0; i < m; ++i) {
-            float* c_row = c + i * ldc + first;
-            if (!add_c) {
-              std::fill_n(c_row, columns, 0.0f);
-            }
-            for (int64_t p = 0; p < k_; ++p) {
-              const float a_ip = a[i * lda + p];
-              const float* b_row = panel + p * columns;
-#pragma omp simd
-              for (int64_t j = 0; j < columns; ++j) {
-                c_row[j] += a_ip * b_row[j];
-              }
-            }
           }
         }
         return;
