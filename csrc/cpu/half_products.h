@@ -23,31 +23,13 @@
 #include <vector>
 
 #include "convert.h"
+#include "transpose.h"
 
 namespace birnn_fast::cpu {
 
 // cpublas::pack fails on a whole 1024-column weight (measured); torch's CPU flash attention packs
 // 64 columns at a time too.
 constexpr int64_t kVnniColumns = 64;
-
-// to[i * ld_to + p] = from[p * ld_from + i] for p < rows, i < columns, in 16 x 16 tiles so that
-// reads and writes both stay within a few cache lines (element by element, the strided side touches
-// a new line every time).
-template <typename T>
-void transpose_in_tiles(int64_t rows, int64_t columns, const T* from, int64_t ld_from, T* to, int64_t ld_to) {
-  constexpr int64_t kTile = 16;
-  for (int64_t p0 = 0; p0 < rows; p0 += kTile) {
-    const int64_t p1 = std::min(rows, p0 + kTile);
-    for (int64_t i0 = 0; i0 < columns; i0 += kTile) {
-      const int64_t i1 = std::min(columns, i0 + kTile);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t p = p0; p < p1; ++p) {
-          to[i * ld_to + p] = from[p * ld_from + i];
-        }
-      }
-    }
-  }
-}
 
 template <typename Fn>
 decltype(auto) dispatch_half(c10::ScalarType dtype, Fn&& fn) {
@@ -136,7 +118,7 @@ class HalfWeight {
       for (int64_t j = 0; j < n; ++j) {
         convert_row(k, b + j * ldb, rounded.data() + j * k);
       }
-      transpose_in_tiles(n, k, rounded.data(), k, dst, n);
+      transpose(n, k, rounded.data(), k, dst, n);
     } else {
       for (int64_t p = 0; p < k; ++p) {
         convert_row(n, b + p * ldb, dst + p * n);
@@ -196,7 +178,7 @@ class HalfWeight {
         for (int64_t p = 0; p < k_; ++p) {
           convert_row(m, a + p * lda, narrow_rows + p * m);
         }
-        transpose_in_tiles(k_, m, transposed_.data(), m, rows_.data(), depth_);
+        transpose(k_, m, transposed_.data(), m, rows_.data(), depth_);
       } else {
         for (int64_t i = 0; i < m; ++i) {
           convert_row(k_, a + i * lda, rounded + i * depth_);

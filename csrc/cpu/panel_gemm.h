@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "transpose.h"
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define BIRNN_HAS_PANEL_GEMM 1
@@ -91,12 +93,8 @@ inline PanelMatrix pack_panels(int64_t k, int64_t n, const float* b, int64_t ldb
   for (int64_t panel = 0; panel < count; ++panel) {
     const int64_t first = panel * kPanelColumns, columns = std::min(kPanelColumns, n - first);
     float* dst = packed.panels.data() + panel * k * kPanelColumns;
-    if (transpose_b) {  // read b's rows (op(b)'s columns) in order
-      for (int64_t j = 0; j < columns; ++j) {
-        for (int64_t p = 0; p < k; ++p) {
-          dst[p * kPanelColumns + j] = b[(first + j) * ldb + p];
-        }
-      }
+    if (transpose_b) {
+      transpose(columns, k, b + first * ldb, ldb, dst, kPanelColumns);
     } else {
       for (int64_t p = 0; p < k; ++p) {
         std::copy_n(b + p * ldb + first, columns, dst + p * kPanelColumns);

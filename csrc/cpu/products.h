@@ -25,6 +25,7 @@
 #include "half_products.h"
 #include "isa.h"
 #include "panel_gemm.h"
+#include "transpose.h"
 
 namespace birnn_fast::cpu {
 
@@ -144,9 +145,11 @@ class ReusedWeight {
         for (int64_t first = 0; first < n; first += kBrgemmColumns) {
           const int64_t columns = std::min(kBrgemmColumns, n - first);
           float* panel = rows_.data() + first * k;
-          for (int64_t p = 0; p < k; ++p) {
-            for (int64_t j = 0; j < columns; ++j) {
-              panel[p * columns + j] = transpose_b ? b[(first + j) * ldb + p] : b[p * ldb + first + j];
+          if (transpose_b) {
+            transpose(columns, k, b + first * ldb, ldb, panel, columns);
+          } else {
+            for (int64_t p = 0; p < k; ++p) {
+              std::copy_n(b + p * ldb + first, columns, panel + p * columns);
             }
           }
         }
@@ -266,7 +269,7 @@ void gemm_tn_accumulate(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda
       // thread keeps (m * k floats: 2 MiB at H = 1024 and 128-row chunks).
       static thread_local std::vector<float> transposed;
       transposed.resize(m * k);
-      transpose_in_tiles(k, m, a, lda, transposed.data(), k);
+      transpose(k, m, a, lda, transposed.data(), k);
       brgemm_nn(m, n, k, transposed.data(), k, b, ldb, c, ldc, /*add_c=*/true);
       return;
     }
