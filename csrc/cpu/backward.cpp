@@ -129,6 +129,10 @@ struct ChunkedGradients {
   T* h_prev;          // (rows, P): the states the chunk's steps started from
   T* dgates_x;        // (rows, GH)
   T* dgates_h;        // (rows, GH), if the cell splits its gate gradients
+  // With half_weight_ih: (rows, GH) and (GH, rows) 16-bit buffers, a set of gate gradients rounded
+  // to the layer's dtype, in row order and transposed.
+  uint16_t* rounded_dgates;
+  uint16_t* rounded_dgates_t;
   T* grad_input;      // (T, B, I), zeroed, accumulated by both directions under grad_input_locks
   std::mutex* grad_input_locks;  // by time step
   T* grad_weight_ih;  // (GH, I), accumulated
@@ -136,6 +140,41 @@ struct ChunkedGradients {
   T* grad_bias_ih;    // (GH), accumulated
   T* grad_bias_hh;    // (GH), accumulated
 };
+
+// A bfloat16 / float16 layer's chunk products on the half backend (as gemm_tn_accumulate and
+// ReusedWeight would run them, with the same rounded operands): each set of gate gradients rounded
+// once, read in row order by dX = dgates_x @ W_ih and transposed once for the weight gradients,
+// which an LSTM or RNN takes both from dgates_x. Overwrites g.x with dX.
+template <typename Cell>
+void half_chunk_products(const ChunkedGradients<float>& g, int64_t rows, int64_t GH, int64_t P,
+                         const float* dgates_h) {
+  const int64_t I = g.inputs;
+  const bool vnni = half_products(g.layer_dtype) == HalfProducts::kBrgemmVnni;
+  dispatch_half(g.layer_dtype, [&](auto low) {
+    using Low = decltype(low);
+    Low* rounded = reinterpret_cast<Low*>(g.rounded_dgates);
+    const auto round = [&](const float* dgates) {
+      for (int64_t r = 0; r < rows; ++r) {
+        convert_row(GH, dgates + r * GH, rounded + r * GH);
+      }
+      transpose(rows, GH, g.rounded_dgates, GH, g.rounded_dgates_t, rows);
+    };
+    const auto weight_gradient = [&](const float* tokens, int64_t n, float* grad) {  // grad += dgates^T tokens
+      const HalfWeight operand(g.layer_dtype, vnni, rows, n, tokens, n, /*transpose_b=*/false);
+      operand.multiply(GH, reinterpret_cast<const Low*>(g.rounded_dgates_t), rows, grad, n, /*add_c=*/true);
+    };
+    round(g.dgates_x);
+    weight_gradient(g.x, I, g.grad_weight_ih);
+    if constexpr (!Cell::kSplitGateGrad) {
+      weight_gradient(g.h_prev, P, g.grad_weight_hh);
+    }
+    g.half_weight_ih->multiply(rows, static_cast<const Low*>(rounded), GH, g.x, I, /*accumulate=*/false);
+    if constexpr (Cell::kSplitGateGrad) {
+      round(dgates_h);
+      weight_gradient(g.h_prev, P, g.grad_weight_hh);
+    }
+  });
+}
 
 // Adds the gradients of steps [first, last), whose gate gradients are in the chunk buffers.
 template <typename Cell, typename T>
@@ -153,19 +192,28 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
       std::copy_n(h_prev, P, g.h_prev + r * P);
     }
   }
-  gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I, g.layer_dtype);
-  gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P, g.layer_dtype);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < GH; ++k) {
       g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
       g.grad_bias_hh[k] += dgates_h[r * GH + k];
     }
   }
-  // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
-  if (g.half_weight_ih != nullptr) {
-    g.half_weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
-  } else {
-    gemm_in_thread<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, g.x, I);
+  // Products this small run in float32 (gemm_tn_accumulate's and ReusedWeight's rule).
+  const bool half = g.half_weight_ih != nullptr && GH * std::min(I, P) * rows > kSmallMultiplyAdds;
+  if constexpr (std::is_same_v<T, float>) {
+    if (half) {
+      half_chunk_products<Cell>(g, rows, GH, P, dgates_h);
+    }
+  }
+  if (!half) {
+    gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I, g.layer_dtype);
+    gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P, g.layer_dtype);
+    // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
+    if (g.half_weight_ih != nullptr) {
+      g.half_weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
+    } else {
+      gemm_in_thread<T>(rows, I, GH, g.dgates_x, GH, g.weight_ih, I, g.x, I);
+    }
   }
   for (int64_t step = first; step < last; ++step) {
     for (int64_t j = 0; j < schedule.active[step]; ++j) {
@@ -253,15 +301,21 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor step_dgates_h = empty_cpu({2, B, GH}, input.options());
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
+  // The chunk products of a bfloat16 / float16 layer in its dtype (a float32 copy of it here).
+  const bool half_chunks = chunked && layer_dtype != c10::CppTypeToScalarType<T>::value &&
+                           half_products(layer_dtype) != HalfProducts::kFloat32;
   Tensor dgates_x, dgates_h, grad_input;
   std::vector<Tensor> grad_weights(weights.size());  // in the order of weights
-  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h;
+  Tensor chunk_x, chunk_h_prev, chunk_dgates_x, chunk_dgates_h, chunk_rounded;
   std::vector<std::mutex> grad_input_locks(chunked ? steps : 0);
   if (chunked) {
     chunk_x = empty_cpu({2, chunk_rows, I}, input.options());
     chunk_h_prev = empty_cpu({2, chunk_rows, P}, input.options());
     chunk_dgates_x = empty_cpu({2, chunk_rows, GH}, input.options());
     chunk_dgates_h = Cell::kSplitGateGrad ? empty_cpu(chunk_dgates_x.sizes(), input.options()) : chunk_dgates_x;
+    if (half_chunks) {
+      chunk_rounded = empty_cpu({2, 2, chunk_rows * GH}, input.options().dtype(layer_dtype));
+    }
     grad_input = empty_large(input.sizes(), input.options()).zero_();
     for (size_t k = 0; k < weights.size(); ++k) {
       grad_weights[k] = zeros_cpu(weights[k].sizes(), weights[k].options());
@@ -306,9 +360,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                                  layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
                                  layer.projected ? zeros.data_ptr<T>() : nullptr};
       ChunkedGradients<T> gradients{};
+      uint16_t* rounded = half_chunks ? static_cast<uint16_t*>(chunk_rounded.data_ptr()) : nullptr;
       std::optional<ReusedWeight<T>> half_weight_ih;
-      if (chunked && layer_dtype != c10::CppTypeToScalarType<T>::value &&
-          half_products(layer_dtype) != HalfProducts::kFloat32) {
+      if (half_chunks) {
         half_weight_ih.emplace(GH, I, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/false,
                                layer_dtype);
       }
@@ -323,6 +377,8 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                      chunk_h_prev.data_ptr<T>() + d * chunk_rows * P,
                      chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
                      chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
+                     half_chunks ? rounded + 2 * d * chunk_rows * GH : nullptr,
+                     half_chunks ? rounded + (2 * d + 1) * chunk_rows * GH : nullptr,
                      grad_input.data_ptr<T>(),
                      grad_input_locks.data(),
                      weight_of<T>(grad_weights, layer, d, kWeightIh),
