@@ -1,6 +1,8 @@
 #include "schedule.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <cstring>
@@ -14,7 +16,14 @@
 namespace birnn_fast::cpu {
 
 Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_cpu(sizes, options.dtype().toScalarType());
+  Tensor tensor = at::detail::empty_cpu(sizes, options.dtype().toScalarType());
+  // What at::empty does under torch.utils.deterministic.fill_uninitialized_memory (NaN for floating
+  // types): the tests run with it, so that an element a kernel reads before writing fails them.
+  const at::Context& context = at::globalContext();
+  if (C10_UNLIKELY(context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory())) {
+    at::native::fill_empty_deterministic_(tensor);
+  }
+  return tensor;
 }
 
 Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
