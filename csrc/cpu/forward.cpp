@@ -4,7 +4,9 @@
 // The input projection x @ W_ih^T + b_ih runs over the real tokens only: on two threads or fewer
 // inside each direction's thread, a chunk of steps at a time into a small buffer that stays in
 // cache (ChunkedProjection); with more threads as one multi-threaded GEMM up front into gates_x
-// (N, 2*G*H), direction d at column d*G*H. The workspace (T, B, 2, W*H) holds the saved
+// (N, 2*G*H), direction d at column d*G*H; either way without bias_ih, which the cell adds. A chunk
+// whose rows lie in order in the input (every row running, in the caller's order, and in reverse
+// also of one length: equal lengths) is projected from the input in place. The workspace (T, B, 2, W*H) holds the saved
 // activations of (packed token, direction) in its first N*2*W*H elements and zeros after them.
 //
 // The kernel reads and writes the layer's storage type S and computes in C = compute_t<S>: a
@@ -29,9 +31,10 @@ struct ForwardArgs {
   using T = compute_t<S>;
   const Schedule* schedule;
   int64_t direction, step, hidden, state;
-  const T* gates_x;       // (N, 2GH) packed, when projected up front
-  const T* step_gates_x;  // (B, GH) this step's, sorted rows, when projected by chunks
+  const T* gates_x;       // (N, 2GH) packed x @ W_ih^T, when projected up front
+  const T* step_gates_x;  // (B, GH) this step's x @ W_ih^T, sorted rows, when projected by chunks
   T* gates_h;             // (B, GH): this step's h_prev @ W_hh^T, sorted rows
+  const T* bias_ih;       // (GH)
   const T* bias_hh;       // (GH)
   T* h;                   // (B, P) sorted
   T* c;                   // (B, H) sorted, LSTM only
@@ -58,7 +61,7 @@ struct ForwardRows {
       if constexpr (std::is_same_v<S, T>) {
         out = a.unprojected != nullptr ? h : output_row;
       }
-      Cell::template forward<kSave>(H, gx, a.gates_h + j * GH, a.bias_hh, h,
+      Cell::template forward<kSave>(H, gx, a.bias_ih, a.gates_h + j * GH, a.bias_hh, h,
                                     Cell::kHasCellState ? a.c + j * H : nullptr,
                                     kSave ? a.workspace + (token * 2 + a.direction) * WH : nullptr, out);
       if constexpr (!std::is_same_v<S, T>) {
@@ -75,10 +78,9 @@ struct ChunkedProjection {
   using T = compute_t<S>;
   const S* input;                    // (T, B, I)
   const ReusedWeight<T>* weight_ih;  // x @ W_ih^T, this direction's
-  const T* bias_ih;                  // (GH), this direction's
   int64_t inputs, steps_per_chunk;
   S* x;   // (steps_per_chunk * B, I): the chunk's input rows, by step then sorted row
-  T* gx;  // (steps_per_chunk * B, GH): their projections
+  T* gx;  // (steps_per_chunk * B, GH): their projections, without bias, in x's row order
 };
 
 template <typename Cell, typename S, bool kSave>
@@ -91,17 +93,24 @@ void forward_direction(ForwardArgs<S> args, const ReusedWeight<compute_t<S>>& we
   for (int64_t first = 0; first < longest; first += chunk) {
     const int64_t last = std::min(longest, first + chunk);
     const std::vector<int64_t> starts = chunk_starts(schedule, first, last);
+    // In place: x is the input's times [first, last) forward, [longest - last, longest - first) in
+    // reverse, whose step s is then the chunk's row block last - 1 - s.
+    const bool in_place = projection != nullptr && schedule.in_order && schedule.active[last - 1] == B &&
+                          (d == 0 || schedule.lengths.back() == longest);
     if (projection != nullptr) {
       const int64_t I = projection->inputs;
-      gather_chunk_inputs(schedule, d, first, last, starts, projection->input, I, projection->x);
-      projection->weight_ih->multiply(starts.back(), projection->x, I, projection->gx, GH, /*accumulate=*/false,
-                                      projection->bias_ih);
+      const S* x = projection->input + (d == 0 ? first : longest - last) * B * I;
+      if (!in_place) {
+        gather_chunk_inputs(schedule, d, first, last, starts, projection->input, I, projection->x);
+        x = projection->x;
+      }
+      projection->weight_ih->multiply(starts.back(), x, I, projection->gx, GH, /*accumulate=*/false);
     }
     for (int64_t step = first; step < last; ++step) {
       const int64_t rows = schedule.active[step];
       args.step = step;
       if (projection != nullptr) {
-        args.step_gates_x = projection->gx + starts[step - first] * GH;
+        args.step_gates_x = projection->gx + (in_place && d == 1 ? (last - 1 - step) * B : starts[step - first]) * GH;
       }
       weight_hh.multiply(rows, args.h, P, args.gates_h, GH, /*accumulate=*/false);
       run_rows<ForwardRows<Cell, S, kSave>>(args);
@@ -143,8 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
     chunk_x = empty_cpu({2, chunk_steps * B, I}, input.options());
     chunk_gx = empty_cpu({2, chunk_steps * B, GH}, compute);
   } else {
-    gates_x = at::addmm(both_directions(biases, layer, kBiasIh), pack<S>(schedule, input).to(kCompute),
-                        both_directions(weights, layer, kWeightIh).to(kCompute).t());
+    gates_x = at::mm(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
   Tensor output = empty_large({steps, B, 2 * P}, input.options());
   Tensor workspace = empty_cpu({0}, compute);
@@ -168,6 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
                                 chunked ? nullptr : gates_x.data_ptr<T>(),
                                 /*step_gates_x=*/nullptr,
                                 gates_h.data_ptr<T>() + d * B * GH,
+                                weight_of<T>(biases, layer, d, kBiasIh),
                                 weight_of<T>(biases, layer, d, kBiasHh),
                                 h.data_ptr<T>() + d * B * P,
                                 Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
@@ -178,8 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
       ChunkedProjection<S> projection{};
       if (chunked) {
         weight_ih.emplace(I, GH, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
-        projection = {input.data_ptr<S>(), &*weight_ih, weight_of<T>(biases, layer, d, kBiasIh),
-                      I, chunk_steps, chunk_x.data_ptr<S>() + d * chunk_steps * B * I,
+        projection = {input.data_ptr<S>(), &*weight_ih, I, chunk_steps, chunk_x.data_ptr<S>() + d * chunk_steps * B * I,
                       chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
       }
       if (layer.projected) {

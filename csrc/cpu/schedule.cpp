@@ -86,6 +86,7 @@ Schedule::Schedule(const Tensor& lengths_tensor, int64_t steps) : batch(lengths_
   lengths.resize(batch);
   for (int64_t j = 0; j < batch; ++j) {
     lengths[j] = caller_lengths[order[j]];
+    in_order = in_order && order[j] == j;
   }
   const int64_t steps_run = batch > 0 ? lengths[0] : 0;
   active.assign(steps_run, 0);

@@ -41,6 +41,7 @@ struct Schedule {
   std::vector<int64_t> active;   // by step, for steps 0 .. longest length - 1
   std::vector<int64_t> offsets;  // by time: packed row of time t's first sorted row
   int64_t tokens = 0;            // real tokens, the packed rows
+  bool in_order = true;          // order is the identity (sorting moved no row)
 
   Schedule(const Tensor& lengths_tensor, int64_t steps);
 
