@@ -6,8 +6,9 @@
 // cache (ChunkedProjection); with more threads as one multi-threaded GEMM up front into gates_x
 // (N, 2*G*H), direction d at column d*G*H; either way without bias_ih, which the cell adds. A chunk
 // whose rows lie in order in the input (every row running, in the caller's order, and in reverse
-// also of one length: equal lengths) is projected from the input in place. The workspace (T, B, 2, W*H) holds the saved
-// activations of (packed token, direction) in its first N*2*W*H elements and zeros after them.
+// also of one length: equal lengths) is projected from the input in place. The workspace
+// (T, B, 2, W*H) holds the saved activations of (packed token, direction) in its first N*2*W*H
+// elements and zeros after them.
 //
 // The kernel reads and writes the layer's storage type S and computes in C = compute_t<S>: a
 // bfloat16 / float16 layer's input and weights go to the products as they are (float32
@@ -152,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
     chunk_x = empty_cpu({2, chunk_steps * B, I}, input.options());
     chunk_gx = empty_cpu({2, chunk_steps * B, GH}, compute);
   } else {
-    gates_x = at::mm(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
+    gates_x =
+        at::mm(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
   Tensor output = empty_large({steps, B, 2 * P}, input.options());
   Tensor workspace = empty_cpu({0}, compute);
