@@ -153,6 +153,31 @@ def test_matches_torch_fp64(cell, proj, lengths, threads):
         torch.set_num_threads(previous)
 
 
+IN_ORDER_LENGTHS = {
+    # Every row runs T - 6 steps: in reverse the in-place chunks start at the longest length, not T.
+    "equal-short": [17] * 40,
+    # Sorted already: forward, the chunks before the first row ends read the input in place, the
+    # rest gather; in reverse every chunk gathers.
+    "sorted": sorted((23 if b < 8 else 11 + b % 12 for b in range(40)), reverse=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths", list(IN_ORDER_LENGTHS))
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_chunks_in_order_read_the_input_in_place(cell, proj, lengths, dtype):
+    """B 40 (chunks of 4 steps on two threads), T 23: a chunk whose rows lie in order in the input
+    is projected from it in place (forward.cpp); against torch, forward and every gradient."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = make_layer(cell, 23, 40, 7, 10, proj, IN_ORDER_LENGTHS[lengths], seed=2)
+        ours = run_ops(cell, cast(layer, dtype))
+        assert_all_close(cell, proj, ours, run_torch(cell, layer), 1e-9 if dtype == torch.float64 else 2e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("cell,proj", CASES)
 def test_matches_torch_fp32(cell, proj):
     """Large enough that the products leave the plain loops (panel / brgemm / MKL)."""
