@@ -5,7 +5,7 @@
 // Every cell offers the same two row functions:
 //   forward(H, gx, bias_ih, gh, bias_hh, h, c, saved, out)
 //     gx: [G*H] x @ W_ih^T, gh: [G*H] h_prev @ W_hh^T, both without their biases (added here, where
-//     they are in cache: copying bias_ih into every row of the projection cost 2% of an inference);
+//     they are in cache, rather than copied into every row of the products' output);
 //     h, c: [H] state, read as the previous step's and overwritten with this step's (c unused
 //     unless kHasCellState); saved: [kSaved*H] this row's workspace slot; out: [H] output row.
 //   backward(H, saved, h_prev, c_prev, h_t, grad_out, dh, dc, dgx, dgh)
