@@ -42,6 +42,9 @@ TARGETS = {
     "tts-infer": (Case("LSTM", "tts", 1, "infer", "equal"), 1.3),
     "diarization-train": (Case("LSTM", "diarization", 4, "train", "equal"), 1.3),
     "speech-train": (Case("LSTM", "speech", 2, "train", "varlen"), 1.3),
+    # No target: the input without a gradient (features, a frozen embedding).
+    "sentiment-train-input-no-grad": (Case("LSTM", "sentiment", 1, "train", "equal", input_grad=False), "—"),
+    "bf16-train-input-no-grad": (Case("LSTM", "sentiment", 1, "train", "equal", "bfloat16", input_grad=False), "—"),
 }
 
 

@@ -40,11 +40,15 @@ class Case:
     # float32; bfloat16 (model and input in bf16 on both sides); autocast (an fp32 model under
     # torch.autocast("cpu", torch.bfloat16))
     precision: str = "float32"
+    # Training: whether the input needs a gradient (False: features, as a speech encoder's, or a
+    # frozen embedding; both sides then skip what they can).
+    input_grad: bool = True
 
     @property
     def name(self):
         steps, batch, inputs, hidden = SHAPES[self.shape]
         suffix = "" if self.precision == "float32" else f"-{self.precision}"
+        suffix += "" if self.input_grad else "-input-no-grad"
         return (f"{self.cell}-{self.shape}(T{steps},B{batch},I{inputs},H{hidden})-L{self.layers}-"
                 f"{self.mode}-{self.lengths}{suffix}")
 
@@ -57,6 +61,7 @@ def all_cases():
               for cell in ("GRU", "RNN") for mode in ("infer", "train") for lengths in ("equal", "varlen")]
     cases += [Case("LSTM", "sentiment", 1, mode, "equal", "bfloat16") for mode in ("infer", "train")]
     cases += [Case("LSTM", "sentiment", 1, "infer", "equal", "autocast")]
+    cases += [Case("LSTM", "sentiment", 1, "train", "equal", input_grad=False)]
     cases += [Case("LSTM", "tts", 1, "infer", "equal"), Case("LSTM", "diarization", 4, "train", "equal"),
               Case("LSTM", "speech", 2, "train", "varlen")]
     return cases
@@ -105,7 +110,7 @@ class Workload:
         dtype = torch.bfloat16 if case.precision == "bfloat16" else torch.float32
         for module in self.modules.values():
             module.to(dtype)
-        self.input = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=case.mode == "train")
+        self.input = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=case.mode == "train" and case.input_grad)
         self.cotangent = torch.randn(steps, batch, 2 * hidden, dtype=dtype)
         self.emulated = case.precision == "autocast" and not autocast_honoured(self.modules["fast"], self.input)
         if self.emulated:

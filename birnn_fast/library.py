@@ -28,11 +28,16 @@ workspace)`` runs one bidirectional layer.
   ``save_workspace`` (no backward will follow) it is an empty (0,) tensor.
 
 ``birnn_fast::backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
-output, workspace) -> (grad_input, grad_weights, grad_h0, grad_c0)`` is the exact vector-Jacobian
-product of forward (as a function of input, weights, h0, c0), given forward's own output and
-workspace. ``grad_weights`` is a list in the order of ``weights``; every gradient has the shape and
-dtype of its primal (grad_c0 is empty for non-LSTM cells). grad_output, grad_h_n and grad_c_n are
-always materialised (zeros where autograd had none).
+output, workspace, output_mask=[True, True, True, True]) -> (grad_input, grad_weights, grad_h0,
+grad_c0)`` is the exact vector-Jacobian product of forward (as a function of input, weights, h0, c0),
+given forward's own output and workspace. ``grad_weights`` is a list in the order of ``weights``;
+every gradient has the shape and dtype of its primal (grad_c0 is empty for non-LSTM cells).
+grad_output, grad_h_n and grad_c_n are always materialised (zeros where autograd had none).
+``output_mask`` says which of (grad_input, grad_weights, grad_h0, grad_c0) the caller needs, as in
+torch's ``_cudnn_rnn_backward``: one not asked for comes back as an empty (0,) tensor (grad_weights:
+one per weight), and a backend may skip its work (the CPU one skips the products of grad_input, a
+sixth of a training step's, for a first layer whose input needs no gradient, and those of the
+weight gradients for a frozen layer).
 
 The schemas live here, in Python, rather than in C++: the Triton (CUDA) implementation is Python,
 and the package must keep working when the C++ library is not built.
@@ -53,7 +58,8 @@ torch.library.define(
 torch.library.define(
     BACKWARD,
     "(str cell, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor[] weights, "
-    "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace) -> (Tensor, Tensor[], Tensor, Tensor)",
+    "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace, bool[4] output_mask=[True, True, True, True]) "
+    "-> (Tensor, Tensor[], Tensor, Tensor)",
 )
 
 
@@ -92,10 +98,24 @@ def _forward_fake(cell, input, weights, h0, c0, lengths, save_workspace):
     return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), workspace
 
 
+def masked(output_mask, grad_input, grad_weights, grad_h0, grad_c0):
+    """The backward's results with those ``output_mask`` does not ask for replaced by empty (0,) tensors."""
+    if len(output_mask) != 4:
+        # The message the C++ kernels' argument parsing gives.
+        raise RuntimeError(f"Tried to convert a List with {len(output_mask)} elements to a fixed-size array of size 4")
+
+    def keep(wanted, grad):
+        return grad if wanted else grad.new_empty(0)
+
+    return (keep(output_mask[0], grad_input), [keep(output_mask[1], grad) for grad in grad_weights],
+            keep(output_mask[2], grad_h0), keep(output_mask[3], grad_c0))
+
+
 @torch.library.register_fake(BACKWARD)
-def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
+def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
+                   output_mask=(True, True, True, True)):
     _check_devices(input, [(f"weights[{k}]", weight) for k, weight in enumerate(weights)] + [
         ("h0", h0), ("c0", c0), ("grad_output", grad_output), ("grad_h_n", grad_h_n), ("grad_c_n", grad_c_n),
         ("output", output), ("workspace", workspace)])
-    return (input.new_empty(input.shape), [weight.new_empty(weight.shape) for weight in weights],
-            h0.new_empty(h0.shape), c0.new_empty(c0.shape))
+    return masked(output_mask, input.new_empty(input.shape), [weight.new_empty(weight.shape) for weight in weights],
+                  h0.new_empty(h0.shape), c0.new_empty(c0.shape))

@@ -2,7 +2,8 @@
 torch.library (so that autograd, torch.compile, opcheck and every caller of ``torch.ops.birnn_fast``
 see them), and the functional entry point ``birnn_layer``. The contract and schemas: ``library.py``.
 
-- forward's formula calls the backward op: each backend's own BPTT kernel.
+- forward's formula calls the backward op: each backend's own BPTT kernel, asked (``output_mask``)
+  only for the gradients autograd needs.
 - backward's formula (the double backward) differentiates the reference through a recompute:
   exact to any order, and slow; it runs only when a graph of the backward is being built
   (``create_graph=True``). It takes forward's ``output`` and ``workspace`` as what the contract
@@ -39,11 +40,17 @@ class _Forward(torch.autograd.Function):
             with torch._C._AutoDispatchBelowAutograd():
                 output, _, _, workspace = torch.ops.birnn_fast.forward(ctx.cell, input, weights, h0, c0, lengths,
                                                                        True)
+        # Only what autograd will use: a first layer's input or a frozen layer's weights that need no
+        # gradient cost their products nothing.
+        needs = ctx.needs_input_grad
+        output_mask = [needs[1], any(needs[6:]), needs[2], needs[3] and cell_of(ctx.cell).has_cell_state]
         grad_input, grad_weights, grad_h0, grad_c0 = _backward(
             ctx.cell, _materialize(grad_output, output), _materialize(grad_h_n, h0), _materialize(grad_c_n, c0),
-            input, weights, h0, c0, lengths, output, workspace,
+            input, weights, h0, c0, lengths, output, workspace, output_mask,
         )
-        grad_c0 = grad_c0 if cell_of(ctx.cell).has_cell_state else None
+        grad_input, grad_h0, grad_c0 = (grad if wanted else None for grad, wanted in
+                                        zip((grad_input, grad_h0, grad_c0), (needs[1], needs[2], output_mask[3])))
+        grad_weights = [grad if wanted else None for grad, wanted in zip(grad_weights, needs[6:])]
         return None, grad_input, grad_h0, grad_c0, None, None, *grad_weights
 
 
@@ -55,11 +62,13 @@ class _Backward(torch.autograd.Function):
     """backward's autograd formula (the double backward)."""
 
     @staticmethod
-    def forward(ctx, cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, *weights):
+    def forward(ctx, cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, output_mask,
+                *weights):
         with torch._C._AutoDispatchBelowAutograd():
             grad_input, grad_weights, grad_h0, grad_c0 = torch.ops.birnn_fast.backward(
-                cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace)
+                cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace, output_mask)
         ctx.cell = cell
+        ctx.output_mask = output_mask
         ctx.save_for_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, *weights)
         return grad_input, grad_h0, grad_c0, *grad_weights
 
@@ -78,29 +87,35 @@ class _Backward(torch.autograd.Function):
             grad_input, grad_weights, grad_h0, grad_c0 = reference.vjp(
                 ctx.cell, grads, primals[0], primals[2:2 + len(weights)], primals[1],
                 primals[-1] if has_cell_state else c0, lengths, create_graph=True)
+            mask = ctx.output_mask
             first = [grad_input, grad_h0, *grad_weights] + ([grad_c0] if has_cell_state else [])
             cotangents = [grad_grad_input, grad_grad_h0, *grad_grad_weights] + ([grad_grad_c0] if has_cell_state else [])
+            wanted = [mask[0], mask[2]] + [mask[1]] * len(weights) + ([mask[3]] if has_cell_state else [])
+            # The outputs the mask left out were empty: nothing flows back through them.
+            first, cotangents = ([value for value, keep in zip(values, wanted) if keep] for values in (first, cotangents))
             second = torch.autograd.grad(first, grads + primals, cotangents, create_graph=create_graph,
                                          allow_unused=True, materialize_grads=True)
         count = len(grads)
         grad_grads, grad_primals = second[:count], second[count:]
         return (None, grad_grads[0], grad_grads[1], grad_grads[2] if has_cell_state else None,
                 grad_primals[0], grad_primals[1], grad_primals[-1] if has_cell_state else None,
-                None, None, None, *grad_primals[2:2 + len(weights)])
+                None, None, None, None, *grad_primals[2:2 + len(weights)])
 
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
-def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
+def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
+              output_mask=(True, True, True, True)):
+    output_mask = list(output_mask)
     if _needs_grad(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights):
         grad_input, grad_h0, grad_c0, *grad_weights = _Backward.apply(
-            cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, *weights)
+            cell, grad_output, grad_h_n, grad_c_n, input, h0, c0, lengths, output, workspace, output_mask, *weights)
         return grad_input, grad_weights, grad_h0, grad_c0
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.birnn_fast.backward(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0,
-                                             lengths, output, workspace)
+                                             lengths, output, workspace, output_mask)
 
 
 def _forward_autograd(cell, input, weights, h0, c0, lengths, save_workspace):

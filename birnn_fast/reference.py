@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 
+from . import library
 from .cells import CELLS, cell_of
 
 
@@ -124,14 +125,16 @@ def vjp(cell, grads, input, weights, h0, c0, lengths, create_graph=False):
     return grad_input, grad_weights, grad_h0, grad_c0
 
 
-def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
-    """``birnn_fast::backward``, by autograd through a recompute (``output`` and ``workspace`` unused)."""
+def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
+                output_mask=(True, True, True, True)):
+    """``birnn_fast::backward``, by autograd through a recompute (``output`` and ``workspace`` unused);
+    every gradient is computed, those ``output_mask`` does not ask for are then dropped."""
     with _autograd_dispatch():
         grads = vjp(cell, (grad_output, grad_h_n, grad_c_n), input, weights, h0, c0, lengths)
     # Autograd may hand back views of grad_output; an op's outputs are its own, contiguous tensors.
     grad_input, grad_weights, grad_h0, grad_c0 = (
         [own(grad) for grad in result] if isinstance(result, list) else own(result) for result in grads)
-    return grad_input, grad_weights, grad_h0, grad_c0
+    return library.masked(output_mask, grad_input, grad_weights, grad_h0, grad_c0)
 
 
 def own(tensor):

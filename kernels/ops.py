@@ -2,6 +2,8 @@
 birnn_fast/library.py) on the launchers' stacked layout (forward.py, backward.py)."""
 import torch
 
+from birnn_fast.library import masked
+
 from .backward import backward
 from .forward import forward
 
@@ -13,14 +15,17 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
                    weight_hr=weight_hr[0] if weight_hr else None)
 
 
-def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace):
-    """``birnn_fast::backward``; gradients per direction, as ``weights``."""
+def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
+                output_mask=(True, True, True, True)):
+    """``birnn_fast::backward``; gradients per direction, as ``weights``. Every gradient is computed
+    (the kernel's products do not take the mask yet), those ``output_mask`` does not ask for are
+    then dropped."""
     weight_ih, weight_hh, _, bias_hh, *weight_hr = _stack(weights)
     grad_input, *grads = backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh,
                                   h0, c0, lengths, output, workspace, weight_hr=weight_hr[0] if weight_hr else None)
     grad_h0, grad_c0 = grads[4:6]
     stacked = grads[:4] + grads[6:]  # weight_ih, weight_hh, bias_ih, bias_hh (, weight_hr)
-    return grad_input, [grad[d] for d in range(2) for grad in stacked], grad_h0, grad_c0
+    return masked(output_mask, grad_input, [grad[d] for d in range(2) for grad in stacked], grad_h0, grad_c0)
 
 
 def _stack(weights):

@@ -204,6 +204,8 @@ CASES = {
                                    r"expected grad_c_n of size"),
     "op backward: lengths > T": (lambda: backward_with(lengths=torch.tensor([T + 1, 1])), RuntimeError,
                                  r"lengths\[0\] must be in \[1, 3\]"),
+    "op backward: output_mask of 3": (lambda: backward_with(output_mask=[True, False, True]), RuntimeError,
+                                      r"List with 3 elements to a fixed-size array of size 4"),
 }
 for _name, _cls, _kwargs in [("LSTM", FastBiLSTM, {}), ("GRU", FastBiGRU, {}), ("RNN tanh", FastBiRNN, {}),
                              ("RNN relu", FastBiRNN, {"nonlinearity": "relu"})]:

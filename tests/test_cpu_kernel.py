@@ -178,6 +178,39 @@ def test_chunks_in_order_read_the_input_in_place(cell, proj, lengths, dtype):
         torch.set_num_threads(previous)
 
 
+MASKS = {"no-input": (False, True, True, True), "no-weights": (True, False, True, True),
+         "states-only": (False, False, True, False)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_backward_output_mask(cell, proj, mask, threads, dtype):
+    """What output_mask asks for is bitwise what the full backward gives (the skipped products feed
+    nothing else); the rest comes back empty. Large enough for the half backend's chunk products;
+    two threads run the chunked path, three the other."""
+    output_mask = MASKS[mask]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = cast(make_layer(cell, 13, 9, 41, 64, proj and 12, [13, 2, 13, 7, 1, 13, 9, 5, 11], seed=3), dtype)
+        output, _, _, workspace = torch.ops.birnn_fast.forward(
+            cell, layer["input"], layer["weights"], layer["h0"], layer["c0"], layer["lengths"], True)
+        args = (cell, layer["grad_output"], layer["grad_h_n"], layer["grad_c_n"], layer["input"], layer["weights"],
+                layer["h0"], layer["c0"], layer["lengths"], output, workspace)
+        full = torch.ops.birnn_fast.backward(*args)
+        masked = torch.ops.birnn_fast.backward(*args, list(output_mask))
+    finally:
+        torch.set_num_threads(previous)
+    for name, wanted, got, expected in zip(("grad_input", "grad_weights", "grad_h0", "grad_c0"), output_mask,
+                                           masked, full):
+        got, expected = ((got, expected) if isinstance(got, list) else ([got], [expected]))
+        assert len(got) == len(expected), name
+        for one, other in zip(got, expected):
+            assert torch.equal(one, other) if wanted else one.shape == (0,), name
+
+
 @pytest.mark.parametrize("cell,proj", CASES)
 def test_matches_torch_fp32(cell, proj):
     """Large enough that the products leave the plain loops (panel / brgemm / MKL)."""

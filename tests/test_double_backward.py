@@ -97,6 +97,22 @@ def test_hessian_vector_product_matches_torch(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_input_gradient_penalty_of_a_frozen_layer_matches_torch(cell):
+    """A frozen critic's input-gradient penalty: the first backward computes no weight gradients
+    (output_mask), and the second order still reaches the input."""
+    fast, expected = make_pair(cell, num_layers=2)
+    x0 = torch.randn(5, 3, 3, device=DEVICE, dtype=torch.float64)
+
+    def penalty(module):
+        module.requires_grad_(False)
+        x = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(module(x)[0].tanh().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), x)[0]
+
+    assert_close(penalty(fast), penalty(expected), torch.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_gradgradcheck(cell):
     fast, _ = make_pair(cell)
     names = [name for name, _ in fast.named_parameters()]

@@ -96,3 +96,33 @@ def test_opcheck_forward_without_workspace_then_backward():
     args = forward_args("LSTM", False, torch.float64, True, save_workspace=False)
     torch.library.opcheck(torch.ops.birnn_fast.forward.default, args)
 
+
+
+MASKS = [(False, True, True, True), (True, False, True, True), (False, False, True, False), (True, True, False, False)]
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "reference"])
+@pytest.mark.parametrize("output_mask", MASKS, ids=lambda mask: "".join("1" if m else "0" for m in mask))
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_opcheck_backward_output_mask(kernels, output_mask, cell):
+    """backward's output_mask: what it leaves out comes back empty, in eager and traced runs alike."""
+    if kernels == "cpp":
+        require("cpu", torch.float64)
+    with contextlib.nullcontext() if kernels == "cpp" else cpu_kernels(*REFERENCE_KERNELS):
+        args = backward_args(cell, False, torch.float64, False) + (list(output_mask),)
+        torch.library.opcheck(torch.ops.birnn_fast.backward.default, args)
+        grad_input, grad_weights, grad_h0, grad_c0 = torch.ops.birnn_fast.backward(*args)
+        full = torch.ops.birnn_fast.backward(*args[:-1])
+        for wanted, got, expected in zip(output_mask, (grad_input, grad_weights, grad_h0, grad_c0), full):
+            for one, other in zip(*(([got], [expected]) if isinstance(got, torch.Tensor) else (got, expected))):
+                if wanted:
+                    assert torch.equal(one, other)
+                else:
+                    assert one.shape == (0,)
+
+
+def test_opcheck_double_backward_output_mask():
+    """The double backward through a masked backward: the gradients left out carry nothing back."""
+    args = backward_args("LSTM", False, torch.float64, True, T=2) + ([False, True, True, False],)
+    with cpu_kernels(*REFERENCE_KERNELS):
+        torch.library.opcheck(torch.ops.birnn_fast.backward.default, args)

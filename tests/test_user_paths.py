@@ -52,6 +52,33 @@ PATHS = {
             for a, b in zip(got, want):
                 close(a, b)
     """,
+    # Features that need no gradient (a speech encoder's input), eager and compiled, and a frozen
+    # layer under a trainable input: the gradients torch gives, and None where torch gives None.
+    "input_without_grad_frozen_layer": """
+        for fast_cls, torch_cls in [(FastBiLSTM, nn.LSTM), (FastBiGRU, nn.GRU), (FastBiRNN, nn.RNN)]:
+            model = fast_cls(5, 6, num_layers=2)
+            expected = torch_cls(5, 6, num_layers=2, bidirectional=True)
+            expected.load_state_dict(model.state_dict())
+            x, lengths = torch.randn(7, 3, 5), torch.tensor([7, 2, 5])
+
+            def torch_output(x):
+                packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+                return nn.utils.rnn.pad_packed_sequence(expected(packed)[0], total_length=7)[0]
+
+            torch_output(x).sin().sum().backward()
+            for run in (model, torch.compile(model, fullgraph=True)):
+                model.zero_grad(set_to_none=True)
+                run(x, lengths=lengths)[0].sin().sum().backward()
+                for mine, theirs in zip(model.parameters(), expected.parameters()):
+                    close(mine.grad, theirs.grad)
+            model.requires_grad_(False), expected.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
+            x_fast, x_torch = x.clone().requires_grad_(), x.clone().requires_grad_()
+            model(x_fast, lengths=lengths)[0].sin().sum().backward()
+            torch_output(x_torch).sin().sum().backward()
+            close(x_fast.grad, x_torch.grad)
+            assert all(p.grad is None for p in model.parameters())
+    """,
     # The dtypes nn.* returns under autocast, and its values to bf16's precision.
     "autocast_cpu_bf16": """
         for fast_cls, torch_cls in [(FastBiLSTM, nn.LSTM), (FastBiGRU, nn.GRU), (FastBiRNN, nn.RNN)]:

@@ -6,9 +6,12 @@
 // tokens only: on two threads or fewer inside each direction's thread, a chunk of steps at a time
 // on buffers that stay in cache (ChunkedGradients); with more threads as a few multi-threaded
 // GEMMs after the recurrences, on dgates (N, 2*G*H). A projected LSTM's grad W_hr is summed inside
-// the direction's thread in both cases, a chunk of rows at a time (Projection).
+// the direction's thread in both cases, a chunk of rows at a time (Projection). The op's
+// output_mask drops the input gradient's products (a first layer whose input needs none) or the
+// weight gradients' (a frozen layer); the recurrences run in full either way.
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <mutex>
 #include <optional>
 
@@ -121,10 +124,12 @@ template <typename T>
 struct ChunkedGradients {
   const T* input;      // (T, B, I)
   const T* weight_ih;  // (GH, I), this direction's
-  // dgates_x @ W_ih for a half layer's products (W_ih rounded once per call); else W_ih in place.
+  // dgates_x @ W_ih for a half layer's products (W_ih rounded once per call, with input_grad only);
+  // else W_ih in place.
   const ReusedWeight<T>* half_weight_ih;
   c10::ScalarType layer_dtype;
   int64_t inputs, steps_per_chunk;
+  bool input_grad, weight_grads;  // which of the two the caller wants (the op's output_mask)
   T* x;               // (rows, I): the chunk's input rows, then their input gradients
   T* h_prev;          // (rows, P): the states the chunk's steps started from
   T* dgates_x;        // (rows, GH)
@@ -135,16 +140,17 @@ struct ChunkedGradients {
   uint16_t* rounded_dgates_t;
   T* grad_input;      // (T, B, I), zeroed, accumulated by both directions under grad_input_locks
   std::mutex* grad_input_locks;  // by time step
-  T* grad_weight_ih;  // (GH, I), accumulated
-  T* grad_weight_hh;  // (GH, P), accumulated
-  T* grad_bias_ih;    // (GH), accumulated
-  T* grad_bias_hh;    // (GH), accumulated
+  // Accumulated; null without weight_grads (x's input rows and h_prev then go unfilled).
+  T* grad_weight_ih;  // (GH, I)
+  T* grad_weight_hh;  // (GH, P)
+  T* grad_bias_ih;    // (GH)
+  T* grad_bias_hh;    // (GH)
 };
 
 // A bfloat16 / float16 layer's chunk products on the half backend (as gemm_tn_accumulate and
 // ReusedWeight would run them, with the same rounded operands): each set of gate gradients rounded
 // once, read in row order by dX = dgates_x @ W_ih and transposed once for the weight gradients,
-// which an LSTM or RNN takes both from dgates_x. Overwrites g.x with dX.
+// which an LSTM or RNN takes both from dgates_x. Overwrites g.x with dX (with g.input_grad).
 template <typename Cell>
 void half_chunk_products(const ChunkedGradients<float>& g, int64_t rows, int64_t GH, int64_t P,
                          const float* dgates_h) {
@@ -164,14 +170,20 @@ void half_chunk_products(const ChunkedGradients<float>& g, int64_t rows, int64_t
       operand.multiply(GH, reinterpret_cast<const Low*>(g.rounded_dgates_t), rows, grad, n, /*add_c=*/true);
     };
     round(g.dgates_x);
-    weight_gradient(g.x, I, g.grad_weight_ih);
-    if constexpr (!Cell::kSplitGateGrad) {
-      weight_gradient(g.h_prev, P, g.grad_weight_hh);
+    if (g.weight_grads) {
+      weight_gradient(g.x, I, g.grad_weight_ih);
+      if constexpr (!Cell::kSplitGateGrad) {
+        weight_gradient(g.h_prev, P, g.grad_weight_hh);
+      }
     }
-    g.half_weight_ih->multiply(rows, static_cast<const Low*>(rounded), GH, g.x, I, /*accumulate=*/false);
+    if (g.input_grad) {
+      g.half_weight_ih->multiply(rows, static_cast<const Low*>(rounded), GH, g.x, I, /*accumulate=*/false);
+    }
     if constexpr (Cell::kSplitGateGrad) {
-      round(dgates_h);
-      weight_gradient(g.h_prev, P, g.grad_weight_hh);
+      if (g.weight_grads) {
+        round(dgates_h);
+        weight_gradient(g.h_prev, P, g.grad_weight_hh);
+      }
     }
   });
 }
@@ -184,30 +196,38 @@ void chunk_gradients(const BackwardArgs<T>& args, const ChunkedGradients<T>& g, 
   const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H, I = g.inputs, B = schedule.batch;
   const int64_t d = args.direction, rows = starts.back();
   const T* dgates_h = Cell::kSplitGateGrad ? g.dgates_h : g.dgates_x;
-  gather_chunk_inputs(schedule, d, first, last, starts, g.input, I, g.x);
-  for (int64_t step = first; step < last; ++step) {
-    for (int64_t j = 0; j < schedule.active[step]; ++j) {
-      const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d), b = schedule.order[j];
-      const T* h_prev = step == 0 ? args.h0 + b * P : args.output + ((d == 0 ? t - 1 : t + 1) * B + b) * 2 * P + d * P;
-      std::copy_n(h_prev, P, g.h_prev + r * P);
+  if (g.weight_grads) {
+    gather_chunk_inputs(schedule, d, first, last, starts, g.input, I, g.x);
+    for (int64_t step = first; step < last; ++step) {
+      for (int64_t j = 0; j < schedule.active[step]; ++j) {
+        const int64_t r = starts[step - first] + j, t = schedule.time(step, j, d), b = schedule.order[j];
+        const T* h_prev =
+            step == 0 ? args.h0 + b * P : args.output + ((d == 0 ? t - 1 : t + 1) * B + b) * 2 * P + d * P;
+        std::copy_n(h_prev, P, g.h_prev + r * P);
+      }
     }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < GH; ++k) {
-      g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
-      g.grad_bias_hh[k] += dgates_h[r * GH + k];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < GH; ++k) {
+        g.grad_bias_ih[k] += g.dgates_x[r * GH + k];
+        g.grad_bias_hh[k] += dgates_h[r * GH + k];
+      }
     }
   }
   // Products this small run in float32 (gemm_tn_accumulate's and ReusedWeight's rule).
-  const bool half = g.half_weight_ih != nullptr && GH * std::min(I, P) * rows > kSmallMultiplyAdds;
+  const bool half = g.rounded_dgates != nullptr && GH * std::min(I, P) * rows > kSmallMultiplyAdds;
   if constexpr (std::is_same_v<T, float>) {
     if (half) {
       half_chunk_products<Cell>(g, rows, GH, P, dgates_h);
     }
   }
-  if (!half) {
+  if (!half && g.weight_grads) {
     gemm_tn_accumulate<T>(GH, I, rows, g.dgates_x, GH, g.x, I, g.grad_weight_ih, I, g.layer_dtype);
     gemm_tn_accumulate<T>(GH, P, rows, dgates_h, GH, g.h_prev, P, g.grad_weight_hh, P, g.layer_dtype);
+  }
+  if (!g.input_grad) {
+    return;
+  }
+  if (!half) {
     // W_ih in place rather than a packed copy: the copy would hold as much memory as W_ih's gradient.
     if (g.half_weight_ih != nullptr) {
       g.half_weight_ih->multiply(rows, g.dgates_x, GH, g.x, I, /*accumulate=*/false);
@@ -254,7 +274,7 @@ void backward_direction(BackwardArgs<T> args, const ReusedWeight<T>& weight_hh, 
       weight_hh.multiply(schedule.active[step], args.step_dgates_h, GH, args.dh, P,
                          /*accumulate=*/Cell::kDirectHiddenGrad);
     }
-    if (chunked != nullptr) {
+    if (chunked != nullptr && (chunked->input_grad || chunked->weight_grads)) {
       chunk_gradients<Cell, T>(args, *chunked, first, last, starts);
     }
   }
@@ -290,8 +310,9 @@ template <typename Cell, typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
     at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths, const Tensor& output,
-    const Tensor& workspace, at::ScalarType layer_dtype) {
+    const Tensor& workspace, at::ScalarType layer_dtype, const std::array<bool, 4>& output_mask) {
   const Layer layer = layer_of(input, weights, Cell::kGates);
+  const bool input_grad = output_mask[0], weight_grads = output_mask[1];
   const int64_t steps = layer.steps, B = layer.batch, I = layer.inputs, H = layer.hidden, P = layer.state;
   const int64_t GH = Cell::kGates * H;
   const Schedule schedule(lengths, steps);
@@ -302,7 +323,8 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
   // The chunk products of a bfloat16 / float16 layer in its dtype (a float32 copy of it here).
-  const bool half_chunks = chunked && layer_dtype != c10::CppTypeToScalarType<T>::value &&
+  const bool half_chunks = chunked && (input_grad || weight_grads) &&
+                           layer_dtype != c10::CppTypeToScalarType<T>::value &&
                            half_products(layer_dtype) != HalfProducts::kFloat32;
   Tensor dgates_x, dgates_h, grad_input;
   std::vector<Tensor> grad_weights(weights.size());  // in the order of weights
@@ -316,8 +338,10 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
     if (half_chunks) {
       chunk_rounded = empty_cpu({2, 2, chunk_rows * GH}, input.options().dtype(layer_dtype));
     }
-    grad_input = empty_large(input.sizes(), input.options()).zero_();
-    for (size_t k = 0; k < weights.size(); ++k) {
+    if (input_grad) {
+      grad_input = empty_large(input.sizes(), input.options()).zero_();
+    }
+    for (size_t k = 0; k < weights.size() && weight_grads; ++k) {
       grad_weights[k] = zeros_cpu(weights[k].sizes(), weights[k].options());
     }
   } else {
@@ -362,7 +386,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
       ChunkedGradients<T> gradients{};
       uint16_t* rounded = half_chunks ? static_cast<uint16_t*>(chunk_rounded.data_ptr()) : nullptr;
       std::optional<ReusedWeight<T>> half_weight_ih;
-      if (half_chunks) {
+      if (half_chunks && input_grad) {
         half_weight_ih.emplace(GH, I, weight_of<T>(weights, layer, d, kWeightIh), I, /*transpose_b=*/false,
                                layer_dtype);
       }
@@ -373,18 +397,20 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                      layer_dtype,
                      I,
                      chunk_steps,
+                     input_grad,
+                     weight_grads,
                      chunk_x.data_ptr<T>() + d * chunk_rows * I,
                      chunk_h_prev.data_ptr<T>() + d * chunk_rows * P,
                      chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
                      chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
                      half_chunks ? rounded + 2 * d * chunk_rows * GH : nullptr,
                      half_chunks ? rounded + (2 * d + 1) * chunk_rows * GH : nullptr,
-                     grad_input.data_ptr<T>(),
+                     input_grad ? grad_input.data_ptr<T>() : nullptr,
                      grad_input_locks.data(),
-                     weight_of<T>(grad_weights, layer, d, kWeightIh),
-                     weight_of<T>(grad_weights, layer, d, kWeightHh),
-                     weight_of<T>(grad_weights, layer, d, kBiasIh),
-                     weight_of<T>(grad_weights, layer, d, kBiasHh)};
+                     weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightIh) : nullptr,
+                     weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightHh) : nullptr,
+                     weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasIh) : nullptr,
+                     weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasHh) : nullptr};
       }
       std::optional<ReusedWeight<T>> weight_hr;
       std::optional<Projection<T>> projection;
@@ -405,20 +431,29 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor grad_h0 = reorder_states<T>(schedule, dh, /*to_sorted=*/false);
   Tensor grad_c0 =
       Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : empty_cpu({0}, input.options());
-  if (chunked) {
-    return {grad_input, grad_weights, grad_h0, grad_c0};
+  if (!chunked) {
+    if (input_grad) {
+      grad_input = unpack<T>(schedule, at::mm(dgates_x, both_directions(weights, layer, kWeightIh)), steps);
+    }
+    if (weight_grads) {
+      const Tensor grad_weight_ih = at::mm(dgates_x.t(), pack<T>(schedule, input));  // (2GH, I)
+      const Tensor grad_bias_ih = dgates_x.sum(0), grad_bias_hh = dgates_h.sum(0);
+      const Tensor h_prev = previous_states<T>(schedule, output, h0);
+      for (int64_t d = 0; d < 2; ++d) {
+        const int64_t k = d * layer.per_direction();
+        grad_weights[k + kWeightIh] = grad_weight_ih.narrow(0, d * GH, GH);
+        grad_weights[k + kWeightHh] = at::mm(dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * P, P));
+        grad_weights[k + kBiasIh] = grad_bias_ih.narrow(0, d * GH, GH);
+        grad_weights[k + kBiasHh] = grad_bias_hh.narrow(0, d * GH, GH);
+      }
+    }
   }
-
-  grad_input = unpack<T>(schedule, at::mm(dgates_x, both_directions(weights, layer, kWeightIh)), steps);
-  const Tensor grad_weight_ih = at::mm(dgates_x.t(), pack<T>(schedule, input));  // (2GH, I)
-  const Tensor grad_bias_ih = dgates_x.sum(0), grad_bias_hh = dgates_h.sum(0);
-  const Tensor h_prev = previous_states<T>(schedule, output, h0);
-  for (int64_t d = 0; d < 2; ++d) {
-    const int64_t k = d * layer.per_direction();
-    grad_weights[k + kWeightIh] = grad_weight_ih.narrow(0, d * GH, GH);
-    grad_weights[k + kWeightHh] = at::mm(dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * P, P));
-    grad_weights[k + kBiasIh] = grad_bias_ih.narrow(0, d * GH, GH);
-    grad_weights[k + kBiasHh] = grad_bias_hh.narrow(0, d * GH, GH);
+  if (!input_grad) {
+    grad_input = empty_cpu({0}, input.options());
+  }
+  for (Tensor& grad : grad_weights) {
+    // Without weight_grads: empty (a projected layer's grad W_hr was summed, and is dropped).
+    grad = weight_grads ? grad : empty_cpu({0}, input.options());
   }
   return {grad_input, grad_weights, grad_h0, grad_c0};
 }
@@ -429,18 +464,18 @@ template <typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel(
     std::string_view cell, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
-    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype) {
+    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype, const std::array<bool, 4>& output_mask) {
   return dispatch_cell(cell, [&](auto cell_type) {
     return backward_impl<decltype(cell_type), T>(grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
-                                                 output, workspace, layer_dtype);
+                                                 output, workspace, layer_dtype, output_mask);
   });
 }
 
 template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<float>(
     std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const std::array<bool, 4>&);
 template std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel<double>(
     std::string_view, const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::TensorList, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const std::array<bool, 4>&);
 
 }  // namespace birnn_fast::cpu

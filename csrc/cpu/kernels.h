@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <string_view>
 #include <tuple>
@@ -65,7 +66,8 @@ decltype(auto) dispatch_cell(std::string_view cell, Fn&& fn) {
 // B >= 1; arguments checked. layer_dtype: the caller's dtype when the arguments are float32 copies
 // of a bfloat16 / float16 layer (its products may run in that dtype), else T's. forward_kernel runs
 // float, double, and bfloat16 / float16 where half_products(T) is not kFloat32; backward_kernel
-// float and double.
+// float and double; its output_mask is the op's (grad_input, grad_weights, grad_h0, grad_c0): a
+// grad_input or weight gradient not asked for is not computed and comes back empty.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
                                                           at::TensorList weights, const Tensor& h0, const Tensor& c0,
@@ -76,6 +78,7 @@ template <typename T>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_kernel(
     std::string_view cell, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
-    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype);
+    const Tensor& output, const Tensor& workspace, at::ScalarType layer_dtype,
+    const std::array<bool, 4>& output_mask);
 
 }  // namespace birnn_fast::cpu

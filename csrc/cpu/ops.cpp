@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(c10::string_view cell_vie
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
     c10::string_view cell_view, const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, at::TensorList weights, const Tensor& h0, const Tensor& c0, const Tensor& lengths,
-    const Tensor& output, const Tensor& workspace) {
+    const Tensor& output, const Tensor& workspace, std::array<bool, 4> output_mask) {
   const std::string_view cell(cell_view.data(), cell_view.size());
   const Layer layer = check_common(cell, input, weights, h0, c0, lengths);
   const at::ScalarType dtype = input.scalar_type();
@@ -166,28 +166,43 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
   check_tensor(output, "output", {steps, B, 2 * P}, dtype);
   check_tensor(workspace, "workspace (forward's, with save_workspace=True)",
                {steps, B, 2, saved_of(cell) * layer.hidden}, workspace_dtype(dtype));
+  std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> grads;
+  auto& [grad_input, grad_weights, grad_h0, grad_c0] = grads;
   if (B == 0) {
-    std::vector<Tensor> grad_weights;
+    grad_input = at::zeros_like(input);
     for (const Tensor& weight : weights) {
       grad_weights.push_back(at::zeros_like(weight));
     }
-    return {at::zeros_like(input), grad_weights, at::zeros_like(h0), at::zeros_like(c0)};
-  }
-  if (is_half(dtype)) {
-    auto [grad_input, grad_weights, grad_h0, grad_c0] = backward_kernel<float>(
-        cell, grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), grad_c_n.to(at::kFloat), input.to(at::kFloat),
-        to_float(weights), h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat), workspace, dtype);
+    grad_h0 = at::zeros_like(h0);
+    grad_c0 = at::zeros_like(c0);
+  } else if (is_half(dtype)) {
+    grads = backward_kernel<float>(cell, grad_output.to(at::kFloat), grad_h_n.to(at::kFloat),
+                                   grad_c_n.to(at::kFloat), input.to(at::kFloat), to_float(weights),
+                                   h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat), workspace,
+                                   dtype, output_mask);
     for (Tensor& grad : grad_weights) {
       grad = grad.to(dtype);
     }
-    return {grad_input.to(dtype), grad_weights, grad_h0.to(dtype), grad_c0.to(dtype)};
+    grad_input = grad_input.to(dtype);
+    grad_h0 = grad_h0.to(dtype);
+    grad_c0 = grad_c0.to(dtype);
+  } else if (dtype == at::kDouble) {
+    grads = backward_kernel<double>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
+                                    workspace, dtype, output_mask);
+  } else {
+    grads = backward_kernel<float>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
+                                   workspace, dtype, output_mask);
   }
-  if (dtype == at::kDouble) {
-    return backward_kernel<double>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-                                   workspace, dtype);
+  // What output_mask does not ask for comes back empty (the kernels skip grad_input's and the
+  // weight gradients' products; grad_h0 and grad_c0 cost nothing apart).
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  grad_input = output_mask[0] ? grad_input : empty();
+  for (Tensor& grad : grad_weights) {
+    grad = output_mask[1] ? grad : empty();
   }
-  return backward_kernel<float>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-                                workspace, dtype);
+  grad_h0 = output_mask[2] ? grad_h0 : empty();
+  grad_c0 = output_mask[3] ? grad_c0 : empty();
+  return grads;
 }
 
 }  // namespace
