@@ -110,7 +110,8 @@ class Workload:
         dtype = torch.bfloat16 if case.precision == "bfloat16" else torch.float32
         for module in self.modules.values():
             module.to(dtype)
-        self.input = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=case.mode == "train" and case.input_grad)
+        wants_grad = case.mode == "train" and case.input_grad
+        self.input = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=wants_grad)
         self.cotangent = torch.randn(steps, batch, 2 * hidden, dtype=dtype)
         self.emulated = case.precision == "autocast" and not autocast_honoured(self.modules["fast"], self.input)
         if self.emulated:

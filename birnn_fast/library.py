@@ -58,8 +58,8 @@ torch.library.define(
 torch.library.define(
     BACKWARD,
     "(str cell, Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor[] weights, "
-    "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace, bool[4] output_mask=[True, True, True, True]) "
-    "-> (Tensor, Tensor[], Tensor, Tensor)",
+    "Tensor h0, Tensor c0, Tensor lengths, Tensor output, Tensor workspace, "
+    "bool[4] output_mask=[True, True, True, True]) -> (Tensor, Tensor[], Tensor, Tensor)",
 )
 
 

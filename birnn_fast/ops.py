@@ -92,7 +92,8 @@ class _Backward(torch.autograd.Function):
             cotangents = [grad_grad_input, grad_grad_h0, *grad_grad_weights] + ([grad_grad_c0] if has_cell_state else [])
             wanted = [mask[0], mask[2]] + [mask[1]] * len(weights) + ([mask[3]] if has_cell_state else [])
             # The outputs the mask left out were empty: nothing flows back through them.
-            first, cotangents = ([value for value, keep in zip(values, wanted) if keep] for values in (first, cotangents))
+            first, cotangents = ([value for value, keep in zip(values, wanted) if keep]
+                                 for values in (first, cotangents))
             second = torch.autograd.grad(first, grads + primals, cotangents, create_graph=create_graph,
                                          allow_unused=True, materialize_grads=True)
         count = len(grads)
