@@ -97,7 +97,6 @@ def test_opcheck_forward_without_workspace_then_backward():
     torch.library.opcheck(torch.ops.birnn_fast.forward.default, args)
 
 
-
 MASKS = [(False, True, True, True), (True, False, True, True), (False, False, True, False), (True, True, False, False)]
 
 

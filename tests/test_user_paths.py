@@ -78,6 +78,14 @@ PATHS = {
             torch_output(x_torch).sin().sum().backward()
             close(x_fast.grad, x_torch.grad)
             assert all(p.grad is None for p in model.parameters())
+        # The defaults: one layer, no hx, no lengths, features without grad.
+        model, expected = FastBiLSTM(5, 6), nn.LSTM(5, 6, bidirectional=True)
+        expected.load_state_dict(model.state_dict())
+        x = torch.randn(7, 3, 5)
+        model(x)[0].sin().sum().backward()
+        expected(x)[0].sin().sum().backward()
+        for mine, theirs in zip(model.parameters(), expected.parameters()):
+            close(mine.grad, theirs.grad)
     """,
     # The dtypes nn.* returns under autocast, and its values to bf16's precision.
     "autocast_cpu_bf16": """
