@@ -42,7 +42,7 @@ def _register(forward, backward, dispatch_key):
 
 
 try:
-    from . import _C  # noqa: F401  (its static initialisers register the CPU kernels)
+    from . import _C  # noqa: F401  (its init registers the CPU kernels; ImportError if built for other schemas)
 except ImportError as error:
     _load_errors["cpu"] = (f"the C++ library birnn_fast._C is not built or failed to load "
                            f"(pip install --no-build-isolation -e .): {error}")

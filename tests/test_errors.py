@@ -1,4 +1,11 @@
 """Bad arguments raise torch's exception types and messages; lengths errors name lengths."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -138,6 +145,49 @@ def test_automatic_fallback_warns(monkeypatch):
     with pytest.warns(UserWarning, match="falls back to the slow reference.*supports torch.float64, got torch.float32"):
         FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
 
+
+
+def test_library_built_for_other_schemas_falls_back(tmp_path):
+    """A _C built before a change to library.py's schemas (an editable install not rebuilt): the
+    import does not abort the interpreter; the CPU backend reports why, the reference runs, and no
+    C++ kernel is left registered. Fresh process: a copy of the package whose backward schema
+    gained an argument, next to this build's _C."""
+    if backends.why_not("cpu", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the C++ library is not built")
+    package = pathlib.Path(backends.__file__).parent
+    copy = tmp_path / "birnn_fast"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    schema = "bool[4] output_mask=[True, True, True, True])"
+    source = (copy / "library.py").read_text()
+    assert schema in source
+    (copy / "library.py").write_text(source.replace(schema, "bool[4] output_mask=[True, True, True, True], int extra=0)"))
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from torch import nn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import birnn_fast
+            from birnn_fast import backends
+            assert birnn_fast.__file__.startswith(%r), birnn_fast.__file__
+            reason = backends.why_not("cpu", torch.device("cpu"), torch.float32)
+            assert "built for other op schemas" in reason and "birnn_fast::backward" in reason, reason
+            fast = birnn_fast.FastBiLSTM(5, 7)
+            slow = nn.LSTM(5, 7, bidirectional=True)
+            slow.load_state_dict(fast.state_dict())
+            x = torch.randn(4, 3, 5)
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x)[0], slow(x)[0])
+        assert any("falls back to the slow reference" in str(w.message) for w in caught)
+        dump = torch._C._dispatch_dump("birnn_fast::forward")
+        cpu = next(line for line in dump.splitlines() if line.startswith("CPU:"))
+        assert "backends.py" in cpu and "module.cpp" not in cpu, cpu
+        print("ok")
+    """ % str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 def test_op_names_the_bad_weight():
     """The ops check what they are given, even when called directly, and name the argument."""

@@ -1,6 +1,6 @@
 // The CPU kernels of birnn_fast::forward / birnn_fast::backward (contract: birnn_fast/library.py):
 // argument checks, the cases that need no kernel (B = 0), bfloat16 / float16 through the float32
-// kernels, and the registration.
+// kernels, and the registration (called from the module's init, csrc/module.cpp).
 //
 // Every argument is checked before a kernel reads it: the Python layer already guarantees most of
 // this, but a direct call of the op must get an error naming the argument, never a crash or an
@@ -19,6 +19,7 @@
 #include "half_products.h"
 #include "isa.h"
 #include "kernels.h"
+#include "ops.h"
 
 namespace birnn_fast::cpu {
 namespace {
@@ -207,7 +208,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(birnn_fast, CPU, m) {
+void register_cpu_kernels(torch::Library& m) {
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);
 }
