@@ -113,41 +113,72 @@ inline bool panel_gemm_supported() {
   return supported;
 }
 
+// Partial sums per accumulator of a block of kRows rows, interleaved over k: a block of 1-3 rows has
+// too few accumulators (2 per row) to cover the FMA's latency on its own (4 cycles on 2 pipes: 8 in
+// flight). Batch 1 (a TTS model, the last rows of a varlen batch) runs 1-row blocks.
+template <int kRows>
+constexpr int kPartialSums = kRows == 1 ? 4 : kRows <= 3 ? 2 : 1;
+
+// Accumulators of rows [0, kRows) += a[:, p] * panel[p, 0:16].
+template <int kRows>
+__attribute__((target("avx2,fma"), always_inline)) inline void panel_multiply_add(int64_t p, const float* a,
+                                                                                   int64_t lda, const float* panel,
+                                                                                   __m256* low, __m256* high) {
+  const __m256 b_low = _mm256_loadu_ps(panel + p * kPanelColumns);
+  const __m256 b_high = _mm256_loadu_ps(panel + p * kPanelColumns + 8);
+#pragma GCC unroll 6
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 a_rp = _mm256_broadcast_ss(a + r * lda + p);
+    low[r] = _mm256_fmadd_ps(a_rp, b_low, low[r]);
+    high[r] = _mm256_fmadd_ps(a_rp, b_high, high[r]);
+  }
+}
+
 // Rows [0, kRows) of a against one panel: c[:, 0:columns] (+)= a @ panel.
 template <int kRows>
 __attribute__((target("avx2,fma"), always_inline)) inline void panel_block(int64_t k, const float* a, int64_t lda,
                                                                             const float* panel, float* c, int64_t ldc,
                                                                             int64_t columns, bool accumulate) {
-  __m256 low[kRows], high[kRows];
-#pragma GCC unroll 6
-  for (int r = 0; r < kRows; ++r) {
-    low[r] = _mm256_setzero_ps();
-    high[r] = _mm256_setzero_ps();
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    const __m256 b_low = _mm256_loadu_ps(panel + p * kPanelColumns);
-    const __m256 b_high = _mm256_loadu_ps(panel + p * kPanelColumns + 8);
+  constexpr int kSums = kPartialSums<kRows>;
+  __m256 low[kSums][kRows], high[kSums][kRows];
+#pragma GCC unroll 4
+  for (int s = 0; s < kSums; ++s) {
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
-      const __m256 a_rp = _mm256_broadcast_ss(a + r * lda + p);
-      low[r] = _mm256_fmadd_ps(a_rp, b_low, low[r]);
-      high[r] = _mm256_fmadd_ps(a_rp, b_high, high[r]);
+      low[s][r] = _mm256_setzero_ps();
+      high[s][r] = _mm256_setzero_ps();
     }
+  }
+  // k in groups of kSums, the group's s-th into partial sum s; the last k % kSums into sum 0.
+  const int64_t grouped = k - k % kSums;
+  for (int64_t p = 0; p < grouped; p += kSums) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kSums; ++s) {
+      panel_multiply_add<kRows>(p + s, a, lda, panel, low[s], high[s]);
+    }
+  }
+  for (int64_t p = grouped; p < k; ++p) {
+    panel_multiply_add<kRows>(p, a, lda, panel, low[0], high[0]);
   }
 #pragma GCC unroll 6
   for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int s = 1; s < kSums; ++s) {
+      low[0][r] = _mm256_add_ps(low[0][r], low[s][r]);
+      high[0][r] = _mm256_add_ps(high[0][r], high[s][r]);
+    }
     float* c_row = c + r * ldc;
     if (columns == kPanelColumns) {
       if (accumulate) {
-        low[r] = _mm256_add_ps(low[r], _mm256_loadu_ps(c_row));
-        high[r] = _mm256_add_ps(high[r], _mm256_loadu_ps(c_row + 8));
+        low[0][r] = _mm256_add_ps(low[0][r], _mm256_loadu_ps(c_row));
+        high[0][r] = _mm256_add_ps(high[0][r], _mm256_loadu_ps(c_row + 8));
       }
-      _mm256_storeu_ps(c_row, low[r]);
-      _mm256_storeu_ps(c_row + 8, high[r]);
+      _mm256_storeu_ps(c_row, low[0][r]);
+      _mm256_storeu_ps(c_row + 8, high[0][r]);
     } else {
       alignas(32) float row[kPanelColumns];
-      _mm256_store_ps(row, low[r]);
-      _mm256_store_ps(row + 8, high[r]);
+      _mm256_store_ps(row, low[0][r]);
+      _mm256_store_ps(row + 8, high[0][r]);
       for (int64_t j = 0; j < columns; ++j) {
         c_row[j] = accumulate ? c_row[j] + row[j] : row[j];
       }
