@@ -146,7 +146,6 @@ def test_automatic_fallback_warns(monkeypatch):
         FastBiLSTM(3, 4)(torch.randn(5, 2, 3))
 
 
-
 def test_library_built_for_other_schemas_falls_back(tmp_path):
     """A _C built before a change to library.py's schemas (an editable install not rebuilt): the
     import does not abort the interpreter; the CPU backend reports why, the reference runs, and no
