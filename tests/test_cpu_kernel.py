@@ -219,6 +219,16 @@ def test_matches_torch_fp32(cell, proj):
     assert_all_close(cell, proj, run_ops(cell, cast(layer, torch.float32)), reference, 2e-5)
 
 
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_matches_torch_fp32_few_rows(cell, proj, batch):
+    """One to three rows with an odd H large enough that even a 1-row step product leaves the plain
+    loops: the panel kernel's 1-3-row blocks, with their partial sums over k and the k left over."""
+    layer = make_layer(cell, 5, batch, 33, 183, proj and 20, [5, 3, 4][:batch], seed=4)
+    reference = run_torch(cell, layer)
+    assert_all_close(cell, proj, run_ops(cell, cast(layer, torch.float32)), reference, 2e-5)
+
 def test_projection_through_birnn_layer():
     """ops.birnn_layer passes the 10 weights of a projected LSTM through to the op (and its autograd)."""
     layer = make_layer("LSTM", 6, 3, 5, 8, 3, [6, 2, 5], seed=2)
