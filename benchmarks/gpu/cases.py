@@ -1,8 +1,11 @@
 """What the GPU benchmark runs: the grids of cases, their inputs, and the module pairs it times (cuDNN
 nn.LSTM and FastBiLSTM with the same weights)."""
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -26,28 +29,37 @@ def grid(args):
 
 def import_birnn_fast(interpret=False):
     """birnn_fast from this checkout, with kernels/ as birnn_fast.kernels (setup.py's package_dir).
-    interpret: run the kernels in Triton's interpreter (CPU tensors), set before triton is imported."""
+    interpret: run the kernels in Triton's interpreter (CPU tensors), set before triton is imported.
+
+    The package must find its kernels while it is imported (backends.py loads them then): a
+    birnn_fast on sys.path with a kernels/ beside its files (check.sh's layout, a wheel) is used as
+    it is; else (a plain checkout, an editable install) the same layout is made of links under /tmp."""
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    if sys.path[0] != ROOT:
-        sys.path.insert(0, ROOT)
+    if "birnn_fast" not in sys.modules:
+        spec = importlib.util.find_spec("birnn_fast")
+        if spec is None or not os.path.isdir(os.path.join(os.path.dirname(spec.origin), "kernels")):
+            sys.path.insert(0, _linked_layout())
     import birnn_fast
 
-    if not os.path.abspath(birnn_fast.__file__).startswith(ROOT):
+    if not os.path.realpath(birnn_fast.__file__).startswith(ROOT):
         print(f"note: birnn_fast imported from {birnn_fast.__file__}, not from this checkout {ROOT}")
-    try:
-        import birnn_fast.kernels  # noqa: F401
-    except ModuleNotFoundError as error:
-        if error.name != "birnn_fast.kernels":
-            raise
-        kernels = os.path.join(ROOT, "kernels")
-        spec = importlib.util.spec_from_file_location(
-            "birnn_fast.kernels", os.path.join(kernels, "__init__.py"), submodule_search_locations=[kernels])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["birnn_fast.kernels"] = module
-        spec.loader.exec_module(module)
-        birnn_fast.kernels = module
+    import birnn_fast.kernels  # noqa: F401
     return birnn_fast
+
+
+def _linked_layout():
+    """A folder holding birnn_fast/: links to this checkout's birnn_fast/* and kernels/."""
+    site = tempfile.mkdtemp(prefix="birnn_site.")
+    atexit.register(shutil.rmtree, site, ignore_errors=True)
+    package = os.path.join(site, "birnn_fast")
+    os.mkdir(package)
+    source = os.path.join(ROOT, "birnn_fast")
+    for name in os.listdir(source):
+        if name != "kernels":
+            os.symlink(os.path.join(source, name), os.path.join(package, name))
+    os.symlink(os.path.join(ROOT, "kernels"), os.path.join(package, "kernels"))
+    return site
 
 
 def make_lengths(steps, batch):

@@ -21,7 +21,7 @@ if [ -n "$SELF" ]; then
     export BIRNN_GPU_CHECK=tiny
 else
     OUT_DIR=${OUT:-$ROOT/benchmarks/results}
-    LIMITS=(60 60 150 200)
+    LIMITS=(60 90 150 200)
 fi
 mkdir -p "$OUT_DIR"
 LOG=$OUT_DIR/gpu_check.log

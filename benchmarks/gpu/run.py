@@ -202,9 +202,9 @@ def main(argv=None):
                 continue
             checks += rows
             bad = [row for row in rows if not row[-1]]
-            worst = max(rows, key=lambda row: row[3])
-            print(f"  {dtype_key}: {'OK' if not bad else 'CHECK FAILED'}; worst ours rel err {worst[3]:.2e} "
-                  f"({worst[1]} {worst[2]}; cuDNN {worst[4]:.2e})", flush=True)
+            worst_row = max(rows, key=lambda row: row[3])
+            print(f"  {dtype_key}: {'OK' if not bad else 'CHECK FAILED'}; worst ours rel err {worst_row[3]:.2e} "
+                  f"({worst_row[1]} {worst_row[2]}; cuDNN {worst_row[4]:.2e})", flush=True)
             for row in bad:
                 print(f"    NO: {row[1]} {row[2]} ours {row[3]:.2e} > 2 x cuDNN {row[4]:.2e}")
         if any(not row[-1] for row in checks):

@@ -3,6 +3,7 @@ floors of a step (the forward's grid only meeting at its barrier; one graph-repl
 import math
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -12,7 +13,7 @@ DEVICE = "cuda"
 
 def synchronize():
     if DEVICE == "cuda":
-        _torch().cuda.synchronize()
+        torch.cuda.synchronize()
 
 
 def time_ms(fn, warmup_ms, rep_ms, min_calls=3, max_calls=200):
@@ -68,7 +69,8 @@ def cuda_alive():
         synchronize()
         torch.zeros(1, device=DEVICE).add_(1).item()
         return True
-    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+    except Exception as error:  # noqa: BLE001 - any failure here means the context is gone
+        print(f"!! CUDA: {describe(error)}")
         return False
 
 
