@@ -19,7 +19,7 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile, group_counter,
-                     group_steps, resident_weights, split_k_dot, weight_tile, zero_padded_steps)
+                     group_steps, resident_weights, split_k_dot, tf32_rounded, weight_tile, zero_padded_steps)
 from . import forward as forward_module
 from .forward import check_inputs
 from .launch import barrier_counters, launch
@@ -175,12 +175,12 @@ def birnn_backward_kernel(
                 gb_ty = gbuf_ptr.dtype.element_ty
                 # An inactive row's entries are left as they were: they enter only that row's (masked)
                 # products.
-                tl.store(p_gb, b_d0.to(gb_ty), mask=mask_a)
+                tl.store(p_gb, tf32_rounded(b_d0, DOT_PRECISION).to(gb_ty), mask=mask_a)
                 if G > 1:
-                    tl.store(p_gb + H, b_d1.to(gb_ty), mask=mask_a)
-                    tl.store(p_gb + 2 * H, b_dh2.to(gb_ty), mask=mask_a)
+                    tl.store(p_gb + H, tf32_rounded(b_d1, DOT_PRECISION).to(gb_ty), mask=mask_a)
+                    tl.store(p_gb + 2 * H, tf32_rounded(b_dh2, DOT_PRECISION).to(gb_ty), mask=mask_a)
                 if G > 3:
-                    tl.store(p_gb + 3 * H, b_d3.to(gb_ty), mask=mask_a)
+                    tl.store(p_gb + 3 * H, tf32_rounded(b_d3, DOT_PRECISION).to(gb_ty), mask=mask_a)
             if bb + n_bprog >= n_bblocks:  # the step's last round
                 arrived = barrier_arrive(p_counter, SYNC)
                 b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next = _round_inputs(
@@ -323,6 +323,8 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
 
     if config is None:
         config = _config.launch_config(cell, B, H, input.dtype, input.device, backward=True)
+    precision = _config.dot_precision(input.dtype, input.device)
+    recurrent = _config.tf32_rounded(recurrent, precision)  # as the forward's
     dgates = torch.empty(T, B, 2, GH, dtype=torch.float32, device=input.device)
     gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
     state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
@@ -334,7 +336,7 @@ def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
            output, workspace, dgates, gbuf, state, counters, grad_h0, grad_c0 if lstm else grad_h0,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-           DOT_PRECISION=_config.dot_precision(input.dtype, input.device),
+           DOT_PRECISION=precision,
            DOUBLE_BUFFER=_config.double_buffered_backward())
 
     # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).

@@ -104,6 +104,17 @@ def exchanged_tile(p_rows, k0, mask_b, H, NK: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def tf32_rounded(x, DOT_PRECISION: tl.constexpr):
+    """x (fp32) rounded to the nearest TF32, ties away from zero (PTX cvt.rna.tf32), where the dots run
+    in TF32: the MMA truncates its fp32 operands instead, a bias that every product and step adds to
+    (2.2-2.8x cuDNN's TF32 error on an H200). Exact in the MMA: the low 13 bits are zero."""
+    if DOT_PRECISION == "tf32":
+        bits = x.to(tl.uint32, bitcast=True)
+        x = (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def split_k_dot(a, w, acc, NK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a[NK, BB, BK] @ w[NK, BK, BH] summed over the NK chunks (K split across the warps), or
     acc + a[BB, BK] @ w[BK, BH]: [BB, BH] fp32."""

@@ -201,10 +201,19 @@ def fp32_precision():
 def dot_precision(dtype, device):
     """The input_precision of the kernels' fp32 dots: TF32 where cuDNN's RNN would use it (on CUDA; the
     interpreter computes in ieee). Triton's TF32 mma reads the fp32 operands' mantissas truncated to
-    10 bits, where cuDNN and cuBLAS round them: a slightly larger error, biased towards zero."""
+    10 bits, where cuDNN and cuBLAS round them: the kernels round their operands first (tf32_rounded)."""
     if dtype == torch.float32 and not interpreted(device) and fp32_precision() == "tf32":
         return "tf32"
     return "ieee"
+
+
+def tf32_rounded(tensor, precision):
+    """tensor (fp32) rounded to the nearest TF32, ties away from zero, when precision is "tf32" (as
+    common.tf32_rounded in the kernels); else tensor itself."""
+    if precision != "tf32":
+        return tensor
+    bits = tensor.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 def max_polls(device):

@@ -36,7 +36,7 @@ from . import config as _config
 from .launch import barrier_counters, launch
 from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile,
                      fused_weight_tile, gate_columns, gate_dot, group_counter, group_steps, resident_weights,
-                     split_k_dot, zero_padded_steps)
+                     split_k_dot, tf32_rounded, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -209,7 +209,9 @@ def birnn_forward_kernel(
                     b_h_new = elman_forward(acc0 + b_x0.to(tl.float32), CELL == RNN_RELU)
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
-                tl.store(p_next, b_h_new.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
+                # The exchanged h is an operand of the products alone: rounded as they read it.
+                b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION)
+                tl.store(p_next, b_h_dot.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
             if bb + n_bprog >= n_bblocks:  # the step's last round
                 arrived = barrier_arrive(p_counter, SYNC)
                 if PREFETCH:
@@ -333,8 +335,11 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     output = input.new_empty(T, B, 2 * H)
     h_n = input.new_empty(2, B, H)
     c_n = torch.empty_like(c0)
+    precision = _config.dot_precision(input.dtype, input.device)
+    # The products' operands, h and W_hh, rounded to TF32 where the dots take it (kernel: tf32_rounded).
+    recurrent = _config.tf32_rounded(recurrent, precision)
     hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
-    hbuf[:, 0].copy_(h0)
+    hbuf[:, 0].copy_(_config.tf32_rounded(h0, precision))
     state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
     counters = barrier_counters(config, input.device)
     launch(birnn_forward_kernel, config, counters,
@@ -342,7 +347,7 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
            output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-           DOT_PRECISION=_config.dot_precision(input.dtype, input.device), SAVE=save_workspace, FUSED=config.FUSED)
+           DOT_PRECISION=precision, SAVE=save_workspace, FUSED=config.FUSED)
     if weight_hr is not None:
         # The projection of every step at once: output and h_n are W_hr m (0 where m is, at padding).
         weight_hr = weight_hr.contiguous()

@@ -12,9 +12,12 @@ import types  # noqa: E402
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
 from birnn_fast.kernels import config as kernels  # noqa: E402
 from birnn_fast.kernels import forward as kernels_forward  # noqa: E402
+from birnn_fast.kernels.common import tf32_rounded  # noqa: E402
 from concurrent_interpreter import concurrent_programs  # noqa: E402
 from test_kernels_triton import DEVICE, INTERPRETED, SHARED_LIMIT, make_grads, make_inputs  # noqa: E402
 
@@ -121,3 +124,39 @@ def test_precision_inherits(precision_flags):
     # The interpreter computes in ieee whatever the flags.
     torch.backends.cudnn.rnn.fp32_precision = "tf32"
     assert kernels.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+
+
+@triton.jit
+def _rounded_kernel(x_ptr, y_ptr, N, DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N)
+    tl.store(y_ptr + offs, tf32_rounded(x, DOT_PRECISION), mask=offs < N)
+
+
+def _nearest_tf32(x):
+    """The reference: x rounded to 10 mantissa bits, to the nearest, ties away from zero (fp64 math)."""
+    x = x.double()
+    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    scaled = mantissa * 2.0 ** 11
+    rounded = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    return (rounded * 2.0 ** (exponent - 11).double()).float()
+
+
+def test_tf32_rounding():
+    """The TF32 dots' operands are rounded to the nearest TF32 (as cuDNN and cuBLAS read them), not
+    truncated as Triton's mma would: the host's rounding of W_hh and h0 and the kernels' rounding of
+    the exchanged h and gate gradients give the same values, exact ties included."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4093, generator=generator) * torch.logspace(-20, 20, 4093)
+    # Exact ties (the 13 dropped bits 0x1000) and the values next to them, both signs.
+    ties = (torch.randn(64, generator=generator).view(torch.int32) & ~0x1FFF) | 0x1000
+    x = torch.cat([x, ties.view(torch.float32), (ties - 1).view(torch.float32), -ties.view(torch.float32),
+                   torch.tensor([0.0, -0.0, 1.0, 3.0e38])])
+    expected = _nearest_tf32(x)
+    assert torch.equal(kernels.tf32_rounded(x, "tf32"), expected)
+    assert kernels.tf32_rounded(x, "ieee") is x
+    for precision in ("tf32", "ieee"):
+        device_x = x.to(DEVICE)
+        y = torch.empty_like(device_x)
+        _rounded_kernel[(triton.cdiv(x.numel(), 256),)](device_x, y, x.numel(), DOT_PRECISION=precision, BLOCK=256)
+        assert torch.equal(y.cpu(), expected if precision == "tf32" else x), precision
