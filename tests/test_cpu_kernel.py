@@ -275,6 +275,21 @@ def test_half_precision_error_within_twice_torch(cell, proj, dtype, lengths):
         assert ours <= 2 * theirs + 1e-6, f"{name}: our error {ours:.3g} > 2 x torch's {theirs:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell,proj", PRECISION_CASES)
+def test_half_precision_error_with_more_threads(cell, proj, dtype):
+    """Three threads: the products around the recurrences run as multi-threaded GEMMs after them
+    (not by chunks), on the layer's operands widened to float32."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        errors = precision_errors(cell, proj, dtype, [16, 1, 9, 16, 4, 12])
+    finally:
+        torch.set_num_threads(previous)
+    for name, (ours, theirs) in errors.items():
+        assert ours <= 2 * theirs + 1e-6, f"{name}: our error {ours:.3g} > 2 x torch's {theirs:.3g}"
+
+
 def test_half_precision_workspace_is_float32():
     layer = cast(make_layer("LSTM", 4, 2, 3, 5), torch.bfloat16)
     output, h_n, c_n, workspace = torch.ops.birnn_fast.forward(

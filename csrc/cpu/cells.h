@@ -13,6 +13,8 @@
 //     that does not go through W_hh (only if kDirectHiddenGrad; otherwise the caller's GEMM
 //     overwrites it); dc: [H] same for c, overwritten with dc_prev; dgx, dgh: [G*H] gradients of
 //     the pre-activations through W_ih and through W_hh (equal unless kSplitGateGrad).
+//     h_prev, h_t and grad_out are rows of the layer's storage type S (a bfloat16 / float16 layer's
+//     output and gradient, read in place and widened here); everything else is T.
 // A projected LSTM (h_t = W_hr (o * tanh(c_t))) passes h = out = its (H) buffer of o * tanh(c_t) to
 // forward, and to backward the gradient reaching that buffer as dh with a zero grad_out; its
 // backward recomputes the buffer from the saved activations (LstmCell::unprojected).
@@ -140,15 +142,15 @@ struct LstmCell {
     }
   }
 
-  template <typename T>
-  static BIRNN_INLINE void backward(int64_t H, const T* saved, const T* /*h_prev*/, const T* c_prev,
-                                    const T* /*h_t*/, const T* grad_out, T* dh, T* dc, T* dgx, T* dgh) {
+  template <typename T, typename S>
+  static BIRNN_INLINE void backward(int64_t H, const T* saved, const S* /*h_prev*/, const T* c_prev,
+                                    const S* /*h_t*/, const S* grad_out, T* dh, T* dc, T* dgx, T* dgh) {
     using A = Activation<T>;
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const T i = saved[k], f = saved[H + k], g = saved[2 * H + k], o = saved[3 * H + k];
       const T tanh_c = A::tanh(saved[4 * H + k]);
-      const T dh_t = dh[k] + grad_out[k];
+      const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
       const T dc_t = dc[k] + dh_t * o * (T(1) - tanh_c * tanh_c);
       const T di = dc_t * g * i * (T(1) - i);
       const T df = dc_t * c_prev[k] * f * (T(1) - f);
@@ -196,16 +198,16 @@ struct GruCell {
     }
   }
 
-  template <typename T>
-  static BIRNN_INLINE void backward(int64_t H, const T* saved, const T* h_prev, const T* /*c_prev*/,
-                                    const T* /*h_t*/, const T* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
+  template <typename T, typename S>
+  static BIRNN_INLINE void backward(int64_t H, const T* saved, const S* h_prev, const T* /*c_prev*/,
+                                    const S* /*h_t*/, const S* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const T r = saved[k], z = saved[H + k], n = saved[2 * H + k], hidden_n = saved[3 * H + k];
-      const T dh_t = dh[k] + grad_out[k];
+      const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
       const T dn = dh_t * (T(1) - z) * (T(1) - n * n);
       const T dr = dn * hidden_n * r * (T(1) - r);
-      const T dz = dh_t * (h_prev[k] - n) * z * (T(1) - z);
+      const T dz = dh_t * (static_cast<T>(h_prev[k]) - n) * z * (T(1) - z);
       dh[k] = dh_t * z;
       dgx[k] = dgh[k] = dr;
       dgx[H + k] = dgh[H + k] = dz;
@@ -237,13 +239,14 @@ struct ElmanCell {
   }
 
   // The activation's derivative is read off its output h_t, so nothing needs saving.
-  template <typename T>
-  static BIRNN_INLINE void backward(int64_t H, const T* /*saved*/, const T* /*h_prev*/, const T* /*c_prev*/,
-                                    const T* h_t, const T* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
+  template <typename T, typename S>
+  static BIRNN_INLINE void backward(int64_t H, const T* /*saved*/, const S* /*h_prev*/, const T* /*c_prev*/,
+                                    const S* h_t, const S* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
-      const T dh_t = dh[k] + grad_out[k];
-      const T d_pre = kRelu ? (h_t[k] > T(0) ? dh_t : T(0)) : dh_t * (T(1) - h_t[k] * h_t[k]);
+      const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
+      const T out = static_cast<T>(h_t[k]);
+      const T d_pre = kRelu ? (out > T(0) ? dh_t : T(0)) : dh_t * (T(1) - out * out);
       dgx[k] = dgh[k] = d_pre;
     }
   }

@@ -64,10 +64,11 @@ decltype(auto) dispatch_cell(std::string_view cell, Fn&& fn) {
 }
 
 // B >= 1; arguments checked. layer_dtype: the caller's dtype when the arguments are float32 copies
-// of a bfloat16 / float16 layer (its products may run in that dtype), else T's. forward_kernel runs
-// float, double, and bfloat16 / float16 where half_products(T) is not kFloat32; backward_kernel
-// float and double; its output_mask is the op's (grad_input, grad_weights, grad_h0, grad_c0): a
-// grad_input or weight gradient not asked for is not computed and comes back empty.
+// of a bfloat16 / float16 layer (its products may run in that dtype), else T's. Both run float,
+// double, and bfloat16 / float16 where half_products(T) is not kFloat32; backward_kernel returns
+// the gradients of a bfloat16 / float16 layer in float32, and its output_mask is the op's
+// (grad_input, grad_weights, grad_h0, grad_c0): a grad_input or weight gradient not asked for is
+// not computed and comes back empty.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(std::string_view cell, const Tensor& input,
                                                           at::TensorList weights, const Tensor& h0, const Tensor& c0,

@@ -8,9 +8,8 @@
 //
 // bfloat16 and float16 keep fp32 accumulation, fp32 h and c inside and an fp32 workspace, and
 // return the input's dtype. Where the CPU multiplies that dtype natively (isa.h: half_products),
-// forward runs in it (its products read the input and weights as they are); elsewhere, and in
-// backward, the float32 kernels run on float32 copies of the arguments, whose reused-weight
-// products round their operands back to the dtype where it is native.
+// forward and backward run in it (their products read the input, output and weights as they are);
+// elsewhere the float32 kernels run on float32 copies of the arguments.
 #include <torch/library.h>
 
 #include <ostream>
@@ -177,10 +176,18 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_cpu(
     grad_h0 = at::zeros_like(h0);
     grad_c0 = at::zeros_like(c0);
   } else if (is_half(dtype)) {
-    grads = backward_kernel<float>(cell, grad_output.to(at::kFloat), grad_h_n.to(at::kFloat),
-                                   grad_c_n.to(at::kFloat), input.to(at::kFloat), to_float(weights),
-                                   h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat), workspace,
-                                   dtype, output_mask);
+    if (half_products(dtype) != HalfProducts::kFloat32) {
+      grads = dispatch_half(dtype, [&](auto low) {
+        return backward_kernel<decltype(low)>(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
+                                              output, workspace, dtype, output_mask);
+      });
+    } else {
+      grads = backward_kernel<float>(cell, grad_output.to(at::kFloat), grad_h_n.to(at::kFloat),
+                                     grad_c_n.to(at::kFloat), input.to(at::kFloat), to_float(weights),
+                                     h0.to(at::kFloat), c0.to(at::kFloat), lengths, output.to(at::kFloat),
+                                     workspace, dtype, output_mask);
+    }
+    // Both return float32 gradients: rounded once, here.
     for (Tensor& grad : grad_weights) {
       grad = grad.to(dtype);
     }

@@ -18,7 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -132,7 +132,8 @@ class ReusedWeight {
       if (layer_dtype == c10::ScalarType::BFloat16 || layer_dtype == c10::ScalarType::Half) {
         const HalfProducts products = half_products(layer_dtype);
         if (products != HalfProducts::kFloat32) {
-          half_.emplace(layer_dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb, transpose_b);
+          half_ = std::make_unique<HalfWeight>(layer_dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb,
+                                               transpose_b);
           return;
         }
       }
@@ -165,7 +166,7 @@ class ReusedWeight {
     constexpr c10::ScalarType dtype = c10::CppTypeToScalarType<Low>::value;
     const HalfProducts products = half_products(dtype);
     TORCH_INTERNAL_ASSERT(layer_dtype == dtype && products != HalfProducts::kFloat32);
-    half_.emplace(dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb, transpose_b);
+    half_ = std::make_unique<HalfWeight>(dtype, products == HalfProducts::kBrgemmVnni, k, n, b, ldb, transpose_b);
   }
   ReusedWeight(const ReusedWeight&) = delete;
   ReusedWeight& operator=(const ReusedWeight&) = delete;
@@ -231,7 +232,9 @@ class ReusedWeight {
   Products products_ = Products::kMm;
   PanelMatrix panels_;
   std::vector<float> rows_;
-  std::optional<HalfWeight> half_;
+  // A pointer rather than std::optional, whose inlined destructor GCC 12 takes for a read of
+  // uninitialized memory in the float64 kernels (-Wmaybe-uninitialized), which never make one.
+  std::unique_ptr<HalfWeight> half_;
 };
 
 // c[m, n] = a[m, k] @ b[k, n] inside a direction's thread (the backward's dX by chunks): on brgemm
