@@ -227,8 +227,9 @@ void chunk_gradients(const BackwardArgs<S>& args, const ChunkedGradients<S>& g, 
   }
   // Products this small run in float32 (gemm_tn_accumulate's and ReusedWeight's rule) on float32
   // copies of a layer; on the layer's own dtype, always in it.
-  const bool half = g.rounded_dgates != nullptr &&
-                    (!std::is_same_v<S, T> || GH * std::min(I, P) * rows > kSmallMultiplyAdds);
+  constexpr bool kNarrowStorage = !std::is_same_v<S, T>;
+  const bool half = g.rounded_dgates != nullptr && (kNarrowStorage || GH * std::min(I, P) * rows > kSmallMultiplyAdds);
+  TORCH_INTERNAL_ASSERT(half || !kNarrowStorage, "a bfloat16 / float16 layer's chunk products run in its dtype");
   if constexpr (std::is_same_v<T, float>) {
     if (half) {
       half_chunk_products<Cell>(g, rows, GH, P, dgates_h);
@@ -343,7 +344,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor step_dgates_h = empty_cpu({2, B, GH}, compute);
   const bool chunked = by_chunks();
   const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
-  // The chunk products of a bfloat16 / float16 layer in its dtype (a float32 copy of it here).
+  // The chunk products of a bfloat16 / float16 layer (S, or a float32 copy of it) in its dtype.
   const bool half_chunks = chunked && (input_grad || weight_grads) && layer_dtype != kCompute &&
                            half_products(layer_dtype) != HalfProducts::kFloat32;
   Tensor dgates_x, dgates_h, grad_input;
