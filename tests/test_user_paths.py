@@ -108,6 +108,28 @@ PATHS = {
             for a, b in zip(got, want):
                 torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05)
     """,
+    # A bf16 model trained as it is (no autocast), defaults, first call: every gradient within twice
+    # torch's own bf16 error against float64 (the C++ kernels' forward and backward in bf16).
+    "bf16_training": """
+        torch.manual_seed(0)
+        for fast_cls, torch_cls in [(FastBiLSTM, nn.LSTM), (FastBiGRU, nn.GRU), (FastBiRNN, nn.RNN)]:
+            model = fast_cls(5, 6).to(torch.bfloat16)
+            mimic = torch_cls(5, 6, bidirectional=True).to(torch.bfloat16)
+            exact = torch_cls(5, 6, bidirectional=True).double()
+            mimic.load_state_dict(model.state_dict()), exact.load_state_dict(model.state_dict())
+            x, weight = torch.randn(7, 3, 5).bfloat16(), torch.randn(7, 3, 12, dtype=torch.float64)
+            results = []
+            for module, dtype in ((model, torch.bfloat16), (mimic, torch.bfloat16), (exact, torch.float64)):
+                inp = x.to(dtype, copy=True).requires_grad_()
+                output, _ = module(inp)
+                assert output.dtype == dtype, (fast_cls, output.dtype)
+                (output.double() * weight).sum().backward()
+                results.append([output, inp.grad, *(p.grad for p in module.parameters())])
+            for ours, theirs, reference in zip(*results):
+                def error(t):
+                    return ((t.double() - reference).norm() / reference.norm()).item()
+                assert error(ours) <= 2 * error(theirs) + 1e-6, (fast_cls, error(ours), error(theirs))
+    """,
     "proj_size": """
         model = FastBiLSTM(5, 6, num_layers=2, proj_size=2)
         expected = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=2)
@@ -209,6 +231,7 @@ TORCH_DOES = {
     "compile_one_layer_no_hx": "graph-breaks",
     "double_backward": "exact second-order gradients",
     "autocast_cpu_bf16": "LSTM: bf16 (raises here: no bf16 oneDNN LSTM on Zen 2), GRU: float32, RNN: bf16",
+    "bf16_training": "bf16 forward and backward",
     "proj_size": "LSTM with projections",
     "opcheck_forward": "(no custom op)",
     "onnx_export_onnxruntime": "exports (ONNX LSTM op)",
