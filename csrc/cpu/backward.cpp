@@ -361,7 +361,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
       chunk_rounded = empty_cpu({2, 2, chunk_rows * GH}, input.options().dtype(layer_dtype));
     }
     if (input_grad) {
-      grad_input = empty_large(input.sizes(), compute).zero_();
+      grad_input = empty_cpu(input.sizes(), compute).zero_();
     }
     for (size_t k = 0; k < weights.size() && weight_grads; ++k) {
       grad_weights[k] = zeros_cpu(weights[k].sizes(), compute);

@@ -156,11 +156,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
     gates_x =
         at::mm(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
-  Tensor output = empty_large({steps, B, 2 * P}, input.options());
+  Tensor output = empty_cpu({steps, B, 2 * P}, input.options());
   Tensor workspace = empty_cpu({0}, compute);
   if (save_workspace) {
     const int64_t used = schedule.tokens * 2 * WH;
-    workspace = empty_large({steps, B, 2, WH}, compute, used);
+    workspace = empty_cpu({steps, B, 2, WH}, compute);
     zero_tail(workspace, used);
   }
   Tensor h = reorder_states<T>(schedule, h0.to(kCompute), /*to_sorted=*/true);

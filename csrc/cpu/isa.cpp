@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "buffers.h"
 #include "half_products.h"
 #include "panel_gemm.h"
 
@@ -198,7 +199,8 @@ std::string engine_info() {
   return std::string("cells=") + isa_name(effective_isa()) + " cpu=" + isa_name(cpu_isa()) +
          " ceiling=" + isa_name(isa_ceiling()) + " products.float32=" + products_name(float32_products()) +
          " products.float64=mm products.bfloat16=" + half_products_name(half_products(c10::ScalarType::BFloat16)) +
-         " products.float16=" + half_products_name(half_products(c10::ScalarType::Half));
+         " products.float16=" + half_products_name(half_products(c10::ScalarType::Half)) +
+         " buffer_cache_mb=" + std::to_string(buffer_cache_limit() >> 20);
 }
 
 }  // namespace birnn_fast::cpu

@@ -15,6 +15,7 @@
 #include <ostream>
 #include <string_view>
 
+#include "buffers.h"
 #include "half_products.h"
 #include "isa.h"
 #include "kernels.h"
@@ -220,9 +221,13 @@ void register_cpu_kernels(torch::Library& m) {
   m.impl("backward", &backward_cpu);
 }
 
-// torch.ops.birnn_fast_cpu.engine_info(): what runs on this CPU under this process's ISA ceiling.
+// torch.ops.birnn_fast_cpu.engine_info(): what runs on this CPU under this process's ISA ceiling;
+// empty_cache(): hands the buffer cache's free blocks back to the OS (as torch.cuda.empty_cache()),
+// returning their bytes; cache_bytes(): the bytes in free blocks now.
 TORCH_LIBRARY(birnn_fast_cpu, m) {
   m.def("engine_info() -> str", []() -> std::string { return engine_info(); });
+  m.def("empty_cache() -> int", []() -> int64_t { return release_cached_buffers(); });
+  m.def("cache_bytes() -> int", []() -> int64_t { return cached_buffer_bytes(); });
 }
 
 }  // namespace birnn_fast::cpu

@@ -19,18 +19,12 @@ using at::Tensor;
 
 // The kernels' own CPU buffers (scratch, and outputs they write whole), allocated without a trip
 // through the dispatcher, which a call would make 20-30 times: part of a small layer's fixed cost.
-// zeros_cpu zeroes in the calling thread (zero_tail, which hands large ranges back as zero pages).
+// Large ones are blocks of the buffer cache (buffers.h), mapped once and reused across calls.
+// zeros_cpu zeroes in the calling thread.
 Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// A buffer written once per call, backed by 2 MiB pages where it is large enough that glibc maps it
-// fresh on every call (each 4 KiB page would fault on first touch); only whole 2 MiB pages inside
-// the first `used` elements (all by default) are advised.
-Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, int64_t used = -1);
-
-// Zeroes elements [first, numel) of a contiguous tensor. Large ranges of the default CPU
-// allocator's (private, anonymous) memory are handed back to the kernel instead, which then reads
-// as zeros and holds no memory until written: the padded part of a workspace costs nothing.
+// Zeroes elements [first, numel) of a contiguous tensor, in the calling thread.
 void zero_tail(const Tensor& tensor, int64_t first);
 
 // Rows by length, longest first: at step s the rows still running are [0, active[s]).
