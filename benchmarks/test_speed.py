@@ -1,5 +1,6 @@
 """FastBi{LSTM,GRU,RNN} against torch's bidirectional nn.{LSTM,GRU,RNN} on CPU: fp32, bf16, an fp32
-model under autocast(bfloat16), and three shapes of real clients (workloads.all_cases).
+model under autocast(bfloat16), three shapes of real clients (workloads.all_cases), and a sample of
+the shape sweep (workloads.sweep_sample; the whole sweep: cpu_sweep.py).
 
     pytest benchmarks/                                   # ~5 minutes on 2 idle cores (reference backend)
     pytest benchmarks/ --benchmark-max-time=0.3          # shorter: fewer rounds per case (>= 3)
@@ -21,10 +22,10 @@ import torch
 
 import peak_memory
 from birnn_fast import backends
-from workloads import SHAPES, Workload, all_cases, rounds_for
+from workloads import SHAPES, Workload, all_cases, rounds_for, sweep_sample
 
 # Parametrized by name, so that the JSON's params stay plain strings.
-CASES = {case.name: case for case in all_cases()}
+CASES = {case.name: case for case in all_cases() + sweep_sample()}
 
 
 @pytest.mark.parametrize("impl", ["torch", "fast"])

@@ -22,6 +22,19 @@ SHAPES = {
     "diarization": (589, 32, 60, 128),
     "speech": (400, 16, 80, 512),
 }
+# Issue 34's sweep: every (T, B, I, H) of these, each cell, fp32 and bf16, training with and without
+# the input gradient and inference, equal lengths and lengths against a PackedSequence.
+SWEEP_STEPS, SWEEP_BATCHES = (16, 75, 300), (1, 4, 16, 64)
+SWEEP_INPUTS, SWEEP_HIDDEN = (128, 512, 1024, 2560), (128, 512, 1024)
+
+
+def sweep_shape(steps, batch, inputs, hidden):
+    """The SHAPES key of a sweep shape, registered on first use."""
+    name = f"T{steps}B{batch}I{inputs}H{hidden}"
+    SHAPES.setdefault(name, (steps, batch, inputs, hidden))
+    return name
+
+
 MODULES = {
     "LSTM": (nn.LSTM, FastBiLSTM, 4),
     "GRU": (nn.GRU, FastBiGRU, 3),
@@ -64,6 +77,31 @@ def all_cases():
     cases += [Case("LSTM", "sentiment", 1, "train", "equal", input_grad=False)]
     cases += [Case("LSTM", "tts", 1, "infer", "equal"), Case("LSTM", "diarization", 4, "train", "equal"),
               Case("LSTM", "speech", 2, "train", "varlen")]
+    return cases
+
+
+def sweep_cases(cells=("LSTM", "GRU", "RNN"), precisions=("float32", "bfloat16"),
+                modes=("train", "train-no-dx", "infer"), lengths=("equal", "varlen"), steps=SWEEP_STEPS,
+                batches=SWEEP_BATCHES, inputs=SWEEP_INPUTS, hidden=SWEEP_HIDDEN):
+    """The sweep's cases (one layer), the grid narrowed by any of its axes."""
+    return [Case(cell, sweep_shape(t, b, i, h), 1, "infer" if mode == "infer" else "train", length, precision,
+                 input_grad=mode != "train-no-dx")
+            for cell in cells for precision in precisions for mode in modes for length in lengths
+            for t in steps for b in batches for i in inputs for h in hidden]
+
+
+def sweep_sample():
+    """The part of the sweep `pytest benchmarks/` times: the LSTM's small batches and wide layers
+    (where it has lost to torch), training and inference, and each other cell, bf16 and lengths
+    on the speech encoder's layer."""
+    cases = sweep_cases(cells=("LSTM",), precisions=("float32",), modes=("train", "infer"), lengths=("equal",),
+                        steps=(75,), batches=(1, 4, 16, 64), inputs=(512, 2560), hidden=(512, 1024))
+    cases += sweep_cases(cells=("GRU", "RNN"), precisions=("float32",), modes=("train",), lengths=("equal",),
+                         steps=(75,), batches=(4,), inputs=(2560,), hidden=(512,))
+    cases += sweep_cases(cells=("LSTM",), precisions=("bfloat16",), modes=("train", "infer"), lengths=("equal",),
+                         steps=(75,), batches=(4,), inputs=(2560,), hidden=(512,))
+    cases += sweep_cases(cells=("LSTM",), precisions=("float32",), modes=("train-no-dx",), lengths=("varlen",),
+                         steps=(75,), batches=(4,), inputs=(2560,), hidden=(512,))
     return cases
 
 
