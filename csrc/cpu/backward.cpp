@@ -1,6 +1,6 @@
-// birnn_fast::backward on the CPU: the two recurrences in reverse time, one per thread, computing
-// the gate gradients of every step from forward's workspace and output, each step one product
-// dgates_h @ W_hh over the rows still running.
+// birnn_fast::backward on the CPU: the two recurrences in reverse time, one per thread (or per team
+// of threads, team.h), computing the gate gradients of every step from forward's workspace and
+// output, each step one product dgates_h @ W_hh over the rows still running.
 //
 // The products around the recurrences -- weight, bias and input gradients -- run over the real
 // tokens only: on two threads or fewer inside each direction's thread, a chunk of steps at a time
@@ -25,6 +25,7 @@
 #include "kernels.h"
 #include "products.h"
 #include "schedule.h"
+#include "team.h"
 
 namespace birnn_fast::cpu {
 namespace {
@@ -34,6 +35,7 @@ struct BackwardArgs {
   using T = compute_t<S>;
   const Schedule* schedule;
   int64_t direction, step, hidden, state;
+  int64_t first_unit, units;  // the hidden units this thread computes (all, or its team slice)
   const S* grad_output;  // (T, B, 2P)
   const S* h0;           // (B, P) this direction's, caller's order
   const T* c0;           // (B, H) this direction's, caller's order, LSTM only
@@ -59,6 +61,7 @@ struct BackwardRows {
     const int64_t d = a.direction;
     const int64_t rows = schedule.active[a.step];
     const bool projected = a.dunprojected != nullptr;
+    const int64_t u = a.first_unit;  // every row pointer below starts at this thread's first unit
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t b = schedule.order[j];
       const int64_t t = schedule.time(a.step, j, d);
@@ -72,17 +75,19 @@ struct BackwardRows {
         c_prev = first ? a.c0 + b * H
                        : a.workspace + (schedule.packed(prev_t, j) * 2 + d) * WH + Cell::kCellStateSlot * H;
       }
-      T* step_dgh = a.step_dgates_h + j * GH;
+      T* step_dgh = a.step_dgates_h + j * GH + u;
       // The cell reads dh (and writes it if kDirectHiddenGrad, which no projected cell has).
-      T* dh = projected ? const_cast<T*>(a.dunprojected) + j * H : a.dh + j * P;
-      const S* grad_out = projected ? a.zeros : a.grad_output + row * 2 * P + d * P;
-      Cell::backward(H, a.workspace + (token * 2 + d) * WH, h_prev, c_prev, a.output + row * 2 * P + d * P, grad_out,
-                     dh, Cell::kHasCellState ? a.dc + j * H : nullptr,
-                     a.chunk_dgates_x != nullptr ? a.chunk_dgates_x + j * GH : a.dgates_x + token * 2 * GH + d * GH,
-                     step_dgh);
+      T* dh = (projected ? const_cast<T*>(a.dunprojected) + j * H : a.dh + j * P) + u;
+      const S* grad_out = (projected ? a.zeros : a.grad_output + row * 2 * P + d * P) + u;
+      T* dgx = a.chunk_dgates_x != nullptr ? a.chunk_dgates_x + j * GH : a.dgates_x + token * 2 * GH + d * GH;
+      Cell::backward(H, a.units, a.workspace + (token * 2 + d) * WH + u, h_prev + u,
+                     c_prev != nullptr ? c_prev + u : nullptr, a.output + row * 2 * P + d * P + u, grad_out, dh,
+                     Cell::kHasCellState ? a.dc + j * H + u : nullptr, dgx + u, step_dgh);
       if constexpr (Cell::kSplitGateGrad) {
         T* dgh = a.chunk_dgates_h != nullptr ? a.chunk_dgates_h + j * GH : a.dgates_h + token * 2 * GH + d * GH;
-        std::memcpy(dgh, step_dgh, GH * sizeof(T));
+        for (int64_t g = 0; g < Cell::kGates; ++g) {
+          std::memcpy(dgh + g * H + u, step_dgh + g * H, a.units * sizeof(T));
+        }
       }
     }
   }
@@ -323,6 +328,34 @@ Tensor previous_states(const Schedule& schedule, const Tensor& output, const Ten
   return h_prev;
 }
 
+// A team member's share of direction d's backward recurrence (team.h): every step, its units' cell
+// math (their columns of the gate gradients, and of dh and dc), the team's barrier, then its columns
+// of dh_prev = dgates_h @ W_hh, which need every member's gate gradients. Those are double-buffered:
+// step s writes step_dgates_h[s % 2] while the other members may still read step s + 1's.
+template <typename Cell, typename S, typename T = compute_t<S>>
+void backward_member(BackwardArgs<S> args, const S* weight_hh, const std::array<T*, 2>& step_dgates_h,
+                     TeamBarrier& barrier, at::ScalarType layer_dtype) {
+  const Schedule& schedule = *args.schedule;
+  const int64_t P = args.state, GH = Cell::kGates * args.hidden, first = args.first_unit, units = args.units;
+  std::optional<ReusedWeight<T>> weight_columns;  // W_hh[:, first:first + units], (GH, units)
+  if (units > 0) {
+    weight_columns.emplace(GH, units, weight_hh + first, P, /*transpose_b=*/false, layer_dtype);
+  }
+  for (int64_t step = schedule.longest() - 1; step >= 0; --step) {
+    const int64_t rows = schedule.active[step];
+    args.step = step;
+    args.step_dgates_h = step_dgates_h[step % 2];
+    if (units > 0) {
+      run_rows<BackwardRows<Cell, S>>(args);
+    }
+    barrier.wait();
+    if (units > 0) {
+      weight_columns->multiply(rows, args.step_dgates_h, GH, args.dh + first, P,
+                               /*accumulate=*/Cell::kDirectHiddenGrad);
+    }
+  }
+}
+
 template <typename Cell, typename S>
 std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
@@ -384,72 +417,89 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
     }
   }
 
-  at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin; d < end; ++d) {
-      const BackwardArgs<S> args{&schedule,
-                                 d,
-                                 /*step=*/0,
-                                 H,
-                                 P,
-                                 grad_output.data_ptr<S>(),
-                                 h0.data_ptr<S>() + d * B * P,
-                                 Cell::kHasCellState ? c0_compute.data_ptr<T>() + d * B * H : nullptr,
-                                 output.data_ptr<S>(),
-                                 workspace.data_ptr<T>(),
-                                 dh.data_ptr<T>() + d * B * P,
-                                 Cell::kHasCellState ? dc.data_ptr<T>() + d * B * H : nullptr,
-                                 chunked ? nullptr : dgates_x.data_ptr<T>(),
-                                 chunked ? nullptr : dgates_h.data_ptr<T>(),
-                                 /*chunk_dgates_x=*/nullptr,
-                                 /*chunk_dgates_h=*/nullptr,
-                                 step_dgates_h.data_ptr<T>() + d * B * GH,
-                                 layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
-                                 layer.projected ? zeros.data_ptr<S>() : nullptr};
-      ChunkedGradients<S> gradients{};
-      uint16_t* rounded = half_chunks ? static_cast<uint16_t*>(chunk_rounded.data_ptr()) : nullptr;
-      std::optional<ReusedWeight<T>> half_weight_ih;
-      if (half_chunks && input_grad) {
-        half_weight_ih.emplace(GH, I, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/false,
-                               layer_dtype);
+  const auto direction_args = [&](int64_t d, UnitSlice slice) {
+    return BackwardArgs<S>{&schedule,
+                           d,
+                           /*step=*/0,
+                           H,
+                           P,
+                           slice.first,
+                           slice.count,
+                           grad_output.data_ptr<S>(),
+                           h0.data_ptr<S>() + d * B * P,
+                           Cell::kHasCellState ? c0_compute.data_ptr<T>() + d * B * H : nullptr,
+                           output.data_ptr<S>(),
+                           workspace.data_ptr<T>(),
+                           dh.data_ptr<T>() + d * B * P,
+                           Cell::kHasCellState ? dc.data_ptr<T>() + d * B * H : nullptr,
+                           chunked ? nullptr : dgates_x.data_ptr<T>(),
+                           chunked ? nullptr : dgates_h.data_ptr<T>(),
+                           /*chunk_dgates_x=*/nullptr,
+                           /*chunk_dgates_h=*/nullptr,
+                           step_dgates_h.data_ptr<T>() + d * B * GH,
+                           layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
+                           layer.projected ? zeros.data_ptr<S>() : nullptr};
+  };
+  const int64_t members = team_size(B, H, P, Cell::kGates, layer.projected);
+  if (members > 1) {
+    TORCH_INTERNAL_ASSERT(!chunked && !layer.projected);
+    // Step s's gate gradients go to step_dgates_h at even steps, to odd_dgates_h at odd ones.
+    Tensor odd_dgates_h = empty_cpu({2, B, GH}, compute);
+    run_teams(members, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
+      const BackwardArgs<S> args = direction_args(d, unit_slice(H, member, count));
+      backward_member<Cell, S>(args, weight_of<S>(weights, layer, d, kWeightHh),
+                               {args.step_dgates_h, odd_dgates_h.data_ptr<T>() + d * B * GH}, barrier, layer_dtype);
+    });
+  } else {
+    at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) {
+        const BackwardArgs<S> args = direction_args(d, {0, H});
+        ChunkedGradients<S> gradients{};
+        uint16_t* rounded = half_chunks ? static_cast<uint16_t*>(chunk_rounded.data_ptr()) : nullptr;
+        std::optional<ReusedWeight<T>> half_weight_ih;
+        if (half_chunks && input_grad) {
+          half_weight_ih.emplace(GH, I, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/false,
+                                 layer_dtype);
+        }
+        if (chunked) {
+          gradients = {input.data_ptr<S>(),
+                       weight_of<S>(weights, layer, d, kWeightIh),
+                       half_weight_ih ? &*half_weight_ih : nullptr,
+                       layer_dtype,
+                       I,
+                       chunk_steps,
+                       input_grad,
+                       weight_grads,
+                       chunk_x.data_ptr<S>() + d * chunk_rows * I,
+                       chunk_dx.data_ptr<T>() + d * chunk_rows * I,
+                       chunk_h_prev.data_ptr<S>() + d * chunk_rows * P,
+                       chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
+                       chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
+                       half_chunks ? rounded + 2 * d * chunk_rows * GH : nullptr,
+                       half_chunks ? rounded + (2 * d + 1) * chunk_rows * GH : nullptr,
+                       input_grad ? grad_input.data_ptr<T>() : nullptr,
+                       grad_input_locks.data(),
+                       weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightIh) : nullptr,
+                       weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightHh) : nullptr,
+                       weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasIh) : nullptr,
+                       weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasHh) : nullptr};
+        }
+        std::optional<ReusedWeight<T>> weight_hr;
+        std::optional<Projection<T>> projection;
+        if (layer.projected) {
+          weight_hr.emplace(P, H, weight_of<S>(weights, layer, d, kWeightHr), H, /*transpose_b=*/false, layer_dtype);
+          projection = Projection<T>{&*weight_hr, chunk_rows, proj_dh_total.data_ptr<T>() + d * chunk_rows * P,
+                                     proj_unprojected.data_ptr<T>() + d * chunk_rows * H,
+                                     weight_of<T>(grad_weights, layer, d, kWeightHr)};
+        }
+        const ReusedWeight<T> weight_hh(GH, P, weight_of<S>(weights, layer, d, kWeightHh), P, /*transpose_b=*/false,
+                                        layer_dtype);
+        backward_direction<Cell, S>(args, weight_hh, projection ? &*projection : nullptr,
+                                    layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
+                                    chunked ? &gradients : nullptr);
       }
-      if (chunked) {
-        gradients = {input.data_ptr<S>(),
-                     weight_of<S>(weights, layer, d, kWeightIh),
-                     half_weight_ih ? &*half_weight_ih : nullptr,
-                     layer_dtype,
-                     I,
-                     chunk_steps,
-                     input_grad,
-                     weight_grads,
-                     chunk_x.data_ptr<S>() + d * chunk_rows * I,
-                     chunk_dx.data_ptr<T>() + d * chunk_rows * I,
-                     chunk_h_prev.data_ptr<S>() + d * chunk_rows * P,
-                     chunk_dgates_x.data_ptr<T>() + d * chunk_rows * GH,
-                     chunk_dgates_h.data_ptr<T>() + d * chunk_rows * GH,
-                     half_chunks ? rounded + 2 * d * chunk_rows * GH : nullptr,
-                     half_chunks ? rounded + (2 * d + 1) * chunk_rows * GH : nullptr,
-                     input_grad ? grad_input.data_ptr<T>() : nullptr,
-                     grad_input_locks.data(),
-                     weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightIh) : nullptr,
-                     weight_grads ? weight_of<T>(grad_weights, layer, d, kWeightHh) : nullptr,
-                     weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasIh) : nullptr,
-                     weight_grads ? weight_of<T>(grad_weights, layer, d, kBiasHh) : nullptr};
-      }
-      std::optional<ReusedWeight<T>> weight_hr;
-      std::optional<Projection<T>> projection;
-      if (layer.projected) {
-        weight_hr.emplace(P, H, weight_of<S>(weights, layer, d, kWeightHr), H, /*transpose_b=*/false, layer_dtype);
-        projection = Projection<T>{&*weight_hr, chunk_rows, proj_dh_total.data_ptr<T>() + d * chunk_rows * P,
-                                   proj_unprojected.data_ptr<T>() + d * chunk_rows * H,
-                                   weight_of<T>(grad_weights, layer, d, kWeightHr)};
-      }
-      const ReusedWeight<T> weight_hh(GH, P, weight_of<S>(weights, layer, d, kWeightHh), P, /*transpose_b=*/false,
-                                      layer_dtype);
-      backward_direction<Cell, S>(args, weight_hh, projection ? &*projection : nullptr,
-                                  layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
-                                  chunked ? &gradients : nullptr);
-    }
-  });
+    });
+  }
 
   Tensor grad_h0 = reorder_states<T>(schedule, dh, /*to_sorted=*/false);
   Tensor grad_c0 =

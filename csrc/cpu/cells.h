@@ -2,13 +2,15 @@
 // cells differ. The recurrences (forward.cpp, backward.cpp) are written once and take a cell as a
 // template argument.
 //
-// Every cell offers the same two row functions:
-//   forward(H, gx, bias_ih, gh, bias_hh, h, c, saved, out)
+// Every cell offers the same two row functions, over `units` consecutive hidden units of a row of H
+// (all of them, or a thread team member's slice: every pointer then starts at its first unit, and
+// gate g of a unit still lies g*H further on):
+//   forward(H, units, gx, bias_ih, gh, bias_hh, h, c, saved, out)
 //     gx: [G*H] x @ W_ih^T, gh: [G*H] h_prev @ W_hh^T, both without their biases (added here, where
 //     they are in cache, rather than copied into every row of the products' output);
 //     h, c: [H] state, read as the previous step's and overwritten with this step's (c unused
 //     unless kHasCellState); saved: [kSaved*H] this row's workspace slot; out: [H] output row.
-//   backward(H, saved, h_prev, c_prev, h_t, grad_out, dh, dc, dgx, dgh)
+//   backward(H, units, saved, h_prev, c_prev, h_t, grad_out, dh, dc, dgx, dgh)
 //     dh: [H] gradient reaching h_t through the recurrence, overwritten with the part of dh_prev
 //     that does not go through W_hh (only if kDirectHiddenGrad; otherwise the caller's GEMM
 //     overwrites it); dc: [H] same for c, overwritten with dc_prev; dgx, dgh: [G*H] gradients of
@@ -118,11 +120,11 @@ struct LstmCell {
   }
 
   template <bool kSave, typename T>
-  static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* bias_ih, const T* gh, const T* bias_hh, T* h,
-                                   T* c, T* saved, T* out) {
+  static BIRNN_INLINE void forward(int64_t H, int64_t units, const T* gx, const T* bias_ih, const T* gh,
+                                   const T* bias_hh, T* h, T* c, T* saved, T* out) {
     using A = Activation<T>;
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T i = A::sigmoid((gx[k] + bias_ih[k]) + (gh[k] + bias_hh[k]));
       const T f = A::sigmoid((gx[H + k] + bias_ih[H + k]) + (gh[H + k] + bias_hh[H + k]));
       const T g = A::tanh((gx[2 * H + k] + bias_ih[2 * H + k]) + (gh[2 * H + k] + bias_hh[2 * H + k]));
@@ -143,11 +145,11 @@ struct LstmCell {
   }
 
   template <typename T, typename S>
-  static BIRNN_INLINE void backward(int64_t H, const T* saved, const S* /*h_prev*/, const T* c_prev,
+  static BIRNN_INLINE void backward(int64_t H, int64_t units, const T* saved, const S* /*h_prev*/, const T* c_prev,
                                     const S* /*h_t*/, const S* grad_out, T* dh, T* dc, T* dgx, T* dgh) {
     using A = Activation<T>;
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T i = saved[k], f = saved[H + k], g = saved[2 * H + k], o = saved[3 * H + k];
       const T tanh_c = A::tanh(saved[4 * H + k]);
       const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
@@ -177,11 +179,11 @@ struct GruCell {
   static constexpr bool kCanProject = false;
 
   template <bool kSave, typename T>
-  static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* bias_ih, const T* gh, const T* bias_hh, T* h,
-                                   T* /*c*/, T* saved, T* out) {
+  static BIRNN_INLINE void forward(int64_t H, int64_t units, const T* gx, const T* bias_ih, const T* gh,
+                                   const T* bias_hh, T* h, T* /*c*/, T* saved, T* out) {
     using A = Activation<T>;
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T r = A::sigmoid((gx[k] + bias_ih[k]) + (gh[k] + bias_hh[k]));
       const T z = A::sigmoid((gx[H + k] + bias_ih[H + k]) + (gh[H + k] + bias_hh[H + k]));
       const T hidden_n = gh[2 * H + k] + bias_hh[2 * H + k];
@@ -199,10 +201,11 @@ struct GruCell {
   }
 
   template <typename T, typename S>
-  static BIRNN_INLINE void backward(int64_t H, const T* saved, const S* h_prev, const T* /*c_prev*/,
-                                    const S* /*h_t*/, const S* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
+  static BIRNN_INLINE void backward(int64_t H, int64_t units, const T* saved, const S* h_prev,
+                                    const T* /*c_prev*/, const S* /*h_t*/, const S* grad_out, T* dh, T* /*dc*/, T* dgx,
+                                    T* dgh) {
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T r = saved[k], z = saved[H + k], n = saved[2 * H + k], hidden_n = saved[3 * H + k];
       const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
       const T dn = dh_t * (T(1) - z) * (T(1) - n * n);
@@ -227,10 +230,10 @@ struct ElmanCell {
   static constexpr bool kCanProject = false;
 
   template <bool kSave, typename T>
-  static BIRNN_INLINE void forward(int64_t H, const T* gx, const T* bias_ih, const T* gh, const T* bias_hh, T* h,
-                                   T* /*c*/, T* /*saved*/, T* out) {
+  static BIRNN_INLINE void forward(int64_t /*H*/, int64_t units, const T* gx, const T* bias_ih, const T* gh,
+                                   const T* bias_hh, T* h, T* /*c*/, T* /*saved*/, T* out) {
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T pre = (gx[k] + bias_ih[k]) + (gh[k] + bias_hh[k]);
       const T h_t = kRelu ? (pre < T(0) ? T(0) : pre) : Activation<T>::tanh(pre);
       h[k] = h_t;
@@ -240,10 +243,11 @@ struct ElmanCell {
 
   // The activation's derivative is read off its output h_t, so nothing needs saving.
   template <typename T, typename S>
-  static BIRNN_INLINE void backward(int64_t H, const T* /*saved*/, const S* /*h_prev*/, const T* /*c_prev*/,
-                                    const S* h_t, const S* grad_out, T* dh, T* /*dc*/, T* dgx, T* dgh) {
+  static BIRNN_INLINE void backward(int64_t /*H*/, int64_t units, const T* /*saved*/, const S* /*h_prev*/,
+                                    const T* /*c_prev*/, const S* h_t, const S* grad_out, T* dh, T* /*dc*/, T* dgx,
+                                    T* dgh) {
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < units; ++k) {
       const T dh_t = dh[k] + static_cast<T>(grad_out[k]);
       const T out = static_cast<T>(h_t[k]);
       const T d_pre = kRelu ? (out > T(0) ? dh_t : T(0)) : dh_t * (T(1) - out * out);

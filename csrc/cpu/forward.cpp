@@ -1,5 +1,6 @@
-// birnn_fast::forward on the CPU: both directions at once, one per thread, each step one product
-// h_prev @ W_hh^T over the rows still running plus the fused cell math.
+// birnn_fast::forward on the CPU: both directions at once, one per thread (or per team of threads,
+// each member its slice of the units: team.h), each step one product h_prev @ W_hh^T over the rows
+// still running plus the fused cell math.
 //
 // The input projection x @ W_ih^T + b_ih runs over the real tokens only: on two threads or fewer
 // inside each direction's thread, a chunk of steps at a time into a small buffer that stays in
@@ -16,6 +17,8 @@
 // rounded once as it is written.
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <memory>
 #include <optional>
 
 #include "convert.h"
@@ -23,6 +26,7 @@
 #include "kernels.h"
 #include "products.h"
 #include "schedule.h"
+#include "team.h"
 
 namespace birnn_fast::cpu {
 namespace {
@@ -32,6 +36,7 @@ struct ForwardArgs {
   using T = compute_t<S>;
   const Schedule* schedule;
   int64_t direction, step, hidden, state;
+  int64_t first_unit, units;  // the hidden units this thread computes (all, or its team slice)
   const T* gates_x;       // (N, 2GH) packed x @ W_ih^T, when projected up front
   const T* step_gates_x;  // (B, GH) this step's x @ W_ih^T, sorted rows, when projected by chunks
   T* gates_h;             // (B, GH): this step's h_prev @ W_hh^T, sorted rows
@@ -52,22 +57,23 @@ struct ForwardRows {
     const Schedule& schedule = *a.schedule;
     const int64_t H = a.hidden, P = a.state, GH = Cell::kGates * H, WH = Cell::kSaved * H, B = schedule.batch;
     const int64_t rows = schedule.active[a.step];
+    const int64_t u = a.first_unit;  // every row pointer below starts at this thread's first unit
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t t = schedule.time(a.step, j, a.direction);
       const int64_t row = t * B + schedule.order[j], token = schedule.packed(t, j);
       const T* gx = a.step_gates_x != nullptr ? a.step_gates_x + j * GH : a.gates_x + token * 2 * GH + a.direction * GH;
-      S* output_row = a.output + row * 2 * P + a.direction * P;
-      T* h = a.unprojected != nullptr ? a.unprojected + j * H : a.h + j * P;
+      S* output_row = a.output + row * 2 * P + a.direction * P + u;
+      T* h = (a.unprojected != nullptr ? a.unprojected + j * H : a.h + j * P) + u;
       T* out = h;
       if constexpr (std::is_same_v<S, T>) {
         out = a.unprojected != nullptr ? h : output_row;
       }
-      Cell::template forward<kSave>(H, gx, a.bias_ih, a.gates_h + j * GH, a.bias_hh, h,
-                                    Cell::kHasCellState ? a.c + j * H : nullptr,
-                                    kSave ? a.workspace + (token * 2 + a.direction) * WH : nullptr, out);
+      Cell::template forward<kSave>(H, a.units, gx + u, a.bias_ih + u, a.gates_h + j * GH + u, a.bias_hh + u, h,
+                                    Cell::kHasCellState ? a.c + j * H + u : nullptr,
+                                    kSave ? a.workspace + (token * 2 + a.direction) * WH + u : nullptr, out);
       if constexpr (!std::is_same_v<S, T>) {
         if (a.unprojected == nullptr) {
-          narrow(H, h, output_row);
+          narrow(a.units, h, output_row);
         }
       }
     }
@@ -126,6 +132,40 @@ void forward_direction(ForwardArgs<S> args, const ReusedWeight<compute_t<S>>& we
   }
 }
 
+// A team member's share of direction d's recurrence (team.h): every step, the products of its
+// units' columns (one per gate, into gates_h at the gate's columns) and their cell math, then the
+// team's barrier. h is double-buffered: step s reads h_buffers[s % 2], writes h_buffers[(s + 1) % 2].
+template <typename Cell, typename S, bool kSave>
+void forward_member(ForwardArgs<S> args, const S* weight_hh, const std::array<compute_t<S>*, 2>& h_buffers,
+                    TeamBarrier& barrier, at::ScalarType layer_dtype) {
+  using T = compute_t<S>;
+  const Schedule& schedule = *args.schedule;
+  const int64_t H = args.hidden, P = args.state, GH = Cell::kGates * H, first = args.first_unit, units = args.units;
+  std::vector<std::unique_ptr<ReusedWeight<T>>> gate_weights;
+  for (int64_t g = 0; g < Cell::kGates && units > 0; ++g) {
+    gate_weights.push_back(
+        std::make_unique<ReusedWeight<T>>(P, units, weight_hh + (g * H + first) * P, P, /*transpose_b=*/true,
+                                          layer_dtype));
+  }
+  for (int64_t step = 0; step < schedule.longest(); ++step) {
+    const int64_t rows = schedule.active[step];
+    T* previous = h_buffers[step % 2];
+    T* next = h_buffers[(step + 1) % 2];
+    if (units > 0) {
+      for (int64_t g = 0; g < Cell::kGates; ++g) {
+        gate_weights[g]->multiply(rows, previous, P, args.gates_h + g * H + first, GH, /*accumulate=*/false);
+      }
+      for (int64_t j = 0; j < rows; ++j) {  // the cells read h_prev in place (GRU)
+        std::copy_n(previous + j * P + first, units, next + j * P + first);
+      }
+      args.step = step;
+      args.h = next;
+      run_rows<ForwardRows<Cell, S, kSave>>(args);
+    }
+    barrier.wait();
+  }
+}
+
 template <typename Cell, typename S>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at::TensorList weights, const Tensor& h0,
                                                         const Tensor& c0, const Tensor& lengths, bool save_workspace,
@@ -168,39 +208,65 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
   Tensor gates_h = empty_cpu({2, B, GH}, compute);
   Tensor unprojected = layer.projected ? empty_cpu({2, B, H}, compute) : Tensor();
 
-  at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin; d < end; ++d) {
-      const ForwardArgs<S> args{&schedule,
-                                d,
-                                /*step=*/0,
-                                H,
-                                P,
-                                chunked ? nullptr : gates_x.data_ptr<T>(),
-                                /*step_gates_x=*/nullptr,
-                                gates_h.data_ptr<T>() + d * B * GH,
-                                weight_of<T>(biases, layer, d, kBiasIh),
-                                weight_of<T>(biases, layer, d, kBiasHh),
-                                h.data_ptr<T>() + d * B * P,
-                                Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
-                                layer.projected ? unprojected.data_ptr<T>() + d * B * H : nullptr,
-                                workspace.data_ptr<T>(),
-                                output.data_ptr<S>()};
-      std::optional<ReusedWeight<T>> weight_ih, weight_hr;
-      ChunkedProjection<S> projection{};
-      if (chunked) {
-        weight_ih.emplace(I, GH, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
-        projection = {input.data_ptr<S>(), &*weight_ih, I, chunk_steps, chunk_x.data_ptr<S>() + d * chunk_steps * B * I,
-                      chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
+  const auto direction_args = [&](int64_t d, UnitSlice slice) {
+    return ForwardArgs<S>{&schedule,
+                          d,
+                          /*step=*/0,
+                          H,
+                          P,
+                          slice.first,
+                          slice.count,
+                          chunked ? nullptr : gates_x.data_ptr<T>(),
+                          /*step_gates_x=*/nullptr,
+                          gates_h.data_ptr<T>() + d * B * GH,
+                          weight_of<T>(biases, layer, d, kBiasIh),
+                          weight_of<T>(biases, layer, d, kBiasHh),
+                          h.data_ptr<T>() + d * B * P,
+                          Cell::kHasCellState ? c.data_ptr<T>() + d * B * H : nullptr,
+                          layer.projected ? unprojected.data_ptr<T>() + d * B * H : nullptr,
+                          workspace.data_ptr<T>(),
+                          output.data_ptr<S>()};
+  };
+  const int64_t members = team_size(B, H, P, Cell::kGates, layer.projected);
+  if (members > 1) {
+    TORCH_INTERNAL_ASSERT(!chunked && !layer.projected);
+    // Step s writes h_{s+1}'s buffer: a row whose length is odd ends in odd_h.
+    Tensor odd_h = empty_cpu({2, B, P}, compute);
+    run_teams(members, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
+      const ForwardArgs<S> args = direction_args(d, unit_slice(H, member, count));
+      auto run = save_workspace ? forward_member<Cell, S, true> : forward_member<Cell, S, false>;
+      run(args, weight_of<S>(weights, layer, d, kWeightHh), {args.h, odd_h.data_ptr<T>() + d * B * P}, barrier,
+          layer_dtype);
+    });
+    for (int64_t d = 0; d < 2; ++d) {
+      for (int64_t j = 0; j < B; ++j) {
+        if (schedule.lengths[j] % 2 == 1) {
+          std::copy_n(odd_h.data_ptr<T>() + (d * B + j) * P, P, h.data_ptr<T>() + (d * B + j) * P);
+        }
       }
-      if (layer.projected) {
-        weight_hr.emplace(H, P, weight_of<S>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true, layer_dtype);
-      }
-      const ReusedWeight<T> weight_hh(P, GH, weight_of<S>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true,
-                                      layer_dtype);
-      auto run = save_workspace ? forward_direction<Cell, S, true> : forward_direction<Cell, S, false>;
-      run(args, weight_hh, layer.projected ? &*weight_hr : nullptr, chunked ? &projection : nullptr);
     }
-  });
+  } else {
+    at::parallel_for(0, 2, directions_grain(schedule, GH, I, P), [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) {
+        const ForwardArgs<S> args = direction_args(d, {0, H});
+        std::optional<ReusedWeight<T>> weight_ih, weight_hr;
+        ChunkedProjection<S> projection{};
+        if (chunked) {
+          weight_ih.emplace(I, GH, weight_of<S>(weights, layer, d, kWeightIh), I, /*transpose_b=*/true, layer_dtype);
+          projection = {input.data_ptr<S>(), &*weight_ih, I, chunk_steps,
+                        chunk_x.data_ptr<S>() + d * chunk_steps * B * I,
+                        chunk_gx.data_ptr<T>() + d * chunk_steps * B * GH};
+        }
+        if (layer.projected) {
+          weight_hr.emplace(H, P, weight_of<S>(weights, layer, d, kWeightHr), H, /*transpose_b=*/true, layer_dtype);
+        }
+        const ReusedWeight<T> weight_hh(P, GH, weight_of<S>(weights, layer, d, kWeightHh), P, /*transpose_b=*/true,
+                                        layer_dtype);
+        auto run = save_workspace ? forward_direction<Cell, S, true> : forward_direction<Cell, S, false>;
+        run(args, weight_hh, layer.projected ? &*weight_hr : nullptr, chunked ? &projection : nullptr);
+      }
+    });
+  }
   zero_padding(schedule, steps, output.data_ptr<S>(), 2 * P);
 
   Tensor h_n = reorder_states<T>(schedule, h, /*to_sorted=*/false).to(input.scalar_type());

@@ -1,8 +1,9 @@
 // What forward.cpp and backward.cpp offer ops.cpp, which checks the arguments first (the op's
 // contract: birnn_fast/library.py), and what they share: the layer's sizes and weights by kind.
 //
-// Both run the two directions at once, one per thread; each step is one product over the rows still
-// running (schedule.h) plus the fused cell math (cells.h); the products are products.h's.
+// Both run the two directions at once, one per thread or, with more threads, on a team of threads
+// each (team.h); each step is one product over the rows still running (schedule.h) plus the fused
+// cell math (cells.h); the products are products.h's.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,120 @@
+// Thread teams: with more threads than directions, each direction's recurrence runs on a team of
+// threads. A member owns a slice of hidden units with all their gates, so the cell math stays local
+// to it, and runs every step's product for its slice's columns only (its slice of W_hh stays in its
+// own cache); the team meets once per step, where the next step's product reads what every member
+// wrote (forward: h_t; backward: the gate gradients). What one member writes while another may
+// still read the previous step's values is double-buffered by the step's parity.
+//
+// The team size comes from the shape and torch.get_num_threads(): no more members than half the
+// threads, than slices of kMinUnits units, or than the step's product can feed with at least
+// kMinMultiplyAdds each (below that, the wait at each step costs more than the member's share).
+// BIRNN_FAST_CPU_TEAM=N asks for N members regardless of the shape (tests, benchmarks), still at
+// most half the threads and one slice of kUnitGrain units each.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace birnn_fast::cpu {
+
+constexpr int64_t kMinUnits = 16;
+constexpr int64_t kMinMultiplyAdds = int64_t{1} << 18;
+constexpr int64_t kUnitGrain = 8;  // slices start on whole vectors of the cell math
+
+// Members per direction's team for a layer of B rows, H units and state width P (1: no team).
+// A projected LSTM runs without teams: its h_t = W_hr r_t needs every unit's r_t.
+inline int64_t team_size(int64_t batch, int64_t hidden, int64_t state, int64_t gates, bool projected) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 2 || projected || at::in_parallel_region()) {
+    return 1;
+  }
+  if (const char* forced = std::getenv("BIRNN_FAST_CPU_TEAM")) {
+    const int64_t asked = std::atoll(forced);
+    return std::max<int64_t>(1, std::min({asked, threads / 2, (hidden + kUnitGrain - 1) / kUnitGrain}));
+  }
+  const int64_t by_work = batch * state * gates * hidden / kMinMultiplyAdds;
+  return std::max<int64_t>(1, std::min({threads / 2, hidden / kMinUnits, by_work}));
+}
+
+// Units [first, first + count) of member `member` of `members` (count may be 0 for the last ones).
+struct UnitSlice {
+  int64_t first, count;
+};
+
+inline UnitSlice unit_slice(int64_t hidden, int64_t member, int64_t members) {
+  const int64_t per_member = ((hidden + members - 1) / members + kUnitGrain - 1) / kUnitGrain * kUnitGrain;
+  const int64_t first = std::min(hidden, member * per_member);
+  return {first, std::min(hidden, first + per_member) - first};
+}
+
+// A reusable spin barrier for the members of one team: steps last microseconds, too short to sleep
+// on; a waiter yields its core after a while, so that an oversubscribed team still progresses.
+class TeamBarrier {
+ public:
+  void resize(int64_t size) { size_ = size; }
+
+  void wait() {
+    if (size_ <= 1) {
+      return;
+    }
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins >= kSpins) {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 1 << 12;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<int> generation_{0};
+  int64_t size_ = 1;
+};
+
+// Runs fn(direction, member, members, barrier) for both directions' teams of up to `members`
+// threads each, all at once. OpenMP may start fewer threads than asked (nested in another parallel
+// region, or a capped pool): the teams then shrink to what started, down to one thread running
+// both directions in turn, since a member waiting for one that never starts would wait for ever.
+template <typename Fn>
+void run_teams(int64_t members, Fn&& fn) {
+  TeamBarrier barriers[2];
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(2 * members))
+  {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t started = std::max<int64_t>(1, std::min(members, threads / 2));
+#pragma omp single
+    {
+      barriers[0].resize(started);
+      barriers[1].resize(started);
+    }
+    if (threads == 1) {
+      fn(0, 0, 1, barriers[0]);
+      fn(1, 0, 1, barriers[1]);
+    } else if (thread < 2 * started) {
+      const int64_t direction = thread / started;
+      fn(direction, thread % started, started, barriers[direction]);
+    }
+  }
+#else
+  fn(0, 0, 1, barriers[0]);
+  fn(1, 0, 1, barriers[1]);
+#endif
+}
+
+}  // namespace birnn_fast::cpu

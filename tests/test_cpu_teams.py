@@ -1,0 +1,63 @@
+"""Thread teams (csrc/cpu/team.h): with more threads than directions, each direction's recurrence
+runs on a team that splits the hidden units. At 1, 2, 3, 4 and 8 threads (on a 2-core machine the
+larger teams are oversubscribed: this checks correctness, not speed), every cell, lengths equal and
+mixed, the team the shape picks and the largest one: forward and every gradient as torch's in
+float64, bitwise equal run to run in float32, bfloat16 within twice torch's own error. A projected
+LSTM runs without teams; it is here to show that the other path still runs at these counts."""
+import pytest
+import torch
+
+from test_cpu_kernel import CASES, assert_all_close, make_layer, precision_errors, run_ops, run_torch
+
+THREADS = [1, 2, 3, 4, 8]
+LENGTHS = {"equal": None, "mixed": [11, 1, 6, 11, 9, 3, 11]}
+# H 44: slices of 8 units leave a short last one; T 11, B 7, I 13.
+SIZE = (11, 7, 13, 44)
+
+
+@pytest.fixture
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("team", ["shape", "largest"])
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("cell,proj", CASES)
+@pytest.mark.parametrize("threads", THREADS, indirect=True)
+def test_matches_torch_fp64(monkeypatch, threads, cell, proj, lengths, team):
+    if team == "largest":
+        monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+    layer = make_layer(cell, *SIZE, proj, LENGTHS[lengths], seed=threads)
+    assert_all_close(cell, proj, run_ops(cell, layer), run_torch(cell, layer), 1e-9)
+
+
+@pytest.mark.parametrize("cell,proj", CASES)
+@pytest.mark.parametrize("threads", [3, 8], indirect=True)
+def test_bitwise_deterministic_fp32(monkeypatch, threads, cell, proj):
+    monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+    layer = {key: ([w.float() for w in value] if key == "weights" else value if key == "lengths" else value.float())
+             for key, value in make_layer(cell, *SIZE, proj, LENGTHS["mixed"]).items()}
+    first, second = run_ops(cell, layer), run_ops(cell, layer)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell,proj", [case for case in CASES if case[0] != "RNN_RELU"])
+@pytest.mark.parametrize("threads", [4], indirect=True)
+def test_bfloat16_within_twice_torch(monkeypatch, threads, cell, proj):
+    monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+    for name, (ours, theirs) in precision_errors(cell, proj, torch.bfloat16, LENGTHS["mixed"][:6],
+                                                 size=(11, 6, 13, 44)).items():
+        assert ours <= 2 * theirs + 1e-6, f"{name}: our error {ours:.3g} > 2 x torch's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("threads", [4], indirect=True)
+def test_shape_picks_a_team_for_a_wide_layer(threads):
+    """B 16, H 256 LSTM at 4 threads: 2 members a direction. Compared with torch in float32."""
+    layer = make_layer("LSTM", 5, 16, 8, 256, 0, None)
+    layer32 = {key: ([w.float() for w in value] if key == "weights" else value if key == "lengths" else value.float())
+               for key, value in layer.items()}
+    assert_all_close("LSTM", 0, run_ops("LSTM", layer32), run_torch("LSTM", layer), 1e-5)
