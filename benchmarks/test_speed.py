@@ -67,6 +67,41 @@ def test_speed(benchmark, request, case_name, impl, speed_results):
         assert output.dtype == torch.bfloat16
 
 
+SCALING = ["sentiment-train", "diarization-train", "speech-train"]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fast"])
+@pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("scaling_case", SCALING)
+def test_speed_threads(benchmark, request, scaling_case, threads, impl, speed_results):
+    """The scaling table: the same case at 1-16 threads, each side at the same count (cpu_scaling.py
+    adds torch's default count and the CPU's description)."""
+    from cpu_scaling import SCALING_CASES
+
+    case = SCALING_CASES[scaling_case]
+    if benchmark.disabled and threads not in (1, 4):
+        pytest.skip("--benchmark-disable runs 1 and 4 threads: enough to know the cases still run")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        workload = Workload(case, max_steps=8 if benchmark.disabled else None)
+        benchmark.group = f"{case.name}@{threads}threads"
+        benchmark.extra_info.update(threads=threads, tokens=workload.tokens, flops=workload.flops,
+                                    backend="torch" if impl == "torch" else backends.select(torch.device("cpu"),
+                                                                                         torch.float32))
+        if benchmark.disabled:
+            benchmark(workload.step, impl)
+            return
+        max_time = float(request.config.getoption("benchmark_max_time"))
+        rounds = rounds_for(_seconds(workload.step, impl), max_time)
+        benchmark.pedantic(workload.step, args=(impl,), rounds=rounds, iterations=1)
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(tokens_per_s=workload.tokens / median, gflop_per_s=workload.flops / median / 1e9)
+        speed_results.append((benchmark.group, impl, median, benchmark.extra_info))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _seconds(function, *args):
     start = time.perf_counter()
     function(*args)
