@@ -10,7 +10,6 @@ so far comes from 2-core machines, where one thread per direction uses every cor
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_machine  # noqa: E402
-from cpu_targets import measure  # noqa: E402
+from cpu_targets import measure, median_call, round_ratios  # noqa: E402
 from workloads import Case  # noqa: E402
 
 SCALING_CASES = {
@@ -63,16 +62,15 @@ def main():
         for threads in counts:
             torch.set_num_threads(threads)
             times, emulated = measure(SCALING_CASES[name], args.budget, block=2, min_rounds=3, max_rounds=50)
-            fast = statistics.median(t for round_ in times["fast"] for t in round_)
+            fast = median_call(times["fast"])
             label = f"{name}{' (default)' if threads == default_threads else ''}"
             if "torch" not in times:
                 print(f"| {label} | {threads} | n/a | {fast * 1e3:.2f} | n/a | torch cannot run it |", flush=True)
                 continue
-            theirs = statistics.median(t for round_ in times["torch"] for t in round_)
-            per_round = sorted(statistics.median(t) / statistics.median(f) for t, f in zip(times["torch"], times["fast"]))
-            quartiles = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+            theirs = median_call(times["torch"])
+            low, high = round_ratios(times["torch"], times["fast"])
             print(f"| {label} | {threads} | {theirs * 1e3:.2f} | {fast * 1e3:.2f} | {theirs / fast:.2f} | "
-                  f"{quartiles[0]:.2f}-{quartiles[2]:.2f} |", flush=True)
+                  f"{low:.2f}-{high:.2f} |", flush=True)
             records.append({"case": name, "threads": threads, "torch_s": times["torch"], "fast_s": times["fast"],
                             "autocast_emulated": emulated})
     if args.json:

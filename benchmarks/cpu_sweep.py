@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_machine  # noqa: E402
 import workloads  # noqa: E402
+from cpu_targets import median_call, round_ratios  # noqa: E402
 
 
 def usage():
@@ -102,7 +103,7 @@ def main():
         mode = case.mode if case.input_grad else "train-no-dx"
         results = measure(case, args.budget, args.block)
         fast = results["fast"]
-        fast_s = statistics.median(t for round_ in fast["seconds"] for t in round_)
+        fast_s = median_call(fast["seconds"])
         head = f"| {case.cell} | {case.precision} | {mode} | {case.lengths} | {steps} | {batch} | {inputs} | {hidden} |"
         record = {"case": case.name, "cell": case.cell, "precision": case.precision, "mode": mode,
                   "lengths": case.lengths, "shape": [steps, batch, inputs, hidden], "results": results}
@@ -112,13 +113,11 @@ def main():
                   f"- / {fast['system_s'] * 1e3:.1f} |", flush=True)
             continue
         theirs = results["torch"]
-        torch_s = statistics.median(t for round_ in theirs["seconds"] for t in round_)
-        per_round = sorted(statistics.median(t) / statistics.median(f)
-                           for t, f in zip(theirs["seconds"], fast["seconds"]))
-        quartiles = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+        torch_s = median_call(theirs["seconds"])
+        low, high = round_ratios(theirs["seconds"], fast["seconds"])
         record["ratio"] = torch_s / fast_s
         print(f"{head} {torch_s * 1e3:.2f} | {fast_s * 1e3:.2f} | {torch_s / fast_s:.2f} | "
-              f"{quartiles[0]:.2f}-{quartiles[2]:.2f} | {theirs['faults']:.0f} / {fast['faults']:.0f} | "
+              f"{low:.2f}-{high:.2f} | {theirs['faults']:.0f} / {fast['faults']:.0f} | "
               f"{theirs['system_s'] * 1e3:.1f} / {fast['system_s'] * 1e3:.1f} |", flush=True)
     ratios = [record["ratio"] for record in records if "ratio" in record]
     if ratios:

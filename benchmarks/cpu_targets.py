@@ -74,6 +74,18 @@ def measure(case, budget, block=1, min_rounds=5, max_rounds=200):
     return times, workload.emulated
 
 
+def median_call(rounds):
+    """The median of every call in [[seconds] per round]."""
+    return statistics.median(t for round_ in rounds for t in round_)
+
+
+def round_ratios(torch_rounds, fast_rounds):
+    """The 25% and 75% quantiles of torch's median call over ours, round by round."""
+    per_round = sorted(statistics.median(t) / statistics.median(f) for t, f in zip(torch_rounds, fast_rounds))
+    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+    return quartiles[0], quartiles[2]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of rounds per case")
@@ -92,18 +104,17 @@ def main():
     for name in args.cases.split(","):
         case, target = TARGETS[name]
         times, emulated = measure(case, args.budget, args.block)
-        fast = statistics.median(t for round_ in times["fast"] for t in round_)
+        fast = median_call(times["fast"])
         label = name + (" (bf16 model: autocast emulated)" if emulated else "")
         if "torch" not in times:
             print(f"| {label} | {target} | n/a | {fast * 1e3:.2f} | n/a | torch cannot run it here | "
                   f"{len(times['fast'])} | {isa} | {facts['commit']} |", flush=True)
             records.append({"case": name, "fast_s": times["fast"]})
             continue
-        torch_ = statistics.median(t for round_ in times["torch"] for t in round_)
-        per_round = sorted(statistics.median(t) / statistics.median(f) for t, f in zip(times["torch"], times["fast"]))
-        quartiles = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else per_round * 3
+        torch_ = median_call(times["torch"])
+        low, high = round_ratios(times["torch"], times["fast"])
         print(f"| {label} | {target} | {torch_ * 1e3:.2f} | {fast * 1e3:.2f} | {torch_ / fast:.2f} | "
-              f"{quartiles[0]:.2f}-{quartiles[2]:.2f} | {len(per_round)} | {isa} | {facts['commit']} |", flush=True)
+              f"{low:.2f}-{high:.2f} | {len(times['fast'])} | {isa} | {facts['commit']} |", flush=True)
         records.append({"case": name, "target": target, "torch_s": times["torch"], "fast_s": times["fast"],
                         "autocast_emulated": emulated})
     if args.json:
