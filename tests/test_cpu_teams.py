@@ -61,3 +61,23 @@ def test_shape_picks_a_team_for_a_wide_layer(threads):
     layer32 = {key: ([w.float() for w in value] if key == "weights" else value if key == "lengths" else value.float())
                for key, value in layer.items()}
     assert_all_close("LSTM", 0, run_ops("LSTM", layer32), run_torch("LSTM", layer), 1e-5)
+
+
+def test_teams_shrink_to_the_threads_openmp_starts():
+    """OMP_THREAD_LIMIT=3 under 8 threads and a forced team of 4: OpenMP starts 3 threads, the teams
+    shrink to one member each (a member waiting for one that never starts would hang)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads(8)\n"
+        "from test_cpu_kernel import make_layer, run_ops, run_torch, assert_all_close\n"
+        "layer = make_layer('GRU', 11, 7, 13, 44, 0, [11, 1, 6, 11, 9, 3, 11])\n"
+        "assert_all_close('GRU', 0, run_ops('GRU', layer), run_torch('GRU', layer), 1e-9)\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="3", BIRNN_FAST_CPU_TEAM="4", BIRNN_FAST_BACKEND="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
