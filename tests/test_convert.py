@@ -342,3 +342,41 @@ def test_data_parallel_and_ddp_wrapping(tmp_path):
         dist.destroy_process_group()
     for a, b in zip(tree_leaves(got), tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ESPnet's RNN encoders (espnet.nets.pytorch_backend.rnn.encoders, used by its ASR and ST recipes and
+# wrapped by espnet2's RNNEncoder): VGG front end, then bidirectional LSTM / GRU layers called on a
+# sorted PackedSequence, flatten_parameters() in training, layers named birnn0, birnn1 (getattr).
+ESPNET_TYPES = ["vggblstmp", "blstm", "bgrup", "vggbgru"]
+
+
+def espnet_encoder(etype):
+    encoders = pytest.importorskip(
+        "espnet.nets.pytorch_backend.rnn.encoders",
+        reason="espnet is not installed (the Makefile installs it: pip install --no-deps espnet typeguard)")
+    return encoders.Encoder(etype, idim=20, elayers=2, eunits=16, eprojs=12, subsample=np.array([1, 2, 1]),
+                            dropout=0.0)
+
+
+@pytest.mark.parametrize("etype", ESPNET_TYPES)
+def test_espnet_encoder_computes_what_it_did(etype):
+    torch.manual_seed(0)
+    model = espnet_encoder(etype).double().train()
+    original = copy.deepcopy(model)
+    _, names = birnn_fast.convert(model, return_names=True)
+    assert len(names) == (1 if etype in ("blstm", "vggbgru") else 2), names
+    assert list(model.state_dict()) == list(original.state_dict())
+    features = torch.randn(3, 23, 20, dtype=torch.float64)
+    lengths = torch.tensor([23, 17, 9])  # ESPnet sorts its batches by length
+
+    def results(encoder):
+        x = features.clone().requires_grad_()
+        output, output_lengths, _ = encoder(x, lengths)
+        (output * torch.linspace(-1, 1, output.shape[-1], dtype=output.dtype)).sum().backward()
+        return output, output_lengths, x.grad, [p.grad for p in encoder.parameters()]
+
+    got, want = results(model), results(original)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
+    assert torch.equal(torch.as_tensor(got[1]), torch.as_tensor(want[1]))
+    for a, b in zip([got[2], *got[3]], [want[2], *want[3]]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
