@@ -17,8 +17,10 @@ $(VENV)/.installed: Makefile setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
+# The tour: the examples in turn, each next to torch.nn, then the tagger's step timed, then
+# build/demo/speedups.png.
 demo: $(VENV)/.installed
-	$(PY) examples/train_tagger.py
+	$(PY) examples/demo.py
 
 # The tests (what CI runs): the suite, the CPU kernel's tests again under the AVX2 ceiling, the GPU
 # check's script interpreted on the CPU, and the benchmarks once each, untimed.

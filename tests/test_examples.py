@@ -60,3 +60,14 @@ def test_example_scripts_run(command):
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "birnn_fast" in result.stdout or "FastBiLSTM" in result.stdout, result.stdout
+
+
+def test_demo_tour_runs_and_draws_its_chart(tmp_path):
+    """`make demo`'s script end to end at tiny sizes (--quick): every stage, then the PNG."""
+    pytest.importorskip("matplotlib", reason="the demo's chart needs matplotlib (in the Makefile's DEPENDENCIES)")
+    out = tmp_path / "speedups.png"
+    result = subprocess.run([sys.executable, "examples/demo.py", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[6/6]" in result.stdout and "tour done" in result.stdout, result.stdout[-4000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
