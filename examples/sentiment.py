@@ -61,7 +61,7 @@ class SentimentClassifier(nn.Module):
             _, h_n = self.rnn(packed)
         if isinstance(h_n, tuple):  # an LSTM's (h_n, c_n)
             h_n = h_n[0]
-        # Layer 0's two directions: the forward one ends at each row's last real word, the reverse
+        # The last layer's two directions: the forward one ends at each row's last real word, the reverse
         # one at its first.
         return self.classify(torch.cat([h_n[-2], h_n[-1]], dim=-1))
 
