@@ -3,18 +3,24 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest
+DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest matplotlib
+# A real third-party model for birnn_fast.convert's tests and benchmark: ESPnet's RNN encoders import
+# with numpy and torch alone, and its declared dependencies would replace torch: --no-deps.
+THIRD_PARTY := espnet==202511 typeguard==4.6.1
 
 .PHONY: demo test bench bench-avx2 test-cpu-isa test-avx2
 $(VENV)/.installed: Makefile setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(DEPENDENCIES)
+	$(PY) -m pip install -q --no-deps $(THIRD_PARTY)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
+# The tour: the examples in turn, each next to torch.nn, then the tagger's step timed, then
+# build/demo/speedups.png.
 demo: $(VENV)/.installed
-	$(PY) examples/train_tagger.py
+	$(PY) examples/demo.py
 
 # The tests (what CI runs): the suite, the CPU kernel's tests again under the AVX2 ceiling, the GPU
 # check's script interpreted on the CPU, and the benchmarks once each, untimed.

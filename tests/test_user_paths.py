@@ -184,6 +184,38 @@ PATHS = {
         want, (h_w, _) = model(x, lengths=lengths)
         close(got, want), close(h_n, h_w)
     """,
+    # An existing torch.nn model moved over in one call, as its own code calls it (a PackedSequence,
+    # flatten_parameters in training), then compiled whole; equal to the unconverted model.
+    "convert_existing_model": """
+        import copy
+        import birnn_fast
+
+        class Encoder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = nn.ModuleList([nn.LSTM(5, 6, batch_first=True, bidirectional=True),
+                                             nn.GRU(12, 4, batch_first=True, bidirectional=True)])
+
+            def forward(self, x, lengths):
+                for layer in self.layers:
+                    layer.flatten_parameters()
+                    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+                    x = nn.utils.rnn.pad_packed_sequence(layer(packed)[0], batch_first=True, total_length=7)[0]
+                return x
+
+        model = Encoder()
+        original = copy.deepcopy(model)
+        converted, names = birnn_fast.convert(model, return_names=True)
+        assert names == ["layers.0", "layers.1"], names
+        x, lengths = torch.randn(3, 7, 5), torch.tensor([7, 2, 5])
+        for run in (converted, torch.compile(converted)):
+            got, want = run(x, lengths), original(x, lengths)
+            grads = torch.autograd.grad(got.sin().sum(), list(converted.parameters()))
+            expected_grads = torch.autograd.grad(want.sin().sum(), list(original.parameters()))
+            close(got, want)
+            for a, b in zip(grads, expected_grads):
+                close(a, b)
+    """,
     "empty_batch": """
         model = FastBiLSTM(5, 6)
         x = torch.randn(7, 0, 5, requires_grad=True)
@@ -230,6 +262,7 @@ TORCH_DOES = {
     "compile_first_call": "graph-breaks (fullgraph=True raises)",
     "compile_one_layer_no_hx": "graph-breaks",
     "double_backward": "exact second-order gradients",
+    "input_without_grad_frozen_layer": "gradients of what requires grad; None for a frozen layer",
     "autocast_cpu_bf16": "LSTM: bf16 (raises here: no bf16 oneDNN LSTM on Zen 2), GRU: float32, RNN: bf16",
     "bf16_training": "bf16 forward and backward",
     "proj_size": "LSTM with projections",
@@ -237,9 +270,14 @@ TORCH_DOES = {
     "onnx_export_onnxruntime": "exports (ONNX LSTM op)",
     "jit_trace": "works",
     "export_with_lengths": "(no lengths=)",
+    "convert_existing_model": "(no convert)",
     "empty_batch": "(T, 0, 2H) output, backpropagates",
     "empty_sequence_raises_as_torch": "Expected sequence length to be larger than 0 in RNN",
 }
+
+
+def test_the_table_has_a_row_for_every_path():
+    assert set(TORCH_DOES) == set(PATHS)
 
 
 def table():
