@@ -218,6 +218,12 @@ def phase_parity(s):
     return ((s - 1) >> 1) & 1
 
 
+def xg_offset(p, base, unit, gates):
+    """Element offset of (row base = (t * B + b) * 2 + direction, unit) in the input projection, laid
+    out (T, B, 2, H, G) by the launcher: a unit's gates adjacent, one load for its owner."""
+    return (base * p.hidden + unit) * gates
+
+
 def step_time(direction, s, length):
     """The time index row b takes at step s (s < length): forward s, reverse length-1-s."""
     return s if direction == 0 else length - 1 - s
@@ -352,10 +358,11 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
     h_n = np.full((2, B, H), np.nan, dtype=dtype)
     c_n = np.full((2, B, H), np.nan, dtype=dtype)
     workspace = np.full((T, B, 2, cell_of(cell).saved * H), np.nan, dtype=dtype)
-    xg = np.empty((T, B, 2, G * H), dtype=dtype)  # the launcher's GEMM, biases included
+    xg = np.empty((T, B, 2, H, G), dtype=dtype)  # the launcher's GEMM, biases included, unit-major
     for d in range(2):
-        xg[:, :, d] = input @ weights[4 * d].T + weights[4 * d + 2] + weights[4 * d + 3]
-    steps = int(lengths.max())
+        projection = input @ weights[4 * d].T + weights[4 * d + 2] + weights[4 * d + 3]  # [T, B, G*H]
+        xg[:, :, d] = projection.reshape(T, B, G, H).transpose(0, 1, 3, 2)
+    xg = xg.reshape(-1)
     b_offsets = {(buffer, nt, kt): _b_offsets(p, buffer, nt, kt)
                  for buffer in range(2) for nt in range(p.n_tiles) for kt in range(p.k_tiles)}
     clusters = {(d, chunk): [_Cta(p, rank, d, chunk, weights[4 * d + 1], dtype) for rank in range(p.cluster)]
@@ -369,6 +376,10 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
         row = 8 * nt + 2 * (lanes & 3) + columns
         return unit, cta.chunk * ROWS_PER_CLUSTER + row, row
 
+    def cluster_steps(cta):
+        """The steps of a cluster: the longest of its chunk's rows."""
+        return int(lengths[cta.chunk * ROWS_PER_CLUSTER:(cta.chunk + 1) * ROWS_PER_CLUSTER].max())
+
     def prologue(cta):
         # h0 into buffer 0, every slice (no exchange needed for it); buffer 1 and the K padding zero.
         d = cta.direction
@@ -379,14 +390,13 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
             b, k = cta.chunk * ROWS_PER_CLUSTER + row, slice_ * p.units + col
             ok = (b < B) & (k < H)
             cta.hbuf[hbuf_offset(p, 0, slice_, row, col)] = np.where(ok, h0[d, np.minimum(b, B - 1), np.minimum(k, H - 1)], 0.0)
-        # The owners' h and c (fp32 registers in the kernel): [unit warp, nt, lane, column].
-        cta.h = np.zeros((p.unit_warps, p.n_tiles, 32, 2), dtype=dtype)
-        cta.c = np.zeros_like(cta.h)
+        # The owners' c (fp32 registers in the kernel): [unit warp, nt, lane, column]. Their h lives
+        # in the h buffers only: an ended row passes it on from the buffer it reads to the next.
+        cta.c = np.zeros((p.unit_warps, p.n_tiles, 32, 2), dtype=dtype)
         for unit_warp in range(p.unit_warps):
             for nt in range(p.n_tiles):
                 unit, b, _ = owned(cta, unit_warp, nt)
                 ok = (unit < H) & (b < B)
-                cta.h[unit_warp, nt] = np.where(ok, h0[d, np.minimum(b, B - 1), np.minimum(unit, H - 1)], 0.0)
                 cta.c[unit_warp, nt] = np.where(ok, c0[d, np.minimum(b, B - 1), np.minimum(unit, H - 1)], 0.0)
         cta.full[1].arrive_expect_tx(p.expect_bytes)  # for step 1
         cta.full[0].arrive_expect_tx(p.expect_bytes)  # for step 2
@@ -398,7 +408,7 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
         return cta.hbuf[offsets]
 
     def compute_step(cta, s):
-        d = cta.direction
+        d, steps = cta.direction, cta.steps
         buffer = read_buffer(s)
         acc = {}
         for warp in range(p.unit_warps * p.split_k):
@@ -446,13 +456,15 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
                 for slot in range(cell_of(cell).saved):
                     workspace[s, b[padding], d, slot * H + unit[padding]] = 0.0
                 t = np.broadcast_to(step_time(d, s, length), length.shape)
-                gx = [xg[np.where(active, t, 0), np.minimum(b, B - 1), d, gate * H + np.minimum(unit, H - 1)]
-                      for gate in range(G)]
+                base = (np.where(active, t, 0) * B + np.minimum(b, B - 1)) * 2 + d
+                gx = [xg[xg_offset(p, base, np.minimum(unit, H - 1), G) + gate] for gate in range(G)]
                 i, f, o = (_sigmoid(gx[j] + pre[j]) for j in (0, 1, 3))
                 g = np.tanh(gx[2] + pre[2])
                 c_new = f * cta.c[unit_warp, nt] + i * g
                 h_new = o * np.tanh(c_new)
-                cta.h[unit_warp, nt] = np.where(active, h_new, cta.h[unit_warp, nt])
+                slices, cols = h_slice(p, unit)
+                assert (slices == cta.rank).all()
+                h = np.where(active, h_new, cta.hbuf[hbuf_offset(p, buffer, slices, row, cols)])
                 cta.c[unit_warp, nt] = np.where(active, c_new, cta.c[unit_warp, nt])
                 output[t[active], b[active], d * H + unit[active]] = h_new[active]
                 for slot, value in enumerate((i, f, g, o, c_new)):
@@ -460,10 +472,7 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
                 last = active & (s == length - 1)
                 h_n[d, b[last], unit[last]] = h_new[last]
                 c_n[d, b[last], unit[last]] = c_new[last]
-                if s + 1 < steps:
-                    slices, cols = h_slice(p, unit)
-                    assert (slices == cta.rank).all()
-                    cta.hbuf[hbuf_offset(p, next_buffer, slices, row, cols)] = cta.h[unit_warp, nt]
+                cta.hbuf[hbuf_offset(p, next_buffer, slices, row, cols)] = h
         if s + 1 < steps:
             # Our own slice of the next buffer (last read in step s-1: read_done >= s-1), sent to each peer.
             cta.tags[next_buffer, cta.rank] = s + 1
@@ -487,9 +496,10 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
 
     ctas = [cta for group in clusters.values() for cta in group]
     for cta in ctas:
+        cta.steps = cluster_steps(cta)
         prologue(cta)
     while True:
-        runnable = [cta for cta in ctas if cta.step < steps and
+        runnable = [cta for cta in ctas if cta.step < cta.steps and
                     (cta.step == 0 or cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step)))]
         if not runnable and not in_flight:
             break
@@ -497,13 +507,19 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
         if choice < len(runnable):
             cta = runnable[choice]
             if cta.step >= 1:
-                cta.full[read_buffer(cta.step)].arrive_expect_tx(p.expect_bytes)  # re-armed for step + 2
+                # Re-armed for step + 2 (the kernel: after the step's first CTA barrier, once every
+                # thread has seen this phase complete).
+                cta.full[read_buffer(cta.step)].arrive_expect_tx(p.expect_bytes)
             compute_step(cta, cta.step)
             cta.step += 1
         else:
             deliver(in_flight.pop(choice - len(runnable)))
-    assert all(cta.step == steps for cta in ctas), "a CTA waits for h that never comes: the schedule deadlocks"
-    # Steps max(lengths) .. T-1 are padding for every row.
-    output[steps:] = 0.0
-    workspace[steps:] = 0.0
+    assert all(cta.step == cta.steps for cta in ctas), "a CTA waits for h that never comes: the schedule deadlocks"
+    # Steps past a chunk's longest row are padding for every row of the chunk.
+    for cta in ctas:
+        rows = slice(cta.chunk * ROWS_PER_CLUSTER, (cta.chunk + 1) * ROWS_PER_CLUSTER)
+        units = slice(cta.rank * p.units, (cta.rank + 1) * p.units)
+        output[cta.steps:, rows, cta.direction * H:(cta.direction + 1) * H][..., units] = 0.0
+        for slot in range(cell_of(cell).saved):
+            workspace[cta.steps:, rows, cta.direction, slot * H:(slot + 1) * H][..., units] = 0.0
     return output, h_n, c_n, workspace
