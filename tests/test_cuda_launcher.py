@@ -1,0 +1,105 @@
+"""The CUDA kernels' launcher (birnn_fast/cuda_kernels.py) without a GPU: it imports and says why it
+cannot run, its kernel argument is the CUDA struct byte for byte, its input projection is the
+layout the schedule reads, its launch configurations follow the plan, and the Triton backward it
+hands the gradients to reads the forward's workspace (the model's, run on the CPU) correctly."""
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from birnn_fast import cuda_kernels, cuda_schedule as schedule, reference
+
+from conftest import interpreted_triton
+from test_cuda_schedule import lstm_layer, mixed_lengths
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_reasons_without_a_gpu():
+    assert "CUDA tensors" in cuda_kernels.why_not("cpu", torch.bfloat16, "LSTM", 64)
+    assert "float32" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64)
+    assert "LSTM so far" in cuda_kernels.why_not("cuda", torch.bfloat16, "GRU", 64)
+    assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
+    assert "proj_size" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 64, projections=True)
+    if not torch.cuda.is_available():
+        reason = cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 64, 16)
+        assert reason is not None and ("cuda-bindings" in reason or "no CUDA device" in reason)
+        input = torch.randn(3, 2, 4, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            cuda_kernels.forward_op("LSTM", input, *lstm_args(input, 8))
+
+
+def lstm_args(input, H):
+    T, B, I = input.shape
+    weights = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)] * 2
+    weights = [w.to(input.dtype) for w in weights]
+    h0 = torch.randn(2, B, H, dtype=input.dtype)
+    return weights, h0, torch.randn_like(h0), torch.full((B,), T, dtype=torch.int64), True
+
+
+def test_params_struct_matches_cuda():
+    """Offsets and size of ForwardParams as nvcc lays out schedule.cuh's struct."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    fields = [name for name, _ in cuda_kernels.ForwardParams._fields_]
+    program = "#include <cstdio>\n#include <cstddef>\n#include \"schedule.cuh\"\nint main() {\n" + "".join(
+        f'  printf("%zu\\n", offsetof(birnn_fast::cuda::ForwardParams, {name}));\n' for name in fields) + \
+        '  printf("%zu\\n", sizeof(birnn_fast::cuda::ForwardParams));\n}\n'
+    build = pathlib.Path(__import__("tempfile").mkdtemp())
+    (build / "layout.cu").write_text(program)
+    subprocess.run(["nvcc", "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-o", str(build / "layout"),
+                    str(build / "layout.cu")], check=True, capture_output=True)
+    printed = [int(x) for x in subprocess.run([str(build / "layout")], capture_output=True, text=True,
+                                              check=True).stdout.split()]
+    expected = [getattr(cuda_kernels.ForwardParams, name).offset for name in fields]
+    assert printed == expected + [ctypes.sizeof(cuda_kernels.ForwardParams)]
+
+
+def test_input_projection_layout():
+    """The launcher's (T, B, 2, H, G) projection at the offsets the schedule reads (xg_offset)."""
+    T, B, I, H = 3, 5, 6, 24
+    input, weights, h0, c0, lengths = lstm_layer(T, B, I, H, [T] * B, seed=1)
+    xg = cuda_kernels.input_projection(input, weights, 4, H).reshape(-1)
+    p = schedule.plan("LSTM", H, B, "bf16")
+    for d in range(2):
+        expected = input @ weights[4 * d].T + weights[4 * d + 2] + weights[4 * d + 3]  # [T, B, G*H]
+        t, b, unit, gate = np.meshgrid(np.arange(T), np.arange(B), np.arange(H), np.arange(4), indexing="ij")
+        offsets = schedule.xg_offset(p, (t * B + b) * 2 + d, unit, 4) + gate
+        torch.testing.assert_close(xg[torch.from_numpy(offsets)], expected[t, b, gate * H + unit], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("H, B", [(40, 3), (256, 17), (512, 64), (300, 130)])
+def test_launch_config_follows_the_plan(H, B):
+    pytest.importorskip("cuda.bindings")
+    p = schedule.plan("LSTM", H, B, "bf16")
+    config = cuda_kernels.launch_config(p, stream=0)
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ) == (p.cluster, 2, -(-B // 64))
+    assert (config.blockDimX, config.sharedMemBytes, config.numAttrs) == (p.threads, p.smem_bytes, 1)
+    assert config.attrs[0].value.clusterDim.x == p.cluster and config.gridDimX % p.cluster == 0
+    params = cuda_kernels.forward_params(p, 7, dict(xg=1, w_hh=2, h0=3, c0=4, lengths=5, output=6, h_n=7, c_n=8,
+                                                    workspace=0))
+    assert (params.T, params.B, params.H, params.units, params.n_tiles) == (7, B, H, p.units, p.n_tiles)
+
+
+@pytest.mark.parametrize("T, B, H", [(5, 3, 40), (4, 9, 24)])
+def test_triton_backward_reads_the_workspace(T, B, H):
+    """The model's forward (the CUDA schedule) and its workspace, then the Triton backward (the cuda
+    backend's, interpreted here) on them: every gradient as the reference's, in float32."""
+    kernels = interpreted_triton(torch.float32)
+    lengths = mixed_lengths(T, B, seed=B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=7)
+    input, h0, c0 = (x.float() for x in (input, h0, c0))
+    weights = [w.float() for w in weights]
+    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
+                                   schedule.run_forward("LSTM", input, weights, h0, c0, lengths))
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(x.shape, generator=generator) for x in (output, h_n, c_n)]
+    got = kernels.ops.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
+    want = reference.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
+    for name, a, b in zip(("grad_input", "grad_weights", "grad_h0", "grad_c0"), got, want):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=name)
