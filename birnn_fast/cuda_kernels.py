@@ -95,16 +95,16 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
-_modules = {}  # device index -> (module, {kernel name: function})
+_modules = {}  # (device index, pass) -> (module, {kernel name: function})
 _lock = threading.Lock()
 
 
-def _function(device, name):
-    """The kernel ``name`` of the device's cubin, loaded into torch's context on first use, with its
-    shared-memory limit raised and clusters of 16 allowed."""
+def module(device, name="forward"):
+    """The cubin of pass ``name`` (build.py's PASSES) for the device, loaded into torch's context on
+    first use: (module, its functions loaded so far)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
-        if index not in _modules:
+        if (index, name) not in _modules:
             torch.cuda.init()
             with torch.cuda.device(index):
                 torch.cuda.current_stream(index)  # makes torch's (primary) context current in this thread
@@ -114,11 +114,16 @@ def _function(device, name):
                     context = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(index))))
                     _check(driver.cuCtxSetCurrent(context))
                 arch = ARCHS[torch.cuda.get_device_capability(index)]
-                image = cubin_path(arch).read_bytes()
-                _modules[index] = (_check(driver.cuModuleLoadData(image)), {})
-        module, functions = _modules[index]
+                _modules[index, name] = (_check(driver.cuModuleLoadData(cubin_path(arch, name).read_bytes())), {})
+        return _modules[index, name]
+
+
+def _function(device, name):
+    """The forward kernel ``name``, its shared-memory limit raised and clusters of 16 allowed."""
+    loaded, functions = module(device)
+    with _lock:
         if name not in functions:
-            function = _check(driver.cuModuleGetFunction(module, name.encode()))
+            function = _check(driver.cuModuleGetFunction(loaded, name.encode()))
             attribute = driver.CUfunction_attribute
             _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                              schedule.SMEM_LIMIT))
@@ -213,6 +218,14 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
     if B == 0:
         return output, h_n, c_n, workspace
+    forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace if save_workspace else None)
+    return output, h_n, c_n, workspace
+
+
+def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None):
+    """The forward's launch into given results (output (T, B, 2H), h_n, c_n (2, B, H), workspace
+    (T, B, 2, 5H) fp32 or None), all contiguous: the device check poisons them first."""
+    T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     xg = input_projection(input, weights, gates, H)
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
     h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
@@ -220,12 +233,13 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     params = forward_params(plan, T, dict(
         xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(), lengths=lengths.data_ptr(),
         output=output.data_ptr(), h_n=h_n.data_ptr(), c_n=c_n.data_ptr(),
-        workspace=workspace.data_ptr() if save_workspace else 0))
+        workspace=workspace.data_ptr() if workspace is not None else 0))
     arguments = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     function = _function(input.device, plan.kernel)
     stream = torch.cuda.current_stream(input.device).cuda_stream
+    # xg, w_hh and the contiguous copies live until the kernel has read them: the caching allocator
+    # reuses their memory only for work queued after this launch on the same stream.
     _check(driver.cuLaunchKernelEx(launch_config(plan, stream), function, ctypes.addressof(arguments), 0))
-    return output, h_n, c_n, workspace
 
 
 def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,

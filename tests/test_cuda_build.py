@@ -38,12 +38,13 @@ def cuobjdump():
 
 @pytest.fixture(scope="session")
 def cubin(tmp_path_factory):
-    """forward.sm_90a.cubin built once per session from the checkout's sources."""
+    """forward.sm_90a.cubin built once per session from the checkout's sources (with the probes')."""
     if build.nvcc() is None:
         pytest.skip("nvcc is not installed")
     out = tmp_path_factory.mktemp("cubins")
-    (path,) = build.build(out, archs="90a")
-    return path
+    paths = build.build(out, archs="90a")
+    assert sorted(path.name for path in paths) == ["forward.sm_90a.cubin", "probes.sm_90a.cubin"]
+    return out / "forward.sm_90a.cubin"
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,12 @@ def test_triton_backward_reads_the_workspace(T, B, H):
     for name, a, b in zip(("grad_input", "grad_weights", "grad_h0", "grad_c0"), got, want):
         for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_device_check_self_test():
+    """benchmarks/gpu/cuda_check.py --self-test, in process: every case's launch is consistent."""
+    from benchmarks.gpu import cuda_check
+
+    out = []
+    assert cuda_check.self_test(out)
+    assert "birnn_forward_lstm_<dtype>_s2_r8" in out[0]

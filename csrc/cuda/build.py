@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-PASSES = ("forward",)
+PASSES = ("forward", "probes")
 DEFAULT_ARCHS = ("90a", "100a")
 CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
 DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"
