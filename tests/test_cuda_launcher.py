@@ -112,3 +112,94 @@ def test_device_check_self_test():
     out = []
     assert cuda_check.self_test(out)
     assert "birnn_forward_lstm_<dtype>_s2_r8" in out[0]
+
+
+MIRROR_PLANS = [(40, 3), (72, 64), (256, 17), (384, 40), (512, 64), (200, 130), (8, 1)]
+
+
+def mirror_calls(p, first):
+    """(C++ call, Python value) of every index function of schedule.cuh over ranges of its arguments
+    for plan p ("P" names the C++ ForwardParams); those independent of the plan if ``first``."""
+    S, G = p.split_k, 2  # m_tiles of the LSTM
+    calls = [(f"unit_of(P, {r}, {w}, {g})", schedule.unit_of(p, r, w, g))
+             for r in range(p.cluster) for w in range(p.unit_warps) for g in range(8)]
+    calls += [(f"w_row({p.hidden}, {g}, {u})", schedule.w_row(p.hidden, g, u)) for g in range(4) for u in (0, 7, p.hidden - 1)]
+    calls += [(f"warp_k_tile(P, {ks}, {i})", schedule.warp_k_tile(p, ks, i))
+              for ks in range(S) for i in range(p.warp_k_tiles + 1)]
+    calls += [(f"tile_owner<{S}>({nt})", schedule.tile_owner(p, nt)) for nt in range(8)]
+    calls += [(f"partial_slot({a}, {b})", schedule.partial_slot(a, b)) for a in range(S) for b in range(S) if a != b]
+    calls += [(f"partial_index<{S}, {G}>(P, {w}, {nt}, {slot}, {m})", schedule.partial_index(p, w, nt, slot, m))
+              for w in range(p.unit_warps) for nt in range(p.n_tiles) for slot in range(S - 1) for m in range(G)]
+    calls += [(f"wsm_index<{G}>(P, {w}, {j}, {m})", schedule.wsm_index(p, w, j, m))
+              for w in range(p.unit_warps * S) for j in range(p.smem_k_tiles) for m in range(G)]
+    calls += [(f"slice_of(P, {k})", schedule.h_slice(p, k)[0]) for k in range(p.slices * p.units)]
+    calls += [(f"column_of(P, {k})", schedule.h_slice(p, k)[1]) for k in range(p.slices * p.units)]
+    # The swizzle repeats every 8 rows.
+    calls += [(f"h_offset(P, {r}, {c})", schedule.h_offset(p, r, c))
+              for r in sorted({*range(min(16, p.rows)), p.rows - 1}) for c in range(p.units)]
+    calls += [(f"hbuf_offset(P, {b}, {s}, {r}, {c})", schedule.hbuf_offset(p, b, s, r, c))
+              for b in range(2) for s in range(p.slices) for r in (0, p.rows - 1) for c in (0, p.units - 1)]
+    calls += [(f"xg_offset(P, {base}, {u}, 4)", schedule.xg_offset(p, base, u, 4))
+              for base in (0, 1, 5, 1 << 20) for u in (0, p.hidden - 1)]
+    if not first:
+        return calls + plan_bytes(p)
+    calls += [(f"tile_gate({m}, {r})", schedule.tile_gate(m, r)) for m in range(2) for r in range(16)]
+    calls += [(f"read_buffer({s})", schedule.read_buffer(s)) for s in range(12)]
+    calls += [(f"phase_parity({s})", schedule.phase_parity(s)) for s in range(1, 12)]
+    calls += [(f"step_time({d}, {s}, {n})", schedule.step_time(d, s, n)) for d in range(2) for n in (1, 5) for s in range(n)]
+    for name in ("a_coords", "c_coords"):
+        for lane in range(32):
+            for reg in range(4):
+                row, col = getattr(schedule, name)(lane, reg)
+                calls += [(f"{name}_row({lane}, {reg})", row), (f"{name}_col({lane}, {reg})", col)]
+    for lane in range(32):
+        for pair in range(4):
+            row, k = schedule.ldmatrix_row(lane, pair, 3)
+            calls += [(f"ldmatrix_row_row({lane}, {pair}, 3)", row), (f"ldmatrix_row_k({lane}, {pair}, 3)", k)]
+    return calls + plan_bytes(p)
+
+
+def plan_bytes(p):
+    return [("plan.slice_bytes(2)", p.slice_bytes), ("plan.expect_bytes(2)", p.expect_bytes),
+            ("plan.hbuf_bytes(2)", p.hbuf_bytes), ("plan.wsm_bytes()", p.wsm_bytes),
+            ("plan.partial_bytes()", p.partial_bytes)]
+
+
+def test_schedule_cuh_mirrors_the_python():
+    """schedule.cuh's functions, compiled for the host by nvcc, equal cuda_schedule's on every plan."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    helpers = """
+using namespace birnn_fast::cuda;
+static int slice_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return s; }
+static int column_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return c; }
+#define PAIR(NAME, FN, ...) \\
+  static int NAME##_row(__VA_ARGS__) { int a, b; FN; return a; } static int NAME##_col(__VA_ARGS__) { int a, b; FN; return b; }
+PAIR(a_coords, a_coords(lane, reg, a, b), int lane, int reg)
+PAIR(c_coords, c_coords(lane, reg, a, b), int lane, int reg)
+static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return a; }
+static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return b; }
+"""
+    body, expected = [], []
+    for index, (H, B) in enumerate(MIRROR_PLANS):
+        p = schedule.plan("LSTM", H, B, "bf16")
+        body.append("{\n  ForwardParams P{};\n" + "".join(
+            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
+                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
+                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
+                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
+            f"  const Plan plan{{P, {p.split_k}, 4}};\n")
+        for call, value in mirror_calls(p, first=index == 0):
+            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
+            expected.append(int(value))
+        body.append("}\n")
+    program = ("#include <cstdio>\n#include \"schedule.cuh\"\n" + helpers + "int main() {\n" + "".join(body) + "}\n")
+    build = pathlib.Path(__import__("tempfile").mkdtemp())
+    (build / "mirror.cu").write_text(program)
+    subprocess.run(["nvcc", "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-o", str(build / "mirror"),
+                    str(build / "mirror.cu")], check=True, capture_output=True)
+    printed = [int(x) for x in subprocess.run([str(build / "mirror")], capture_output=True, text=True,
+                                              check=True).stdout.split()]
+    assert len(printed) == len(expected)
+    mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(printed, expected)) if a != b]
+    assert not mismatches, mismatches[:10]
