@@ -8,8 +8,8 @@ shared memory) on torch's current stream, on the tensors' data pointers; the lau
 ``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
 csrc/cuda/README.md.
 
-So far: the LSTM forward in bfloat16 / float16, without projections, on sm_90 / sm_100. The backward
-is the Triton kernels' (birnn_fast.kernels), which read this forward's workspace (same layout).
+So far: the forward of every cell in bfloat16 / float16, without projections, on sm_90 / sm_100. The
+backward is the Triton kernels' (birnn_fast.kernels), which read this forward's workspace (same layout).
 """
 import ctypes
 import os
@@ -47,13 +47,13 @@ ARCHS = {(9, 0): "90a", (10, 0): "100a"}
 class ForwardParams(ctypes.Structure):
     """csrc/cuda/schedule.cuh's ForwardParams, field by field."""
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("xg", "w_hh", "h0", "c0", "lengths", "output", "h_n", "c_n", "workspace")] + \
+                ("xg", "w_hh", "b_hh", "h0", "c0", "lengths", "output", "h_n", "c_n", "workspace")] + \
                [(name, ctypes.c_int32) for name in
                 ("T", "B", "H", "units", "cluster", "slices", "unit_warps", "k_tiles", "warp_k_tiles", "smem_k_tiles",
-                 "n_tiles")]
+                 "n_tiles", "relu")]
 
 
-def cubin_path(arch, name="forward"):
+def cubin_path(arch, name="forward_lstm"):
     return CUBIN_DIR / f"{name}.sm_{arch}.cubin"
 
 
@@ -80,8 +80,9 @@ def why_not(device, dtype, cell, hidden, batch=1, projections=False):
     if arch is None:
         return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
                 f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
-    if not cubin_path(arch).exists():
-        return f"{cubin_path(arch)} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
+    path = cubin_path(arch, schedule.cubin_name(cell))
+    if not path.exists():
+        return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
     return None
 
 
@@ -99,8 +100,8 @@ _modules = {}  # (device index, pass) -> (module, {kernel name: function})
 _lock = threading.Lock()
 
 
-def module(device, name="forward"):
-    """The cubin of pass ``name`` (build.py's PASSES) for the device, loaded into torch's context on
+def module(device, name):
+    """The cubin ``name`` (build.py's UNITS) for the device, loaded into torch's context on
     first use: (module, its functions loaded so far)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
@@ -118,9 +119,10 @@ def module(device, name="forward"):
         return _modules[index, name]
 
 
-def _function(device, name):
-    """The forward kernel ``name``, its shared-memory limit raised and clusters of 16 allowed."""
-    loaded, functions = module(device)
+def _function(device, plan):
+    """The plan's forward kernel, its shared-memory limit raised and clusters of 16 allowed."""
+    name = plan.kernel
+    loaded, functions = module(device, plan.cubin)
     with _lock:
         if name not in functions:
             function = _check(driver.cuModuleGetFunction(loaded, name.encode()))
@@ -152,19 +154,25 @@ def forward_params(plan, T, pointers):
     fields; workspace 0 when none is saved)."""
     return ForwardParams(**pointers, T=T, B=plan.batch, H=plan.hidden, units=plan.units, cluster=plan.cluster,
                          slices=plan.slices, unit_warps=plan.unit_warps, k_tiles=plan.k_tiles,
-                         warp_k_tiles=plan.warp_k_tiles, smem_k_tiles=plan.smem_k_tiles, n_tiles=plan.n_tiles)
+                         warp_k_tiles=plan.warp_k_tiles, smem_k_tiles=plan.smem_k_tiles, n_tiles=plan.n_tiles,
+                         relu=int(plan.cell == "RNN_RELU"))
 
 
 def max_active_clusters(plan, device=None):
     """cuOccupancyMaxActiveClusters of the plan's kernel: how many of its clusters fit at once."""
     device = torch.device("cuda") if device is None else torch.device(device)
-    return _check(driver.cuOccupancyMaxActiveClusters(_function(device, plan.kernel), launch_config(plan)))
+    return _check(driver.cuOccupancyMaxActiveClusters(_function(device, plan), launch_config(plan)))
 
 
 def unit_major(weight, gates, hidden):
-    """(G*H, ...) rows in torch's gate-major order -> (H*G, ...) with a unit's gates adjacent, the
-    layout of the kernels' input projection (cuda_schedule.xg_offset)."""
-    return weight.reshape(gates, hidden, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+    """(G*H, ...) rows in torch's gate-major order -> (H*X, ...) with a unit's gates adjacent and
+    X = xg_gates(G) slots a unit (zeros past G): the layout of the kernels' input projection
+    (cuda_schedule.xg_offset)."""
+    slots = schedule.xg_gates(gates)
+    rows = weight.reshape(gates, hidden, *weight.shape[1:]).transpose(0, 1)  # [H, G, ...]
+    if slots > gates:
+        rows = torch.cat([rows, rows.new_zeros(hidden, slots - gates, *weight.shape[1:])], dim=1)
+    return rows.reshape(hidden * slots, *weight.shape[1:])
 
 
 def check_inputs(cell, input, weights, h0, c0, lengths):
@@ -194,20 +202,27 @@ def check_inputs(cell, input, weights, h0, c0, lengths):
 
 
 def input_projection(input, weights, gates, hidden):
-    """x @ W_ih^T + b_ih + b_hh of both directions, (T, B, 2, H, G) in input's dtype: one cuBLAS GEMM
-    at the precision cuDNN's RNN uses for the layer's dtype (fp32 accumulation)."""
+    """x @ W_ih^T + b_ih + b_hh of both directions (the GRU's n gate without b_hn, which r scales),
+    (T, B, 2, H, xg_gates(G)) in input's dtype: one cuBLAS GEMM at the precision cuDNN's RNN uses
+    for the layer's dtype (fp32 accumulation)."""
     T, B, I = input.shape
-    weight = torch.cat([unit_major(weights[4 * d], gates, hidden) for d in range(2)])  # [2*H*G, I]
-    bias = torch.cat([unit_major(weights[4 * d + 2] + weights[4 * d + 3], gates, hidden) for d in range(2)])
-    return torch.addmm(bias, input.reshape(T * B, I), weight.t()).view(T, B, 2, hidden, gates)
+    weight = torch.cat([unit_major(weights[4 * d], gates, hidden) for d in range(2)])  # [2*H*X, I]
+    biases = []
+    for d in range(2):
+        bias = weights[4 * d + 2] + weights[4 * d + 3]
+        if gates == 3:
+            bias[2 * hidden:] = weights[4 * d + 2][2 * hidden:]
+        biases.append(unit_major(bias, gates, hidden))
+    return torch.addmm(torch.cat(biases), input.reshape(T * B, I), weight.t()).view(
+        T, B, 2, hidden, schedule.xg_gates(gates))
 
 
 def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     """``birnn_fast::forward`` (library.py) by the cluster kernel.
 
     input: (T, B, I); weights: per direction weight_ih (G*H, I), weight_hh (G*H, H), bias_ih,
-    bias_hh (G*H); h0, c0: (2, B, H); lengths: (B,) int64 on input's device. Returns output
-    (T, B, 2H), h_n, c_n (2, B, H), workspace (T, B, 2, 5H) fp32 or (0,)."""
+    bias_hh (G*H); h0: (2, B, H); c0: (2, B, H) for LSTM, else (0,); lengths: (B,) int64 on input's device. Returns output
+    (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H) fp32 or (0,)."""
     T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     reason = why_not(input.device, input.dtype, cell, H, B)
     if reason is not None:
@@ -223,19 +238,21 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
 
 
 def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None):
-    """The forward's launch into given results (output (T, B, 2H), h_n, c_n (2, B, H), workspace
-    (T, B, 2, 5H) fp32 or None), all contiguous: the device check poisons them first."""
+    """The forward's launch into given results (output (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or
+    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first."""
     T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     xg = input_projection(input, weights, gates, H)
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
+    b_hh = torch.stack([weights[3], weights[7]]).contiguous()
     h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
     plan = schedule.plan(cell, H, B, DTYPES[input.dtype])
     params = forward_params(plan, T, dict(
-        xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(), lengths=lengths.data_ptr(),
+        xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), b_hh=b_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(),
+        lengths=lengths.data_ptr(),
         output=output.data_ptr(), h_n=h_n.data_ptr(), c_n=c_n.data_ptr(),
         workspace=workspace.data_ptr() if workspace is not None else 0))
     arguments = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-    function = _function(input.device, plan.kernel)
+    function = _function(input.device, plan)
     stream = torch.cuda.current_stream(input.device).cuda_stream
     # xg, w_hh and the contiguous copies live until the kernel has read them: the caching allocator
     # reuses their memory only for work queued after this launch on the same stream.

@@ -26,15 +26,23 @@ FRAGMENT_BYTES = 512  # one m16n8k16 A fragment of a warp: 32 lanes x 4 register
 DTYPE_BYTES = {"bf16": 2, "fp16": 2}
 SPLITS = (2, 4, 8)  # the split-K factors (S) compiled
 REGISTER_TILES = (4, 8)  # the K tiles (R) a warp keeps in registers, compiled
-CELLS_BUILT = ("LSTM",)
+CELLS_BUILT = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+# The kernels' cell families: RNN_TANH and RNN_RELU are one kernel, told apart by ForwardParams.relu.
+FAMILIES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}
 
 
 def kernel_name(cell, dtype, split_k, reg_k_tiles):
-    return f"birnn_forward_{cell.lower()}_{dtype}_s{split_k}_r{reg_k_tiles}"
+    return f"birnn_forward_{FAMILIES[cell]}_{dtype}_s{split_k}_r{reg_k_tiles}"
 
 
-# (cell, dtype, S, R) of every kernel the cubin holds: build.py instantiates exactly these.
-INSTANCES = tuple((cell, dtype, split, reg) for cell in CELLS_BUILT for dtype in DTYPE_BYTES
+def cubin_name(cell):
+    """The cubin (csrc/cuda/build.py's UNITS) holding a cell's forward kernels."""
+    return f"forward_{FAMILIES[cell]}"
+
+
+# (cell, dtype, S, R) of every kernel the cubin holds (one cell per family): forward.cu instantiates
+# exactly these (tests/test_cuda_build.py).
+INSTANCES = tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in DTYPE_BYTES
                   for split in SPLITS for reg in REGISTER_TILES)
 
 
@@ -109,6 +117,10 @@ class Plan:
     @property
     def kernel(self):
         return kernel_name(self.cell, self.dtype, self.split_k, self.reg_k_tiles)
+
+    @property
+    def cubin(self):
+        return cubin_name(self.cell)
 
 
 def plan(cell, hidden, batch, dtype, fit=True):
@@ -218,10 +230,15 @@ def phase_parity(s):
     return ((s - 1) >> 1) & 1
 
 
+def xg_gates(gates):
+    """The input projection's slots per unit: 4 (one 8-byte load; GRU's fourth is 0) or 1 (RNN)."""
+    return 4 if gates > 1 else 1
+
+
 def xg_offset(p, base, unit, gates):
     """Element offset of (row base = (t * B + b) * 2 + direction, unit) in the input projection, laid
-    out (T, B, 2, H, G) by the launcher: a unit's gates adjacent, one load for its owner."""
-    return (base * p.hidden + unit) * gates
+    out (T, B, 2, H, xg_gates(G)) by the launcher: a unit's gates adjacent, one load for its owner."""
+    return (base * p.hidden + unit) * xg_gates(gates)
 
 
 def step_time(direction, s, length):
@@ -341,27 +358,32 @@ def _b_offsets(p, buffer, nt, kt):
 def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
     """``birnn_fast::forward`` computed by the model of the CUDA schedule: (output, h_n, c_n,
     workspace) as numpy arrays of input's dtype (float64 or float32 arrays or CPU tensors), NaN
-    where nothing wrote. LSTM only, as the kernels. ``seed`` picks the interleaving of the CTAs'
-    steps and the copies' deliveries."""
+    where nothing wrote; every cell, without projections, as the kernels. ``seed`` picks the
+    interleaving of the CTAs' steps and the copies' deliveries."""
     input, h0, c0 = (np.asarray(x) for x in (input, h0, c0))
     weights = [np.asarray(w) for w in weights]
     lengths = np.asarray(lengths).astype(np.int64)
     T, B, _ = input.shape
     G = cell_of(cell).gates
-    if cell != "LSTM" or len(weights) != 8:
-        raise ValueError("the model runs the LSTM without projections, as the kernels")
+    if len(weights) != 8:
+        raise ValueError("the model runs layers without projections, as the kernels")
     H = weights[1].shape[0] // G
     p = plan(cell, H, B, "bf16", fit=fit)
     dtype = input.dtype
     rng = random.Random(seed)
     output = np.full((T, B, 2 * H), np.nan, dtype=dtype)
     h_n = np.full((2, B, H), np.nan, dtype=dtype)
-    c_n = np.full((2, B, H), np.nan, dtype=dtype)
+    c_n = np.full((2, B, H) if cell == "LSTM" else (0,), np.nan, dtype=dtype)
     workspace = np.full((T, B, 2, cell_of(cell).saved * H), np.nan, dtype=dtype)
-    xg = np.empty((T, B, 2, H, G), dtype=dtype)  # the launcher's GEMM, biases included, unit-major
+    xg = np.zeros((T, B, 2, H, xg_gates(G)), dtype=dtype)  # the launcher's GEMM, biases included, unit-major
+    b_hn = np.zeros((2, H), dtype=dtype)  # GRU: r scales W_hn h + b_hn, so b_hn stays apart
     for d in range(2):
-        projection = input @ weights[4 * d].T + weights[4 * d + 2] + weights[4 * d + 3]  # [T, B, G*H]
-        xg[:, :, d] = projection.reshape(T, B, G, H).transpose(0, 1, 3, 2)
+        bias = weights[4 * d + 2] + weights[4 * d + 3]
+        if cell == "GRU":
+            bias[2 * H:] = weights[4 * d + 2][2 * H:]
+            b_hn[d] = weights[4 * d + 3][2 * H:]
+        projection = input @ weights[4 * d].T + bias  # [T, B, G*H]
+        xg[:, :, d, :, :G] = projection.reshape(T, B, G, H).transpose(0, 1, 3, 2)
     xg = xg.reshape(-1)
     b_offsets = {(buffer, nt, kt): _b_offsets(p, buffer, nt, kt)
                  for buffer in range(2) for nt in range(p.n_tiles) for kt in range(p.k_tiles)}
@@ -390,14 +412,15 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
             b, k = cta.chunk * ROWS_PER_CLUSTER + row, slice_ * p.units + col
             ok = (b < B) & (k < H)
             cta.hbuf[hbuf_offset(p, 0, slice_, row, col)] = np.where(ok, h0[d, np.minimum(b, B - 1), np.minimum(k, H - 1)], 0.0)
-        # The owners' c (fp32 registers in the kernel): [unit warp, nt, lane, column]. Their h lives
+        # The owners' c (fp32 registers in the kernel; 0 for cells without): [unit warp, nt, lane, column]. Their h lives
         # in the h buffers only: an ended row passes it on from the buffer it reads to the next.
         cta.c = np.zeros((p.unit_warps, p.n_tiles, 32, 2), dtype=dtype)
         for unit_warp in range(p.unit_warps):
             for nt in range(p.n_tiles):
                 unit, b, _ = owned(cta, unit_warp, nt)
                 ok = (unit < H) & (b < B)
-                cta.c[unit_warp, nt] = np.where(ok, c0[d, np.minimum(b, B - 1), np.minimum(unit, H - 1)], 0.0)
+                if cell == "LSTM":
+                    cta.c[unit_warp, nt] = np.where(ok, c0[d, np.minimum(b, B - 1), np.minimum(unit, H - 1)], 0.0)
         cta.full[1].arrive_expect_tx(p.expect_bytes)  # for step 1
         cta.full[0].arrive_expect_tx(p.expect_bytes)  # for step 2
 
@@ -458,20 +481,34 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
                 t = np.broadcast_to(step_time(d, s, length), length.shape)
                 base = (np.where(active, t, 0) * B + np.minimum(b, B - 1)) * 2 + d
                 gx = [xg[xg_offset(p, base, np.minimum(unit, H - 1), G) + gate] for gate in range(G)]
-                i, f, o = (_sigmoid(gx[j] + pre[j]) for j in (0, 1, 3))
-                g = np.tanh(gx[2] + pre[2])
-                c_new = f * cta.c[unit_warp, nt] + i * g
-                h_new = o * np.tanh(c_new)
                 slices, cols = h_slice(p, unit)
                 assert (slices == cta.rank).all()
-                h = np.where(active, h_new, cta.hbuf[hbuf_offset(p, buffer, slices, row, cols)])
+                h_prev = cta.hbuf[hbuf_offset(p, buffer, slices, row, cols)]
+                c_new = cta.c[unit_warp, nt]
+                if cell == "LSTM":
+                    i, f, o = (_sigmoid(gx[j] + pre[j]) for j in (0, 1, 3))
+                    g = np.tanh(gx[2] + pre[2])
+                    c_new = f * cta.c[unit_warp, nt] + i * g
+                    h_new = o * np.tanh(c_new)
+                    saved = (i, f, g, o, c_new)
+                elif cell == "GRU":
+                    r, z = (_sigmoid(gx[j] + pre[j]) for j in (0, 1))
+                    hidden_n = pre[2] + b_hn[d, np.minimum(unit, H - 1)]
+                    n = np.tanh(gx[2] + r * hidden_n)
+                    h_new = (1 - z) * n + z * h_prev
+                    saved = (r, z, n, hidden_n)
+                else:
+                    h_new = np.tanh(gx[0] + pre[0]) if cell == "RNN_TANH" else np.maximum(gx[0] + pre[0], 0.0)
+                    saved = ()
+                h = np.where(active, h_new, h_prev)
                 cta.c[unit_warp, nt] = np.where(active, c_new, cta.c[unit_warp, nt])
                 output[t[active], b[active], d * H + unit[active]] = h_new[active]
-                for slot, value in enumerate((i, f, g, o, c_new)):
+                for slot, value in enumerate(saved):
                     workspace[t[active], b[active], d, slot * H + unit[active]] = value[active]
                 last = active & (s == length - 1)
                 h_n[d, b[last], unit[last]] = h_new[last]
-                c_n[d, b[last], unit[last]] = c_new[last]
+                if cell == "LSTM":
+                    c_n[d, b[last], unit[last]] = c_new[last]
                 cta.hbuf[hbuf_offset(p, next_buffer, slices, row, cols)] = h
         if s + 1 < steps:
             # Our own slice of the next buffer (last read in step s-1: read_done >= s-1), sent to each peer.

@@ -22,7 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_reasons_without_a_gpu():
     assert "CUDA tensors" in cuda_kernels.why_not("cpu", torch.bfloat16, "LSTM", 64)
     assert "float32" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64)
-    assert "LSTM so far" in cuda_kernels.why_not("cuda", torch.bfloat16, "GRU", 64)
     assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
     assert "proj_size" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 64, projections=True)
     if not torch.cuda.is_available():
@@ -59,17 +58,25 @@ def test_params_struct_matches_cuda():
     assert printed == expected + [ctypes.sizeof(cuda_kernels.ForwardParams)]
 
 
-def test_input_projection_layout():
-    """The launcher's (T, B, 2, H, G) projection at the offsets the schedule reads (xg_offset)."""
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_input_projection_layout(cell):
+    """The launcher's (T, B, 2, H, X) projection at the offsets the schedule reads (xg_offset); the
+    GRU's n gate without b_hn."""
     T, B, I, H = 3, 5, 6, 24
-    input, weights, h0, c0, lengths = lstm_layer(T, B, I, H, [T] * B, seed=1)
-    xg = cuda_kernels.input_projection(input, weights, 4, H).reshape(-1)
-    p = schedule.plan("LSTM", H, B, "bf16")
+    G = schedule.cell_of(cell).gates
+    input, weights, h0, c0, lengths = lstm_layer(T, B, I, H, [T] * B, seed=1, cell=cell)
+    xg = cuda_kernels.input_projection(input, weights, G, H).reshape(-1)
+    p = schedule.plan(cell, H, B, "bf16")
     for d in range(2):
-        expected = input @ weights[4 * d].T + weights[4 * d + 2] + weights[4 * d + 3]  # [T, B, G*H]
-        t, b, unit, gate = np.meshgrid(np.arange(T), np.arange(B), np.arange(H), np.arange(4), indexing="ij")
-        offsets = schedule.xg_offset(p, (t * B + b) * 2 + d, unit, 4) + gate
+        bias = weights[4 * d + 2] + weights[4 * d + 3]
+        if cell == "GRU":
+            bias[2 * H:] = weights[4 * d + 2][2 * H:]
+        expected = input @ weights[4 * d].T + bias  # [T, B, G*H]
+        t, b, unit, gate = np.meshgrid(np.arange(T), np.arange(B), np.arange(H), np.arange(G), indexing="ij")
+        offsets = schedule.xg_offset(p, (t * B + b) * 2 + d, unit, G) + gate
         torch.testing.assert_close(xg[torch.from_numpy(offsets)], expected[t, b, gate * H + unit], rtol=1e-12, atol=1e-12)
+    if G == 3:
+        assert (xg.view(T, B, 2, H, 4)[..., 3] == 0).all()
 
 
 @pytest.mark.parametrize("H, B", [(40, 3), (256, 17), (512, 64), (300, 130)])
@@ -80,26 +87,27 @@ def test_launch_config_follows_the_plan(H, B):
     assert (config.gridDimX, config.gridDimY, config.gridDimZ) == (p.cluster, 2, -(-B // 64))
     assert (config.blockDimX, config.sharedMemBytes, config.numAttrs) == (p.threads, p.smem_bytes, 1)
     assert config.attrs[0].value.clusterDim.x == p.cluster and config.gridDimX % p.cluster == 0
-    params = cuda_kernels.forward_params(p, 7, dict(xg=1, w_hh=2, h0=3, c0=4, lengths=5, output=6, h_n=7, c_n=8,
-                                                    workspace=0))
+    params = cuda_kernels.forward_params(p, 7, dict(xg=1, w_hh=2, b_hh=9, h0=3, c0=4, lengths=5, output=6, h_n=7,
+                                                    c_n=8, workspace=0))
     assert (params.T, params.B, params.H, params.units, params.n_tiles) == (7, B, H, p.units, p.n_tiles)
 
 
-@pytest.mark.parametrize("T, B, H", [(5, 3, 40), (4, 9, 24)])
-def test_triton_backward_reads_the_workspace(T, B, H):
+@pytest.mark.parametrize("cell, T, B, H", [("LSTM", 5, 3, 40), ("LSTM", 4, 9, 24), ("GRU", 5, 3, 40),
+                                           ("RNN_RELU", 4, 9, 24)])
+def test_triton_backward_reads_the_workspace(cell, T, B, H):
     """The model's forward (the CUDA schedule) and its workspace, then the Triton backward (the cuda
     backend's, interpreted here) on them: every gradient as the reference's, in float32."""
     kernels = interpreted_triton(torch.float32)
     lengths = mixed_lengths(T, B, seed=B)
-    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=7)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=7, cell=cell)
     input, h0, c0 = (x.float() for x in (input, h0, c0))
     weights = [w.float() for w in weights]
     output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
-                                   schedule.run_forward("LSTM", input, weights, h0, c0, lengths))
+                                   schedule.run_forward(cell, input, weights, h0, c0, lengths))
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(x.shape, generator=generator) for x in (output, h_n, c_n)]
-    got = kernels.ops.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
-    want = reference.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
+    got = kernels.ops.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
+    want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
     for name, a, b in zip(("grad_input", "grad_weights", "grad_h0", "grad_c0"), got, want):
         for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=name)
@@ -111,7 +119,7 @@ def test_device_check_self_test():
 
     out = []
     assert cuda_check.self_test(out)
-    assert "birnn_forward_lstm_<dtype>_s2_r8" in out[0]
+    assert "birnn_forward_lstm_bf16_s2_r8" in out[0]
 
 
 MIRROR_PLANS = [(40, 3), (72, 64), (256, 17), (384, 40), (512, 64), (200, 130), (8, 1)]

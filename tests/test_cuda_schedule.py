@@ -9,19 +9,22 @@ import torch
 
 from birnn_fast import cuda_schedule as schedule
 from birnn_fast import reference
+from birnn_fast.cells import cell_of
 
 
-def lstm_layer(T, B, I, H, lengths, seed):
+def lstm_layer(T, B, I, H, lengths, seed, cell="LSTM"):
+    """A layer of ``cell`` in float64 (the name is the first cell the kernels ran)."""
     generator = torch.Generator().manual_seed(seed)
+    G = cell_of(cell).gates
     weights = []
     for _ in range(2):
-        weights += [torch.randn(4 * H, I, generator=generator, dtype=torch.float64) / H ** 0.5,
-                    torch.randn(4 * H, H, generator=generator, dtype=torch.float64) / H ** 0.5,
-                    torch.randn(4 * H, generator=generator, dtype=torch.float64) * 0.1,
-                    torch.randn(4 * H, generator=generator, dtype=torch.float64) * 0.1]
+        weights += [torch.randn(G * H, I, generator=generator, dtype=torch.float64) / H ** 0.5,
+                    torch.randn(G * H, H, generator=generator, dtype=torch.float64) / H ** 0.5,
+                    torch.randn(G * H, generator=generator, dtype=torch.float64) * 0.1,
+                    torch.randn(G * H, generator=generator, dtype=torch.float64) * 0.1]
     input = torch.randn(T, B, I, generator=generator, dtype=torch.float64)
     h0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
-    c0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
+    c0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64) if cell == "LSTM" else torch.zeros(0, dtype=torch.float64)
     return input, weights, h0, c0, torch.tensor(lengths, dtype=torch.int64)
 
 
@@ -41,20 +44,25 @@ CASES = [  # (T, B, H, lengths): odd sizes, one cluster of 5, 9 and 13 CTAs, one
 ]
 
 
-@pytest.mark.parametrize("T, B, H, kind", CASES)
-def test_model_matches_reference(T, B, H, kind):
+OTHER_CELLS = [("GRU", case) for case in CASES[1:6:2]] + [("RNN_TANH", CASES[2]), ("RNN_RELU", CASES[5]),
+                                                          ("RNN_TANH", CASES[3]), ("GRU", CASES[-1])]
+
+
+@pytest.mark.parametrize("cell, case", [("LSTM", case) for case in CASES] + OTHER_CELLS)
+def test_model_matches_reference(cell, case):
+    T, B, H, kind = case
     lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
-    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B)
-    expected = reference.forward_op("LSTM", input, weights, h0, c0, lengths, True)[:3]
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B, cell=cell)
+    expected = reference.forward_op(cell, input, weights, h0, c0, lengths, True)[:3]
     for seed in range(2):
-        output, h_n, c_n, workspace = schedule.run_forward("LSTM", input, weights, h0, c0, lengths, seed=seed)
+        output, h_n, c_n, workspace = schedule.run_forward(cell, input, weights, h0, c0, lengths, seed=seed)
         for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
             assert not np.isnan(got).any(), f"{name}: elements nobody wrote"
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
         assert not np.isnan(workspace).any()
-        # The workspace holds c_t at each row's time index, 0 at padding.
-        c_all = workspace[..., 4 * H:]
-        np.testing.assert_allclose(c_all[lengths.numpy() - 1, np.arange(B), 0], c_n[0], rtol=1e-12)
+        if cell == "LSTM":  # the workspace holds c_t at each row's time index, 0 at padding
+            c_all = workspace[..., 4 * H:]
+            np.testing.assert_allclose(c_all[lengths.numpy() - 1, np.arange(B), 0], c_n[0], rtol=1e-12)
         for b, length in enumerate(lengths.tolist()):
             assert (workspace[length:, b] == 0).all() and (output[length:, b] == 0).all()
 
@@ -73,8 +81,6 @@ def test_plan_sizes():
         assert p.threads <= 1024 and p.slice_bytes % 16 == 0 and p.smem_bytes <= schedule.SMEM_LIMIT
     with pytest.raises(ValueError, match="multi-cluster"):
         schedule.plan("LSTM", 1024, 64, "bf16")
-    with pytest.raises(ValueError, match="LSTM"):
-        schedule.plan("GRU", 64, 4, "bf16")
     with pytest.raises(ValueError, match="bf16"):
         schedule.plan("LSTM", 64, 4, "fp32")
 

@@ -43,7 +43,7 @@ def relative_error(got, want):
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def make_layer(T, B, H, kind, dtype, device, seed, I=None):
+def make_layer(T, B, H, kind, dtype, device, seed, I=None, cell="LSTM"):
     """nn.LSTM's initialisation, fresh per case; lengths mixed (1 and T included) or equal."""
     generator = torch.Generator().manual_seed(seed)
     I = I or max(8, H // 2)
@@ -52,11 +52,14 @@ def make_layer(T, B, H, kind, dtype, device, seed, I=None):
     def uniform(*shape):
         return ((torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(device, dtype)
 
-    weights = [tensor for _ in range(2) for tensor in (uniform(4 * H, I), uniform(4 * H, H), uniform(4 * H),
-                                                       uniform(4 * H))]
+    G = schedule.cell_of(cell).gates
+    weights = [tensor for _ in range(2) for tensor in (uniform(G * H, I), uniform(G * H, H), uniform(G * H),
+                                                       uniform(G * H))]
     input = torch.randn(T, B, I, generator=generator, dtype=torch.float64).to(device, dtype)
     h0 = (torch.randn(2, B, H, generator=generator, dtype=torch.float64) * 0.5).to(device, dtype)
     c0 = (torch.randn(2, B, H, generator=generator, dtype=torch.float64) * 0.5).to(device, dtype)
+    if cell != "LSTM":
+        c0 = c0.new_empty(0)
     if kind == "equal":
         lengths = torch.full((B,), T, dtype=torch.int64)
     else:
@@ -66,12 +69,13 @@ def make_layer(T, B, H, kind, dtype, device, seed, I=None):
     return input, weights, h0, c0, lengths.to(device)
 
 
-def poisoned_results(input, H, T, B):
+def poisoned_results(input, H, T, B, cell="LSTM"):
     nan = float("nan")
+    saved = schedule.cell_of(cell).saved
     return (torch.full((T, B, 2 * H), nan, dtype=input.dtype, device=input.device),
             torch.full((2, B, H), nan, dtype=input.dtype, device=input.device),
-            torch.full((2, B, H), nan, dtype=input.dtype, device=input.device),
-            torch.full((T, B, 2, 5 * H), nan, dtype=torch.float32, device=input.device))
+            torch.full((2, B, H) if cell == "LSTM" else (0,), nan, dtype=input.dtype, device=input.device),
+            torch.full((T, B, 2, saved * H), nan, dtype=torch.float32, device=input.device))
 
 
 def table(title, header, rows):
@@ -123,44 +127,50 @@ def probes(out):
     return True
 
 
-def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True):
+def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=schedule.CELLS_BUILT):
     """Every case and dtype against the fp64 reference: output, h_n, c_n within twice the error of
     the reference run in the dtype (+1e-6); nothing left unwritten; padding exactly 0; with
     ``backward``, every gradient of the backward (Triton's, on this forward's workspace) likewise."""
     device = torch.device("cuda")
     rows, ok = [], True
-    for (T, B, H, kind), dtype in [(case, dtype) for case in cases for dtype in dtypes]:
-        input, weights, h0, c0, lengths = make_layer(T, B, H, kind, dtype, device, seed=T * 10007 + B * 101 + H)
-        results = poisoned_results(input, H, T, B)
-        cuda_kernels.forward_into("LSTM", input, weights, h0, c0, lengths, *results)
+    # Every case in LSTM; the other cells on every other case.
+    runs = [(cell, case, dtype) for cell in cells for index, case in enumerate(cases) for dtype in dtypes
+            if cell == "LSTM" or index % 2 == cells.index(cell) % 2]
+    for cell, (T, B, H, kind), dtype in runs:
+        input, weights, h0, c0, lengths = make_layer(T, B, H, kind, dtype, device, seed=T * 10007 + B * 101 + H,
+                                                     cell=cell)
+        results = poisoned_results(input, H, T, B, cell)
+        cuda_kernels.forward_into(cell, input, weights, h0, c0, lengths, *results)
         torch.cuda.synchronize()
         wide = [x.double() for x in (input, h0, c0)]
-        exact = reference.forward_op("LSTM", wide[0], [w.double() for w in weights], wide[1], wide[2], lengths, False)
-        same = reference.forward_op("LSTM", input, weights, h0, c0, lengths, False)
+        exact = reference.forward_op(cell, wide[0], [w.double() for w in weights], wide[1], wide[2], lengths, False)
+        same = reference.forward_op(cell, input, weights, h0, c0, lengths, False)
         verdicts = []
-        for name, got, want, torch_own in zip(("output", "h_n", "c_n"), results, exact, same):
+        label = f"{cell} T {T} B {B} H {H} {kind}"
+        states = 3 if cell == "LSTM" else 2
+        for name, got, want, torch_own in list(zip(("output", "h_n", "c_n"), results, exact, same))[:states]:
             error, bound = relative_error(got, want), 2 * relative_error(torch_own, want) + 1e-6
             verdicts.append(error <= bound)
-            rows.append((f"T {T} B {B} H {H} {kind}", str(dtype).removeprefix("torch."), name, f"{error:.2e}",
+            rows.append((label, str(dtype).removeprefix("torch."), name, f"{error:.2e}",
                          f"{bound:.2e}", "ok" if error <= bound else "FAIL"))
         padding = torch.arange(T, device=device)[:, None] >= lengths[None, :]
         written = not results[3].isnan().any().item() and not results[0].isnan().any().item()
         zeros = bool((results[0][padding] == 0).all() and (results[3][padding] == 0).all())
         verdicts.append(written and zeros)
         if not (written and zeros):
-            rows.append((f"T {T} B {B} H {H} {kind}", str(dtype), "unwritten or nonzero padding", "", "", "FAIL"))
+            rows.append((label, str(dtype), "unwritten or nonzero padding", "", "", "FAIL"))
         if backward:
             generator = torch.Generator().manual_seed(T + B + H)
             grads = [torch.randn(x.shape, generator=generator).to(device, dtype) for x in results[:3]]
-            got = cuda_kernels.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, results[0], results[3])
-            exact_grads = reference.backward_op("LSTM", *[g.double() for g in grads], wide[0],
+            got = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0, lengths, results[0], results[3])
+            exact_grads = reference.backward_op(cell, *[g.double() for g in grads], wide[0],
                                                 [w.double() for w in weights], wide[1], wide[2], lengths, None, None)
-            same_grads = reference.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, None, None)
-            flat = lambda gs: [gs[0], *gs[1], gs[2], gs[3]]  # noqa: E731
+            same_grads = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, None, None)
+            flat = lambda gs: [gs[0], *gs[1], gs[2]] + ([gs[3]] if cell == "LSTM" else [])  # noqa: E731
             worst = max(relative_error(a, b) / (2 * relative_error(c, b) + 1e-6)
                         for a, b, c in zip(flat(got), flat(exact_grads), flat(same_grads)))
             verdicts.append(worst <= 1)
-            rows.append((f"T {T} B {B} H {H} {kind}", str(dtype).removeprefix("torch."), "gradients (worst / bound)",
+            rows.append((label, str(dtype).removeprefix("torch."), "gradients (worst / bound)",
                          f"{worst:.2f}", "1", "ok" if worst <= 1 else "FAIL"))
         ok &= all(verdicts)
     out.append(table("correctness against fp64 (bound: 2x the reference's own error in the dtype + 1e-6)",
@@ -194,7 +204,7 @@ def race(out, repeats=10):
 
 def tiny(out):
     """The forward of the TINY cases, for a run under compute-sanitizer."""
-    return correctness(out, TINY, (torch.bfloat16,), backward=False)
+    return correctness(out, TINY, (torch.bfloat16,), backward=False, cells=("LSTM", "GRU", "RNN_RELU"))
 
 
 def sanitizer(out, args):
@@ -259,14 +269,14 @@ def self_test(out):
     rows = []
     instances = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
     for T, B, H, kind in CORRECTNESS + TINY + [(T, B, H, "equal") for T, B, H in TIMINGS]:
-        for dtype in ("bf16", "fp16"):
-            p = schedule.plan("LSTM", H, B, dtype)
+        for cell, dtype in [(cell, dtype) for cell in schedule.CELLS_BUILT for dtype in ("bf16", "fp16")]:
+            p = schedule.plan(cell, H, B, dtype)
             assert p.kernel in instances, p.kernel
             assert p.grid[0] == p.cluster <= schedule.MAX_CLUSTER and p.grid[2] * schedule.ROWS_PER_CLUSTER >= B
             assert p.threads % 32 == 0 and p.threads <= 256 and p.smem_bytes <= schedule.SMEM_LIMIT
             assert p.expect_bytes < (1 << 20) and p.slice_bytes % 16 == 0 and p.hbuf_bytes % 128 == 0
-            params = cuda_kernels.forward_params(p, T, dict(xg=16, w_hh=32, h0=48, c0=64, lengths=80, output=96,
-                                                            h_n=112, c_n=128, workspace=0))
+            params = cuda_kernels.forward_params(p, T, dict(xg=16, w_hh=32, b_hh=40, h0=48, c0=64, lengths=80,
+                                                            output=96, h_n=112, c_n=128, workspace=0))
             assert (params.cluster, params.n_tiles, params.units) == (p.cluster, p.n_tiles, p.units)
             try:
                 config = cuda_kernels.launch_config(p)
@@ -275,13 +285,14 @@ def self_test(out):
             if config is not None:
                 assert (config.gridDimX, config.gridDimY, config.gridDimZ) == p.grid
                 assert config.attrs[0].value.clusterDim.x == p.cluster and config.sharedMemBytes == p.smem_bytes
-        rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel.replace("_fp16_", "_<dtype>_")))
-    input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1)
-    got = schedule.run_forward("LSTM", input, weights, h0, c0, lengths)
-    want = reference.forward_op("LSTM", input, weights, h0, c0, lengths, False)
+        p = schedule.plan("LSTM", H, B, "bf16")
+        rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel))
+    input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1, cell="GRU")
+    got = schedule.run_forward("GRU", input, weights, h0, c0, lengths)
+    want = reference.forward_op("GRU", input, weights, h0, c0, lengths, False)
     for a, b in zip(got[:3], want[:3]):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches", ["case", "grid", "threads", "smem", "kernel"], rows))
+    out.append(table("self-test: launches (LSTM, bf16)", ["case", "grid", "threads", "smem", "kernel"], rows))
     return True
 
 

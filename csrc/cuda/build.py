@@ -1,5 +1,5 @@
-"""Builds the CUDA kernels' cubins: nvcc once per architecture -> <out>/<pass>.sm_<arch>.cubin, with
-ptxas's resource report beside each (<pass>.sm_<arch>.ptxas.txt). No GPU needed.
+"""Builds the CUDA kernels' cubins: nvcc once per architecture -> <out>/<unit>.sm_<arch>.cubin, with
+ptxas's resource report beside each (<unit>.sm_<arch>.ptxas.txt). No GPU needed.
 
     python csrc/cuda/build.py [--out-dir DIR] [--archs "90a;100a"]
 
@@ -16,7 +16,9 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-PASSES = ("forward", "probes")
+# (cubin name, source, defines): the forward once per cell family (build.py's jobs run them in parallel).
+UNITS = (("forward_lstm", "forward.cu", ("-DBIRNN_FAMILY=0",)), ("forward_gru", "forward.cu", ("-DBIRNN_FAMILY=1",)),
+         ("forward_elman", "forward.cu", ("-DBIRNN_FAMILY=2",)), ("probes", "probes.cu", ()))
 DEFAULT_ARCHS = ("90a", "100a")
 CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
 DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"
@@ -61,15 +63,16 @@ def sources():
     return sorted(HERE.glob("*.cu")) + sorted(HERE.glob("*.cuh"))
 
 
-def build_one(compiler, name, arch, out_dir):
-    """nvcc for one pass and architecture; returns the cubin's path."""
+def build_one(compiler, unit, arch, out_dir):
+    """nvcc for one compilation unit and architecture; returns the cubin's path."""
+    name, source, defines = unit
     cubin = out_dir / f"{name}.sm_{arch}.cubin"
     report = out_dir / f"{name}.sm_{arch}.ptxas.txt"
     newest = max(path.stat().st_mtime for path in sources())
     if cubin.exists() and report.exists() and cubin.stat().st_mtime >= newest:
         return cubin
-    command = [compiler, *FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(cubin) + ".tmp",
-               str(HERE / f"{name}.cu")]
+    command = [compiler, *FLAGS, *defines, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(cubin) + ".tmp",
+               str(HERE / source)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
@@ -79,7 +82,7 @@ def build_one(compiler, name, arch, out_dir):
 
 
 def build(out_dir=DEFAULT_OUT, archs=None, jobs=None):
-    """Every pass for every architecture into out_dir; the cubins' paths. archs: "90a;100a" (default
+    """Every unit for every architecture into out_dir; the cubins' paths. archs: "90a;100a" (default
     BIRNN_FAST_CUDA_ARCHS, else DEFAULT_ARCHS); jobs: parallel nvcc runs (default MAX_JOBS, else 2)."""
     compiler = nvcc()
     if compiler is None:
@@ -87,7 +90,7 @@ def build(out_dir=DEFAULT_OUT, archs=None, jobs=None):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
-    work = [(name, arch) for arch in archs_to_build(compiler, archs) for name in PASSES]
+    work = [(unit, arch) for arch in archs_to_build(compiler, archs) for unit in UNITS]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(lambda item: build_one(compiler, *item, out_dir), work))
 

@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "cells.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
@@ -56,6 +58,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   constexpr int kMT = m_tiles(kGates);
   constexpr int kOwned = (kNTiles + kSplitK - 1) / kSplitK;  // batch tiles a warp runs the cell math of
   constexpr int kBytes = sizeof(T);
+  constexpr int kXg = xg_gates(kGates);
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ int row_lengths[kRowsPerCluster];
 
@@ -132,9 +135,14 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
       const int b = rows0 + 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
       const bool ok = unit < H && b < B && ks + kSplitK * o < p.n_tiles;
       const int64_t at = (static_cast<int64_t>(direction) * B + b) * H + unit;
-      c[o][e] = ok ? static_cast<float>(static_cast<const T*>(p.c0)[at]) : 0.0f;
+      c[o][e] = ok && Cell::kHasCellState ? static_cast<float>(static_cast<const T*>(p.c0)[at]) : 0.0f;
     }
   }
+  // The GRU's b_hn of this lane's unit (it enters n's hidden part, which r scales).
+  const float hidden_bias = Cell::kHiddenBiasGate >= 0 && unit < H
+                                ? static_cast<float>(static_cast<const T*>(p.b_hh)[static_cast<int64_t>(direction) * GH +
+                                                                                     Cell::kHiddenBiasGate * H + unit])
+                                : 0.0f;
   __syncthreads();
   int steps = 0;
   for (int r = 0; r < kRowsPerCluster; ++r) steps = max(steps, row_lengths[r]);
@@ -151,9 +159,10 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   for (int s = 0; s < steps; ++s) {
     const int buffer = read_buffer(s), next = read_buffer(s + 1);
     // The input projection of the owned elements, loaded before the wait (no peer writes it): a
-    // unit's gates are adjacent in xg (the launcher's layout), one 8-byte load an element.
-    static_assert(kGates == 4 && kBytes == 2, "xg rows of 4 gates of 2 bytes: one uint2 a unit");
-    uint2 x[kOwned][2];
+    // unit's gates are adjacent in xg (the launcher's layout), one load an element.
+    static_assert(kBytes == 2 && (kXg == 4 || kXg == 1), "xg rows of 4 or 1 slots of 2 bytes");
+    using XgRow = typename std::conditional<kXg == 4, uint2, uint16_t>::type;
+    XgRow x[kOwned][2];
 #pragma unroll
     for (int o = 0; o < kOwned; ++o) {
 #pragma unroll
@@ -162,7 +171,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         const int length = row_lengths[row];
         const bool active = unit < H && ks + kSplitK * o < p.n_tiles && s < length;
         const int64_t base = (static_cast<int64_t>(step_time(direction, s, length)) * B + rows0 + row) * 2 + direction;
-        x[o][e] = active ? *reinterpret_cast<const uint2*>(xg + xg_offset(p, base, unit, kGates)) : make_uint2(0, 0);
+        x[o][e] = active ? *reinterpret_cast<const XgRow*>(xg + xg_offset(p, base, unit, kGates)) : XgRow{};
       }
     }
     if (s >= 1) mbarrier_wait(&full[buffer], phase_parity(s));
@@ -273,17 +282,21 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
           const int t = s < length ? step_time(direction, s, length) : s;
           const int64_t at = (static_cast<int64_t>(t) * B + b);
           if (s < length) {
-            float pre[kGates];
+            float x_gates[kGates], hidden[kGates];
 #pragma unroll
             for (int g = 0; g < kGates; ++g) {
               // Gate g of this unit and column: accumulator 2 * (g & 1) + e of M tile g / 2.
-              const uint32_t pair = g < 2 ? x[o][e].x : x[o][e].y;
-              const uint16_t bits = static_cast<uint16_t>(g & 1 ? pair >> 16 : pair & 0xffff);
-              pre[g] = sum[g >> 1][2 * (g & 1) + e] + to_float<T>(bits);
+              hidden[g] = sum[g >> 1][2 * (g & 1) + e] + (g == Cell::kHiddenBiasGate ? hidden_bias : 0.0f);
+              if constexpr (kXg == 4) {
+                const uint32_t pair = g < 2 ? x[o][e].x : x[o][e].y;
+                x_gates[g] = to_float<T>(static_cast<uint16_t>(g & 1 ? pair >> 16 : pair & 0xffff));
+              } else {
+                x_gates[g] = to_float<T>(x[o][e]);
+              }
             }
-            float saved[Cell::kSaved];
+            float saved[Cell::kSaved > 0 ? Cell::kSaved : 1];
             float h_new;
-            Cell::forward(pre, h_new, c[o][e], saved);
+            Cell::forward(x_gates, hidden, static_cast<float>(h), h_new, c[o][e], saved, p.relu);
             h = static_cast<T>(h_new);
             output[at * 2 * H + direction * H + unit] = h;
             if (p.workspace != nullptr) {
@@ -295,7 +308,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
             if (s == length - 1) {
               const int64_t state = (static_cast<int64_t>(direction) * B + b) * H + unit;
               static_cast<T*>(p.h_n)[state] = h;
-              static_cast<T*>(p.c_n)[state] = static_cast<T>(c[o][e]);
+              if (Cell::kHasCellState) static_cast<T*>(p.c_n)[state] = static_cast<T>(c[o][e]);
             }
           } else {
             output[at * 2 * H + direction * H + unit] = zero;
@@ -344,8 +357,9 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
 
 }  // namespace birnn_fast::cuda
 
-// One entry per (cell, dtype, split_k, register K tiles): the names and the list are
-// cuda_schedule.kernel_name / INSTANCES (tests/test_cuda_build.py checks the cubin holds exactly those).
+// One entry per (cell family, dtype, split_k, register K tiles): the names and the list are
+// cuda_schedule.kernel_name / INSTANCES (tests/test_cuda_build.py checks the cubins hold exactly
+// those). One cubin per family (build.py compiles this file with -DBIRNN_FAMILY=0, 1, 2, in parallel).
 #define BIRNN_FORWARD_INSTANCE(CELL, NAME, DTYPE, TYPE, S, R)                                             \
   extern "C" __global__ void __launch_bounds__(256, 1)                                                    \
       birnn_forward_##NAME##_##DTYPE##_s##S##_r##R(const birnn_fast::cuda::ForwardParams p) {             \
@@ -355,9 +369,27 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   BIRNN_FORWARD_INSTANCE(CELL, NAME, bf16, __nv_bfloat16, S, R)       \
   BIRNN_FORWARD_INSTANCE(CELL, NAME, fp16, __half, S, R)
 
+#if BIRNN_FAMILY == 0  // lstm
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 4)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 8)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 4, 4)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 4, 8)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 8, 4)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 8, 8)
+#endif
+#if BIRNN_FAMILY == 1  // gru
+BIRNN_FORWARD_DTYPES(GruCell, gru, 2, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 2, 8)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 4, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 4, 8)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 8, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 8, 8)
+#endif
+#if BIRNN_FAMILY == 2  // elman
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 2, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 2, 8)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 8)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 8)
+#endif

@@ -18,8 +18,9 @@ constexpr int kFragmentBytes = 512;  // FRAGMENT_BYTES: a warp's m16n8k16 A frag
 // The launch: one layer's pointers and the host's plan (cuda_schedule.Plan), by value. The host
 // packs it with ctypes in this order (birnn_fast/cuda_kernels.py, ForwardParams).
 struct ForwardParams {
-  const void* xg;          // (T, B, 2, H, G) input projection, both biases included (xg_offset)
+  const void* xg;          // (T, B, 2, H, xg_gates(G)) input projection with the biases (xg_offset)
   const void* w_hh;        // (2, G*H, H)
+  const void* b_hh;        // (2, G*H): the GRU reads b_hn from it (r scales W_hn h + b_hn)
   const void* h0;          // (2, B, H)
   const void* c0;          // (2, B, H)
   const int64_t* lengths;  // (B,)
@@ -29,6 +30,7 @@ struct ForwardParams {
   float* workspace;        // (T, B, 2, kSaved*H) or null
   int32_t T, B, H;
   int32_t units, cluster, slices, unit_warps, k_tiles, warp_k_tiles, smem_k_tiles, n_tiles;
+  int32_t relu;  // the Elman kernel: RNN_RELU (1) or RNN_TANH (0)
 };
 
 __host__ __device__ constexpr int m_tiles(int gates) { return (gates + 1) / 2; }
@@ -113,10 +115,13 @@ BIRNN_HD int read_buffer(int s) { return s & 1; }
 // The phase parity of full[read_buffer(s)] that step s >= 1 waits for.
 BIRNN_HD uint32_t phase_parity(int s) { return ((s - 1) >> 1) & 1; }
 
-// Element offset of (row (t * B + b) * 2 + direction, unit) in xg (T, B, 2, H, G): a unit's gates
-// adjacent, so that the owner of an element loads them at once.
+// The input projection's slots per unit: 4 (one 8-byte load; GRU's fourth is 0) or 1 (RNN).
+BIRNN_HD constexpr int xg_gates(int gates) { return gates > 1 ? 4 : 1; }
+
+// Element offset of (row (t * B + b) * 2 + direction, unit) in xg (T, B, 2, H, xg_gates(G)): a
+// unit's gates adjacent, so that the owner of an element loads them at once.
 BIRNN_HD int64_t xg_offset(const ForwardParams& p, int64_t base, int unit, int gates) {
-  return (base * p.H + unit) * gates;
+  return (base * p.H + unit) * xg_gates(gates);
 }
 
 // The time index a row of length `length` takes at step s < length.
