@@ -115,7 +115,9 @@ def module(device, name):
                     context = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(index))))
                     _check(driver.cuCtxSetCurrent(context))
                 arch = ARCHS[torch.cuda.get_device_capability(index)]
-                _modules[index, name] = (_check(driver.cuModuleLoadData(cubin_path(arch, name).read_bytes())), {})
+                data = cubin_path(arch, name).read_bytes()
+                image = ctypes.create_string_buffer(data, len(data))  # passed by address; the driver copies it
+                _modules[index, name] = (_check(driver.cuModuleLoadData(ctypes.addressof(image))), {})
         return _modules[index, name]
 
 

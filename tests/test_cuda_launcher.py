@@ -211,3 +211,74 @@ static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(l
     assert len(printed) == len(expected)
     mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(printed, expected)) if a != b]
     assert not mismatches, mismatches[:10]
+
+
+class FakeDriver:
+    """cuda.bindings.driver as far as the launcher uses it, recording the calls (no GPU here)."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+        self.CUfunction_attribute = real.CUfunction_attribute
+        self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
+        self.CUlaunchAttributeID, self.CUstream = real.CUlaunchAttributeID, real.CUstream
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, args))
+            if name == "cuCtxGetCurrent":
+                return 0, 1
+            if name == "cuModuleLoadData":
+                image = ctypes.string_at(args[0], 4)
+                assert image == b"\x7fELF", image
+                return 0, "module"
+            if name == "cuModuleGetFunction":
+                return 0, f"function {args[1].decode()}"
+            if name == "cuLaunchKernelEx":
+                pointer = ctypes.cast(args[2], ctypes.POINTER(ctypes.c_void_p))[0]
+                self.params = cuda_kernels.ForwardParams.from_buffer_copy(ctypes.string_at(pointer, ctypes.sizeof(
+                    cuda_kernels.ForwardParams)))
+            return (0,)
+        return call
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_RELU"])
+def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell):
+    """forward_op's host path end to end with the driver and torch.cuda stood in for: the cubin it
+    loads, the attributes it sets, the configuration and the argument it launches with."""
+    bindings = pytest.importorskip("cuda.bindings.driver")
+    fake = FakeDriver(bindings)
+    monkeypatch.setattr(cuda_kernels, "driver", fake)
+    monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(cuda_kernels, "_modules", {})
+    monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", tmp_path)
+    (tmp_path / f"{schedule.cubin_name(cell)}.sm_90a.cubin").write_bytes(b"\x7fELF fake")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    T, B, H = 6, 70, 40
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
+    input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
+    weights = [w.to(torch.bfloat16) for w in weights]
+    monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)  # a CPU tensor stands for a CUDA one
+    output, h_n, c_n, workspace = cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
+    p = schedule.plan(cell, H, B, "bf16")
+    names = [name for name, _ in fake.calls]
+    assert names[:2] == ["cuCtxGetCurrent", "cuModuleLoadData"] and names[-1] == "cuLaunchKernelEx"
+    attributes = {args[1]: args[2] for name, args in fake.calls if name == "cuFuncSetAttribute"}
+    assert attributes[bindings.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES] >= p.smem_bytes
+    assert attributes[bindings.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED] == 1
+    config, function = fake.calls[-1][1][:2]
+    assert function == f"function {p.kernel}"
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (*p.grid, p.threads)
+    assert config.sharedMemBytes == p.smem_bytes and int(config.hStream) == 77
+    params = fake.params
+    assert (params.output, params.h_n, params.workspace or 0) == (output.data_ptr(), h_n.data_ptr(),
+                                                                  workspace.data_ptr())
+    assert (params.T, params.B, params.H, params.cluster, params.relu) == (T, B, H, p.cluster, int(cell == "RNN_RELU"))
+    assert workspace.shape == (T, B, 2, schedule.cell_of(cell).saved * H) and c_n.shape == c0.shape
