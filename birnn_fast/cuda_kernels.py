@@ -92,7 +92,8 @@ def _check(result):
     if error != driver.CUresult.CUDA_SUCCESS:
         _, name = driver.cuGetErrorName(error)
         _, text = driver.cuGetErrorString(error)
-        raise RuntimeError(f"birnn_fast cuda backend: {name.decode() if name else error}: {text.decode() if text else ''}")
+        name = name.decode() if name else str(error)
+        raise RuntimeError(f"birnn_fast cuda backend: {name}: {text.decode() if text else ''}")
     return values[0] if len(values) == 1 else values
 
 
@@ -131,7 +132,8 @@ def _function(device, plan):
             attribute = driver.CUfunction_attribute
             _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                              schedule.SMEM_LIMIT))
-            _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1))
+            _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                                             1))
             functions[name] = function
         return functions[name]
 
@@ -223,7 +225,8 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     """``birnn_fast::forward`` (library.py) by the cluster kernel.
 
     input: (T, B, I); weights: per direction weight_ih (G*H, I), weight_hh (G*H, H), bias_ih,
-    bias_hh (G*H); h0: (2, B, H); c0: (2, B, H) for LSTM, else (0,); lengths: (B,) int64 on input's device. Returns output
+    bias_hh (G*H); h0: (2, B, H); c0: (2, B, H) for LSTM, else (0,); lengths: (B,) int64 on
+    input's device. Returns output
     (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H) fp32 or (0,)."""
     T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     reason = why_not(input.device, input.dtype, cell, H, B)

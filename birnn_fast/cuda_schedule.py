@@ -411,9 +411,11 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
             row, col = np.meshgrid(np.arange(p.rows), np.arange(p.units), indexing="ij")
             b, k = cta.chunk * ROWS_PER_CLUSTER + row, slice_ * p.units + col
             ok = (b < B) & (k < H)
-            cta.hbuf[hbuf_offset(p, 0, slice_, row, col)] = np.where(ok, h0[d, np.minimum(b, B - 1), np.minimum(k, H - 1)], 0.0)
-        # The owners' c (fp32 registers in the kernel; 0 for cells without): [unit warp, nt, lane, column]. Their h lives
-        # in the h buffers only: an ended row passes it on from the buffer it reads to the next.
+            values = h0[d, np.minimum(b, B - 1), np.minimum(k, H - 1)]
+            cta.hbuf[hbuf_offset(p, 0, slice_, row, col)] = np.where(ok, values, 0.0)
+        # The owners' c (fp32 registers in the kernel; 0 for cells without): [unit warp, nt, lane,
+        # column]. Their h lives in the h buffers only: an ended row passes it on from the buffer it
+        # reads to the next.
         cta.c = np.zeros((p.unit_warps, p.n_tiles, 32, 2), dtype=dtype)
         for unit_warp in range(p.unit_warps):
             for nt in range(p.n_tiles):

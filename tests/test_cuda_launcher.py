@@ -74,7 +74,8 @@ def test_input_projection_layout(cell):
         expected = input @ weights[4 * d].T + bias  # [T, B, G*H]
         t, b, unit, gate = np.meshgrid(np.arange(T), np.arange(B), np.arange(H), np.arange(G), indexing="ij")
         offsets = schedule.xg_offset(p, (t * B + b) * 2 + d, unit, G) + gate
-        torch.testing.assert_close(xg[torch.from_numpy(offsets)], expected[t, b, gate * H + unit], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xg[torch.from_numpy(offsets)], expected[t, b, gate * H + unit], rtol=1e-12,
+                                   atol=1e-12)
     if G == 3:
         assert (xg.view(T, B, 2, H, 4)[..., 3] == 0).all()
 
@@ -131,7 +132,8 @@ def mirror_calls(p, first):
     S, G = p.split_k, 2  # m_tiles of the LSTM
     calls = [(f"unit_of(P, {r}, {w}, {g})", schedule.unit_of(p, r, w, g))
              for r in range(p.cluster) for w in range(p.unit_warps) for g in range(8)]
-    calls += [(f"w_row({p.hidden}, {g}, {u})", schedule.w_row(p.hidden, g, u)) for g in range(4) for u in (0, 7, p.hidden - 1)]
+    calls += [(f"w_row({p.hidden}, {g}, {u})", schedule.w_row(p.hidden, g, u))
+              for g in range(4) for u in (0, 7, p.hidden - 1)]
     calls += [(f"warp_k_tile(P, {ks}, {i})", schedule.warp_k_tile(p, ks, i))
               for ks in range(S) for i in range(p.warp_k_tiles + 1)]
     calls += [(f"tile_owner<{S}>({nt})", schedule.tile_owner(p, nt)) for nt in range(8)]
@@ -154,7 +156,8 @@ def mirror_calls(p, first):
     calls += [(f"tile_gate({m}, {r})", schedule.tile_gate(m, r)) for m in range(2) for r in range(16)]
     calls += [(f"read_buffer({s})", schedule.read_buffer(s)) for s in range(12)]
     calls += [(f"phase_parity({s})", schedule.phase_parity(s)) for s in range(1, 12)]
-    calls += [(f"step_time({d}, {s}, {n})", schedule.step_time(d, s, n)) for d in range(2) for n in (1, 5) for s in range(n)]
+    calls += [(f"step_time({d}, {s}, {n})", schedule.step_time(d, s, n))
+              for d in range(2) for n in (1, 5) for s in range(n)]
     for name in ("a_coords", "c_coords"):
         for lane in range(32):
             for reg in range(4):
@@ -182,7 +185,8 @@ using namespace birnn_fast::cuda;
 static int slice_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return s; }
 static int column_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return c; }
 #define PAIR(NAME, FN, ...) \\
-  static int NAME##_row(__VA_ARGS__) { int a, b; FN; return a; } static int NAME##_col(__VA_ARGS__) { int a, b; FN; return b; }
+  static int NAME##_row(__VA_ARGS__) { int a, b; FN; return a; } \\
+  static int NAME##_col(__VA_ARGS__) { int a, b; FN; return b; }
 PAIR(a_coords, a_coords(lane, reg, a, b), int lane, int reg)
 PAIR(c_coords, c_coords(lane, reg, a, b), int lane, int reg)
 static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return a; }

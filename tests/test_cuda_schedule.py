@@ -24,7 +24,9 @@ def lstm_layer(T, B, I, H, lengths, seed, cell="LSTM"):
                     torch.randn(G * H, generator=generator, dtype=torch.float64) * 0.1]
     input = torch.randn(T, B, I, generator=generator, dtype=torch.float64)
     h0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
-    c0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64) if cell == "LSTM" else torch.zeros(0, dtype=torch.float64)
+    c0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
+    if cell != "LSTM":
+        c0 = torch.zeros(0, dtype=torch.float64)
     return input, weights, h0, c0, torch.tensor(lengths, dtype=torch.int64)
 
 

@@ -98,7 +98,8 @@ def build(out_dir=DEFAULT_OUT, archs=None, jobs=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT))
-    parser.add_argument("--archs", default=None, help='e.g. "90a;100a" (default: BIRNN_FAST_CUDA_ARCHS, else all known)')
+    parser.add_argument("--archs", default=None,
+                        help='e.g. "90a;100a" (default: BIRNN_FAST_CUDA_ARCHS, else those nvcc knows)')
     args = parser.parse_args()
     for path in build(args.out_dir, args.archs):
         print(path)

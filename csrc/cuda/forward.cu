@@ -74,7 +74,8 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   T* hbuf = reinterpret_cast<T*>(smem);
   uint4* wsm = reinterpret_cast<uint4*>(smem + plan.hbuf_bytes(kBytes));
   float4* partials = reinterpret_cast<float4*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes());
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes() + plan.partial_bytes());
+  uint64_t* full =
+      reinterpret_cast<uint64_t*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes() + plan.partial_bytes());
 
   const T* w_hh = static_cast<const T*>(p.w_hh) + static_cast<int64_t>(direction) * GH * H;
   const T* xg = static_cast<const T*>(p.xg);
@@ -139,9 +140,9 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     }
   }
   // The GRU's b_hn of this lane's unit (it enters n's hidden part, which r scales).
+  const int64_t hidden_bias_at = static_cast<int64_t>(direction) * GH + Cell::kHiddenBiasGate * H + unit;
   const float hidden_bias = Cell::kHiddenBiasGate >= 0 && unit < H
-                                ? static_cast<float>(static_cast<const T*>(p.b_hh)[static_cast<int64_t>(direction) * GH +
-                                                                                     Cell::kHiddenBiasGate * H + unit])
+                                ? static_cast<float>(static_cast<const T*>(p.b_hh)[hidden_bias_at])
                                 : 0.0f;
   __syncthreads();
   int steps = 0;
@@ -263,7 +264,8 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         if (from == ks) continue;
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          const float4 v = partials[partial_index<kSplitK, kMT>(p, unit_warp, nt, partial_slot(from, ks), mt) * 32 + lane];
+          const int block = partial_index<kSplitK, kMT>(p, unit_warp, nt, partial_slot(from, ks), mt);
+          const float4 v = partials[block * 32 + lane];
           sum[mt][0] += v.x;
           sum[mt][1] += v.y;
           sum[mt][2] += v.z;
