@@ -66,6 +66,12 @@ gpu-check:
 gpu-selftest: $(VENV)/.installed
 	PY=$(abspath $(PY)) bash benchmarks/gpu/check.sh --self-test
 
+# `cubins`: the CUDA kernels (csrc/cuda/build.py -> birnn_fast/cubins/, no GPU needed; the
+# architectures from BIRNN_FAST_CUDA_ARCHS, default sm_90a and sm_100a). Standard library only.
+.PHONY: cubins
+cubins:
+	$(PYTHON) csrc/cuda/build.py
+
 .PHONY: fuzz sanitize
 # The differential fuzzing of tests/test_fuzz.py with FUZZ_SCALE times CI's cases (2,000 on the C++ path).
 FUZZ_SCALE ?= 10

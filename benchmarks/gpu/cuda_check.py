@@ -1,0 +1,344 @@
+"""The device check of the CUDA cluster kernels (csrc/cuda, birnn_fast/cuda_kernels.py), in stages,
+most informative first; each prints a short table and appends it to --out (Markdown):
+
+    python -m benchmarks.gpu.cuda_check --stage probes       # L2 and DSMEM round trips, clusters that fit
+    python -m benchmarks.gpu.cuda_check --stage correctness  # fp64 reference, 2x torch's error, poisoned
+    python -m benchmarks.gpu.cuda_check --stage race         # the same forward 10 times, bitwise equal
+    python -m benchmarks.gpu.cuda_check --stage sanitizer    # compute-sanitizer racecheck / memcheck, tiny
+    python -m benchmarks.gpu.cuda_check --stage timings      # per step against Triton, cuDNN and the floors
+    python -m benchmarks.gpu.cuda_check --self-test          # CPU only (CI): every case's launch, consistent
+
+Needs the cubins (make cubins; carried to a GPU machine as birnn_fast/cubins) and cuda-bindings.
+"""
+import argparse
+import ctypes
+import datetime
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from birnn_fast import cuda_kernels, cuda_schedule as schedule, reference
+
+# (T, B, H, lengths) of the correctness stage: odd sizes, clusters of 1 to 16 CTAs, one to three
+# chunks of 64 rows, every split-K instance.
+CORRECTNESS = [(1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (5, 8, 8, "equal"),
+               (33, 64, 256, "mixed"), (17, 64, 512, "mixed"), (9, 130, 128, "mixed"), (65, 16, 512, "equal"),
+               (12, 24, 200, "mixed"), (7, 40, 384, "mixed")]
+# The cases whose gradients are checked too: the Triton backward compiles once per configuration.
+BACKWARD = {(5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (33, 64, 256, "mixed")}
+DTYPES = (torch.bfloat16, torch.float16)
+TINY = [(5, 3, 40, "mixed"), (4, 17, 256, "mixed")]  # under compute-sanitizer
+TIMINGS = [(512, B, H) for B in (16, 64) for H in (256, 512)]
+
+
+def relative_error(got, want):
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(T, B, H, kind, dtype, device, seed, I=None, cell="LSTM"):
+    """nn.LSTM's initialisation, fresh per case; lengths mixed (1 and T included) or equal."""
+    generator = torch.Generator().manual_seed(seed)
+    I = I or max(8, H // 2)
+    bound = H ** -0.5
+
+    def uniform(*shape):
+        return ((torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(device, dtype)
+
+    G = schedule.cell_of(cell).gates
+    weights = [tensor for _ in range(2) for tensor in (uniform(G * H, I), uniform(G * H, H), uniform(G * H),
+                                                       uniform(G * H))]
+    input = torch.randn(T, B, I, generator=generator, dtype=torch.float64).to(device, dtype)
+    h0 = (torch.randn(2, B, H, generator=generator, dtype=torch.float64) * 0.5).to(device, dtype)
+    c0 = (torch.randn(2, B, H, generator=generator, dtype=torch.float64) * 0.5).to(device, dtype)
+    if cell != "LSTM":
+        c0 = c0.new_empty(0)
+    if kind == "equal":
+        lengths = torch.full((B,), T, dtype=torch.int64)
+    else:
+        lengths = torch.randint(1, T + 1, (B,), generator=generator)
+        lengths[0] = T
+        lengths[-1] = 1 if B > 1 else T
+    return input, weights, h0, c0, lengths.to(device)
+
+
+def poisoned_results(input, H, T, B, cell="LSTM"):
+    nan = float("nan")
+    saved = schedule.cell_of(cell).saved
+    return (torch.full((T, B, 2 * H), nan, dtype=input.dtype, device=input.device),
+            torch.full((2, B, H), nan, dtype=input.dtype, device=input.device),
+            torch.full((2, B, H) if cell == "LSTM" else (0,), nan, dtype=input.dtype, device=input.device),
+            torch.full((T, B, 2, saved * H), nan, dtype=torch.float32, device=input.device))
+
+
+def table(title, header, rows):
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- Stages ---------------------------------------------------------------------------------------
+
+def probes(out):
+    """The two round trips a step's exchange is built on, and how many clusters of each plan fit."""
+    from cuda.bindings import driver
+
+    device = torch.device("cuda")
+    module, _ = cuda_kernels.module(device, "probes")
+    rows = []
+    rounds = 2000
+    elapsed = torch.zeros(1, dtype=torch.int64, device=device)
+    flags = torch.zeros(64, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream().cuda_stream
+    for name, grid, cluster in (("birnn_probe_l2_round_trip", 2, 1), ("birnn_probe_dsmem_round_trip", 2, 2)):
+        function = cuda_kernels._check(driver.cuModuleGetFunction(module, name.encode()))
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = (1 if cluster == 1 else 32), 1, 1
+        config.hStream = driver.CUstream(stream)
+        attribute = driver.CUlaunchAttribute()
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = cluster, 1, 1
+        config.attrs, config.numAttrs = [attribute], 1
+        for _ in range(2):  # the first warms up
+            flags.zero_()
+            if cluster == 1:
+                values = [ctypes.c_void_p(flags.data_ptr()), ctypes.c_int(rounds), ctypes.c_void_p(elapsed.data_ptr())]
+            else:
+                values = [ctypes.c_int(rounds), ctypes.c_void_p(elapsed.data_ptr())]
+            pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+            cuda_kernels._check(driver.cuLaunchKernelEx(config, function, ctypes.addressof(pointers), 0))
+            torch.cuda.synchronize()
+        rows.append((name.removeprefix("birnn_probe_"), f"{elapsed.item() / rounds:.0f} ns"))
+    for H, B in ((256, 16), (256, 64), (512, 16), (512, 64)):
+        for dtype in ("bf16",):
+            p = schedule.plan("LSTM", H, B, dtype)
+            clusters = cuda_kernels.max_active_clusters(p, device)
+            rows.append((f"clusters of LSTM H {H} B {B} ({p.cluster} CTAs, {p.smem_bytes} B smem, {p.threads} threads)",
+                         f"{clusters} at once ({'both directions fit' if clusters >= 2 else 'DIRECTIONS SERIALISE'})"))
+    out.append(table(f"probes on {torch.cuda.get_device_name()}", ["probe", "result"], rows))
+    return True
+
+
+def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=schedule.CELLS_BUILT):
+    """Every case and dtype against the fp64 reference: output, h_n, c_n within twice the error of
+    the reference run in the dtype (+1e-6); nothing left unwritten; padding exactly 0; with
+    ``backward``, on the BACKWARD cases, every gradient of the backward (Triton's, on this forward's
+    workspace) likewise."""
+    device = torch.device("cuda")
+    rows, ok = [], True
+    # Every case in LSTM; the other cells on every other case.
+    runs = [(cell, case, dtype) for cell in cells for index, case in enumerate(cases) for dtype in dtypes
+            if cell == "LSTM" or index % 2 == cells.index(cell) % 2]
+    for cell, (T, B, H, kind), dtype in runs:
+        input, weights, h0, c0, lengths = make_layer(T, B, H, kind, dtype, device, seed=T * 10007 + B * 101 + H,
+                                                     cell=cell)
+        results = poisoned_results(input, H, T, B, cell)
+        cuda_kernels.forward_into(cell, input, weights, h0, c0, lengths, *results)
+        torch.cuda.synchronize()
+        wide = [x.double() for x in (input, h0, c0)]
+        exact = reference.forward_op(cell, wide[0], [w.double() for w in weights], wide[1], wide[2], lengths, False)
+        same = reference.forward_op(cell, input, weights, h0, c0, lengths, False)
+        verdicts = []
+        label = f"{cell} T {T} B {B} H {H} {kind}"
+        states = 3 if cell == "LSTM" else 2
+        for name, got, want, torch_own in list(zip(("output", "h_n", "c_n"), results, exact, same))[:states]:
+            error, bound = relative_error(got, want), 2 * relative_error(torch_own, want) + 1e-6
+            verdicts.append(error <= bound)
+            rows.append((label, str(dtype).removeprefix("torch."), name, f"{error:.2e}",
+                         f"{bound:.2e}", "ok" if error <= bound else "FAIL"))
+        padding = torch.arange(T, device=device)[:, None] >= lengths[None, :]
+        written = not results[3].isnan().any().item() and not results[0].isnan().any().item()
+        zeros = bool((results[0][padding] == 0).all() and (results[3][padding] == 0).all())
+        verdicts.append(written and zeros)
+        if not (written and zeros):
+            rows.append((label, str(dtype), "unwritten or nonzero padding", "", "", "FAIL"))
+        if backward and (T, B, H, kind) in BACKWARD:
+            generator = torch.Generator().manual_seed(T + B + H)
+            grads = [torch.randn(x.shape, generator=generator).to(device, dtype) for x in results[:3]]
+            got = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0, lengths, results[0], results[3])
+            exact_grads = reference.backward_op(cell, *[g.double() for g in grads], wide[0],
+                                                [w.double() for w in weights], wide[1], wide[2], lengths, None, None)
+            same_grads = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, None, None)
+            flat = lambda gs: [gs[0], *gs[1], gs[2]] + ([gs[3]] if cell == "LSTM" else [])  # noqa: E731
+            worst = max(relative_error(a, b) / (2 * relative_error(c, b) + 1e-6)
+                        for a, b, c in zip(flat(got), flat(exact_grads), flat(same_grads)))
+            verdicts.append(worst <= 1)
+            rows.append((label, str(dtype).removeprefix("torch."), "gradients (worst / bound)",
+                         f"{worst:.2f}", "1", "ok" if worst <= 1 else "FAIL"))
+        ok &= all(verdicts)
+    out.append(table("correctness against fp64 (bound: 2x the reference's own error in the dtype + 1e-6)",
+                     ["case", "dtype", "result", "error", "bound", "verdict"], rows))
+    return ok
+
+
+def race(out, repeats=10):
+    """The same inputs, repeated: bitwise equal results (a moving result is a race)."""
+    device = torch.device("cuda")
+    rows, ok = [], True
+    for T, B, H, kind in ((33, 64, 512, "mixed"), (33, 17, 72, "mixed"), (9, 130, 128, "mixed")):
+        input, weights, h0, c0, lengths = make_layer(T, B, H, kind, torch.bfloat16, device, seed=5)
+        first = None
+        same = True
+        for _ in range(repeats):
+            results = poisoned_results(input, H, T, B)
+            cuda_kernels.forward_into("LSTM", input, weights, h0, c0, lengths, *results)
+            if first is None:
+                first = [x.clone() for x in results]
+            else:
+                same &= all(torch.equal(a.view(torch.int8) if a.dtype != torch.float32 else a.view(torch.int32),
+                                        b.view(torch.int8) if b.dtype != torch.float32 else b.view(torch.int32))
+                            for a, b in zip(first, results))
+        torch.cuda.synchronize()
+        ok &= same
+        rows.append((f"T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
+    out.append(table("repeated runs", ["case", "runs", "result"], rows))
+    return ok
+
+
+def tiny(out):
+    """The forward of the TINY cases, for a run under compute-sanitizer."""
+    return correctness(out, TINY, (torch.bfloat16,), backward=False, cells=("LSTM", "GRU", "RNN_RELU"))
+
+
+def sanitizer(out, args):
+    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(tool):
+        out.append("### compute-sanitizer\n\nnot installed: skipped\n")
+        return True
+    rows, ok = [], True
+    for check in ("racecheck", "memcheck"):
+        command = [tool, "--tool", check, "--error-exitcode", "9", sys.executable, "-m", "benchmarks.gpu.cuda_check",
+                   "--stage", "tiny", "--out", os.devnull]
+        started = time.time()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.sanitizer_timeout)
+        summary = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR SUMMARY" in line
+                   or "RACECHECK SUMMARY" in line]
+        rows.append((check, result.returncode, "; ".join(summary) or (result.stdout + result.stderr)[-300:],
+                     f"{time.time() - started:.0f} s"))
+        ok &= result.returncode == 0
+    out.append(table("compute-sanitizer on the tiny cases", ["tool", "rc", "summary", "time"], rows))
+    return ok
+
+
+def timings(out, args):
+    """Forward time per step: the cluster kernel against the Triton kernels and cuDNN (nn.LSTM,
+    bidirectional), bf16, and the floors: the DSMEM round trip (probes) and the MMA work of a CTA at
+    the measured bf16 matmul rate per SM."""
+    import triton.testing
+
+    from birnn_fast import kernels
+
+    device = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=100, return_mode="median")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = 2 * 8192 ** 3 / (matmul_ms * 1e-3) / sms
+    rows = []
+    for T, B, H in TIMINGS:
+        input, weights, h0, c0, lengths = make_layer(T, B, H, "equal", torch.bfloat16, device, seed=1, I=H)
+        p = schedule.plan("LSTM", H, B, "bf16")
+        ours = triton.testing.do_bench(lambda: cuda_kernels.forward_op("LSTM", input, weights, h0, c0, lengths, True),
+                                       warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        theirs = triton.testing.do_bench(lambda: kernels.ops.forward_op("LSTM", input, weights, h0, c0, lengths, True),
+                                         warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        lstm = torch.nn.LSTM(H, H, bidirectional=True, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            cudnn = triton.testing.do_bench(lambda: lstm(input, (h0, c0)), warmup=args.warmup_ms, rep=args.rep_ms,
+                                            return_mode="median")
+        flops_per_cta = 2 * 4 * p.units * p.k_tiles * 16 * p.rows  # its gate rows x padded K x padded batch
+        compute_floor_us = flops_per_cta / per_sm * 1e6
+        rows.append((f"B {B} H {H}", f"{ours * 1e3 / T:.2f}", f"{theirs * 1e3 / T:.2f}", f"{cudnn * 1e3 / T:.2f}",
+                     f"{compute_floor_us:.2f}", f"{theirs / ours:.2f}x", f"{cudnn / ours:.2f}x"))
+    out.append(table(f"forward, T 512, bf16, us per step (bf16 matmul {per_sm * sms / 1e12:.0f} TFLOP/s)",
+                     ["case", "cuda", "triton", "cuDNN", "MMA floor", "vs triton", "vs cuDNN"], rows))
+    return True
+
+
+# --- The CPU self-test ----------------------------------------------------------------------------
+
+def self_test(out):
+    """Without a GPU: every case's plan, kernel argument and launch configuration are computed and
+    consistent, and the schedule's model runs one case right."""
+    rows = []
+    instances = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
+    for T, B, H, kind in CORRECTNESS + TINY + [(T, B, H, "equal") for T, B, H in TIMINGS]:
+        for cell, dtype in [(cell, dtype) for cell in schedule.CELLS_BUILT for dtype in ("bf16", "fp16")]:
+            p = schedule.plan(cell, H, B, dtype)
+            assert p.kernel in instances, p.kernel
+            assert p.grid[0] == p.cluster <= schedule.MAX_CLUSTER and p.grid[2] * schedule.ROWS_PER_CLUSTER >= B
+            assert p.threads % 32 == 0 and p.threads <= 256 and p.smem_bytes <= schedule.SMEM_LIMIT
+            assert p.expect_bytes < (1 << 20) and p.slice_bytes % 16 == 0 and p.hbuf_bytes % 128 == 0
+            params = cuda_kernels.forward_params(p, T, dict(xg=16, w_hh=32, b_hh=40, h0=48, c0=64, lengths=80,
+                                                            output=96, h_n=112, c_n=128, workspace=0))
+            assert (params.cluster, params.n_tiles, params.units) == (p.cluster, p.n_tiles, p.units)
+            try:
+                config = cuda_kernels.launch_config(p)
+            except AttributeError:  # no cuda-bindings here
+                config = None
+            if config is not None:
+                assert (config.gridDimX, config.gridDimY, config.gridDimZ) == p.grid
+                assert config.attrs[0].value.clusterDim.x == p.cluster and config.sharedMemBytes == p.smem_bytes
+        p = schedule.plan("LSTM", H, B, "bf16")
+        rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel))
+    input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1, cell="GRU")
+    got = schedule.run_forward("GRU", input, weights, h0, c0, lengths)
+    want = reference.forward_op("GRU", input, weights, h0, c0, lengths, False)
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-12)
+    out.append(table("self-test: launches (LSTM, bf16)", ["case", "grid", "threads", "smem", "kernel"], rows))
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("probes", "correctness", "race", "sanitizer", "timings", "tiny", "all"),
+                        default="all")
+    parser.add_argument("--self-test", action="store_true")
+    parser.add_argument("--out", default=None, help="Markdown to append to (default $OUT/cuda_check.md)")
+    parser.add_argument("--warmup-ms", type=float, default=20)
+    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--sanitizer-timeout", type=float, default=70)
+    args = parser.parse_args()
+    out = []
+    if args.self_test:
+        ok = self_test(out)
+    else:
+        reason = cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 64, 16)
+        if reason is not None:
+            print(f"cuda_check: the CUDA kernels cannot run: {reason}")
+            return 2
+        stages = {"probes": lambda: probes(out), "correctness": lambda: correctness(out),
+                  "race": lambda: race(out), "sanitizer": lambda: sanitizer(out, args), "tiny": lambda: tiny(out),
+                  "timings": lambda: timings(out, args)}
+        names = ["probes", "correctness", "race", "sanitizer", "timings"] if args.stage == "all" else [args.stage]
+        ok = True
+        for name in names:
+            started = time.time()
+            try:
+                passed = stages[name]()
+            except Exception as error:  # report and go on: the next stage may still say something
+                out.append(f"### {name}\n\nraised {type(error).__name__}: {error}\n")
+                passed = False
+            print(f"== cuda_check {name}: {'ok' if passed else 'FAILED'} in {time.time() - started:.0f} s", flush=True)
+            ok &= passed
+    text = "\n".join(out)
+    print(text)
+    path = args.out or os.path.join(os.environ.get("OUT", "."), "cuda_check.md")
+    if path != os.devnull:
+        with open(path, "a") as handle:
+            handle.write(f"\n## cuda_check {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ}\n\n{text}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The host side of the CUDA cluster kernels (csrc/cuda): ``why_not``, ``forward_op`` and
+``backward_op`` with the ops' contract (birnn_fast/library.py), as kernels/ops.py.
+
+The cubins (csrc/cuda/build.py, ``make cubins``) are loaded with NVIDIA's cuda-bindings (driver API)
+into torch's current context and launched with cuLaunchKernelEx (grid, cluster dimension, dynamic
+shared memory) on torch's current stream, on the tensors' data pointers; the launch's plan is
+``cuda_schedule.plan``. Importing this module needs neither a GPU nor cuda-bindings: without them
+``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
+csrc/cuda/README.md.
+
+So far: the forward of every cell in bfloat16 / float16, without projections, on sm_90 / sm_100. The
+backward is the Triton kernels' (birnn_fast.kernels), which read this forward's workspace (same layout).
+"""
+import ctypes
+import os
+import pathlib
+import threading
+
+import torch
+
+from . import cuda_schedule as schedule
+from .cells import cell_of
+
+try:
+    from cuda.bindings import driver
+except ImportError as error:  # the kernels cannot run; why_not says so
+    driver = None
+    _IMPORT_ERROR = f"NVIDIA's cuda-bindings is not installed (pip install cuda-bindings): {error}"
+else:
+    _IMPORT_ERROR = None
+
+# The backward runs on the Triton kernels for now; imported here, with the package, as backends.py
+# imports them (never inside a call).
+_triton_ops = None
+if torch.backends.cuda.is_built():
+    try:
+        from .kernels import ops as _triton_ops
+    except ImportError:
+        pass
+
+CUBIN_DIR = pathlib.Path(os.environ.get("BIRNN_FAST_CUBIN_DIR") or pathlib.Path(__file__).resolve().parent / "cubins")
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Compute capability -> the cubin's architecture (build.py's names).
+ARCHS = {(9, 0): "90a", (10, 0): "100a"}
+
+
+class ForwardParams(ctypes.Structure):
+    """csrc/cuda/schedule.cuh's ForwardParams, field by field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("xg", "w_hh", "b_hh", "h0", "c0", "lengths", "output", "h_n", "c_n", "workspace")] + \
+               [(name, ctypes.c_int32) for name in
+                ("T", "B", "H", "units", "cluster", "slices", "unit_warps", "k_tiles", "warp_k_tiles", "smem_k_tiles",
+                 "n_tiles", "relu")]
+
+
+def cubin_path(arch, name="forward_lstm"):
+    return CUBIN_DIR / f"{name}.sm_{arch}.cubin"
+
+
+def why_not(device, dtype, cell, hidden, batch=1, projections=False):
+    """The reason the CUDA kernels cannot run one layer (tensors of this device and dtype, cell,
+    hidden size, batch and, with ``projections``, an LSTM with proj_size), or None if they can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
+    if dtype not in DTYPES:
+        return f"the cuda backend's kernels take {', '.join(str(d) for d in DTYPES)} so far, got {dtype}"
+    if projections:
+        return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
+    try:
+        schedule.plan(cell, hidden, batch, DTYPES[dtype])
+    except ValueError as error:
+        return f"the cuda backend cannot run this layer: {error}"
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    capability = torch.cuda.get_device_capability(device)
+    arch = ARCHS.get(capability)
+    if arch is None:
+        return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
+                f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
+    path = cubin_path(arch, schedule.cubin_name(cell))
+    if not path.exists():
+        return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
+    return None
+
+
+def _check(result):
+    """A driver call's (error, *values) -> values; a RuntimeError naming the error otherwise."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if error != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(error)
+        _, text = driver.cuGetErrorString(error)
+        name = name.decode() if name else str(error)
+        raise RuntimeError(f"birnn_fast cuda backend: {name}: {text.decode() if text else ''}")
+    return values[0] if len(values) == 1 else values
+
+
+_modules = {}  # (device index, pass) -> (module, {kernel name: function})
+_lock = threading.Lock()
+
+
+def module(device, name):
+    """The cubin ``name`` (build.py's UNITS) for the device, loaded into torch's context on
+    first use: (module, its functions loaded so far)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if (index, name) not in _modules:
+            torch.cuda.init()
+            with torch.cuda.device(index):
+                torch.cuda.current_stream(index)  # makes torch's (primary) context current in this thread
+                context = _check(driver.cuCtxGetCurrent())
+                if int(context) == 0:
+                    _check(driver.cuInit(0))
+                    context = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(index))))
+                    _check(driver.cuCtxSetCurrent(context))
+                arch = ARCHS[torch.cuda.get_device_capability(index)]
+                data = cubin_path(arch, name).read_bytes()
+                image = ctypes.create_string_buffer(data, len(data))  # passed by address; the driver copies it
+                _modules[index, name] = (_check(driver.cuModuleLoadData(ctypes.addressof(image))), {})
+        return _modules[index, name]
+
+
+def _function(device, plan):
+    """The plan's forward kernel, its shared-memory limit raised and clusters of 16 allowed."""
+    name = plan.kernel
+    loaded, functions = module(device, plan.cubin)
+    with _lock:
+        if name not in functions:
+            function = _check(driver.cuModuleGetFunction(loaded, name.encode()))
+            attribute = driver.CUfunction_attribute
+            _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                             schedule.SMEM_LIMIT))
+            _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                                             1))
+            functions[name] = function
+        return functions[name]
+
+
+def launch_config(plan, stream=0):
+    """The cuLaunchKernelEx configuration of a plan: grid (C, 2, chunks), C x 1 x 1 clusters."""
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = plan.grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = plan.threads, 1, 1
+    config.sharedMemBytes = plan.smem_bytes
+    config.hStream = driver.CUstream(stream)
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = plan.cluster, 1, 1
+    config.attrs = [attribute]
+    config.numAttrs = 1
+    return config
+
+
+def forward_params(plan, T, pointers):
+    """The kernel's argument for a plan and the tensors' addresses (a dict of ForwardParams' pointer
+    fields; workspace 0 when none is saved)."""
+    return ForwardParams(**pointers, T=T, B=plan.batch, H=plan.hidden, units=plan.units, cluster=plan.cluster,
+                         slices=plan.slices, unit_warps=plan.unit_warps, k_tiles=plan.k_tiles,
+                         warp_k_tiles=plan.warp_k_tiles, smem_k_tiles=plan.smem_k_tiles, n_tiles=plan.n_tiles,
+                         relu=int(plan.cell == "RNN_RELU"))
+
+
+def max_active_clusters(plan, device=None):
+    """cuOccupancyMaxActiveClusters of the plan's kernel: how many of its clusters fit at once."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    return _check(driver.cuOccupancyMaxActiveClusters(_function(device, plan), launch_config(plan)))
+
+
+def unit_major(weight, gates, hidden):
+    """(G*H, ...) rows in torch's gate-major order -> (H*X, ...) with a unit's gates adjacent and
+    X = xg_gates(G) slots a unit (zeros past G): the layout of the kernels' input projection
+    (cuda_schedule.xg_offset)."""
+    slots = schedule.xg_gates(gates)
+    rows = weight.reshape(gates, hidden, *weight.shape[1:]).transpose(0, 1)  # [H, G, ...]
+    if slots > gates:
+        rows = torch.cat([rows, rows.new_zeros(hidden, slots - gates, *weight.shape[1:])], dim=1)
+    return rows.reshape(hidden * slots, *weight.shape[1:])
+
+
+def check_inputs(cell, input, weights, h0, c0, lengths):
+    """(T, B, I, G, H) of the op's arguments, or the error naming the first that is wrong."""
+    gates = cell_of(cell).gates
+    if input.dim() != 3:
+        raise ValueError(f"Expected input of 3 dimensions (T, B, I), got {list(input.shape)}")
+    if len(weights) != 8:
+        raise ValueError(f"the cuda backend takes the 8 parameters of a bidirectional layer without projections, "
+                         f"got {len(weights)}")
+    T, B, I = input.shape
+    H = weights[1].shape[0] // gates
+    expected = {"h0": (h0, (2, B, H)), "c0": (c0, (2, B, H) if cell == "LSTM" else (0,)), "lengths": (lengths, (B,))}
+    for d in range(2):
+        for kind, shape in enumerate(((gates * H, I), (gates * H, H), (gates * H,), (gates * H,))):
+            expected[f"weights[{4 * d + kind}]"] = (weights[4 * d + kind], shape)
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"Expected {name} size {shape}, got {list(tensor.shape)}")
+        if name != "lengths" and tensor.dtype != input.dtype:
+            raise TypeError(f"Expected {name} of dtype {input.dtype}, got {tensor.dtype}")
+        if tensor.device != input.device:
+            raise RuntimeError(f"birnn_fast: expected {name} on {input.device} (input's device), got {tensor.device}")
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"Expected lengths int64, got {lengths.dtype}")
+    return T, B, I, gates, H
+
+
+def input_projection(input, weights, gates, hidden):
+    """x @ W_ih^T + b_ih + b_hh of both directions (the GRU's n gate without b_hn, which r scales),
+    (T, B, 2, H, xg_gates(G)) in input's dtype: one cuBLAS GEMM at the precision cuDNN's RNN uses
+    for the layer's dtype (fp32 accumulation)."""
+    T, B, I = input.shape
+    weight = torch.cat([unit_major(weights[4 * d], gates, hidden) for d in range(2)])  # [2*H*X, I]
+    biases = []
+    for d in range(2):
+        bias = weights[4 * d + 2] + weights[4 * d + 3]
+        if gates == 3:
+            bias[2 * hidden:] = weights[4 * d + 2][2 * hidden:]
+        biases.append(unit_major(bias, gates, hidden))
+    return torch.addmm(torch.cat(biases), input.reshape(T * B, I), weight.t()).view(
+        T, B, 2, hidden, schedule.xg_gates(gates))
+
+
+def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
+    """``birnn_fast::forward`` (library.py) by the cluster kernel.
+
+    input: (T, B, I); weights: per direction weight_ih (G*H, I), weight_hh (G*H, H), bias_ih,
+    bias_hh (G*H); h0: (2, B, H); c0: (2, B, H) for LSTM, else (0,); lengths: (B,) int64 on
+    input's device. Returns output
+    (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H) fp32 or (0,)."""
+    T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
+    reason = why_not(input.device, input.dtype, cell, H, B)
+    if reason is not None:
+        raise RuntimeError(f"birnn_fast cuda backend: {reason}")
+    saved = cell_of(cell).saved
+    workspace = input.new_empty((T, B, 2, saved * H) if save_workspace else (0,), dtype=torch.float32)
+    output = input.new_empty(T, B, 2 * H)
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+    if B == 0:
+        return output, h_n, c_n, workspace
+    forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace if save_workspace else None)
+    return output, h_n, c_n, workspace
+
+
+def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None):
+    """The forward's launch into given results (output (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or
+    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first."""
+    T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
+    xg = input_projection(input, weights, gates, H)
+    w_hh = torch.stack([weights[1], weights[5]]).contiguous()
+    b_hh = torch.stack([weights[3], weights[7]]).contiguous()
+    h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
+    plan = schedule.plan(cell, H, B, DTYPES[input.dtype])
+    params = forward_params(plan, T, dict(
+        xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), b_hh=b_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(),
+        lengths=lengths.data_ptr(),
+        output=output.data_ptr(), h_n=h_n.data_ptr(), c_n=c_n.data_ptr(),
+        workspace=workspace.data_ptr() if workspace is not None else 0))
+    arguments = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    function = _function(input.device, plan)
+    stream = torch.cuda.current_stream(input.device).cuda_stream
+    # xg, w_hh and the contiguous copies live until the kernel has read them: the caching allocator
+    # reuses their memory only for work queued after this launch on the same stream.
+    _check(driver.cuLaunchKernelEx(launch_config(plan, stream), function, ctypes.addressof(arguments), 0))
+
+
+def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
+                output_mask=(True, True, True, True)):
+    """``birnn_fast::backward``: the Triton kernels' backward on this forward's workspace (the same
+    layout: i, f, g, o and c_t at each row's time index), until the CUDA backward is built."""
+    if _triton_ops is None:
+        raise RuntimeError("birnn_fast cuda backend: its backward runs the Triton kernels, which are unavailable")
+    return _triton_ops.backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
+                                  workspace, output_mask)

@@ -1,0 +1,109 @@
+"""Builds the CUDA kernels' cubins: nvcc once per architecture -> <out>/<unit>.sm_<arch>.cubin, with
+ptxas's resource report beside each (<unit>.sm_<arch>.ptxas.txt). No GPU needed.
+
+    python csrc/cuda/build.py [--out-dir DIR] [--archs "90a;100a"]
+
+Architectures: --archs, else BIRNN_FAST_CUDA_ARCHS, else DEFAULT_ARCHS (those this nvcc takes).
+The kernels need thread-block clusters (sm_90 and later): sm_80 has no variant yet and is refused.
+A cubin newer than its sources is kept. setup.py / a wheel build calls build(out_dir, archs).
+"""
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+# (cubin name, source, defines): the forward once per cell family (build.py's jobs run them in parallel).
+UNITS = (("forward_lstm", "forward.cu", ("-DBIRNN_FAMILY=0",)), ("forward_gru", "forward.cu", ("-DBIRNN_FAMILY=1",)),
+         ("forward_elman", "forward.cu", ("-DBIRNN_FAMILY=2",)), ("probes", "probes.cu", ()))
+DEFAULT_ARCHS = ("90a", "100a")
+CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
+DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"
+FLAGS = ("-std=c++17", "-O3", "-cubin", "-Xptxas", "-v", "--expt-relaxed-constexpr")
+
+
+def nvcc():
+    """The nvcc to run: $CUDA_HOME/bin/nvcc, else the one on PATH; None if there is none."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (pathlib.Path(home) / "bin" / "nvcc").exists():
+        return str(pathlib.Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def supported_archs(compiler):
+    listed = subprocess.run([compiler, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
+    return {name.removeprefix("compute_") for name in listed}
+
+
+def requested_archs(archs=None):
+    text = archs if archs is not None else os.environ.get("BIRNN_FAST_CUDA_ARCHS")
+    if not text:
+        return None
+    return tuple(arch.strip().removeprefix("sm_") for arch in text.replace(",", ";").split(";") if arch.strip())
+
+
+def archs_to_build(compiler, archs=None):
+    requested = requested_archs(archs)
+    known = supported_archs(compiler)
+    if requested is None:
+        return tuple(arch for arch in DEFAULT_ARCHS if arch.rstrip("a") in known)
+    for arch in requested:
+        if arch not in CLUSTER_ARCHS:
+            raise SystemExit(f"BIRNN_FAST_CUDA_ARCHS: sm_{arch} is not built: the kernels need thread-block clusters "
+                             f"and the 'a' features (one of {', '.join(CLUSTER_ARCHS)})")
+        if arch.rstrip("a") not in known:
+            raise SystemExit(f"BIRNN_FAST_CUDA_ARCHS: this nvcc does not know sm_{arch} (it knows {sorted(known)})")
+    return requested
+
+
+def sources():
+    return sorted(HERE.glob("*.cu")) + sorted(HERE.glob("*.cuh"))
+
+
+def build_one(compiler, unit, arch, out_dir):
+    """nvcc for one compilation unit and architecture; returns the cubin's path."""
+    name, source, defines = unit
+    cubin = out_dir / f"{name}.sm_{arch}.cubin"
+    report = out_dir / f"{name}.sm_{arch}.ptxas.txt"
+    newest = max(path.stat().st_mtime for path in sources())
+    if cubin.exists() and report.exists() and cubin.stat().st_mtime >= newest:
+        return cubin
+    command = [compiler, *FLAGS, *defines, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(cubin) + ".tmp",
+               str(HERE / source)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    report.write_text(result.stdout + result.stderr)
+    os.replace(str(cubin) + ".tmp", cubin)
+    return cubin
+
+
+def build(out_dir=DEFAULT_OUT, archs=None, jobs=None):
+    """Every unit for every architecture into out_dir; the cubins' paths. archs: "90a;100a" (default
+    BIRNN_FAST_CUDA_ARCHS, else DEFAULT_ARCHS); jobs: parallel nvcc runs (default MAX_JOBS, else 2)."""
+    compiler = nvcc()
+    if compiler is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
+    work = [(unit, arch) for arch in archs_to_build(compiler, archs) for unit in UNITS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda item: build_one(compiler, *item, out_dir), work))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    parser.add_argument("--archs", default=None,
+                        help='e.g. "90a;100a" (default: BIRNN_FAST_CUDA_ARCHS, else those nvcc knows)')
+    args = parser.parse_args()
+    for path in build(args.out_dir, args.archs):
+        print(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+// The forward pass of one bidirectional layer: a persistent kernel per (direction, chunk of 64
+// batch rows) cluster that keeps W_hh on chip for all T steps and exchanges h between the cluster's
+// CTAs through distributed shared memory. Design and exchange protocol: README.md; the index
+// functions: schedule.cuh (1:1 with birnn_fast/cuda_schedule.py, whose model runs this schedule).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "cells.cuh"
+#include "ptx.cuh"
+#include "schedule.cuh"
+
+namespace birnn_fast::cuda {
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack(T low, T high) {
+  return static_cast<uint32_t>(__half_as_ushort(*reinterpret_cast<const __half*>(&low))) |
+         (static_cast<uint32_t>(__half_as_ushort(*reinterpret_cast<const __half*>(&high))) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(uint16_t bits);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(uint16_t bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+// The A fragment register `reg` of M tile mt, K tile kt of a warp: two W_hh elements (zeros past H
+// and past the cell's gates).
+template <typename T, int kGates>
+__device__ __forceinline__ uint32_t load_a_register(const ForwardParams& p, const T* w_hh, int rank, int unit_warp,
+                                                    int lane, int mt, int kt, int reg) {
+  int row, k;
+  a_coords(lane, reg, row, k);
+  const int gate = tile_gate(mt, row);
+  const int unit = unit_of(p, rank, unit_warp, row & 7);
+  const int kk = 16 * kt + k;
+  const T zero = static_cast<T>(0.0f);
+  T low = zero, high = zero;
+  if (gate < kGates && unit < p.H && kt < p.k_tiles) {
+    const T* w = w_hh + static_cast<int64_t>(w_row(p.H, gate, unit)) * p.H;
+    if (kk < p.H) low = w[kk];
+    if (kk + 1 < p.H) high = w[kk + 1];
+  }
+  return pack(low, high);
+}
+
+// One bidirectional layer's forward; kSplitK warps share a unit group's K tiles, the first kRegKT
+// of each warp's K tiles stay in registers.
+template <typename Cell, typename T, int kSplitK, int kRegKT>
+__device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
+  constexpr int kGates = Cell::kGates;
+  constexpr int kMT = m_tiles(kGates);
+  constexpr int kOwned = (kNTiles + kSplitK - 1) / kSplitK;  // batch tiles a warp runs the cell math of
+  constexpr int kBytes = sizeof(T);
+  constexpr int kXg = xg_gates(kGates);
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int row_lengths[kRowsPerCluster];
+
+  const Plan plan{p, kSplitK, kGates};
+  const int rank = static_cast<int>(cluster_ctarank());
+  const int direction = blockIdx.y;
+  const int rows0 = blockIdx.z * kRowsPerCluster;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int unit_warp = warp % p.unit_warps, ks = warp / p.unit_warps;
+  const int rows = plan.rows();
+  const int H = p.H, B = p.B, GH = kGates * p.H;
+
+  T* hbuf = reinterpret_cast<T*>(smem);
+  uint4* wsm = reinterpret_cast<uint4*>(smem + plan.hbuf_bytes(kBytes));
+  float4* partials = reinterpret_cast<float4*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes());
+  uint64_t* full =
+      reinterpret_cast<uint64_t*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes() + plan.partial_bytes());
+
+  const T* w_hh = static_cast<const T*>(p.w_hh) + static_cast<int64_t>(direction) * GH * H;
+  const T* xg = static_cast<const T*>(p.xg);
+  T* output = static_cast<T*>(p.output);
+
+  // --- Prologue: barriers, lengths, h0 into buffer 0, buffer 1 zero, W_hh on chip, the state.
+  if (threadIdx.x == 0) {
+    mbarrier_init(&full[0], 1);
+    mbarrier_init(&full[1], 1);
+    fence_mbarrier_init();
+  }
+  for (int r = threadIdx.x; r < kRowsPerCluster; r += blockDim.x) {
+    row_lengths[r] = rows0 + r < B ? static_cast<int>(p.lengths[rows0 + r]) : 0;
+  }
+  const T zero = static_cast<T>(0.0f);
+  for (int e = threadIdx.x; e < p.slices * plan.slice_elements(); e += blockDim.x) {
+    const int slice = e / plan.slice_elements(), within = e % plan.slice_elements();
+    const int row = within / p.units, column = within % p.units;
+    const int b = rows0 + row, k = slice * p.units + column;
+    const T* h0 = static_cast<const T*>(p.h0);
+    hbuf[hbuf_offset(p, 0, slice, row, column)] =
+        (b < B && k < H) ? h0[(static_cast<int64_t>(direction) * B + b) * H + k] : zero;
+    hbuf[hbuf_offset(p, 1, slice, row, column)] = zero;
+  }
+  uint32_t a[kRegKT][kMT][4];
+#pragma unroll
+  for (int i = 0; i < kRegKT; ++i) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        a[i][mt][reg] = i < p.warp_k_tiles
+                            ? load_a_register<T, kGates>(p, w_hh, rank, unit_warp, lane, mt, warp_k_tile(p, ks, i), reg)
+                            : 0u;
+      }
+    }
+  }
+  for (int j = 0; j < p.smem_k_tiles; ++j) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      uint32_t r[4];
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        r[reg] = load_a_register<T, kGates>(p, w_hh, rank, unit_warp, lane, mt, warp_k_tile(p, ks, kRegKT + j), reg);
+      }
+      wsm[wsm_index<kMT>(p, warp, j, mt) * 32 + lane] = make_uint4(r[0], r[1], r[2], r[3]);
+    }
+  }
+  // c of the elements this lane owns (batch tiles nt = ks + kSplitK * o, columns e), fp32 in
+  // registers for all T steps. Their h is kept in the h buffers (in T, as it is exchanged): a row
+  // that has ended passes its h on from the buffer it reads to the one it writes.
+  const int unit = unit_of(p, rank, unit_warp, lane >> 2);
+  float c[kOwned][2];
+#pragma unroll
+  for (int o = 0; o < kOwned; ++o) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int b = rows0 + 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
+      const bool ok = unit < H && b < B && ks + kSplitK * o < p.n_tiles;
+      const int64_t at = (static_cast<int64_t>(direction) * B + b) * H + unit;
+      c[o][e] = ok && Cell::kHasCellState ? static_cast<float>(static_cast<const T*>(p.c0)[at]) : 0.0f;
+    }
+  }
+  // The GRU's b_hn of this lane's unit (it enters n's hidden part, which r scales).
+  const int64_t hidden_bias_at = static_cast<int64_t>(direction) * GH + Cell::kHiddenBiasGate * H + unit;
+  const float hidden_bias = Cell::kHiddenBiasGate >= 0 && unit < H
+                                ? static_cast<float>(static_cast<const T*>(p.b_hh)[hidden_bias_at])
+                                : 0.0f;
+  __syncthreads();
+  int steps = 0;
+  for (int r = 0; r < kRowsPerCluster; ++r) steps = max(steps, row_lengths[r]);
+  if (threadIdx.x == 0) {
+    mbarrier_arrive_expect_tx(&full[1], plan.expect_bytes(kBytes));  // for step 1
+    mbarrier_arrive_expect_tx(&full[0], plan.expect_bytes(kBytes));  // for step 2
+  }
+  // The buffers' generic-proxy writes above before any peer's bulk copy into them; the barriers'
+  // inits before any peer's complete_tx.
+  fence_proxy_async();
+  cluster_sync();
+
+  // --- The recurrence.
+  for (int s = 0; s < steps; ++s) {
+    const int buffer = read_buffer(s), next = read_buffer(s + 1);
+    // The input projection of the owned elements, loaded before the wait (no peer writes it): a
+    // unit's gates are adjacent in xg (the launcher's layout), one load an element.
+    static_assert(kBytes == 2 && (kXg == 4 || kXg == 1), "xg rows of 4 or 1 slots of 2 bytes");
+    using XgRow = typename std::conditional<kXg == 4, uint2, uint16_t>::type;
+    XgRow x[kOwned][2];
+#pragma unroll
+    for (int o = 0; o < kOwned; ++o) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
+        const int length = row_lengths[row];
+        const bool active = unit < H && ks + kSplitK * o < p.n_tiles && s < length;
+        const int64_t base = (static_cast<int64_t>(step_time(direction, s, length)) * B + rows0 + row) * 2 + direction;
+        x[o][e] = active ? *reinterpret_cast<const XgRow*>(xg + xg_offset(p, base, unit, kGates)) : XgRow{};
+      }
+    }
+    if (s >= 1) mbarrier_wait(&full[buffer], phase_parity(s));
+
+    float acc[kMT][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
+    const uint32_t hbuf_address = smem_address(hbuf);
+    auto k_tile_products = [&](const uint32_t (&a_tile)[kMT][4], int kt) {
+#pragma unroll
+      for (int pair = 0; pair < kNTiles / 2; ++pair) {
+        if (2 * pair < p.n_tiles) {
+          int row, k, slice, column;
+          ldmatrix_row(lane, pair, kt, row, k);
+          if (row >= rows) row -= 8;  // the odd last tile's partner: read, never used
+          h_slice(p, k, slice, column);
+          uint32_t b[4];
+          ldmatrix_x4(b, hbuf_address + kBytes * hbuf_offset(p, buffer, slice, row, column));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma<T>::run(acc[mt][2 * pair], a_tile[mt], b[0], b[1]);
+            if (2 * pair + 1 < p.n_tiles) Mma<T>::run(acc[mt][2 * pair + 1], a_tile[mt], b[2], b[3]);
+          }
+        }
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < kRegKT; ++i) {
+      const int kt = warp_k_tile(p, ks, i);
+      if (i < p.warp_k_tiles && kt < p.k_tiles) k_tile_products(a[i], kt);
+    }
+    for (int j = 0; j < p.smem_k_tiles; ++j) {
+      const int kt = warp_k_tile(p, ks, kRegKT + j);
+      if (kt < p.k_tiles) {
+        uint32_t a_tile[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          const uint4 v = wsm[wsm_index<kMT>(p, warp, j, mt) * 32 + lane];
+          a_tile[mt][0] = v.x;
+          a_tile[mt][1] = v.y;
+          a_tile[mt][2] = v.z;
+          a_tile[mt][3] = v.w;
+        }
+        k_tile_products(a_tile, kt);
+      }
+    }
+    // The reduce-scatter: each split leaves the tiles it does not own in its partial slots.
+    if constexpr (kSplitK > 1) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        const int owner = tile_owner<kSplitK>(nt);
+        if (nt < p.n_tiles && owner != ks) {
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            partials[partial_index<kSplitK, kMT>(p, unit_warp, nt, partial_slot(ks, owner), mt) * 32 + lane] =
+                make_float4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp has read buffer `buffer` and left its partials
+    if (s >= 1 && threadIdx.x == 0) {
+      // Re-armed for step s + 2 only now: every thread of the CTA has seen this phase complete.
+      mbarrier_arrive_expect_tx(&full[buffer], plan.expect_bytes(kBytes));
+    }
+#pragma unroll
+    for (int o = 0; o < kOwned; ++o) {
+      const int nt = ks + kSplitK * o;
+      if (nt >= p.n_tiles) continue;
+      // acc[.][nt] with nt a compile-time index: the owned tile is picked by a predicate.
+      float sum[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float value = 0.0f;
+#pragma unroll
+          for (int candidate = o * kSplitK; candidate < (o + 1) * kSplitK && candidate < kNTiles; ++candidate) {
+            if (candidate == nt) value = acc[mt][candidate][r];
+          }
+          sum[mt][r] = value;
+        }
+#pragma unroll
+      for (int from = 0; from < kSplitK; ++from) {
+        if (from == ks) continue;
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          const int block = partial_index<kSplitK, kMT>(p, unit_warp, nt, partial_slot(from, ks), mt);
+          const float4 v = partials[block * 32 + lane];
+          sum[mt][0] += v.x;
+          sum[mt][1] += v.y;
+          sum[mt][2] += v.z;
+          sum[mt][3] += v.w;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = 8 * nt + 2 * (lane & 3) + e;
+        const int b = rows0 + row;
+        const int length = row_lengths[row];
+        int slice, column;
+        h_slice(p, unit, slice, column);
+        T h = hbuf[hbuf_offset(p, buffer, slice, row, column)];
+        if (unit < H && b < B) {
+          const int t = s < length ? step_time(direction, s, length) : s;
+          const int64_t at = (static_cast<int64_t>(t) * B + b);
+          if (s < length) {
+            float x_gates[kGates], hidden[kGates];
+#pragma unroll
+            for (int g = 0; g < kGates; ++g) {
+              // Gate g of this unit and column: accumulator 2 * (g & 1) + e of M tile g / 2.
+              hidden[g] = sum[g >> 1][2 * (g & 1) + e] + (g == Cell::kHiddenBiasGate ? hidden_bias : 0.0f);
+              if constexpr (kXg == 4) {
+                const uint32_t pair = g < 2 ? x[o][e].x : x[o][e].y;
+                x_gates[g] = to_float<T>(static_cast<uint16_t>(g & 1 ? pair >> 16 : pair & 0xffff));
+              } else {
+                x_gates[g] = to_float<T>(x[o][e]);
+              }
+            }
+            float saved[Cell::kSaved > 0 ? Cell::kSaved : 1];
+            float h_new;
+            Cell::forward(x_gates, hidden, static_cast<float>(h), h_new, c[o][e], saved, p.relu);
+            h = static_cast<T>(h_new);
+            output[at * 2 * H + direction * H + unit] = h;
+            if (p.workspace != nullptr) {
+#pragma unroll
+              for (int slot = 0; slot < Cell::kSaved; ++slot) {
+                p.workspace[(at * 2 + direction) * Cell::kSaved * H + slot * H + unit] = saved[slot];
+              }
+            }
+            if (s == length - 1) {
+              const int64_t state = (static_cast<int64_t>(direction) * B + b) * H + unit;
+              static_cast<T*>(p.h_n)[state] = h;
+              if (Cell::kHasCellState) static_cast<T*>(p.c_n)[state] = static_cast<T>(c[o][e]);
+            }
+          } else {
+            output[at * 2 * H + direction * H + unit] = zero;
+            if (p.workspace != nullptr) {
+#pragma unroll
+              for (int slot = 0; slot < Cell::kSaved; ++slot) {
+                p.workspace[(at * 2 + direction) * Cell::kSaved * H + slot * H + unit] = 0.0f;
+              }
+            }
+          }
+        }
+        hbuf[hbuf_offset(p, next, slice, row, column)] = h;
+      }
+    }
+    if (s + 1 < steps) {
+      fence_proxy_async();  // this thread's h stores, before the bulk copies read them
+      __syncthreads();
+      // Lane r of warp 0 sends our slice of the next buffer to peer r.
+      if (warp == 0 && lane < p.cluster && lane != rank) {
+        const uint32_t source = hbuf_address + kBytes * hbuf_offset(p, next, rank, 0, 0);
+        bulk_copy_to_peer(map_to_rank(source, lane), source, plan.slice_bytes(kBytes),
+                          map_to_rank(smem_address(&full[next]), lane));
+      }
+    }
+  }
+
+  // --- Steps past the chunk's longest row: padding of every row.
+  for (int e = threadIdx.x; e < (p.T - steps) * rows * p.units; e += blockDim.x) {
+    const int s = steps + e / (rows * p.units);
+    const int row = e / p.units % rows;
+    const int u = rank * p.units + e % p.units;
+    const int b = rows0 + row;
+    if (b < B && u < H) {
+      const int64_t at = static_cast<int64_t>(s) * B + b;
+      output[at * 2 * H + direction * H + u] = zero;
+      if (p.workspace != nullptr) {
+        for (int slot = 0; slot < Cell::kSaved; ++slot) {
+          p.workspace[(at * 2 + direction) * Cell::kSaved * H + slot * H + u] = 0.0f;
+        }
+      }
+    }
+  }
+  // No CTA leaves while a peer may still address its shared memory.
+  cluster_sync();
+}
+
+}  // namespace birnn_fast::cuda
+
+// One entry per (cell family, dtype, split_k, register K tiles): the names and the list are
+// cuda_schedule.kernel_name / INSTANCES (tests/test_cuda_build.py checks the cubins hold exactly
+// those). One cubin per family (build.py compiles this file with -DBIRNN_FAMILY=0, 1, 2, in parallel).
+#define BIRNN_FORWARD_INSTANCE(CELL, NAME, DTYPE, TYPE, S, R)                                             \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                                    \
+      birnn_forward_##NAME##_##DTYPE##_s##S##_r##R(const birnn_fast::cuda::ForwardParams p) {             \
+    birnn_fast::cuda::forward_kernel<birnn_fast::cuda::CELL, TYPE, S, R>(p);                              \
+  }
+#define BIRNN_FORWARD_DTYPES(CELL, NAME, S, R)                         \
+  BIRNN_FORWARD_INSTANCE(CELL, NAME, bf16, __nv_bfloat16, S, R)       \
+  BIRNN_FORWARD_INSTANCE(CELL, NAME, fp16, __half, S, R)
+
+#if BIRNN_FAMILY == 0  // lstm
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 4)
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 8)
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 4, 4)
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 4, 8)
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 8, 4)
+BIRNN_FORWARD_DTYPES(LstmCell, lstm, 8, 8)
+#endif
+#if BIRNN_FAMILY == 1  // gru
+BIRNN_FORWARD_DTYPES(GruCell, gru, 2, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 2, 8)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 4, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 4, 8)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 8, 4)
+BIRNN_FORWARD_DTYPES(GruCell, gru, 8, 8)
+#endif
+#if BIRNN_FAMILY == 2  // elman
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 2, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 2, 8)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 8)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 4)
+BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 8)
+#endif

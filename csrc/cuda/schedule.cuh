@@ -1,0 +1,151 @@
+// The index functions of the cluster kernels, 1:1 with birnn_fast/cuda_schedule.py (same names and
+// arguments; the Python model runs the whole schedule through them on the CPU, tests/test_cuda_schedule.py).
+// The design: csrc/cuda/README.md.
+#pragma once
+
+#include <cstdint>
+
+// Host and device alike: tests/test_cuda_launcher.py compiles them for the host and compares every
+// function with its Python twin over ranges of arguments.
+#define BIRNN_HD __host__ __device__ __forceinline__
+
+namespace birnn_fast::cuda {
+
+constexpr int kRowsPerCluster = 64;  // ROWS_PER_CLUSTER: the MMA's N, 8 tiles of 8
+constexpr int kNTiles = kRowsPerCluster / 8;
+constexpr int kFragmentBytes = 512;  // FRAGMENT_BYTES: a warp's m16n8k16 A fragment
+
+// The launch: one layer's pointers and the host's plan (cuda_schedule.Plan), by value. The host
+// packs it with ctypes in this order (birnn_fast/cuda_kernels.py, ForwardParams).
+struct ForwardParams {
+  const void* xg;          // (T, B, 2, H, xg_gates(G)) input projection with the biases (xg_offset)
+  const void* w_hh;        // (2, G*H, H)
+  const void* b_hh;        // (2, G*H): the GRU reads b_hn from it (r scales W_hn h + b_hn)
+  const void* h0;          // (2, B, H)
+  const void* c0;          // (2, B, H)
+  const int64_t* lengths;  // (B,)
+  void* output;            // (T, B, 2*H)
+  void* h_n;               // (2, B, H)
+  void* c_n;               // (2, B, H)
+  float* workspace;        // (T, B, 2, kSaved*H) or null
+  int32_t T, B, H;
+  int32_t units, cluster, slices, unit_warps, k_tiles, warp_k_tiles, smem_k_tiles, n_tiles;
+  int32_t relu;  // the Elman kernel: RNN_RELU (1) or RNN_TANH (0)
+};
+
+__host__ __device__ constexpr int m_tiles(int gates) { return (gates + 1) / 2; }
+
+struct Plan {
+  const ForwardParams& p;
+  int split_k;
+  int gates;
+
+  BIRNN_HD int rows() const { return 8 * p.n_tiles; }
+  BIRNN_HD int slice_elements() const { return rows() * p.units; }
+  BIRNN_HD uint32_t slice_bytes(int element_bytes) const { return slice_elements() * element_bytes; }
+  BIRNN_HD uint32_t expect_bytes(int element_bytes) const { return (p.cluster - 1) * slice_bytes(element_bytes); }
+  BIRNN_HD uint32_t hbuf_bytes(int element_bytes) const { return 2 * p.slices * slice_bytes(element_bytes); }
+  BIRNN_HD uint32_t wsm_bytes() const {
+    return p.unit_warps * split_k * p.smem_k_tiles * m_tiles(gates) * kFragmentBytes;
+  }
+  BIRNN_HD uint32_t partial_bytes() const {
+    return p.unit_warps * p.n_tiles * (split_k - 1) * m_tiles(gates) * kFragmentBytes;
+  }
+};
+
+// The hidden unit of lane group `group` (lane / 4) in unit warp `unit_warp` of CTA `rank`.
+BIRNN_HD int unit_of(const ForwardParams& p, int rank, int unit_warp, int group) {
+  return rank * p.units + 8 * unit_warp + group;
+}
+
+// The gate of row `row` (0-15) of M tile `mt`: tile mt holds gates 2mt (rows 0-7) and 2mt+1.
+BIRNN_HD int tile_gate(int mt, int row) { return 2 * mt + (row >> 3); }
+
+// The row of W_hh (G*H, H) of one gate of a unit.
+BIRNN_HD int w_row(int H, int gate, int unit) { return gate * H + unit; }
+
+// The K tile of step i of split ks's K loop.
+BIRNN_HD int warp_k_tile(const ForwardParams& p, int ks, int i) { return ks * p.warp_k_tiles + i; }
+
+// The split whose warp sums batch tile nt and runs its cell math.
+template <int kSplitK>
+BIRNN_HD constexpr int tile_owner(int nt) { return nt % kSplitK; }
+
+// Where split ks_from leaves its partial of a tile that `owner` sums.
+BIRNN_HD int partial_slot(int ks_from, int owner) { return ks_from - (ks_from > owner ? 1 : 0); }
+
+// The 512-byte block of a partial in the partials area.
+template <int kSplitK, int kMTiles>
+BIRNN_HD int partial_index(const ForwardParams& p, int unit_warp, int nt, int slot, int mt) {
+  return ((unit_warp * p.n_tiles + nt) * (kSplitK - 1) + slot) * kMTiles + mt;
+}
+
+// The 512-byte block of shared-memory K tile j (past the register tiles) of a warp.
+template <int kMTiles>
+BIRNN_HD int wsm_index(const ForwardParams& p, int warp, int j, int mt) {
+  return (warp * p.smem_k_tiles + j) * kMTiles + mt;
+}
+
+// (slice, column) of h's unit k in the exchanged buffers.
+BIRNN_HD void h_slice(const ForwardParams& p, int k, int& slice, int& column) {
+  slice = k / p.units;
+  column = k - slice * p.units;
+}
+
+// Element offset of (batch row, column) in a slice block, 16-byte chunks XOR-swizzled (see the Python).
+BIRNN_HD int h_offset(const ForwardParams& p, int row, int column) {
+  const int chunks = p.units >> 3;
+  int chunk = column >> 3;
+  if (chunks > 1 && (chunks & (chunks - 1)) == 0 && chunks <= 8) {
+    int shift = 0;  // log2(8 / chunks)
+    while ((chunks << shift) < 8) ++shift;
+    chunk ^= (row >> shift) & (chunks - 1);
+  }
+  return row * p.units + chunk * 8 + (column & 7);
+}
+
+// Element offset in hbuf[2][slices][rows][U].
+BIRNN_HD int hbuf_offset(const ForwardParams& p, int buffer, int slice, int row, int column) {
+  return (buffer * p.slices + slice) * 8 * p.n_tiles * p.units + h_offset(p, row, column);
+}
+
+// The h buffer step s reads; it writes h_{s+1} into the other.
+BIRNN_HD int read_buffer(int s) { return s & 1; }
+
+// The phase parity of full[read_buffer(s)] that step s >= 1 waits for.
+BIRNN_HD uint32_t phase_parity(int s) { return ((s - 1) >> 1) & 1; }
+
+// The input projection's slots per unit: 4 (one 8-byte load; GRU's fourth is 0) or 1 (RNN).
+BIRNN_HD constexpr int xg_gates(int gates) { return gates > 1 ? 4 : 1; }
+
+// Element offset of (row (t * B + b) * 2 + direction, unit) in xg (T, B, 2, H, xg_gates(G)): a
+// unit's gates adjacent, so that the owner of an element loads them at once.
+BIRNN_HD int64_t xg_offset(const ForwardParams& p, int64_t base, int unit, int gates) {
+  return (base * p.H + unit) * xg_gates(gates);
+}
+
+// The time index a row of length `length` takes at step s < length.
+BIRNN_HD int step_time(int direction, int s, int length) {
+  return direction == 0 ? s : length - 1 - s;
+}
+
+// m16n8k16 fragments, lane = 4 * group + quad: (row, k) of A register reg's first element, (row, n)
+// of accumulator reg.
+BIRNN_HD void a_coords(int lane, int reg, int& row, int& k) {
+  row = (lane >> 2) + 8 * (reg & 1);
+  k = 2 * (lane & 3) + 8 * (reg >> 1);
+}
+
+BIRNN_HD void c_coords(int lane, int reg, int& row, int& n) {
+  row = (lane >> 2) + 8 * (reg >> 1);
+  n = 2 * (lane & 3) + (reg & 1);
+}
+
+// The (batch row, k) lane points ldmatrix.x4 at for batch tiles 2*nt_pair, +1 of K tile k_tile.
+BIRNN_HD void ldmatrix_row(int lane, int nt_pair, int k_tile, int& row, int& k) {
+  const int matrix = lane >> 3;
+  row = 8 * (2 * nt_pair + (matrix >> 1)) + (lane & 7);
+  k = 16 * k_tile + 8 * (matrix & 1);
+}
+
+}  // namespace birnn_fast::cuda

@@ -1,0 +1,128 @@
+"""The CUDA kernels built from the checkout (csrc/cuda/build.py, sm_90a, no GPU needed) and what
+their compiled code says: every instance the plan can pick is there, no local memory, spills or stack,
+and the step loop of each is the design (csrc/cuda/README.md): tensor-core MMAs on h from shared
+memory, W_hh never re-read from global memory, h sent to the peers by bulk copies into their shared
+memory and waited for on mbarriers, no GPU-wide fence. Skipped where nvcc is missing."""
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+from birnn_fast import cuda_schedule as schedule
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "triton" / "backends" / "nvidia" / "bin"
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("birnn_cuda_build", ROOT / "csrc" / "cuda" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
+
+
+def cuobjdump():
+    try:
+        import triton
+        tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    except ImportError:
+        tool = BIN / "cuobjdump"
+    return str(tool) if tool.exists() else None
+
+
+@pytest.fixture(scope="session")
+def cubins(tmp_path_factory):
+    """The sm_90a cubins built once per session from the checkout's sources: their folder."""
+    if build.nvcc() is None:
+        pytest.skip("nvcc is not installed")
+    out = tmp_path_factory.mktemp("cubins")
+    paths = build.build(out, archs="90a")
+    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_90a.cubin" for unit in build.UNITS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sass(cubins):
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump (Triton's wheel carries one) is not installed")
+    text = "".join(subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+                   for cubin in sorted(cubins.glob("forward_*.cubin")))
+    functions = {}
+    for block in re.split(r"\n\s*Function : ", text)[1:]:
+        name, _, body = block.partition("\n")
+        functions[name.strip()] = [line.split(";")[0].split("*/")[-1].strip() for line in body.splitlines()
+                                   if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    return functions
+
+
+def test_every_instance_is_built_without_local_memory(cubins):
+    report = "".join(path.read_text() for path in sorted(cubins.glob("*.ptxas.txt")))
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n.*?Function properties for \1\n"
+                         r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+                         r"ptxas info\s*: Used (\d+) registers([^\n]*)", report, re.S)
+    names = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
+    assert {entry[0] for entry in entries if entry[0].startswith("birnn_forward_")} == names
+    for name, stack, spill_stores, spill_loads, registers, rest in entries:
+        assert (stack, spill_stores, spill_loads) == ("0", "0", "0"), (name, stack, spill_stores, spill_loads)
+        assert "lmem" not in rest and int(registers) <= 255, (name, registers, rest)
+
+
+def step_loop(lines):
+    """The instructions between the prologue's cluster barrier and the closing one's fence: the step
+    loop and the padding loop after it."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("UCGABAR_WAIT")) + 1
+    while lines[start].startswith(("CCTL", "NOP")):  # the acquire's L1 invalidate
+        start += 1
+    end = max(i for i, line in enumerate(lines) if line.startswith("UCGABAR_ARV"))
+    while lines[end - 1].startswith(("MEMBAR", "NOP", "ERRBAR", "CGAERRBAR")):  # the release's fences
+        end -= 1
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("name", sorted(schedule.kernel_name(*instance) for instance in schedule.INSTANCES))
+def test_step_loop_is_the_design(sass, name):
+    lines = sass[name]
+    loop = step_loop(lines)
+    # The MMA of the kernel's dtype (SASS writes the fp16 one without a suffix).
+    mma = "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
+
+    opcodes = [line.split()[1] if line.startswith("@") else line.split()[0] for line in loop]
+    assert mma in opcodes and not [op for op in opcodes if op.startswith("HMMA") and op != mma], \
+        "the m16n8k16 tensor-core MMA of the kernel's dtype"
+    assert "LDSM.16.M88.4" in opcodes, "h's B fragments by ldmatrix.x4 from shared memory"
+    assert "UBLKCP.S.S" in opcodes, "h sent to the peers by a shared::cluster bulk copy"
+    assert any(op.startswith("SYNCS.PHASECHK.TRANS64") for op in opcodes), "the mbarrier wait for the peers' h"
+    assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in opcodes), "the mbarrier re-armed with its bytes"
+    # W_hh is loaded once, before the loop; the only global loads left in the loop are the input
+    # projection's: a unit's 8-byte row of four gates (LSTM, GRU) or its one gate (RNN), one a
+    # column of each batch tile the warp owns, which the compiler may emit on two paths (the first
+    # step, without the wait, and the others). Reloading even one K tile of W_hh would take 8 a warp.
+    global_loads = [op for op in opcodes if op.startswith("LDG")]
+    split = int(re.search(r"_s(\d+)_", name).group(1))
+    width = "LDG.E.U16" if "_elman_" in name else "LDG.E.64"
+    assert 0 < len(global_loads) <= 2 * 2 * -(-8 // split), len(global_loads)
+    assert all(op == width for op in global_loads), sorted(set(global_loads))
+    fences = [op for op in opcodes if op.startswith("MEMBAR") and not op.endswith(".CTA")]
+    assert not fences, f"a fence wider than the CTA in the step loop: {fences}"
+    assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR", "CCTL"))]
+    everywhere = [line.split()[1] if line.startswith("@") else line.split()[0] for line in lines]
+    assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
+
+
+def test_build_honours_the_arch_list(monkeypatch):
+    if build.nvcc() is None:
+        pytest.skip("nvcc is not installed")
+    monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "sm_90a")
+    assert build.archs_to_build(build.nvcc()) == ("90a",)
+    monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "80;90a")
+    with pytest.raises(SystemExit, match="sm_80 is not built: the kernels need thread-block clusters"):
+        build.archs_to_build(build.nvcc())
+    monkeypatch.delenv("BIRNN_FAST_CUDA_ARCHS")
+    assert "90a" in build.archs_to_build(build.nvcc())

@@ -1,0 +1,288 @@
+"""The CUDA kernels' launcher (birnn_fast/cuda_kernels.py) without a GPU: it imports and says why it
+cannot run, its kernel argument is the CUDA struct byte for byte, its input projection is the
+layout the schedule reads, its launch configurations follow the plan, and the Triton backward it
+hands the gradients to reads the forward's workspace (the model's, run on the CPU) correctly."""
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from birnn_fast import cuda_kernels, cuda_schedule as schedule, reference
+
+from conftest import interpreted_triton
+from test_cuda_schedule import lstm_layer, mixed_lengths
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_reasons_without_a_gpu():
+    assert "CUDA tensors" in cuda_kernels.why_not("cpu", torch.bfloat16, "LSTM", 64)
+    assert "float32" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64)
+    assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
+    assert "proj_size" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 64, projections=True)
+    if not torch.cuda.is_available():
+        reason = cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 64, 16)
+        assert reason is not None and ("cuda-bindings" in reason or "no CUDA device" in reason)
+        input = torch.randn(3, 2, 4, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            cuda_kernels.forward_op("LSTM", input, *lstm_args(input, 8))
+
+
+def lstm_args(input, H):
+    T, B, I = input.shape
+    weights = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)] * 2
+    weights = [w.to(input.dtype) for w in weights]
+    h0 = torch.randn(2, B, H, dtype=input.dtype)
+    return weights, h0, torch.randn_like(h0), torch.full((B,), T, dtype=torch.int64), True
+
+
+def test_params_struct_matches_cuda():
+    """Offsets and size of ForwardParams as nvcc lays out schedule.cuh's struct."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    fields = [name for name, _ in cuda_kernels.ForwardParams._fields_]
+    program = "#include <cstdio>\n#include <cstddef>\n#include \"schedule.cuh\"\nint main() {\n" + "".join(
+        f'  printf("%zu\\n", offsetof(birnn_fast::cuda::ForwardParams, {name}));\n' for name in fields) + \
+        '  printf("%zu\\n", sizeof(birnn_fast::cuda::ForwardParams));\n}\n'
+    build = pathlib.Path(__import__("tempfile").mkdtemp())
+    (build / "layout.cu").write_text(program)
+    subprocess.run(["nvcc", "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-o", str(build / "layout"),
+                    str(build / "layout.cu")], check=True, capture_output=True)
+    printed = [int(x) for x in subprocess.run([str(build / "layout")], capture_output=True, text=True,
+                                              check=True).stdout.split()]
+    expected = [getattr(cuda_kernels.ForwardParams, name).offset for name in fields]
+    assert printed == expected + [ctypes.sizeof(cuda_kernels.ForwardParams)]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_input_projection_layout(cell):
+    """The launcher's (T, B, 2, H, X) projection at the offsets the schedule reads (xg_offset); the
+    GRU's n gate without b_hn."""
+    T, B, I, H = 3, 5, 6, 24
+    G = schedule.cell_of(cell).gates
+    input, weights, h0, c0, lengths = lstm_layer(T, B, I, H, [T] * B, seed=1, cell=cell)
+    xg = cuda_kernels.input_projection(input, weights, G, H).reshape(-1)
+    p = schedule.plan(cell, H, B, "bf16")
+    for d in range(2):
+        bias = weights[4 * d + 2] + weights[4 * d + 3]
+        if cell == "GRU":
+            bias[2 * H:] = weights[4 * d + 2][2 * H:]
+        expected = input @ weights[4 * d].T + bias  # [T, B, G*H]
+        t, b, unit, gate = np.meshgrid(np.arange(T), np.arange(B), np.arange(H), np.arange(G), indexing="ij")
+        offsets = schedule.xg_offset(p, (t * B + b) * 2 + d, unit, G) + gate
+        torch.testing.assert_close(xg[torch.from_numpy(offsets)], expected[t, b, gate * H + unit], rtol=1e-12,
+                                   atol=1e-12)
+    if G == 3:
+        assert (xg.view(T, B, 2, H, 4)[..., 3] == 0).all()
+
+
+@pytest.mark.parametrize("H, B", [(40, 3), (256, 17), (512, 64), (300, 130)])
+def test_launch_config_follows_the_plan(H, B):
+    pytest.importorskip("cuda.bindings")
+    p = schedule.plan("LSTM", H, B, "bf16")
+    config = cuda_kernels.launch_config(p, stream=0)
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ) == (p.cluster, 2, -(-B // 64))
+    assert (config.blockDimX, config.sharedMemBytes, config.numAttrs) == (p.threads, p.smem_bytes, 1)
+    assert config.attrs[0].value.clusterDim.x == p.cluster and config.gridDimX % p.cluster == 0
+    params = cuda_kernels.forward_params(p, 7, dict(xg=1, w_hh=2, b_hh=9, h0=3, c0=4, lengths=5, output=6, h_n=7,
+                                                    c_n=8, workspace=0))
+    assert (params.T, params.B, params.H, params.units, params.n_tiles) == (7, B, H, p.units, p.n_tiles)
+
+
+@pytest.mark.parametrize("cell, T, B, H", [("LSTM", 5, 3, 40), ("LSTM", 4, 9, 24), ("GRU", 5, 3, 40),
+                                           ("RNN_RELU", 4, 9, 24)])
+def test_triton_backward_reads_the_workspace(cell, T, B, H):
+    """The model's forward (the CUDA schedule) and its workspace, then the Triton backward (the cuda
+    backend's, interpreted here) on them: every gradient as the reference's, in float32."""
+    kernels = interpreted_triton(torch.float32)
+    lengths = mixed_lengths(T, B, seed=B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=7, cell=cell)
+    input, h0, c0 = (x.float() for x in (input, h0, c0))
+    weights = [w.float() for w in weights]
+    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
+                                   schedule.run_forward(cell, input, weights, h0, c0, lengths))
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(x.shape, generator=generator) for x in (output, h_n, c_n)]
+    got = kernels.ops.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
+    want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
+    for name, a, b in zip(("grad_input", "grad_weights", "grad_h0", "grad_c0"), got, want):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_device_check_self_test():
+    """benchmarks/gpu/cuda_check.py --self-test, in process: every case's launch is consistent."""
+    from benchmarks.gpu import cuda_check
+
+    out = []
+    assert cuda_check.self_test(out)
+    assert "birnn_forward_lstm_bf16_s2_r8" in out[0]
+
+
+MIRROR_PLANS = [(40, 3), (72, 64), (256, 17), (384, 40), (512, 64), (200, 130), (8, 1)]
+
+
+def mirror_calls(p, first):
+    """(C++ call, Python value) of every index function of schedule.cuh over ranges of its arguments
+    for plan p ("P" names the C++ ForwardParams); those independent of the plan if ``first``."""
+    S, G = p.split_k, 2  # m_tiles of the LSTM
+    calls = [(f"unit_of(P, {r}, {w}, {g})", schedule.unit_of(p, r, w, g))
+             for r in range(p.cluster) for w in range(p.unit_warps) for g in range(8)]
+    calls += [(f"w_row({p.hidden}, {g}, {u})", schedule.w_row(p.hidden, g, u))
+              for g in range(4) for u in (0, 7, p.hidden - 1)]
+    calls += [(f"warp_k_tile(P, {ks}, {i})", schedule.warp_k_tile(p, ks, i))
+              for ks in range(S) for i in range(p.warp_k_tiles + 1)]
+    calls += [(f"tile_owner<{S}>({nt})", schedule.tile_owner(p, nt)) for nt in range(8)]
+    calls += [(f"partial_slot({a}, {b})", schedule.partial_slot(a, b)) for a in range(S) for b in range(S) if a != b]
+    calls += [(f"partial_index<{S}, {G}>(P, {w}, {nt}, {slot}, {m})", schedule.partial_index(p, w, nt, slot, m))
+              for w in range(p.unit_warps) for nt in range(p.n_tiles) for slot in range(S - 1) for m in range(G)]
+    calls += [(f"wsm_index<{G}>(P, {w}, {j}, {m})", schedule.wsm_index(p, w, j, m))
+              for w in range(p.unit_warps * S) for j in range(p.smem_k_tiles) for m in range(G)]
+    calls += [(f"slice_of(P, {k})", schedule.h_slice(p, k)[0]) for k in range(p.slices * p.units)]
+    calls += [(f"column_of(P, {k})", schedule.h_slice(p, k)[1]) for k in range(p.slices * p.units)]
+    # The swizzle repeats every 8 rows.
+    calls += [(f"h_offset(P, {r}, {c})", schedule.h_offset(p, r, c))
+              for r in sorted({*range(min(16, p.rows)), p.rows - 1}) for c in range(p.units)]
+    calls += [(f"hbuf_offset(P, {b}, {s}, {r}, {c})", schedule.hbuf_offset(p, b, s, r, c))
+              for b in range(2) for s in range(p.slices) for r in (0, p.rows - 1) for c in (0, p.units - 1)]
+    calls += [(f"xg_offset(P, {base}, {u}, 4)", schedule.xg_offset(p, base, u, 4))
+              for base in (0, 1, 5, 1 << 20) for u in (0, p.hidden - 1)]
+    if not first:
+        return calls + plan_bytes(p)
+    calls += [(f"tile_gate({m}, {r})", schedule.tile_gate(m, r)) for m in range(2) for r in range(16)]
+    calls += [(f"read_buffer({s})", schedule.read_buffer(s)) for s in range(12)]
+    calls += [(f"phase_parity({s})", schedule.phase_parity(s)) for s in range(1, 12)]
+    calls += [(f"step_time({d}, {s}, {n})", schedule.step_time(d, s, n))
+              for d in range(2) for n in (1, 5) for s in range(n)]
+    for name in ("a_coords", "c_coords"):
+        for lane in range(32):
+            for reg in range(4):
+                row, col = getattr(schedule, name)(lane, reg)
+                calls += [(f"{name}_row({lane}, {reg})", row), (f"{name}_col({lane}, {reg})", col)]
+    for lane in range(32):
+        for pair in range(4):
+            row, k = schedule.ldmatrix_row(lane, pair, 3)
+            calls += [(f"ldmatrix_row_row({lane}, {pair}, 3)", row), (f"ldmatrix_row_k({lane}, {pair}, 3)", k)]
+    return calls + plan_bytes(p)
+
+
+def plan_bytes(p):
+    return [("plan.slice_bytes(2)", p.slice_bytes), ("plan.expect_bytes(2)", p.expect_bytes),
+            ("plan.hbuf_bytes(2)", p.hbuf_bytes), ("plan.wsm_bytes()", p.wsm_bytes),
+            ("plan.partial_bytes()", p.partial_bytes)]
+
+
+def test_schedule_cuh_mirrors_the_python():
+    """schedule.cuh's functions, compiled for the host by nvcc, equal cuda_schedule's on every plan."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    helpers = """
+using namespace birnn_fast::cuda;
+static int slice_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return s; }
+static int column_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s, c); return c; }
+#define PAIR(NAME, FN, ...) \\
+  static int NAME##_row(__VA_ARGS__) { int a, b; FN; return a; } \\
+  static int NAME##_col(__VA_ARGS__) { int a, b; FN; return b; }
+PAIR(a_coords, a_coords(lane, reg, a, b), int lane, int reg)
+PAIR(c_coords, c_coords(lane, reg, a, b), int lane, int reg)
+static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return a; }
+static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return b; }
+"""
+    body, expected = [], []
+    for index, (H, B) in enumerate(MIRROR_PLANS):
+        p = schedule.plan("LSTM", H, B, "bf16")
+        body.append("{\n  ForwardParams P{};\n" + "".join(
+            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
+                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
+                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
+                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
+            f"  const Plan plan{{P, {p.split_k}, 4}};\n")
+        for call, value in mirror_calls(p, first=index == 0):
+            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
+            expected.append(int(value))
+        body.append("}\n")
+    program = ("#include <cstdio>\n#include \"schedule.cuh\"\n" + helpers + "int main() {\n" + "".join(body) + "}\n")
+    build = pathlib.Path(__import__("tempfile").mkdtemp())
+    (build / "mirror.cu").write_text(program)
+    subprocess.run(["nvcc", "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-o", str(build / "mirror"),
+                    str(build / "mirror.cu")], check=True, capture_output=True)
+    printed = [int(x) for x in subprocess.run([str(build / "mirror")], capture_output=True, text=True,
+                                              check=True).stdout.split()]
+    assert len(printed) == len(expected)
+    mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(printed, expected)) if a != b]
+    assert not mismatches, mismatches[:10]
+
+
+class FakeDriver:
+    """cuda.bindings.driver as far as the launcher uses it, recording the calls (no GPU here)."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+        self.CUfunction_attribute = real.CUfunction_attribute
+        self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
+        self.CUlaunchAttributeID, self.CUstream = real.CUlaunchAttributeID, real.CUstream
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, args))
+            if name == "cuCtxGetCurrent":
+                return 0, 1
+            if name == "cuModuleLoadData":
+                image = ctypes.string_at(args[0], 4)
+                assert image == b"\x7fELF", image
+                return 0, "module"
+            if name == "cuModuleGetFunction":
+                return 0, f"function {args[1].decode()}"
+            if name == "cuLaunchKernelEx":
+                pointer = ctypes.cast(args[2], ctypes.POINTER(ctypes.c_void_p))[0]
+                self.params = cuda_kernels.ForwardParams.from_buffer_copy(ctypes.string_at(pointer, ctypes.sizeof(
+                    cuda_kernels.ForwardParams)))
+            return (0,)
+        return call
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_RELU"])
+def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell):
+    """forward_op's host path end to end with the driver and torch.cuda stood in for: the cubin it
+    loads, the attributes it sets, the configuration and the argument it launches with."""
+    bindings = pytest.importorskip("cuda.bindings.driver")
+    fake = FakeDriver(bindings)
+    monkeypatch.setattr(cuda_kernels, "driver", fake)
+    monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(cuda_kernels, "_modules", {})
+    monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", tmp_path)
+    (tmp_path / f"{schedule.cubin_name(cell)}.sm_90a.cubin").write_bytes(b"\x7fELF fake")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    T, B, H = 6, 70, 40
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
+    input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
+    weights = [w.to(torch.bfloat16) for w in weights]
+    monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)  # a CPU tensor stands for a CUDA one
+    output, h_n, c_n, workspace = cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
+    p = schedule.plan(cell, H, B, "bf16")
+    names = [name for name, _ in fake.calls]
+    assert names[:2] == ["cuCtxGetCurrent", "cuModuleLoadData"] and names[-1] == "cuLaunchKernelEx"
+    attributes = {args[1]: args[2] for name, args in fake.calls if name == "cuFuncSetAttribute"}
+    assert attributes[bindings.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES] >= p.smem_bytes
+    assert attributes[bindings.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED] == 1
+    config, function = fake.calls[-1][1][:2]
+    assert function == f"function {p.kernel}"
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (*p.grid, p.threads)
+    assert config.sharedMemBytes == p.smem_bytes and int(config.hStream) == 77
+    params = fake.params
+    assert (params.output, params.h_n, params.workspace or 0) == (output.data_ptr(), h_n.data_ptr(),
+                                                                  workspace.data_ptr())
+    assert (params.T, params.B, params.H, params.cluster, params.relu) == (T, B, H, p.cluster, int(cell == "RNN_RELU"))
+    assert workspace.shape == (T, B, 2, schedule.cell_of(cell).saved * H) and c_n.shape == c0.shape

@@ -1,0 +1,118 @@
+"""The CUDA kernels' schedule (birnn_fast/cuda_schedule.py, mirrored by csrc/cuda/schedule.cuh) run
+on the CPU: the plan's sizes, the fragment and buffer indexing, and the whole forward with the
+exchange delivered in random orders, against reference.py in float64."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from birnn_fast import cuda_schedule as schedule
+from birnn_fast import reference
+from birnn_fast.cells import cell_of
+
+
+def lstm_layer(T, B, I, H, lengths, seed, cell="LSTM"):
+    """A layer of ``cell`` in float64 (the name is the first cell the kernels ran)."""
+    generator = torch.Generator().manual_seed(seed)
+    G = cell_of(cell).gates
+    weights = []
+    for _ in range(2):
+        weights += [torch.randn(G * H, I, generator=generator, dtype=torch.float64) / H ** 0.5,
+                    torch.randn(G * H, H, generator=generator, dtype=torch.float64) / H ** 0.5,
+                    torch.randn(G * H, generator=generator, dtype=torch.float64) * 0.1,
+                    torch.randn(G * H, generator=generator, dtype=torch.float64) * 0.1]
+    input = torch.randn(T, B, I, generator=generator, dtype=torch.float64)
+    h0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
+    c0 = torch.randn(2, B, H, generator=generator, dtype=torch.float64)
+    if cell != "LSTM":
+        c0 = torch.zeros(0, dtype=torch.float64)
+    return input, weights, h0, c0, torch.tensor(lengths, dtype=torch.int64)
+
+
+def mixed_lengths(T, B, seed):
+    """Lengths in 1..T that include 1 and T (where B allows)."""
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed)).tolist()
+    lengths[0] = T
+    if B > 1:
+        lengths[-1] = 1
+    return lengths
+
+
+CASES = [  # (T, B, H, lengths): odd sizes, one cluster of 5, 9 and 13 CTAs, one and two chunks
+    (1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 40, "mixed"), (5, 64, 72, "mixed"),
+    (33, 3, 72, "equal"), (5, 3, 520, "mixed"), (5, 70, 40, "mixed"), (5, 1, 8, "equal"),
+    (5, 17, 256, "mixed"), (3, 9, 512, "mixed"),
+]
+
+
+OTHER_CELLS = [("GRU", case) for case in CASES[1:6:2]] + [("RNN_TANH", CASES[2]), ("RNN_RELU", CASES[5]),
+                                                          ("RNN_TANH", CASES[3]), ("GRU", CASES[-1])]
+
+
+@pytest.mark.parametrize("cell, case", [("LSTM", case) for case in CASES] + OTHER_CELLS)
+def test_model_matches_reference(cell, case):
+    T, B, H, kind = case
+    lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B, cell=cell)
+    expected = reference.forward_op(cell, input, weights, h0, c0, lengths, True)[:3]
+    for seed in range(2):
+        output, h_n, c_n, workspace = schedule.run_forward(cell, input, weights, h0, c0, lengths, seed=seed)
+        for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
+            assert not np.isnan(got).any(), f"{name}: elements nobody wrote"
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+        assert not np.isnan(workspace).any()
+        if cell == "LSTM":  # the workspace holds c_t at each row's time index, 0 at padding
+            c_all = workspace[..., 4 * H:]
+            np.testing.assert_allclose(c_all[lengths.numpy() - 1, np.arange(B), 0], c_n[0], rtol=1e-12)
+        for b, length in enumerate(lengths.tolist()):
+            assert (workspace[length:, b] == 0).all() and (output[length:, b] == 0).all()
+
+
+def test_plan_sizes():
+    p = schedule.plan("LSTM", 512, 64, "bf16")
+    assert (p.units, p.cluster, p.unit_warps, p.split_k, p.threads) == (32, 16, 4, 2, 256)
+    assert (p.warp_k_tiles, p.reg_k_tiles, p.smem_k_tiles, p.n_tiles) == (16, 8, 8, 8)
+    assert p.smem_bytes <= schedule.SMEM_LIMIT and p.grid == (16, 2, 1)
+    assert schedule.plan("LSTM", 256, 130, "fp16").grid == (16, 2, 3)
+    for H, B in itertools.product((1, 8, 40, 72, 127, 128, 129, 256, 300, 511, 512), (1, 3, 17, 64, 65, 200)):
+        p = schedule.plan("LSTM", H, B, "bf16")
+        assert p.cluster <= schedule.MAX_CLUSTER and p.cluster * p.units >= H > (p.cluster - 1) * p.units
+        assert p.slices * p.units >= 16 * p.k_tiles and p.split_k * p.warp_k_tiles >= p.k_tiles
+        assert (p.split_k, p.reg_k_tiles) in {(s, r) for _, _, s, r in schedule.INSTANCES}
+        assert p.threads <= 1024 and p.slice_bytes % 16 == 0 and p.smem_bytes <= schedule.SMEM_LIMIT
+    with pytest.raises(ValueError, match="multi-cluster"):
+        schedule.plan("LSTM", 1024, 64, "bf16")
+    with pytest.raises(ValueError, match="bf16"):
+        schedule.plan("LSTM", 64, 4, "fp32")
+
+
+def test_fragments_cover_each_element_once():
+    """The A, B and accumulator lane maps of m16n8k16 are bijections onto their tiles, and the
+    swizzled h offsets of a slice block are a permutation, conflict-free for ldmatrix."""
+    lanes = np.arange(32)[:, None]
+    for coords, regs, shape in ((schedule.a_coords, 4, (16, 16)), (schedule.b_coords, 2, (16, 8)),
+                                (schedule.c_coords, 4, (16, 8))):
+        seen = np.zeros(shape, dtype=int)
+        x, y = coords(lanes, np.arange(regs)[None, :])
+        for e in range(1 if coords is schedule.c_coords else 2):
+            np.add.at(seen, (x, y + e) if coords is not schedule.b_coords else (x + e, y), 1)
+        assert (seen == 1).all(), coords.__name__
+    for units in (8, 16, 24, 32, 40, 64):
+        p = schedule.plan("LSTM", units * 16, 64, "bf16", fit=False)
+        row, col = np.meshgrid(np.arange(p.rows), np.arange(p.units), indexing="ij")
+        offsets = schedule.h_offset(p, row, col)
+        assert sorted(offsets.ravel().tolist()) == list(range(p.rows * p.units))
+        for chunk in range(units // 8):  # ldmatrix: 8 rows of one 16-byte chunk, 4 banks each
+            banks = (schedule.h_offset(p, np.arange(8), 8 * chunk) * 2 // 4) % 32
+            assert len(set((banks // 4).tolist())) == 8, (units, chunk)
+
+
+def test_phase_parity():
+    """full[b] completes once per arming: at the start for steps 1 (full[1]) and 2 (full[0]), then by
+    the step that waited on it, for the step two later."""
+    completions = [0, 0]
+    for s in range(1, 40):
+        buffer = schedule.read_buffer(s)
+        assert schedule.phase_parity(s) == completions[buffer] & 1
+        completions[buffer] += 1
