@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest matplotlib
+DEPENDENCIES := torch==2.13.0 triton==3.9.0 ninja numpy pytest pytest-benchmark hypothesis onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 expecttest matplotlib cuda-bindings==13.5.0
 # A real third-party model for birnn_fast.convert's tests and benchmark: ESPnet's RNN encoders import
 # with numpy and torch alone, and its declared dependencies would replace torch: --no-deps.
 THIRD_PARTY := espnet==202511 typeguard==4.6.1
