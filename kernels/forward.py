@@ -296,6 +296,15 @@ def first_steps(lengths):
 
 def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
             max_polls=None, weight_hr=None):
+    """One bidirectional layer (``_forward``), its cuBLAS products under cuDNN's RNN fp32 rule
+    (config.rnn_gemm_precision), as nn.LSTM's."""
+    with _config.rnn_gemm_precision():
+        return _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace,
+                        config, max_polls, weight_hr)
+
+
+def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
+             max_polls=None, weight_hr=None):
     """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
 
     input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, P); bias_*: (2, G*H);
