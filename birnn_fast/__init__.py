@@ -1,7 +1,8 @@
 """Fast bidirectional RNN layers for PyTorch: drop-ins for nn.LSTM / nn.GRU / nn.RNN with
 bidirectional=True, run by fused Triton (GPU) and C++ (CPU) kernels, with per-row ``lengths=``."""
+from .dispatch import engine_info
 from .modules import FastBiGRU, FastBiLSTM, FastBiRNN
 from .ops import birnn_layer
 
 __version__ = "0.1.0"
-__all__ = ["FastBiLSTM", "FastBiGRU", "FastBiRNN", "birnn_layer", "__version__"]
+__all__ = ["FastBiLSTM", "FastBiGRU", "FastBiRNN", "birnn_layer", "engine_info", "__version__"]
