@@ -22,6 +22,7 @@ with its reason). ``engine_info`` says which engine a layer takes and why.
 The choice is a function of the shapes, the table and the environment only, so the backward takes
 the engine its forward took (each reads the other's workspace). Choices are cached per key.
 """
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -43,6 +44,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 _engines = {}  # name -> module, imported once when backends.py loads this (never inside a call)
 _load_errors = {}
 _choices = {}  # Key -> Choice
+_override = []  # engines forced by ``forcing`` (innermost last; process-wide), before BIRNN_FAST_BACKEND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +178,22 @@ def _key(cell, input, weights, lengths_differ, training):
                hidden, input.shape[1], lengths_differ, training, len(weights) == 10)
 
 
+@contextlib.contextmanager
+def forcing(engine):
+    """Every call inside runs on ``engine`` (a GPU engine of ENGINES), whatever the table and
+    BIRNN_FAST_BACKEND say: how the benchmarks time each engine through the op. Calls only: the
+    backward of a forward run inside must run inside too."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    _override.append(engine)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
 def _cached(key, device):
-    forced = os.environ.get("BIRNN_FAST_BACKEND")
+    forced = _override[-1] if _override else os.environ.get("BIRNN_FAST_BACKEND")
     if forced not in ENGINES:
         forced = None  # cpu / reference / unset: the layer reached the ops' CUDA kernels, the table decides
     cache_key = (key, forced, device.type)

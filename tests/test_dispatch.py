@@ -266,7 +266,8 @@ def test_route_opcheck(lengths):
         output, h_n, c_n, workspace = torch.ops.birnn_fast.forward("LSTM", x, weights, h0, c0, lengths, True)
         args = ("LSTM", torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, weights, h0, c0,
                 lengths, output, workspace, [True, True, True, True])
-        torch.library.opcheck(torch.ops.birnn_fast.backward.default, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.birnn_fast.backward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 # The dispatcher as the ops' kernel: the route and the Triton engine (interpreted) split by the table.

@@ -25,7 +25,8 @@ RULE = ("per (arch, dtype, cell, lengths, training), the engine with the lower m
 def entry(arch, dtype_key, batch, hidden, lengths, training, ours_ms, route_ms, cell="LSTM", estimated=False):
     engine = "cudnn" if route_ms < ours_ms else ENGINE_OURS
     result = {"arch": arch, "dtype": DTYPES[dtype_key], "cell": cell, "H": hidden, "B": batch, "lengths": lengths,
-              "training": training, "engine": engine, "ms": {ENGINE_OURS: round(ours_ms, 3), "cudnn": round(route_ms, 3)}}
+              "training": training, "engine": engine,
+              "ms": {ENGINE_OURS: round(ours_ms, 3), "cudnn": round(route_ms, 3)}}
     if estimated:
         result["estimated"] = True
     return result
