@@ -4,11 +4,15 @@
 # benchmarks/results on a GPU, a temporary folder in the self-test):
 #   smoke    the environment; a grid twice the SM count must raise, not hang
 #   race     the same forward and backward 10 times, bitwise equal
-#   pytest   tests/test_triton_gpu.py -m gpu (every cell, fp32/TF32/bf16/fp16, lengths, 2x torch's error)
+#   pytest   tests/test_triton_gpu.py -m gpu (every cell, fp32/TF32/bf16/fp16, lengths, 2x torch's error),
+#            test_triton_precision.py (our error as cuDNN's under each fp32 rule), test_triton_dispatch_gpu.py
+#            (the cuDNN route against cuDNN, compiled; the table's engine on this GPU)
 #   timings  benchmarks.gpu.run --quick: cuDNN nn.LSTM fp32 and bf16, B 16 and 64, T 512, H 256-1024,
 #            fwd and fwd+bwd, lengths against cuDNN + PackedSequence, ours and the cuDNN route, time
 #            per step against the barrier floor -> gpu_<date>_<device>.md, and the dispatch table
 #            measured here -> dispatch_table.json (copy it to birnn_fast/ to ship it)
+#   phases   benchmarks.gpu.phases: the forward kernel's TIMING build, where a step's time goes (wait,
+#            load h, products, gate math, stores, arrive) at H 512 B 16 / 64 and H 1024
 #   gemms    benchmarks.gpu.references: the launchers' cuBLAS products in IEEE and TF32, ours fp32
 #            B 64 H 1024 fwd+bwd with and without the precision rule
 #   persist  benchmarks.gpu.references: cuDNN PERSIST_STATIC (fp16, one direction, x2) against cuDNN
@@ -23,11 +27,11 @@ SELF=""
 if [ "${1:-}" = "--self-test" ]; then SELF="--self-test"; fi
 if [ -n "$SELF" ]; then
     OUT_DIR=${OUT:-$(mktemp -d /tmp/gpu_selftest.XXXXXX)}
-    LIMITS=(120 120 300 300 120 120)
+    LIMITS=(120 120 300 300 60 120 120)
     export BIRNN_GPU_CHECK=tiny
 else
     OUT_DIR=${OUT:-$ROOT/benchmarks/results}
-    LIMITS=(40 50 100 230 25 35)
+    LIMITS=(35 40 90 210 45 20 30)
 fi
 mkdir -p "$OUT_DIR"
 LOG=$OUT_DIR/gpu_check.log
@@ -71,12 +75,13 @@ if [ -n "$SELF" ]; then
 else
     # FlashRNN from .whl/flashrnn-*.whl (carry .whl) when not installed: its Triton backend, then its
     # CUDA one, each case dropped past its own limit (the CUDA backend compiles per shape).
-    stage timings "${LIMITS[3]}" $PY -P -m benchmarks.gpu.run --quick --budget-s 180 --warmup-ms 15 --rep-ms 60 \
+    stage timings "${LIMITS[3]}" $PY -P -m benchmarks.gpu.run --quick --budget-s 165 --warmup-ms 15 --rep-ms 60 \
         --flashrnn-backends triton_fused cuda_fused --flashrnn-timeout-s 45 --out "$REPORT" \
         --dispatch-out "$OUT_DIR/dispatch_table.json"
 fi
-stage gemms "${LIMITS[4]}" $PY -P -m benchmarks.gpu.references --stage gemms $SELF --append "$REPORT"
-stage persist "${LIMITS[5]}" $PY -P -m benchmarks.gpu.references --stage persist $SELF --append "$REPORT"
+stage phases "${LIMITS[4]}" $PY -P -m benchmarks.gpu.phases $SELF --append "$REPORT"
+stage gemms "${LIMITS[5]}" $PY -P -m benchmarks.gpu.references --stage gemms $SELF --append "$REPORT"
+stage persist "${LIMITS[6]}" $PY -P -m benchmarks.gpu.references --stage persist $SELF --append "$REPORT"
 {
     echo
     echo "## make gpu-check stages ($(date -u +%Y-%m-%dT%H:%MZ), log: gpu_check.log)"
