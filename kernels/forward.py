@@ -94,6 +94,7 @@ def birnn_forward_kernel(
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr, FUSED: tl.constexpr,
     TIMING: tl.constexpr = False, timing_ptr=None,  # the stamped build (module docstring)
+    PREFETCH_STATE: tl.constexpr = False,  # a VARIANTS option (launcher)
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -172,6 +173,11 @@ def birnn_forward_kernel(
             b_s2 = tl.zeros([BB, BH], dtype=tl.float32)
             b_s3 = tl.zeros([BB, BH], dtype=tl.float32)
             if live:
+                if PREFETCH_STATE and G > 1:
+                    # This program's own state of the last step (LSTM c, GRU h), loaded before the
+                    # products so that its round trip overlaps them: the CTA barrier that ends the
+                    # barrier wait orders the last step's stores of it before this load.
+                    b_state_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
                 if FUSED:
                     acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
@@ -222,14 +228,20 @@ def birnn_forward_kernel(
                 if not PREFETCH:
                     b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
                 if CELL == LSTM:
-                    b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    if PREFETCH_STATE:
+                        b_c_prev = b_state_prev
+                    else:
+                        b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                     b_s0, b_s1, b_s2, b_s3, b_c_new, b_h_new = lstm_forward(
                         acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32), acc2 + b_x2.to(tl.float32),
                         acc3 + b_x3.to(tl.float32), b_c_prev)
                 elif CELL == GRU:
                     # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
                     b_s3 = acc2 + b_bhn[None, :]
-                    b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    if PREFETCH_STATE:
+                        b_h_prev = b_state_prev
+                    else:
+                        b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                     b_s0, b_s1, b_s2, b_h_new = gru_forward(acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32),
                                                             b_x2.to(tl.float32), b_s3, b_h_prev)
                 else:
@@ -332,12 +344,17 @@ def first_steps(lengths):
 
 
 def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
-            max_polls=None, weight_hr=None, timing=None):
+            max_polls=None, weight_hr=None, timing=None, variants=()):
     """One bidirectional layer (``_forward``), its cuBLAS products under cuDNN's RNN fp32 rule
     (config.rnn_gemm_precision), as nn.LSTM's."""
     with _config.rnn_gemm_precision():
         return _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace,
-                        config, max_polls, weight_hr, timing)
+                        config, max_polls, weight_hr, timing, variants)
+
+
+# Cheap changes to a step, off by default, as launch options for the device check to A/B
+# (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
+VARIANTS = {"prefetch_state": "PREFETCH_STATE"}
 
 
 def timing_buffer(config, steps, device):
@@ -348,7 +365,7 @@ def timing_buffer(config, steps, device):
 
 
 def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
-             max_polls=None, weight_hr=None, timing=None):
+             max_polls=None, weight_hr=None, timing=None, variants=()):
     """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
 
     input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, P); bias_*: (2, G*H);
@@ -357,7 +374,7 @@ def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, length
     ``config.Config``, by default ``config.launch_config``'s; max_polls: the bound of a barrier wait
     (default ``config.max_polls``), past which the launch raises a RuntimeError.
     timing: a ``timing_buffer(config, T, device)`` to launch the TIMING build into (a GPU's: the
-    interpreter has no clock to read), or None.
+    interpreter has no clock to read), or None. variants: names of VARIANTS to launch with.
     Returns output (T, B, 2*P), h_n (2, B, P), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
     or (0,) without save_workspace.
     """
@@ -405,6 +422,10 @@ def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, length
         if tuple(timing.shape) != expected or timing.dtype != torch.int64:
             raise ValueError(f"Expected timing int64 of size {expected}, got {timing.dtype} {list(timing.shape)}")
         stamps = dict(TIMING=True, timing_ptr=timing)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {sorted(VARIANTS)}")
+    stamps.update({VARIANTS[name]: True for name in variants})
     launch(birnn_forward_kernel, config, counters,
            xg, recurrent, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
            output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,

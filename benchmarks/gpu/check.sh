@@ -12,7 +12,8 @@
 #            per step against the barrier floor -> gpu_<date>_<device>.md, and the dispatch table
 #            measured here -> dispatch_table.json (copy it to birnn_fast/ to ship it)
 #   phases   benchmarks.gpu.phases: the forward kernel's TIMING build, where a step's time goes (wait,
-#            load h, products, gate math, stores, arrive) at H 512 B 16 / 64 and H 1024
+#            load h, products, gate math, stores, arrive) at H 512 B 16 / 64 and H 1024, and the time
+#            per step of each of its VARIANTS (launch options) against the default
 #   gemms    benchmarks.gpu.references: the launchers' cuBLAS products in IEEE and TF32, ours fp32
 #            B 64 H 1024 fwd+bwd with and without the precision rule
 #   persist  benchmarks.gpu.references: cuDNN PERSIST_STATIC (fp16, one direction, x2) against cuDNN
@@ -31,7 +32,7 @@ if [ -n "$SELF" ]; then
     export BIRNN_GPU_CHECK=tiny
 else
     OUT_DIR=${OUT:-$ROOT/benchmarks/results}
-    LIMITS=(35 40 90 210 45 20 30)
+    LIMITS=(30 40 80 190 75 20 35)
 fi
 mkdir -p "$OUT_DIR"
 LOG=$OUT_DIR/gpu_check.log
@@ -75,7 +76,7 @@ if [ -n "$SELF" ]; then
 else
     # FlashRNN from .whl/flashrnn-*.whl (carry .whl) when not installed: its Triton backend, then its
     # CUDA one, each case dropped past its own limit (the CUDA backend compiles per shape).
-    stage timings "${LIMITS[3]}" $PY -P -m benchmarks.gpu.run --quick --budget-s 165 --warmup-ms 15 --rep-ms 60 \
+    stage timings "${LIMITS[3]}" $PY -P -m benchmarks.gpu.run --quick --budget-s 145 --warmup-ms 15 --rep-ms 60 \
         --flashrnn-backends triton_fused cuda_fused --flashrnn-timeout-s 45 --out "$REPORT" \
         --dispatch-out "$OUT_DIR/dispatch_table.json"
 fi

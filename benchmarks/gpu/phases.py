@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.gpu import cases, timing
 
-CASES = [("bf16", 16, 512), ("fp32", 16, 512), ("bf16", 64, 512), ("bf16", 16, 1024), ("fp32", 16, 1024)]
+CASES = [("bf16", 16, 512), ("bf16", 64, 512), ("bf16", 16, 1024), ("fp32", 16, 1024)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ["wait", "load h", "products", "gate math", "exchange store", "later rounds + arrive", "other stores"]
 SKIP_STEPS = 4
@@ -34,6 +34,11 @@ def phase_table(stamps, lengths_steps):
     return dict(zip(NAMES, medians), step=step)
 
 
+def per_step(ms, steps):
+    """Microseconds per step of a launch's median ms, or the reason it has none."""
+    return f"{ms * 1e3 / steps:.2f}" if isinstance(ms, float) else str(ms)
+
+
 def run_case(birnn_fast, dtype_key, batch, hidden, steps, args):
     from birnn_fast.kernels import config as kernels_config
     from birnn_fast.kernels import forward as kernels_forward
@@ -50,18 +55,21 @@ def run_case(birnn_fast, dtype_key, batch, hidden, steps, args):
     lengths = torch.full((batch,), steps, device=device, dtype=torch.int64)
     config = kernels_config.launch_config("LSTM", batch, hidden, dtype, device, backward=False)
 
-    def launch(buffer=None):
+    def launch(buffer=None, variants=()):
         return kernels_forward.forward("LSTM", x, w_ih, w_hh, bias, bias, h0, h0, lengths, False, config=config,
-                                       timing=buffer)
+                                       timing=buffer, variants=variants)
 
     default_ms = timing.measure(f"{dtype_key} B={batch} H={hidden} default", launch, args)
+    variant_ms = {name: timing.measure(f"{dtype_key} B={batch} H={hidden} {name}",
+                                       lambda name=name: launch(variants=(name,)), args)
+                  for name in sorted(kernels_forward.VARIANTS)}
     buffer = kernels_forward.timing_buffer(config, steps, device)
     launch(buffer)  # compiles the TIMING build
     buffer.fill_(-1)
     launch(buffer)
     timing.synchronize()
     table = phase_table(buffer.cpu(), steps)
-    return config, default_ms, table
+    return config, default_ms, variant_ms, table
 
 
 def main(argv=None):
@@ -77,10 +85,13 @@ def main(argv=None):
             with open(args.append, "a") as report:
                 report.write(line + "\n")
 
+    from birnn_fast.kernels import forward as kernels_forward
+
+    variants = sorted(kernels_forward.VARIANTS)
     lines = [f"\n## Forward step phases, TIMING build (median us; T={args.steps}, first round of each step; "
-             "the default build's step beside)\n",
-             "| case | config | default step | stamped step | " + " | ".join(NAMES) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(NAMES)]
+             "the default build's step beside, and each variant's: kernels/forward.py VARIANTS)\n",
+             "| case | config | default step | stamped step | " + " | ".join(NAMES + [f"{name} step" for name in variants])
+             + " |", "|---|---|---:|---:|" + "---:|" * (len(NAMES) + len(variants))]
     for line in lines:
         emit(line)
     if args.self_test:
@@ -90,7 +101,7 @@ def main(argv=None):
         table = phase_table(stamps, 12)
         assert table is not None and all(value > 0 for value in table.values()), table
         emit("| self-test | - | - | " + f"{table['step']:.2f} | " + " | ".join(f"{table[name]:.2f}" for name in NAMES)
-             + " |")
+             + " | -" * len(variants) + " |")
     else:
         if not torch.cuda.is_available():
             print("no CUDA device")
@@ -99,16 +110,16 @@ def main(argv=None):
         timing_args = argparse.Namespace(warmup_ms=10.0, rep_ms=40.0, verbose=True)
         for dtype_key, batch, hidden in CASES:
             try:
-                config, default_ms, table = run_case(birnn_fast, dtype_key, batch, hidden, args.steps, timing_args)
+                config, default_ms, variant_ms, table = run_case(birnn_fast, dtype_key, batch, hidden, args.steps, timing_args)
             except Exception as error:  # noqa: BLE001 - one failing case must not end the stage
                 emit(f"| {dtype_key} B={batch} H={hidden} | failed: {timing.describe(error)} |")
                 continue
-            default = default_ms * 1e3 / args.steps if isinstance(default_ms, float) else default_ms
             shape = (f"{'resident' if config.RESIDENT else 'streamed'} BB{config.BB} BH{config.BH} "
                      f"{config.n_hblocks}x{config.n_bprog}{' fused' if config.FUSED else ''}")
             cells = ["n/a" if table is None else f"{table[name]:.2f}" for name in ["step"] + NAMES]
-            emit(f"| {dtype_key} B={batch} H={hidden} | {shape} | "
-                 f"{default if isinstance(default, str) else f'{default:.2f}'} | " + " | ".join(cells) + " |")
+            cells += [per_step(variant_ms[name], args.steps) for name in sorted(variant_ms)]
+            emit(f"| {dtype_key} B={batch} H={hidden} | {shape} | {per_step(default_ms, args.steps)} | "
+                 + " | ".join(cells) + " |")
     return 0
 
 

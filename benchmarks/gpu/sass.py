@@ -44,13 +44,14 @@ def signature_of(fn, dtype, constexprs):
 
 
 def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False, fused=None,
-                   timing=False):
+                   timing=False, variants=()):
     """The cubin of a kernel as its launcher launches it on a grid with a barrier: its constexprs and
     launch options (which must all be options of this Triton's CUDA backend). hints: the
     divisibility-by-16 attributes the JIT adds to 16-byte aligned pointers and to T, B and H when they
     are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned).
     fused: the forward's FUSED, by default what select_config picks for the configuration. timing: the
-    forward's TIMING build (its %globaltimer stamps); off, as the launcher launches it by default."""
+    forward's TIMING build (its %globaltimer stamps); off, as the launcher launches it by default.
+    variants: names of the forward's VARIANTS to switch on (the others off, as by default)."""
     fn = KERNELS[fn_name]
     launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
@@ -58,6 +59,9 @@ def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc
         if fused is None:
             fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
         constexprs["FUSED"] = fused
+    for name, constexpr in kernels_forward.VARIANTS.items():
+        if constexpr in fn.arg_names:
+            constexprs[constexpr] = name in variants
     if "TIMING" in fn.arg_names:  # the forward's
         constexprs["TIMING"] = timing
         if not timing:
