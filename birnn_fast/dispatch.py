@@ -73,7 +73,9 @@ def load_engines():
         try:
             _engines[name] = importlib.import_module(_MODULES[name])
             _load_errors[name] = None
-        except ImportError as error:
+        except (ImportError, OSError, RuntimeError) as error:
+            # A module absent, or present and unable to load its library (a cubin, a driver): the
+            # package still imports, the other engines run, forcing this one says why.
             _load_errors[name] = f"the {name} engine ({_MODULES[name]}) is unavailable: {error}"
 
 

@@ -149,15 +149,23 @@ def group_counter(counter_ptr):
 
 
 @triton.jit
-def barrier_arrive(p_counter, SYNC: tl.constexpr):
+def barrier_arrive(p_counter, SYNC: tl.constexpr, RED: tl.constexpr = False):
     """This program has written its part of the step: returns the arrivals counted so far, itself
-    included."""
+    included. RED: a non-returning add (PTX red, by one thread) instead of the returning atomic, which
+    waits for its answer; returns 0 then (the wait polls at once). Compiled only: the interpreter has
+    no inline PTX."""
     # The CTA barrier orders every thread's global writes before the release (cumulativity); alone it
     # suffices when the group is a single program.
     tl.debug_barrier()
     arrived = tl.zeros([], tl.int32)
     if SYNC:
-        arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
+        if RED:
+            arrived = tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
+                "=r,l", [p_counter], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
     return arrived
 
 

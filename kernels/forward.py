@@ -94,7 +94,7 @@ def birnn_forward_kernel(
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr, FUSED: tl.constexpr,
     TIMING: tl.constexpr = False, timing_ptr=None,  # the stamped build (module docstring)
-    PREFETCH_STATE: tl.constexpr = False,  # a VARIANTS option (launcher)
+    PREFETCH_STATE: tl.constexpr = False, RED_ARRIVE: tl.constexpr = False,  # VARIANTS options (launcher)
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -258,7 +258,7 @@ def birnn_forward_kernel(
                     if bb == pid_b:
                         tl.store(p_time + s * PHASES + 5, globaltimer())
             if bb + n_bprog >= n_bblocks:  # the step's last round
-                arrived = barrier_arrive(p_counter, SYNC)
+                arrived = barrier_arrive(p_counter, SYNC, RED_ARRIVE)
                 if TIMING:
                     tl.store(p_time + s * PHASES + 6, globaltimer_of(arrived))
                 if PREFETCH:
@@ -354,7 +354,9 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
 
 # Cheap changes to a step, off by default, as launch options for the device check to A/B
 # (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
-VARIANTS = {"prefetch_state": "PREFETCH_STATE"}
+# red_arrive is compiled only (inline PTX): the interpreter refuses it.
+VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE"}
+COMPILED_ONLY = {"red_arrive"}
 
 
 def timing_buffer(config, steps, device):
@@ -425,6 +427,9 @@ def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, length
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {sorted(VARIANTS)}")
+    if _config.interpreted(input.device) and COMPILED_ONLY & set(variants):
+        raise ValueError(f"variants {sorted(COMPILED_ONLY & set(variants))} run compiled only (inline PTX): "
+                         "the Triton interpreter has none")
     stamps.update({VARIANTS[name]: True for name in variants})
     launch(birnn_forward_kernel, config, counters,
            xg, recurrent, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,

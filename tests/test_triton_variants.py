@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("variant", sorted(kernels_forward.VARIANTS))
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
 def test_variant_as_default(cell, variant):
+    if INTERPRETED and variant in kernels_forward.COMPILED_ONLY:
+        pytest.skip(f"{variant} runs compiled only (the device check compares it with the default)")
     T, B, H, lengths = 4, 5, 40, [4, 1, 3, 2, 4]
     args = make_inputs(cell, T, B, 3, H, lengths)
     config = None
@@ -46,6 +48,9 @@ def test_unknown_variant():
     args = make_inputs("LSTM", 2, 2, 3, 16, [2, 1])
     with pytest.raises(ValueError, match="unknown variants"):
         kernels_forward.forward("LSTM", *args.values(), variants=("faster",))
+    if INTERPRETED:
+        with pytest.raises(ValueError, match="compiled only"):
+            kernels_forward.forward("LSTM", *args.values(), variants=tuple(kernels_forward.COMPILED_ONLY))
 
 
 CHILD = r"""
@@ -61,7 +66,7 @@ for variant, cell, dtype, precision, H, resident in json.loads(sys.argv[2]):
     code = sass.cuobjdump(compiled, "--dump-sass")
     usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", sass.cuobjdump(compiled, "--dump-resource-usage")))
     print(json.dumps(dict(variant=variant, cell=cell, spills=sass.round_shape(code)["LOOP_SPILLS"],
-                          local=int(usage["LOCAL"]))), flush=True)
+                          local=int(usage["LOCAL"]), red="REDG" in code)), flush=True)
 """
 BUILDS = [(variant, cell, "bfloat16", "ieee", 512, True) for variant in sorted(kernels_forward.VARIANTS)
           for cell in ("LSTM", "GRU")] + [(variant, "LSTM", "float32", "tf32", 1024, False)
@@ -77,3 +82,5 @@ def test_variants_compile_without_spills():
     assert len(records) == len(BUILDS)
     for record in records:
         assert record["spills"] == 0 and record["local"] == 0, record
+        if record["variant"] == "red_arrive":
+            assert record["red"], f"red_arrive's SASS has no RED: {record}"

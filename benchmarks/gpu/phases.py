@@ -60,6 +60,12 @@ def run_case(birnn_fast, dtype_key, batch, hidden, steps, args):
                                        timing=buffer, variants=variants)
 
     default_ms = timing.measure(f"{dtype_key} B={batch} H={hidden} default", launch, args)
+    expected = launch()
+    for name in sorted(kernels_forward.VARIANTS):
+        # A variant must compute what the default does, bit for bit, before its time counts.
+        actual = launch(variants=(name,))
+        if not all(torch.equal(a, b) for a, b in zip(actual, expected)):
+            raise RuntimeError(f"variant {name} differs from the default build at {dtype_key} B={batch} H={hidden}")
     variant_ms = {name: timing.measure(f"{dtype_key} B={batch} H={hidden} {name}",
                                        lambda name=name: launch(variants=(name,)), args)
                   for name in sorted(kernels_forward.VARIANTS)}
