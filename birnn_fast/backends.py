@@ -1,28 +1,30 @@
 """Which implementation runs a layer.
 
 - ``cpu``: the C++ kernels of ``birnn_fast._C`` (csrc/), the ops' CPU kernels; default for CPU tensors.
-- ``triton``: the Triton kernels of ``birnn_fast.kernels``, the ops' CUDA kernels; default for CUDA
-  tensors.
+- the GPU engines, the ops' CUDA kernels: ``triton`` (birnn_fast.kernels), ``cuda`` (our CUDA C++
+  kernels, birnn_fast.cuda_kernels, where built) and ``cudnn`` (torch's own RNN, cudnn_route.py).
+  Which one runs a CUDA layer is decided per shape inside the op by the measured table of
+  dispatch.py (``birnn_fast.engine_info`` says which and why): never slower than cuDNN.
 - ``reference``: ``birnn_fast.reference``, pure PyTorch, any device and dtype, differentiated by
   autograd (the layers call it directly, not through the ops).
 
-Both compiled libraries are imported here, once, when birnn_fast is imported: importing one
-registers its kernels under the schemas of ``library.py``. Nothing is loaded inside a call (which
-torch.compile could not trace). Where one is missing, the reference is registered in its place,
-so the ops always run.
+The compiled libraries and engines are imported here, once, when birnn_fast is imported: the C++
+library registers its CPU kernels under the schemas of ``library.py``, and this module registers the
+dispatch's kernels for CUDA. Nothing is loaded inside a call (which torch.compile could not trace).
+Where nothing can run, the reference is registered in its place, so the ops always run.
 
-``BIRNN_FAST_BACKEND=cpu|triton|reference`` forces one: a forced backend that cannot run raises
-with the reason. Without it, what no compiled backend can take (a dtype, projections) falls back
-to ``reference`` with a warning, once per reason.
+``BIRNN_FAST_BACKEND=cpu|triton|cuda|cudnn|reference`` forces one: a forced backend that cannot run
+raises with the reason (a GPU engine's per-cell reason at the call). Without it, what no compiled
+backend can take (a dtype) falls back to ``reference`` with a warning, once per reason.
 """
 import os
 import warnings
 
 import torch
 
-from . import library, reference
+from . import dispatch, library, reference
 
-BACKENDS = ("cpu", "triton", "reference")
+BACKENDS = ("cpu",) + dispatch.ENGINES + ("reference",)
 _DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -51,15 +53,18 @@ else:
     _load_errors["cpu"] = None
 
 if torch.backends.cuda.is_built():
-    try:
-        from . import kernels  # noqa: F401  (importing it registers the Triton kernels for CUDA)
-    except ImportError as error:
-        _load_errors["triton"] = f"Triton kernels are unavailable: {error}"
+    dispatch.load_engines()
+    _load_errors.update({name: dispatch._load_errors[name] for name in dispatch.ENGINES})
+    if _load_errors["triton"] is not None:
+        _load_errors["triton"] = f"Triton kernels are unavailable: {_load_errors['triton']}"
+    if all(_load_errors[name] is not None for name in dispatch.ENGINES):
         _register(reference.forward_op, reference.backward_op, "CUDA")
-    else:
-        _load_errors["triton"] = None
+    elif not torch._C._dispatch_has_kernel_for_dispatch_key(library.FORWARD, "CUDA"):
+        # Once per process, should the package be imported under two names.
+        _register(dispatch.forward_op, dispatch.backward_op, "CUDA")
 else:
-    _load_errors["triton"] = "this torch is built without CUDA"
+    for _name in dispatch.ENGINES:
+        _load_errors[_name] = "this torch is built without CUDA"
 
 
 def why_not(backend, device, dtype, projections=False):
@@ -69,8 +74,11 @@ def why_not(backend, device, dtype, projections=False):
         return None
     if backend == "cpu" and device.type != "cpu":
         return f"the cpu backend runs CPU tensors, got a {device.type} tensor"
-    if backend == "triton" and device.type != "cuda":
-        return f"the triton backend runs CUDA tensors, got a {device.type} tensor"
+    if backend in dispatch.ENGINES and device.type != "cuda":
+        return f"the {backend} backend runs CUDA tensors, got a {device.type} tensor"
+    if backend in dispatch.ENGINES and backend != "triton":
+        # Checked for an LSTM here; the engine checks the call's own cell when it runs.
+        return _load_errors[backend] or dispatch.why_not(backend, device, dtype, "LSTM", projections)
     if dtype not in _DTYPES[backend]:
         names = ", ".join(str(d) for d in _DTYPES[backend])
         return f"the {backend} backend supports {names}, got {dtype}"
@@ -101,10 +109,14 @@ def _select(forced, device_type, dtype, projections):
         if reason is not None:
             raise RuntimeError(f"BIRNN_FAST_BACKEND={forced} cannot run: {reason}")
         return forced
-    preferred = "triton" if device.type == "cuda" else "cpu"
-    reason = why_not(preferred, device, dtype, projections)
-    if reason is None:
-        return preferred
+    # On CUDA the name stands for the ops' CUDA kernels: the first engine that runs (the table picks
+    # per shape inside the op).
+    candidates = dispatch.ENGINES if device.type == "cuda" else ("cpu",)
+    reasons = [why_not(candidate, device, dtype, projections) for candidate in candidates]
+    for candidate, reason in zip(candidates, reasons):
+        if reason is None:
+            return candidate
+    reason = reasons[0]
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"birnn_fast falls back to the slow reference implementation: {reason}", stacklevel=5)

@@ -293,6 +293,15 @@ def _projection_grads(dgates, grad_output, grad_h_n, weight_hh, workspace, lengt
 
 def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
              output, workspace, config=None, max_polls=None, weight_hr=None):
+    """The VJP of ``forward`` (``_backward``), its cuBLAS products (dX, the weight gradients) under
+    cuDNN's RNN fp32 rule (config.rnn_gemm_precision), as nn.LSTM's."""
+    with _config.rnn_gemm_precision():
+        return _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0,
+                         lengths, output, workspace, config, max_polls, weight_hr)
+
+
+def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
+              output, workspace, config=None, max_polls=None, weight_hr=None):
     """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
     stacked; config, max_polls and weight_hr as forward's.
 

@@ -149,15 +149,23 @@ def group_counter(counter_ptr):
 
 
 @triton.jit
-def barrier_arrive(p_counter, SYNC: tl.constexpr):
+def barrier_arrive(p_counter, SYNC: tl.constexpr, RED: tl.constexpr = False):
     """This program has written its part of the step: returns the arrivals counted so far, itself
-    included."""
+    included. RED: a non-returning add (PTX red, by one thread) instead of the returning atomic, which
+    waits for its answer; returns 0 then (the wait polls at once). Compiled only: the interpreter has
+    no inline PTX."""
     # The CTA barrier orders every thread's global writes before the release (cumulativity); alone it
     # suffices when the group is a single program.
     tl.debug_barrier()
     arrived = tl.zeros([], tl.int32)
     if SYNC:
-        arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
+        if RED:
+            arrived = tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p red.release.gpu.global.add.s32 [$1], 1; mov.u32 $0, 0; }",
+                "=r,l", [p_counter], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            arrived = tl.atomic_add(p_counter, 1, sem="release", scope="gpu") + 1
     return arrived
 
 
@@ -242,3 +250,26 @@ def zero_padded_steps(ptr, lengths_ptr, T, B, H, N: tl.constexpr, BB: tl.constex
             p = ptr + ((t * B + offs_b[:, None]) * 2 + d) * (N * H) + offs_j[None, :]  # [BB, BH]
             for n in tl.static_range(N):
                 tl.store(p + n * H, b_zero, mask=mask)
+
+
+@triton.jit
+def globaltimer():
+    """The GPU's nanosecond clock (%globaltimer), read where this stands in the program (volatile)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def globaltimer_of(x):
+    """%globaltimer read by each thread once its elements of x have arrived: the read is predicated on
+    them, a dependency the scheduler must honour (a plain read could issue before a load returns)."""
+    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $1, 2147483647; @p mov.u64 $0, %globaltimer; "
+        "@!p mov.u64 $0, %globaltimer; }", "=l,r", [bits], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def globaltimer_after(x):
+    """%globaltimer once every element of the tile x has arrived: read after a reduction over x (the CTA
+    waits for all its threads; a scalar stamp holds fewer registers than one per element)."""
+    return globaltimer_of(tl.max(x, axis=None))

@@ -9,8 +9,10 @@ program is resident at once: ``select_config`` never launches more programs than
 a grid with a barrier is launched cooperatively (``check_cooperative``).
 """
 import collections
+import contextlib
 import dataclasses
 import os
+import threading
 
 import torch
 import triton
@@ -196,6 +198,62 @@ def fp32_precision():
         if precision != "none":
             return "tf32" if precision == "tf32" else "ieee"
     return "ieee"
+
+
+def _matmul_precision():
+    """The fp32 precision torch's CUDA matmuls run in now: "tf32" or "ieee"."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    for precision in (matmul.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return "tf32" if precision == "tf32" else "ieee"
+    return "ieee"
+
+
+def _set_matmul_precision(precision):
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = precision
+    else:
+        matmul.allow_tf32 = precision == "tf32"
+
+
+def _saved_matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    return matmul.fp32_precision if hasattr(matmul, "fp32_precision") else ("tf32" if matmul.allow_tf32 else "ieee")
+
+
+# The launchers of every thread share torch's one process-wide matmul flag: the first to enter sets
+# it, the last to leave restores it (a count, not a stack: launchers in two threads end in any order).
+_GEMM_LOCK = threading.Lock()
+_gemm_state = {"users": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def rnn_gemm_precision():
+    """The launchers' cuBLAS products (input projection, dX, weight gradients) run in cuDNN's RNN fp32
+    rule (fp32_precision), as nn.LSTM's whole layer does, not in torch.backends.cuda.matmul's: set on
+    entry, restored on exit, written back exactly as the user left it (the new per-backend API keeps
+    a legacy ``allow_tf32`` readable once restored). Nothing is set where the two rules agree. The
+    flag is process-wide: a matmul another thread runs meanwhile sees the RNN rule too (torch has no
+    thread-local one). Runs inside the ops' kernels, eagerly: torch.compile and export see the op,
+    never this."""
+    wanted = fp32_precision()
+    with _GEMM_LOCK:
+        # Only the first entrant sets (both read the same process-wide cuDNN rule).
+        if _gemm_state["users"] == 0 and _matmul_precision() != wanted:
+            _gemm_state["saved"] = _saved_matmul_precision()
+            _set_matmul_precision(wanted)
+        _gemm_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _GEMM_LOCK:
+            _gemm_state["users"] -= 1
+            if _gemm_state["users"] == 0 and _gemm_state["saved"] is not None:
+                _set_matmul_precision(_gemm_state["saved"])
+                _gemm_state["saved"] = None
 
 
 def dot_precision(dtype, device):

@@ -23,6 +23,12 @@ several batch blocks instead), and launches a grid with a barrier cooperatively:
 starts all its programs together, or refuses a grid that cannot be resident at once with an error,
 instead of a partial launch hanging at the barrier (not yet seen on hardware).
 
+TIMING (off by default; benchmarks/gpu/phases.py) is a build that stamps %globaltimer through each
+step of every program, first round, into timing_ptr (int64, (2, n_bprog, n_hblocks, T, PHASES)):
+before the barrier wait, after it, h loaded, the products, the gate math, the exchange store issued,
+arrived, the step's other stores issued (common.globaltimer_after: a stamp waits for the values it
+follows). The stamps cost a reduction each: the phases add up to more than a step of the default build.
+
 Contract: ``birnn_fast/library.py``. Workspace, (T, B, 2, W*H), at each row's time index:
 LSTM i, f, g, o (after their nonlinearity) and c; GRU r, z, n and hn = W_hn h + b_hn.
 """
@@ -35,13 +41,16 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 from . import config as _config
 from .launch import barrier_counters, launch
 from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile,
-                     fused_weight_tile, gate_columns, gate_dot, group_counter, group_steps, resident_weights,
-                     split_k_dot, tf32_rounded, zero_padded_steps)
+                     fused_weight_tile, gate_columns, gate_dot, globaltimer, globaltimer_after, globaltimer_of,
+                     group_counter, group_steps, resident_weights, split_k_dot, tf32_rounded, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
 GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
 RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+# The TIMING build's stamps per step: wait start, wait end, h loaded, products, gate math, exchange
+# store, arrived, step end.
+PHASES = tl.constexpr(8)
 
 
 @triton.jit
@@ -84,6 +93,8 @@ def birnn_forward_kernel(
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr, FUSED: tl.constexpr,
+    TIMING: tl.constexpr = False, timing_ptr=None,  # the stamped build (module docstring)
+    PREFETCH_STATE: tl.constexpr = False, RED_ARRIVE: tl.constexpr = False,  # VARIANTS options (launcher)
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -130,9 +141,16 @@ def birnn_forward_kernel(
     if PREFETCH:
         b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, 0, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
     arrived = tl.zeros([], tl.int32)
+    p_time = timing_ptr
+    if TIMING:
+        p_time = timing_ptr + ((d * n_bprog + pid_b) * n_hblocks + pid_h) * T * PHASES
     for s in range(0, steps):
         parity = s % 2
+        if TIMING:
+            tl.store(p_time + s * PHASES, globaltimer())
         failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, SYNC)
+        if TIMING:
+            tl.store(p_time + s * PHASES + 1, globaltimer())
         if PREFETCH:
             b_x0_next, b_x1_next, b_x2_next, b_x3_next = b_x0, b_x1, b_x2, b_x3  # set by the last round
         for bb in range(pid_b, n_bblocks, n_bprog):
@@ -155,10 +173,18 @@ def birnn_forward_kernel(
             b_s2 = tl.zeros([BB, BH], dtype=tl.float32)
             b_s3 = tl.zeros([BB, BH], dtype=tl.float32)
             if live:
+                if PREFETCH_STATE and G > 1:
+                    # This program's own state of the last step (LSTM c, GRU h), loaded before the
+                    # products so that its round trip overlaps them: the CTA barrier that ends the
+                    # barrier wait orders the last step's stores of it before this load.
+                    b_state_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
                 if FUSED:
                     acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
                     b_hk = exchanged_tile(p_hbuf, 0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                    if TIMING:
+                        if bb == pid_b:
+                            tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
                     if RESIDENT:  # a single pass (NK * BK >= H)
                         acc = split_k_dot(b_hk, b_w0, acc, NK, DOT_PRECISION)
                     else:
@@ -181,6 +207,9 @@ def birnn_forward_kernel(
                     acc3 = tl.zeros([BB, BH], dtype=tl.float32)
                     for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
                         b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                        if TIMING:  # streamed: the first chunk's (later loads count as products)
+                            if (bb == pid_b) & (k0 == 0):
+                                tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
                         acc0 = gate_dot(acc0, b_hk, b_w0, p_w, k0, offs_j, mask_j, H, 1, H, RESIDENT, NK, BK,
                                         DOT_PRECISION)
                         if G > 1:
@@ -191,29 +220,47 @@ def birnn_forward_kernel(
                         if G > 3:
                             acc3 = gate_dot(acc3, b_hk, b_w3, p_w + 3 * H * H, k0, offs_j, mask_j, H, 1, H,
                                             RESIDENT, NK, BK, DOT_PRECISION)
+                if TIMING:
+                    if bb == pid_b:
+                        b_done = tl.maximum(globaltimer_after(acc0), globaltimer_after(acc3))  # first and last gate
+                        tl.store(p_time + s * PHASES + 3, b_done)
                 # The input projection joins after the products: they need not wait for it.
                 if not PREFETCH:
                     b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G, BB)
                 if CELL == LSTM:
-                    b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    if PREFETCH_STATE:
+                        b_c_prev = b_state_prev
+                    else:
+                        b_c_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                     b_s0, b_s1, b_s2, b_s3, b_c_new, b_h_new = lstm_forward(
                         acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32), acc2 + b_x2.to(tl.float32),
                         acc3 + b_x3.to(tl.float32), b_c_prev)
                 elif CELL == GRU:
                     # r multiplies W_hn h + b_hn as a whole, so the n gate keeps its x part apart.
                     b_s3 = acc2 + b_bhn[None, :]
-                    b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
+                    if PREFETCH_STATE:
+                        b_h_prev = b_state_prev
+                    else:
+                        b_h_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                     b_s0, b_s1, b_s2, b_h_new = gru_forward(acc0 + b_x0.to(tl.float32), acc1 + b_x1.to(tl.float32),
                                                             b_x2.to(tl.float32), b_s3, b_h_prev)
                 else:
                     b_h_new = elman_forward(acc0 + b_x0.to(tl.float32), CELL == RNN_RELU)
+                if TIMING:
+                    if bb == pid_b:
+                        tl.store(p_time + s * PHASES + 4, globaltimer_after(b_h_new))
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
                 # The exchanged h is an operand of the products alone: rounded as they read it.
                 b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION)
                 tl.store(p_next, b_h_dot.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
+                if TIMING:
+                    if bb == pid_b:
+                        tl.store(p_time + s * PHASES + 5, globaltimer())
             if bb + n_bprog >= n_bblocks:  # the step's last round
-                arrived = barrier_arrive(p_counter, SYNC)
+                arrived = barrier_arrive(p_counter, SYNC, RED_ARRIVE)
+                if TIMING:
+                    tl.store(p_time + s * PHASES + 6, globaltimer_of(arrived))
                 if PREFETCH:
                     b_x0_next, b_x1_next, b_x2_next, b_x3_next = _round_projection(
                         xg_ptr, s + 1, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
@@ -242,6 +289,8 @@ def birnn_forward_kernel(
                 tl.store(p_out, b_h_new.to(out_ptr.dtype.element_ty), mask=mask_a)
         if PREFETCH:
             b_x0, b_x1, b_x2, b_x3 = b_x0_next, b_x1_next, b_x2_next, b_x3_next
+        if TIMING:
+            tl.store(p_time + s * PHASES + 7, globaltimer())
     zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
     if SAVE:
         zero_padded_steps(ws_ptr, lengths_ptr, T, B, H, W, BB, BH)
@@ -295,7 +344,30 @@ def first_steps(lengths):
 
 
 def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
-            max_polls=None, weight_hr=None):
+            max_polls=None, weight_hr=None, timing=None, variants=()):
+    """One bidirectional layer (``_forward``), its cuBLAS products under cuDNN's RNN fp32 rule
+    (config.rnn_gemm_precision), as nn.LSTM's."""
+    with _config.rnn_gemm_precision():
+        return _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace,
+                        config, max_polls, weight_hr, timing, variants)
+
+
+# Cheap changes to a step, off by default, as launch options for the device check to A/B
+# (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
+# red_arrive is compiled only (inline PTX): the interpreter refuses it.
+VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE"}
+COMPILED_ONLY = {"red_arrive"}
+
+
+def timing_buffer(config, steps, device):
+    """The TIMING build's stamps of a launch with ``config``: int64 (2, n_bprog, n_hblocks, T, PHASES),
+    -1 where no stamp was written (steps a group skipped)."""
+    return torch.full((2, config.n_bprog, config.n_hblocks, steps, PHASES.value), -1, dtype=torch.int64,
+                      device=device)
+
+
+def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
+             max_polls=None, weight_hr=None, timing=None, variants=()):
     """One bidirectional layer; results as ``birnn_fast::forward`` (library.py), weights stacked.
 
     input: (T, B, I); weight_ih: (2, G*H, I); weight_hh: (2, G*H, P); bias_*: (2, G*H);
@@ -303,6 +375,8 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     LSTM with projections (P = proj_size), else None and P = H. config: the launch's
     ``config.Config``, by default ``config.launch_config``'s; max_polls: the bound of a barrier wait
     (default ``config.max_polls``), past which the launch raises a RuntimeError.
+    timing: a ``timing_buffer(config, T, device)`` to launch the TIMING build into (a GPU's: the
+    interpreter has no clock to read), or None. variants: names of VARIANTS to launch with.
     Returns output (T, B, 2*P), h_n (2, B, P), c_n (2, B, H) or (0,), workspace (T, B, 2, W*H),
     or (0,) without save_workspace.
     """
@@ -342,12 +416,27 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
     hbuf[:, 0].copy_(_config.tf32_rounded(h0, precision))
     state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
     counters = barrier_counters(config, input.device)
+    stamps = {}
+    if timing is not None:
+        if _config.interpreted(input.device):
+            raise ValueError("the TIMING build reads the GPU's %globaltimer: the Triton interpreter has none")
+        expected = (2, config.n_bprog, config.n_hblocks, T, PHASES.value)
+        if tuple(timing.shape) != expected or timing.dtype != torch.int64:
+            raise ValueError(f"Expected timing int64 of size {expected}, got {timing.dtype} {list(timing.shape)}")
+        stamps = dict(TIMING=True, timing_ptr=timing)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {sorted(VARIANTS)}")
+    if _config.interpreted(input.device) and COMPILED_ONLY & set(variants):
+        raise ValueError(f"variants {sorted(COMPILED_ONLY & set(variants))} run compiled only (inline PTX): "
+                         "the Triton interpreter has none")
+    stamps.update({VARIANTS[name]: True for name in variants})
     launch(birnn_forward_kernel, config, counters,
            xg, recurrent, bias_hh, h0, c0 if cell == "LSTM" else h0, lengths,
            output, h_n, c_n if cell == "LSTM" else h_n, workspace, hbuf, state, counters,
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
-           DOT_PRECISION=precision, SAVE=save_workspace, FUSED=config.FUSED)
+           DOT_PRECISION=precision, SAVE=save_workspace, FUSED=config.FUSED, **stamps)
     if weight_hr is not None:
         # The projection of every step at once: output and h_n are W_hr m (0 where m is, at padding).
         weight_hr = weight_hr.contiguous()

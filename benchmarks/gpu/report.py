@@ -21,14 +21,28 @@ def fmt_ratio(baseline, ours):
     return ""
 
 
+def fastest(*values):
+    numbers = [value for value in values if isinstance(value, float)]
+    return min(numbers) if numbers else ""
+
+
 def table(rows, flashrnn_backends):
+    """The timings; 'route' is ours forced onto the cuDNN route, 'dispatched' the faster of ours and the
+    route (what the dispatch table written from this run gives)."""
+    routed = any(isinstance(row.get("route"), float) for row in rows)
     header = ["case", "cuDNN ms", "ours ms", "cuDNN/ours", "packed ms", "ours len ms", "packed/ours len"]
+    if routed:
+        header += ["route ms", "cuDNN/dispatched", "route len ms", "packed/dispatched len"]
     for backend in flashrnn_backends:
         header += [f"flashrnn {backend} ms", f"flashrnn {backend}/ours"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in rows:
         cells = [row["case"], fmt_ms(row["cudnn"]), fmt_ms(row["ours"]), fmt_ratio(row["cudnn"], row["ours"]),
                  fmt_ms(row["packed"]), fmt_ms(row["ours_len"]), fmt_ratio(row["packed"], row["ours_len"])]
+        if routed:
+            cells += [fmt_ms(row.get("route")), fmt_ratio(row["cudnn"], fastest(row["ours"], row.get("route"))),
+                      fmt_ms(row.get("route_len")),
+                      fmt_ratio(row["packed"], fastest(row["ours_len"], row.get("route_len")))]
         for backend in flashrnn_backends:
             value = row.get("flashrnn", {}).get(backend)
             cells += [fmt_ms(value), fmt_ratio(value, row["ours"])]

@@ -19,6 +19,9 @@ Triton/JIT compilation):
 - "ours" / "cuDNN": equal lengths, (T, B, I) input;
 - "ours len" / "packed": lengths uniform in [T/4, T] (fixed seed): FastBiLSTM(x, lengths=) against
   pack_padded_sequence -> nn.LSTM -> pad_packed_sequence, packing included as a user pays it;
+- "route" / "route len": ours forced onto the cuDNN route (birnn_fast.dispatch.forcing("cudnn")):
+  torch's RNN inside our op, as the dispatch runs it, the backward's recompute included; the dispatch
+  table (--dispatch-out) takes, per case and mode, the faster of ours and the route;
 - "flashrnn <backend>" (flashrnn.py), run after the other columns within the budget;
 Ratios are baseline / ours: > 1 means ours is faster.
 - Time per step: ours in microseconds per time step (fwd / T; fwd+bwd / 2T, two passes over the
@@ -29,6 +32,7 @@ against an fp64 reference (cuDNN in fp64) with the same weights, and reports cuD
 the same dtype next to ours (flash-attention's rule: ours should be within ~2x of it).
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import os
@@ -120,6 +124,9 @@ def parse_args(argv=None):
     parser.add_argument("--flashrnn-timeout-s", type=float, default=150.0,
                         help="kill a FlashRNN case (compile included) after this long and drop that backend")
     parser.add_argument("--no-tf32", action="store_true", help="forbid TF32 in torch's fp32 matmuls and cuDNN")
+    parser.add_argument("--dispatch-out", help="write the dispatch table measured here (birnn_fast/dispatch_table.json's "
+                        "format, this GPU's architecture replacing its entries) to this path")
+    parser.add_argument("--no-route", action="store_true", help="skip the cuDNN route's columns")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing cells")
     parser.add_argument("--self-test", action="store_true",
@@ -155,9 +162,16 @@ def main(argv=None):
         # CPU tensors go to the ops' CPU kernels: the Triton ones (interpreted) take the C++ ones'
         # place for this process, as in the tests (tests/conftest.py use_backend("triton")).
         global _SELF_TEST_LIBRARY
+        # The dispatch itself, so that the route's columns run the cuDNN route's code (torch's CPU RNN).
+        from birnn_fast import dispatch
+
+        dispatch.load_engines()
         _SELF_TEST_LIBRARY = torch.library.Library("birnn_fast", "IMPL")
-        _SELF_TEST_LIBRARY.impl("forward", birnn_fast.kernels.forward_op, "CPU")
-        _SELF_TEST_LIBRARY.impl("backward", birnn_fast.kernels.backward_op, "CPU")
+        _SELF_TEST_LIBRARY.impl("forward", dispatch.forward_op, "CPU")
+        _SELF_TEST_LIBRARY.impl("backward", dispatch.backward_op, "CPU")
+        real_why_not = dispatch.why_not
+        dispatch.why_not = lambda engine, device, dtype, cell="LSTM", projections=False: (
+            None if engine in ("triton", "cudnn") else real_why_not(engine, device, dtype, cell, projections))
         backends._load_errors["cpu"] = None
         backends._DTYPES["cpu"] = backends._DTYPES["triton"]
         os.environ["BIRNN_FAST_BACKEND"] = "cpu"
@@ -259,6 +273,8 @@ def main(argv=None):
     if flashrnn_errors:
         notes.append("FlashRNN rel err vs cuDNN fp32 (sanity of the weight mapping), worst per backend/dtype: " +
                      ", ".join(worst(flashrnn_errors)))
+    if args.dispatch_out:
+        write_dispatch_table(args.dispatch_out, rows, header, notes)
     text = write_report(out, header, checks, rows, report_backends, notes, CHECK_CASE)
     print("\n" + text[text.index("## Timings"):] if "## Timings" in text else text)
     print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
@@ -272,7 +288,8 @@ def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
     dtype = getattr(torch, DTYPE_NAMES[dtype_key])
     case_rows = {mode: {"case": f"{dtype_key} B={batch} T={steps} H={hidden} {mode}", "dtype": dtype_key,
                         "B": batch, "T": steps, "H": hidden, "mode": mode, "cudnn": "", "ours": "",
-                        "packed": "", "ours_len": "", "flashrnn": {}} for mode in args.modes}
+                        "packed": "", "ours_len": "", "route": "", "route_len": "", "flashrnn": {}}
+                 for mode in args.modes}
     try:
         reference, ours = cases.build_pair(birnn_fast, hidden, dtype)
         generator = torch.Generator(device=timing.DEVICE).manual_seed(SEED + 2)
@@ -282,21 +299,30 @@ def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
     except torch.cuda.OutOfMemoryError:
         print("    inputs: out of memory")
         for row in case_rows.values():
-            row.update(cudnn="oom", ours="oom", packed="oom", ours_len="oom")
+            row.update(cudnn="oom", ours="oom", packed="oom", ours_len="oom", route="oom", route_len="oom")
         return case_rows
     candidates = {
         "cudnn": (lambda: reference(x)[0], list(reference.parameters())),
         "ours": (lambda: ours(x)[0], list(ours.parameters())),
     }
+    if not args.no_route:
+        candidates["route"] = (lambda: ours(x)[0], list(ours.parameters()))
     if not args.no_varlen:
         candidates["packed"] = (lambda: cases.packed_forward(reference, x, lengths), list(reference.parameters()))
         candidates["ours_len"] = (lambda: ours(x, lengths=lengths)[0], list(ours.parameters()))
+        if not args.no_route:
+            candidates["route_len"] = (lambda: ours(x, lengths=lengths)[0], list(ours.parameters()))
+    from birnn_fast import dispatch
+
     for mode, row in case_rows.items():
         for column, (forward, parameters) in candidates.items():
-            if column.startswith("ours") and ours_blocked:
+            if (column.startswith("ours") or column.startswith("route")) and ours_blocked:
                 row[column] = "n/a"
                 continue
-            row[column] = timing.measure(f"{mode} {column}", timing.make_step(forward, parameters + [x], cotangent, mode), args)
+            engine = dispatch.forcing("cudnn") if column.startswith("route") else contextlib.nullcontext()
+            with engine:
+                row[column] = timing.measure(f"{mode} {column}",
+                                             timing.make_step(forward, parameters + [x], cotangent, mode), args)
         print("    " + mode + ": " + ", ".join(f"{column} {fmt_ms(row[column])}" for column in candidates), flush=True)
     if not ours_blocked:
         floors = timing.step_floors(birnn_fast, x.detach(), hidden, args)
@@ -304,6 +330,28 @@ def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
         for row in case_rows.values():
             row["floors"] = floors
     return case_rows
+
+
+def write_dispatch_table(path, rows, header, notes):
+    """The dispatch table of this run (dispatch_table.table_from_rows), other architectures' entries of
+    the package's table kept."""
+    from benchmarks.gpu.dispatch_table import table_from_rows, write
+    from birnn_fast import dispatch
+
+    if timing.DEVICE == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    else:
+        arch = "cpu"
+    run = f"{os.path.basename(path)} of {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} ({'; '.join(header[2:4])})"
+    table = table_from_rows(rows, arch, run, existing=dispatch.load_table())
+    write(table, path)
+    routed = [f"{entry['dtype']} B={entry['B']} H={entry['H']} {'lengths' if entry['lengths'] else 'equal'} "
+              f"{'fwdbwd' if entry['training'] else 'fwd'}" for entry in table["entries"]
+              if entry["arch"] == arch and entry["engine"] == "cudnn"]
+    notes.append(f"dispatch table for {arch} written to {os.path.basename(path)}: {len(routed)} cases to the cuDNN "
+                 f"route" + (": " + ", ".join(routed) if routed else ""))
+    print(notes[-1])
 
 
 def _device_name():

@@ -24,7 +24,7 @@ SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16
 # Pointers whose element type does not follow the input's: the launchers allocate these fp32 (the
 # workspace and gate gradients for half inputs too, and every fp32 state buffer).
 FP32_POINTERS = {"ws_ptr", "dgates_ptr", "state_ptr"}
-INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32"}
+INT_POINTERS = {"lengths_ptr": "*i64", "counter_ptr": "*i32", "timing_ptr": "*i64"}
 # The integer arguments the JIT marks divisible by 16 when they are (T, B, H at realistic sizes).
 HINTED_INTS = {"T", "B", "H"}
 
@@ -43,12 +43,15 @@ def signature_of(fn, dtype, constexprs):
     return signature
 
 
-def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False, fused=None):
+def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc, hints=False, fused=None,
+                   timing=False, variants=()):
     """The cubin of a kernel as its launcher launches it on a grid with a barrier: its constexprs and
     launch options (which must all be options of this Triton's CUDA backend). hints: the
     divisibility-by-16 attributes the JIT adds to 16-byte aligned pointers and to T, B and H when they
     are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned).
-    fused: the forward's FUSED, by default what select_config picks for the configuration."""
+    fused: the forward's FUSED, by default what select_config picks for the configuration. timing: the
+    forward's TIMING build (its %globaltimer stamps); off, as the launcher launches it by default.
+    variants: names of the forward's VARIANTS to switch on (the others off, as by default)."""
     fn = KERNELS[fn_name]
     launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
@@ -56,6 +59,13 @@ def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc
         if fused is None:
             fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
         constexprs["FUSED"] = fused
+    for name, constexpr in kernels_forward.VARIANTS.items():
+        if constexpr in fn.arg_names:
+            constexprs[constexpr] = name in variants
+    if "TIMING" in fn.arg_names:  # the forward's
+        constexprs["TIMING"] = timing
+        if not timing:
+            constexprs["timing_ptr"] = None
     if "DOUBLE_BUFFER" in fn.arg_names:  # the backward's
         constexprs["DOUBLE_BUFFER"] = kernels.double_buffered_backward()
     constexprs.update(CELL=kernels.CELLS[cell], G=kernels.GATES[cell], W=kernels.WORKSPACE[cell],
