@@ -57,9 +57,10 @@ def cubin_path(arch, name="forward_lstm"):
     return CUBIN_DIR / f"{name}.sm_{arch}.cubin"
 
 
-def why_not(device, dtype, cell, hidden, batch=1, projections=False):
+def why_not(device, dtype, cell, hidden=None, batch=1, projections=False):
     """The reason the CUDA kernels cannot run one layer (tensors of this device and dtype, cell,
-    hidden size, batch and, with ``projections``, an LSTM with proj_size), or None if they can."""
+    hidden size, batch and, with ``projections``, an LSTM with proj_size), or None if they can;
+    without ``hidden``, whether they can run that device, dtype and cell at all."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
@@ -68,7 +69,8 @@ def why_not(device, dtype, cell, hidden, batch=1, projections=False):
     if projections:
         return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
     try:
-        schedule.plan(cell, hidden, batch, DTYPES[dtype])
+        if hidden is not None:
+            schedule.plan(cell, hidden, batch, DTYPES[dtype])
     except ValueError as error:
         return f"the cuda backend cannot run this layer: {error}"
     if _IMPORT_ERROR is not None:

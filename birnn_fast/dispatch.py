@@ -79,8 +79,9 @@ def load_engines():
             _load_errors[name] = f"the {name} engine ({_MODULES[name]}) is unavailable: {error}"
 
 
-def why_not(engine, device, dtype, cell="LSTM", projections=False):
-    """The reason ``engine`` cannot run this layer, or None."""
+def why_not(engine, device, dtype, cell="LSTM", projections=False, hidden=None, batch=1):
+    """The reason ``engine`` cannot run this layer (of ``hidden`` units and ``batch`` rows where
+    given: the cuda engine's kernels take some shapes only), or None."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     if engine not in _engines:
@@ -92,6 +93,8 @@ def why_not(engine, device, dtype, cell="LSTM", projections=False):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"the triton engine supports torch.float32, torch.float16, torch.bfloat16, got {dtype}"
         return None
+    if engine == "cuda":
+        return module.why_not(device, dtype, cell, hidden, batch, projections=projections)
     return module.why_not(device, dtype, cell, projections=projections)
 
 
@@ -134,7 +137,7 @@ def choose(key, forced=None, device=None, table=None):
     device = torch.device("cuda") if device is None else device
     dtype = getattr(torch, key.dtype)
     if forced:
-        reason = why_not(forced, device, dtype, key.cell, key.projections)
+        reason = why_not(forced, device, dtype, key.cell, key.projections, key.H, key.B)
         if reason is not None:
             raise RuntimeError(f"BIRNN_FAST_BACKEND={forced} cannot run: {reason}")
         return Choice(forced, f"forced by BIRNN_FAST_BACKEND={forced}")
@@ -146,7 +149,7 @@ def choose(key, forced=None, device=None, table=None):
         order.insert(0, entry["engine"])
     skipped = []
     for engine in order:
-        reason = why_not(engine, device, dtype, key.cell, key.projections)
+        reason = why_not(engine, device, dtype, key.cell, key.projections, key.H, key.B)
         if reason is not None:
             skipped.append(f"{engine}: {reason}")
             continue

@@ -49,7 +49,7 @@ def engines(monkeypatch):
     engines that run, which a test may shrink."""
     runnable = {"triton", "cudnn"}
 
-    def why_not(engine, device, dtype, cell="LSTM", projections=False):
+    def why_not(engine, device, dtype, cell="LSTM", projections=False, hidden=None, batch=1):
         return None if engine in runnable else f"the {engine} engine is unavailable: no module"
 
     monkeypatch.setattr(dispatch, "why_not", why_not)
@@ -106,12 +106,20 @@ def test_forced_cuda_absent_raises(engines):
         dispatch.choose(key(256, 16), forced="cuda", table=TABLE)
 
 
-def test_cuda_engine_unavailable_until_built():
-    """The real why_not: birnn_fast.cuda_kernels absent, the reason says which module."""
+def test_cuda_engine_says_why_it_cannot_run():
+    """The real engines: birnn_fast.cuda_kernels asked with the layer's shape (its kernels take some
+    shapes only) says why it cannot run here, and the table's choice skips it with that reason."""
     dispatch.load_engines()
-    if "cuda" in dispatch._engines:
-        pytest.skip("the CUDA engine is built here")
-    assert "birnn_fast.cuda_kernels" in dispatch.why_not("cuda", CUDA, torch.float32)
+    if "cuda" not in dispatch._engines:
+        assert "birnn_fast.cuda_kernels" in dispatch.why_not("cuda", CUDA, torch.float32)
+        return
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the cuda engine may run")
+    reason = dispatch.why_not("cuda", CUDA, torch.bfloat16, "LSTM", False, 4096, 16)
+    assert reason and "cannot run this layer" in reason
+    assert dispatch.why_not("cuda", CUDA, torch.bfloat16, "LSTM", False, 256, 16)
+    with pytest.raises(RuntimeError, match="BIRNN_FAST_BACKEND=cuda cannot run: "):
+        dispatch.choose(key(256, 16, dtype="bfloat16"), forced="cuda", table={"run": None, "entries": []})
 
 
 def test_package_table_routes_the_h200_losses(engines):
@@ -286,8 +294,8 @@ def dispatcher_as_cpu_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "TABLE", table)
     monkeypatch.setattr(dispatch, "_choices", {})
     real_why_not = dispatch.why_not
-    monkeypatch.setattr(dispatch, "why_not", lambda engine, device, dtype, cell="LSTM", projections=False: (
-        None if engine != "cuda" else real_why_not(engine, device, dtype, cell, projections)))
+    monkeypatch.setattr(dispatch, "why_not", lambda engine, device, dtype, cell="LSTM", projections=False, hidden=None,
+                        batch=1: None if engine != "cuda" else real_why_not(engine, device, dtype, cell, projections))
     monkeypatch.setitem(backends._load_errors, "cpu", None)
     monkeypatch.setenv("BIRNN_FAST_BACKEND", "cpu")
     monkeypatch.setattr(backends, "_selected", {})
