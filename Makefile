@@ -72,6 +72,16 @@ gpu-selftest: $(VENV)/.installed
 cubins:
 	$(PYTHON) csrc/cuda/build.py
 
+# The other device stages, each its own device call: the CUDA cluster kernels' check (about 5
+# minutes; carry birnn_fast/cubins) and the many-core CPU stage on the GPU machine's host (<= 3
+# minutes; builds _C there against the image's torch).
+.PHONY: gpu-check-cuda cpu-stage
+gpu-check-cuda:
+	bash benchmarks/gpu/cuda_run.sh
+
+cpu-stage:
+	bash benchmarks/cpu_stage.sh
+
 .PHONY: fuzz sanitize
 # The differential fuzzing of tests/test_fuzz.py with FUZZ_SCALE times CI's cases (2,000 on the C++ path).
 FUZZ_SCALE ?= 10
