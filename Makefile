@@ -124,17 +124,17 @@ wheel-cuda-ci: $(VENV)/.wheel-tools
 
 # The default wheel, then CI's CUDA wheel over it, installed (with their requirements, which pip
 # checks) into a fresh venv holding DEPENDENCIES' torch and triton, each tested from /tmp with -P
-# (no source tree on sys.path): the public paths against the installed package, and on the CUDA
-# wheel the replay of its builds under stand-in sm_80 / sm_90 targets with an empty Triton cache,
-# which fails if anything compiles (tests/test_wheel.py, marker "wheel").
+# (no source tree on sys.path), marker "wheel": the public paths against the installed default
+# wheel; on the CUDA wheel (the same code besides its builds) tests/test_wheel.py, whose replay
+# launches every build under stand-in sm_80 / sm_90 targets with an empty Triton cache and fails if
+# anything compiles.
 WHEEL_VENV := build/wheel-venv
 WHEEL_PY := $(abspath $(WHEEL_VENV))/bin/python
-WHEEL_TEST = cd /tmp && BIRNN_FAST_WHEEL_TEST=1 $(WHEEL_PY) -P -m pytest -q -p no:cacheprovider -m wheel \
-	$(addprefix $(CURDIR)/tests/,test_wheel.py test_modules.py test_compile.py)
+WHEEL_TEST = cd /tmp && BIRNN_FAST_WHEEL_TEST=1 $(WHEEL_PY) -P -m pytest -q -p no:cacheprovider -m wheel
 test-wheel: wheel wheel-cuda-ci
 	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_PY) -m pip install -q $(filter torch==% triton==% numpy pytest hypothesis,$(DEPENDENCIES))
 	$(WHEEL_PY) -m pip install -q build/wheel-default/*.whl && $(WHEEL_PY) -m pip check
-	$(WHEEL_TEST)
+	$(WHEEL_TEST) $(addprefix $(CURDIR)/tests/,test_wheel.py test_modules.py test_compile.py)
 	$(WHEEL_PY) -m pip install -q build/wheel-cuda-ci/*.whl && $(WHEEL_PY) -m pip check
-	$(WHEEL_TEST)
+	$(WHEEL_TEST) $(CURDIR)/tests/test_wheel.py

@@ -3,13 +3,14 @@ into a fresh venv and runs the tests marked "wheel" (these, and those tests/conf
 /tmp with -P and BIRNN_FAST_WHEEL_TEST=1: then the installed package itself is checked (where it was
 imported from, its metadata, the C++ library, user paths in fresh processes and, on a CUDA wheel,
 the replay of every build it holds with an empty Triton cache, which fails if anything compiles).
-In the source tree's suite those skip; the checks of the ahead-of-time enumeration and of the
-first-use warnings run there too."""
+In the source tree's suite those skip, and the checks of the ahead-of-time enumeration and of the
+first-use warnings (not marked) run there."""
 import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import warnings
 from types import SimpleNamespace
@@ -27,8 +28,12 @@ import test_user_paths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALLED = os.environ.get("BIRNN_FAST_WHEEL_TEST") == "1"
 PRECOMPILED = os.path.exists(os.path.join(precompiled.package_dir(), "manifest.json"))
-installed_only = pytest.mark.skipif(not INSTALLED, reason="checks an installed wheel (make test-wheel)")
-pytestmark = pytest.mark.wheel
+
+
+def installed_only(test):
+    """Marked "wheel", and skipped in the source tree's suite."""
+    skip = pytest.mark.skipif(not INSTALLED, reason="checks an installed wheel (make test-wheel)")
+    return pytest.mark.wheel(skip(test))
 
 
 def fresh_env(**extra):
@@ -48,7 +53,8 @@ def run_fresh(code, cwd, **env):
 @installed_only
 def test_the_installed_package_runs_not_the_source_tree():
     package = os.path.dirname(os.path.realpath(birnn_fast.__file__))
-    assert "site-packages" in package and not package.startswith(ROOT + os.sep), package
+    site = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
+    assert os.path.dirname(package) in site, (package, site)
     assert os.path.dirname(os.path.realpath(aot.__file__)) == os.path.join(package, "kernels")
     # _C loads: the CPU backend is the C++ library, not the reference in its place.
     assert backends.why_not("cpu", torch.device("cpu"), torch.float32) is None
@@ -76,8 +82,11 @@ USER_PATHS = ("double_backward", "proj_size", "export_with_lengths", "empty_batc
 @installed_only
 @pytest.mark.parametrize("path", USER_PATHS)
 def test_user_path_in_a_fresh_process_against_the_installed_package(path, tmp_path):
+    if PRECOMPILED:
+        pytest.skip("the CUDA wheel's package is the default wheel's, tested there")
     code = (test_user_paths.PROLOGUE + "import birnn_fast\nassert 'site-packages' in birnn_fast.__file__\n"
             + textwrap.dedent(test_user_paths.PATHS[path]) + "\nprint('user path ok')\n")
+    assert "site-packages" in code
     result = run_fresh(code, tmp_path)
     assert result.returncode == 0 and "user path ok" in result.stdout, result.stderr[-4000:]
 
