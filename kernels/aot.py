@@ -210,7 +210,10 @@ def build_name(build):
 
 def _work(build):
     start = time.perf_counter()
-    compiled = warm(build)
+    try:
+        compiled = warm(build)
+    except Exception as error:  # reported with the others at the end; the rest still build
+        return build_name(build), None, f"{type(error).__name__}: {error}", time.perf_counter() - start
     return build_name(build), compiled.hash, compiled.name, time.perf_counter() - start
 
 
@@ -243,13 +246,21 @@ def build_all(builds, cache_dir, jobs, log):
           flush=True)
     context = multiprocessing.get_context("spawn")
     start = time.perf_counter()
+    failed = {}
     with open(log, "a") as f, context.Pool(jobs) as pool:
         for count, (name, hash_, kernel, seconds) in enumerate(pool.imap_unordered(_work, todo), 1):
+            if hash_ is None:
+                failed[name] = kernel
+                print(f"  FAILED {name}: {kernel}", flush=True)
+                continue
             done[name] = dict(name=name, hash=hash_, kernel=kernel, seconds=round(seconds, 3))
             f.write(json.dumps(done[name]) + "\n")
             f.flush()
             if count % 20 == 0 or count == len(todo):
                 print(f"  {count}/{len(todo)} built, {time.perf_counter() - start:.0f} s", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} builds failed (the others are kept: a rerun resumes): "
+                           + "; ".join(f"{name}: {error}" for name, error in sorted(failed.items())))
     return done
 
 
