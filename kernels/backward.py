@@ -79,7 +79,7 @@ def _round_inputs(grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s, bb, b_len, d
     return b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "max_polls"])
 def birnn_backward_kernel(
     grad_out_ptr,  # (T, B, 2*H)
     grad_h_n_ptr,  # (2, B, H)

@@ -74,7 +74,7 @@ def _round_projection(xg_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, G: tl.const
     return b_x0, b_x1, b_x2, b_x3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "max_polls"])
 def birnn_forward_kernel(
     xg_ptr,        # (T, B, 2, G*H) input projection + biases (GRU: b_hn excluded)
     w_hh_ptr,      # (2, G*H, H)

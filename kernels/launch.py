@@ -2,6 +2,7 @@
 import torch
 
 from . import config as _config
+from . import precompiled as _precompiled
 from .common import COUNTER_STRIDE
 
 
@@ -19,6 +20,8 @@ def launch(kernel, config, counters, *args, max_polls, **constexprs):
     CUDA graph capture, where none is allowed, it is skipped (the bounded wait still ends the launch)."""
     grid = (config.n_hblocks, config.n_bprog, 2)
     device = counters.device
+    if not _config.interpreted(device):
+        _precompiled.seed(device)  # once per device: the CUDA wheel's builds, before the first lookup
     compiled = kernel[grid](*args, max_polls, **constexprs, **_config.launch_options(config))
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
     capturing = not _config.interpreted(device) and torch.cuda.is_current_stream_capturing()

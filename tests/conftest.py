@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import warnings
 
 import pytest
@@ -16,7 +17,23 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
+# The existing tests `make test-wheel` also runs against the installed wheel (marker "wheel", beside
+# tests/test_wheel.py): every public path once on each backend, the interpreted Triton ones (slow)
+# at their smallest.
+WHEEL_TESTS = re.compile("|".join([
+    r"test_modules\.py::test_matches_torch\[(.*-(cpu|reference)|1-True-False-dtype0-.*-triton)\]",
+    r"test_modules\.py::test_lengths_match_packed_sequence\[.*(cpu|reference|False-LSTM-triton)\]",
+    r"test_modules\.py::test_inference_without_grad_matches_torch\[.*(cpu|reference|LSTM-triton)\]",
+    r"test_modules\.py::test_projections_match_torch\[.*(cpu|reference)\]",
+    r"test_modules\.py::test_empty_batch_as_torch\[False-",
+    r"test_compile\.py::test_lstm_aot_eager\[1-hx-lengths\]",
+]))
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if WHEEL_TESTS.search(item.nodeid):
+            item.add_marker(pytest.mark.wheel)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
