@@ -9,8 +9,9 @@ Knobs (as flash-attention's), all read from the environment:
   the processes building the Triton kernels ahead of time.
 - BIRNN_FAST_CUDA_ARCHS (e.g. "8.0;9.0;10.0"): build the CUDA wheel for these compute capabilities:
   every configuration the Triton launchers can pick there, compiled ahead of time (kernels/aot.py,
-  resumable in build/aot/), packed as birnn_fast/_precompiled/, and the CUDA kernels' cubins found
-  in birnn_fast/cubins/*.cubin (csrc/cuda/'s build puts them there). Never taken from
+  resumable in build/aot/), packed as birnn_fast/_precompiled/, and the CUDA kernels' cubins for
+  those with thread-block clusters ("9.0" -> sm_90a, "10.0" -> sm_100a), built by csrc/cuda/build.py
+  where nvcc is here, else those a `make cubins` left in birnn_fast/cubins/. Never taken from
   torch.cuda.is_available(): wheel builders have no GPU. Unset: the default wheel, which compiles
   the Triton kernels at first use on a GPU. BIRNN_FAST_AOT_SUBSET=ci builds only the small subset CI
   replays (kernels/aot.py CI_SUBSET).
@@ -29,6 +30,7 @@ kernels were checked with, except in the CUDA wheel, whose builds only an identi
 there it is required at exactly the version that built them.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -117,7 +119,19 @@ class BuildPy(build_py):
                                "--subset", os.environ.get("BIRNN_FAST_AOT_SUBSET", "all"),
                                "--out", os.path.join(ROOT, "build", "aot"), "--package", precompiled],
                               cwd=os.path.abspath(self.build_lib), env=env)
-        # The hook for csrc/cuda/'s kernels: whatever cubins its build left in birnn_fast/cubins/.
+        # csrc/cuda/'s kernels, for the listed capabilities that have thread-block clusters (sm_90,
+        # sm_100: "9.0" -> sm_90a), built with nvcc where it is here; else whatever cubins a
+        # `make cubins` left in birnn_fast/cubins/.
+        spec = importlib.util.spec_from_file_location("birnn_fast_cuda_build", os.path.join(ROOT, "csrc", "cuda", "build.py"))
+        cuda_build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cuda_build)
+        cluster_archs = [arch for arch in cuda_build.requested_archs(CUDA_ARCHS) if arch in cuda_build.CLUSTER_ARCHS]
+        ci_subset = os.environ.get("BIRNN_FAST_AOT_SUBSET") == "ci"  # CI's wheel replays Triton builds only
+        if cluster_archs and not ci_subset and cuda_build.nvcc() is not None:
+            cuda_build.build(os.path.join(package, "cubins"), ";".join(cluster_archs))
+            for report in glob.glob(os.path.join(package, "cubins", "*.txt")):
+                os.remove(report)
+            return
         cubins = sorted(glob.glob(os.path.join(ROOT, "birnn_fast", "cubins", "*.cubin")))
         if cubins:
             os.makedirs(os.path.join(package, "cubins"), exist_ok=True)
@@ -135,6 +149,8 @@ setup(
     description="Fast bidirectional LSTM/GRU/RNN layers for PyTorch: fused Triton (GPU) and C++ (CPU) kernels",
     packages=["birnn_fast", "birnn_fast.kernels"],
     package_dir={"birnn_fast": "birnn_fast", "birnn_fast.kernels": "kernels"},
+    # The GPU dispatch's measured table (birnn_fast/dispatch.py): without it every shape runs ours.
+    package_data={"birnn_fast": ["dispatch_table.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"build": {"build_base": os.path.join("build", "sanitize")}} if SANITIZE else {},

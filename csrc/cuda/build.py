@@ -42,7 +42,9 @@ def requested_archs(archs=None):
     text = archs if archs is not None else os.environ.get("BIRNN_FAST_CUDA_ARCHS")
     if not text:
         return None
-    return tuple(arch.strip().removeprefix("sm_") for arch in text.replace(",", ";").split(";") if arch.strip())
+    # Compute capabilities as the wheel build names them ("9.0") stand for the cluster arch ("90a").
+    names = (arch.strip().removeprefix("sm_").replace(".", "") for arch in text.replace(",", ";").split(";"))
+    return tuple(name + "a" if name + "a" in CLUSTER_ARCHS else name for name in names if name)
 
 
 def archs_to_build(compiler, archs=None):
