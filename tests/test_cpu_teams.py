@@ -81,3 +81,28 @@ def test_teams_shrink_to_the_threads_openmp_starts():
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_half_products_in_teams():
+    """A bfloat16 / float16 layer's own dtype in the products (BIRNN_FAST_CPU_HALF_PRODUCTS=brgemm, the
+    path AVX512-BF16 / AMX CPUs take by default) on teams of 2 at 4 threads: each member's slices of
+    W_hh in the dtype. Within twice torch's own error; a fresh process, as the backend is chosen once."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads(4)\n"
+        "from test_cpu_kernel import precision_errors\n"
+        "for cell in ('LSTM', 'GRU', 'RNN_TANH'):\n"
+        "    for dtype in (torch.bfloat16, torch.float16):\n"
+        "        for name, (ours, theirs) in precision_errors(cell, 0, dtype, [11, 1, 6, 11, 9, 3],\n"
+        "                                                     size=(11, 6, 13, 44)).items():\n"
+        "            assert ours <= 2 * theirs + 1e-6, (cell, dtype, name, ours, theirs)\n"
+        "print(torch.ops.birnn_fast_cpu.engine_info())\n")
+    env = dict(os.environ, BIRNN_FAST_CPU_HALF_PRODUCTS="brgemm", BIRNN_FAST_CPU_TEAM="2", BIRNN_FAST_BACKEND="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "products.bfloat16=brgemm" in result.stdout
