@@ -4,6 +4,10 @@ larger teams are oversubscribed: this checks correctness, not speed), every cell
 mixed, the team the shape picks and the largest one: forward and every gradient as torch's in
 float64, bitwise equal run to run in float32, bfloat16 within twice torch's own error. A projected
 LSTM runs without teams; it is here to show that the other path still runs at these counts."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,23 +67,23 @@ def test_shape_picks_a_team_for_a_wide_layer(threads):
     assert_all_close("LSTM", 0, run_ops("LSTM", layer32), run_torch("LSTM", layer), 1e-5)
 
 
+def run_fresh(code, **environment):
+    """`code` in a fresh process on the cpu backend, from the checkout's root, with `environment` set."""
+    env = dict(os.environ, BIRNN_FAST_BACKEND="cpu", **environment)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+
+
 def test_teams_shrink_to_the_threads_openmp_starts():
     """OMP_THREAD_LIMIT=3 under 8 threads and a forced team of 4: OpenMP starts 3 threads, the teams
     shrink to one member each (a member waiting for one that never starts would hang)."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads(8)\n"
         "from test_cpu_kernel import make_layer, run_ops, run_torch, assert_all_close\n"
         "layer = make_layer('GRU', 11, 7, 13, 44, 0, [11, 1, 6, 11, 9, 3, 11])\n"
         "assert_all_close('GRU', 0, run_ops('GRU', layer), run_torch('GRU', layer), 1e-9)\n"
         "print('ok')\n")
-    env = dict(os.environ, OMP_THREAD_LIMIT="3", BIRNN_FAST_CPU_TEAM="4", BIRNN_FAST_BACKEND="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=300)
+    result = run_fresh(code, OMP_THREAD_LIMIT="3", BIRNN_FAST_CPU_TEAM="4")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
@@ -87,10 +91,6 @@ def test_half_products_in_teams():
     """A bfloat16 / float16 layer's own dtype in the products (BIRNN_FAST_CPU_HALF_PRODUCTS=brgemm, the
     path AVX512-BF16 / AMX CPUs take by default) on teams of 2 at 4 threads: each member's slices of
     W_hh in the dtype. Within twice torch's own error; a fresh process, as the backend is chosen once."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads(4)\n"
         "from test_cpu_kernel import precision_errors\n"
@@ -100,9 +100,6 @@ def test_half_products_in_teams():
         "                                                     size=(11, 6, 13, 44)).items():\n"
         "            assert ours <= 2 * theirs + 1e-6, (cell, dtype, name, ours, theirs)\n"
         "print(torch.ops.birnn_fast_cpu.engine_info())\n")
-    env = dict(os.environ, BIRNN_FAST_CPU_HALF_PRODUCTS="brgemm", BIRNN_FAST_CPU_TEAM="2", BIRNN_FAST_BACKEND="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
+    result = run_fresh(code, BIRNN_FAST_CPU_HALF_PRODUCTS="brgemm", BIRNN_FAST_CPU_TEAM="2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "products.bfloat16=brgemm" in result.stdout
