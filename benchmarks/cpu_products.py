@@ -23,9 +23,10 @@ BACKENDS = {"float32": ("panel", "mm", "brgemm", "brgemm64"), "bfloat16": ("mm",
 
 
 def load_products():
-    """The JIT-built extension: cpu_products.cpp and the kernel's ISA dispatch (csrc/cpu/isa.cpp),
-    which its headers call."""
-    sources = [os.path.join(HERE, "cpu_products.cpp"), os.path.join(HERE, "..", "csrc", "cpu", "isa.cpp")]
+    """The JIT-built extension: cpu_products.cpp, and the kernel's ISA dispatch (csrc/cpu/isa.cpp),
+    which its headers call, with the buffer cache its engine_info reports (csrc/cpu/buffers.cpp)."""
+    cpu = os.path.join(HERE, "..", "csrc", "cpu")
+    sources = [os.path.join(HERE, "cpu_products.cpp"), os.path.join(cpu, "isa.cpp"), os.path.join(cpu, "buffers.cpp")]
     return load("birnn_fast_cpu_products", sources, extra_cflags=["-O3"], verbose=False)
 
 
