@@ -1,6 +1,7 @@
 """The CPU kernels' buffer cache (csrc/cpu/buffers.h): a training step after the first faults in
 none of its large buffers again, freed blocks are reused, the cache is bounded and can be emptied
 or turned off, and reused memory never leaks one call's values into another's results."""
+import os
 import resource
 import subprocess
 import sys
@@ -69,8 +70,6 @@ def test_empty_cache():
 
 
 def run_fresh(code, env_value):
-    import os
-
     env = dict(os.environ, BIRNN_FAST_CPU_CACHE_MB=env_value, BIRNN_FAST_BACKEND="cpu")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 

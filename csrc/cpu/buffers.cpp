@@ -24,7 +24,7 @@ constexpr size_t kSmallGrain = size_t{64} << 10;
 // Blocks of at least a huge page are aligned to one and advised as huge pages (the kernel's
 // transparent huge pages are usually "madvise"): a fault, the first time, maps 2 MiB at once.
 constexpr size_t kHugePage = size_t{2} << 20;
-// A free block serves a request of at least 4/5 of its size: a padded batch's buffers change size
+// A free block serves a request of at least 3/4 of its size: a padded batch's buffers change size
 // with its longest row, and a block much larger than the request would hold memory for nothing.
 constexpr size_t kMaxWasteDivisor = 4;
 
