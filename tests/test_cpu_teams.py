@@ -1,9 +1,10 @@
 """Thread teams (csrc/cpu/team.h): with more threads than directions, each direction's recurrence
 runs on a team that splits the hidden units. At 1, 2, 3, 4 and 8 threads (on a 2-core machine the
 larger teams are oversubscribed: this checks correctness, not speed), every cell, lengths equal and
-mixed, the team the shape picks and the largest one: forward and every gradient as torch's in
-float64, bitwise equal run to run in float32, bfloat16 within twice torch's own error. A projected
-LSTM runs without teams; it is here to show that the other path still runs at these counts."""
+mixed, the team the shape picks and the largest one, with the directions at once and in turn:
+forward and every gradient as torch's in float64, bitwise equal run to run in float32, bfloat16
+within twice torch's own error. A projected LSTM runs without teams; it is here to show that the
+other path still runs at these counts."""
 import os
 import subprocess
 import sys
@@ -17,6 +18,14 @@ THREADS = [1, 2, 3, 4, 8]
 LENGTHS = {"equal": None, "mixed": [11, 1, 6, 11, 9, 3, 11]}
 # H 44: slices of 8 units leave a short last one; T 11, B 7, I 13.
 SIZE = (11, 7, 13, 44)
+# BIRNN_FAST_CPU_TEAM / BIRNN_FAST_CPU_IN_TURN of each team a test asks for ("shape": the rule's).
+TEAMS = {"shape": {}, "largest": {"BIRNN_FAST_CPU_TEAM": "64", "BIRNN_FAST_CPU_IN_TURN": "0"},
+         "largest-in-turn": {"BIRNN_FAST_CPU_TEAM": "64", "BIRNN_FAST_CPU_IN_TURN": "1"}}
+
+
+def set_team(monkeypatch, team):
+    for name, value in TEAMS[team].items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
@@ -27,21 +36,21 @@ def threads(request):
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("team", ["shape", "largest"])
+@pytest.mark.parametrize("team", list(TEAMS))
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("cell,proj", CASES)
 @pytest.mark.parametrize("threads", THREADS, indirect=True)
 def test_matches_torch_fp64(monkeypatch, threads, cell, proj, lengths, team):
-    if team == "largest":
-        monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+    set_team(monkeypatch, team)
     layer = make_layer(cell, *SIZE, proj, LENGTHS[lengths], seed=threads)
     assert_all_close(cell, proj, run_ops(cell, layer), run_torch(cell, layer), 1e-9)
 
 
+@pytest.mark.parametrize("team", ["largest", "largest-in-turn"])
 @pytest.mark.parametrize("cell,proj", CASES)
-@pytest.mark.parametrize("threads", [3, 8], indirect=True)
-def test_bitwise_deterministic_fp32(monkeypatch, threads, cell, proj):
-    monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+@pytest.mark.parametrize("threads", [2, 3, 8], indirect=True)
+def test_bitwise_deterministic_fp32(monkeypatch, threads, cell, proj, team):
+    set_team(monkeypatch, team)
     layer = {key: ([w.float() for w in value] if key == "weights" else value if key == "lengths" else value.float())
              for key, value in make_layer(cell, *SIZE, proj, LENGTHS["mixed"]).items()}
     first, second = run_ops(cell, layer), run_ops(cell, layer)
@@ -49,10 +58,11 @@ def test_bitwise_deterministic_fp32(monkeypatch, threads, cell, proj):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("team", ["largest", "largest-in-turn"])
 @pytest.mark.parametrize("cell,proj", [case for case in CASES if case[0] != "RNN_RELU"])
 @pytest.mark.parametrize("threads", [4], indirect=True)
-def test_bfloat16_within_twice_torch(monkeypatch, threads, cell, proj):
-    monkeypatch.setenv("BIRNN_FAST_CPU_TEAM", "64")
+def test_bfloat16_within_twice_torch(monkeypatch, threads, cell, proj, team):
+    set_team(monkeypatch, team)
     for name, (ours, theirs) in precision_errors(cell, proj, torch.bfloat16, LENGTHS["mixed"][:6],
                                                  size=(11, 6, 13, 44)).items():
         assert ours <= 2 * theirs + 1e-6, f"{name}: our error {ours:.3g} > 2 x torch's {theirs:.3g}"
@@ -67,6 +77,15 @@ def test_shape_picks_a_team_for_a_wide_layer(threads):
     assert_all_close("LSTM", 0, run_ops("LSTM", layer32), run_torch("LSTM", layer), 1e-5)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_shape_runs_wide_weights_in_turn(threads, cell):
+    """H 1024 in float64, 24-32 MiB of W_hh a direction: where the last-level cache is under 96 MiB
+    (these machines' 32), the rule runs the directions in turn on teams of 2 at 2 threads."""
+    layer = make_layer(cell, 3, 2, 8, 1024, 0, [3, 2])
+    assert_all_close(cell, 0, run_ops(cell, layer), run_torch(cell, layer), 1e-9)
+
+
 def run_fresh(code, **environment):
     """`code` in a fresh process on the cpu backend, from the checkout's root, with `environment` set."""
     env = dict(os.environ, BIRNN_FAST_BACKEND="cpu", **environment)
@@ -74,16 +93,18 @@ def run_fresh(code, **environment):
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
 
 
-def test_teams_shrink_to_the_threads_openmp_starts():
-    """OMP_THREAD_LIMIT=3 under 8 threads and a forced team of 4: OpenMP starts 3 threads, the teams
-    shrink to one member each (a member waiting for one that never starts would hang)."""
+@pytest.mark.parametrize("in_turn,limit", [("0", "3"), ("1", "1")])
+def test_teams_shrink_to_the_threads_openmp_starts(in_turn, limit):
+    """A forced team of 4 under 8 threads, OpenMP capped: at once with OMP_THREAD_LIMIT=3 the teams
+    shrink to one member each, in turn with OMP_THREAD_LIMIT=1 to one thread (a member waiting for
+    one that never starts would hang)."""
     code = (
         "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads(8)\n"
         "from test_cpu_kernel import make_layer, run_ops, run_torch, assert_all_close\n"
         "layer = make_layer('GRU', 11, 7, 13, 44, 0, [11, 1, 6, 11, 9, 3, 11])\n"
         "assert_all_close('GRU', 0, run_ops('GRU', layer), run_torch('GRU', layer), 1e-9)\n"
         "print('ok')\n")
-    result = run_fresh(code, OMP_THREAD_LIMIT="3", BIRNN_FAST_CPU_TEAM="4")
+    result = run_fresh(code, OMP_THREAD_LIMIT=limit, BIRNN_FAST_CPU_TEAM="4", BIRNN_FAST_CPU_IN_TURN=in_turn)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 

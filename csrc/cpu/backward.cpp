@@ -375,7 +375,10 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor dc = Cell::kHasCellState ? reorder_states<T>(schedule, grad_c_n.to(kCompute), /*to_sorted=*/true) : Tensor();
   const Tensor c0_compute = Cell::kHasCellState ? c0.to(kCompute) : c0;
   Tensor step_dgates_h = empty_cpu({2, B, GH}, compute);
-  const bool chunked = by_chunks();
+  const TeamPlan teams =
+      team_plan(B, H, P, Cell::kGates, layer.projected, Cell::kGates * H * P * int64_t{sizeof(T)});
+  // Teams take the products around the recurrence as whole multi-threaded GEMMs.
+  const bool chunked = by_chunks() && teams.members == 1;
   const int64_t chunk_steps = steps_per_chunk(schedule), chunk_rows = chunk_steps * B;
   // The chunk products of a bfloat16 / float16 layer (S, or a float32 copy of it) in its dtype.
   const bool half_chunks = chunked && (input_grad || weight_grads) && layer_dtype != kCompute &&
@@ -440,12 +443,11 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
                            layer.projected ? dunprojected.data_ptr<T>() + d * B * H : nullptr,
                            layer.projected ? zeros.data_ptr<S>() : nullptr};
   };
-  const int64_t members = team_size(B, H, P, Cell::kGates, layer.projected);
-  if (members > 1) {
+  if (teams.members > 1) {
     TORCH_INTERNAL_ASSERT(!chunked && !layer.projected);
     // Step s's gate gradients go to step_dgates_h at even steps, to odd_dgates_h at odd ones.
     Tensor odd_dgates_h = empty_cpu({2, B, GH}, compute);
-    run_teams(members, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
+    run_teams(teams, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
       const BackwardArgs<S> args = direction_args(d, unit_slice(H, member, count));
       backward_member<Cell, S>(args, weight_of<S>(weights, layer, d, kWeightHh),
                                {args.step_dgates_h, odd_dgates_h.data_ptr<T>() + d * B * GH}, barrier, layer_dtype);

@@ -186,7 +186,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
     }
   }
 
-  const bool chunked = by_chunks();
+  const TeamPlan teams =
+      team_plan(B, H, P, Cell::kGates, layer.projected, Cell::kGates * H * P * int64_t{sizeof(T)});
+  // Teams take the products around the recurrence as whole multi-threaded GEMMs.
+  const bool chunked = by_chunks() && teams.members == 1;
   const int64_t chunk_steps = steps_per_chunk(schedule);
   Tensor gates_x, chunk_x, chunk_gx;
   if (chunked) {
@@ -227,12 +230,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
                           workspace.data_ptr<T>(),
                           output.data_ptr<S>()};
   };
-  const int64_t members = team_size(B, H, P, Cell::kGates, layer.projected);
-  if (members > 1) {
+  if (teams.members > 1) {
     TORCH_INTERNAL_ASSERT(!chunked && !layer.projected);
     // Step s writes h_{s+1}'s buffer: a row whose length is odd ends in odd_h.
     Tensor odd_h = empty_cpu({2, B, P}, compute);
-    run_teams(members, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
+    run_teams(teams, [&](int64_t d, int64_t member, int64_t count, TeamBarrier& barrier) {
       const ForwardArgs<S> args = direction_args(d, unit_slice(H, member, count));
       auto run = save_workspace ? forward_member<Cell, S, true> : forward_member<Cell, S, false>;
       run(args, weight_of<S>(weights, layer, d, kWeightHh), {args.h, odd_h.data_ptr<T>() + d * B * P}, barrier,

@@ -120,7 +120,8 @@ void zero_padding(const Schedule& schedule, int64_t steps, T* rows, int64_t widt
 // recurrence -- the input projection in forward, the weight, bias and input gradients in backward
 // -- a few steps at a time, on small buffers that stay in cache: no (N, 2GH) buffers to allocate
 // and fault in on every call, and nothing waits for the other direction. With more threads, one
-// multi-threaded GEMM before (forward) or after (backward) the recurrences does that work instead.
+// multi-threaded GEMM before (forward) or after (backward) the recurrences does that work instead,
+// as it does for thread teams (team.h) at any count.
 inline bool by_chunks() { return at::get_num_threads() <= 2; }
 
 // Grain of the parallel loop over the two directions: 1 runs them on two threads; 2, for layers
