@@ -27,6 +27,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
+#include <string>
 #include <thread>
 
 #include <unistd.h>
@@ -42,15 +44,32 @@ constexpr int64_t kMinMultiplyAdds = int64_t{1} << 18;
 constexpr int64_t kUnitGrain = 8;  // slices start on whole vectors of the cell math
 constexpr int64_t kInTurnMaxBatch = 16;
 
-// Bytes of the last-level cache (sysconf; 32 MiB where the C library cannot tell).
+// Bytes of the last-level cache instance this CPU shares (Linux's sysfs, as lscpu reads it: sysconf
+// reports the whole package's L3 on some CPUs and VMs, e.g. 256 MiB for eight 32 MiB slices); 32 MiB
+// where neither can tell.
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    for (const int level : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
-      if (const long size = sysconf(level); size > 0) {
-        return static_cast<int64_t>(size);
+    int64_t level = 0, size = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+      int64_t this_level = 0, this_size = 0;
+      std::string type, unit;
+      if (!(level_file >> this_level) || !(type_file >> type) || !(size_file >> this_size)) {
+        continue;
+      }
+      size_file >> unit;  // "32768K"
+      this_size <<= unit == "M" ? 20 : unit == "K" ? 10 : 0;
+      if (type != "Instruction" && this_level > level) {
+        level = this_level;
+        size = this_size;
       }
     }
-    return int64_t{32} << 20;
+    if (size > 0) {
+      return size;
+    }
+    const long reported = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{32} << 20;
   }();
   return bytes;
 }
