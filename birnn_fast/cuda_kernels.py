@@ -274,3 +274,38 @@ def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, l
         raise RuntimeError("birnn_fast cuda backend: its backward runs the Triton kernels, which are unavailable")
     return _triton_ops.backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
                                   workspace, output_mask)
+
+
+def previous_hidden(output, h0, lengths):
+    """(2, T, B, H): the h each (direction, time, row) step started from; h0 at a row's first step."""
+    T, B, H2 = output.shape
+    H = H2 // 2
+    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :H]])
+    reverse_prev = torch.cat([output[1:, :, H:], output.new_zeros(1, B, H)])
+    first = torch.arange(T, device=output.device)[:, None, None] == (lengths - 1)[None, :, None]  # [T, B, 1]
+    reverse_prev = torch.where(first, h0[1, None].to(output.dtype), reverse_prev)
+    return torch.stack([forward_prev, reverse_prev])
+
+
+def gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
+    """grad_input and the weight gradients (per direction, the order of ``weights``) from the gate
+    gradients (T, B, 2, G*H) fp32 (0 at padding): GEMMs over all T*B steps at once in the input's
+    dtype, fp32 accumulation (cuDNN's rule), as the Triton launcher's."""
+    T, B, I = input.shape
+    GH = dgates.shape[-1]
+    H = GH // cell_of(cell).gates
+    dtype = input.dtype
+    dgates_hh = dgates
+    if cell == "GRU":
+        # The hidden projection of n enters scaled by r (0 at padding, as the gate gradients).
+        dgates_hh = dgates.clone()
+        dgates_hh[..., 2 * H:] *= workspace[..., :H]
+    flat, flat_hh = dgates.view(T * B, 2, GH), dgates_hh.view(T * B, 2, GH)
+    weight_ih = torch.stack([weights[0], weights[4]])
+    grad_input = (flat.reshape(T * B, 2 * GH).to(dtype) @ weight_ih.view(2 * GH, I)).view(T, B, I)
+    grad_weight_ih = flat.permute(1, 2, 0).to(dtype) @ input.reshape(T * B, I)
+    h_prev = previous_hidden(output, h0, lengths).reshape(2, T * B, H)
+    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)
+    grad_bias_ih, grad_bias_hh = flat.sum(0).to(dtype), flat_hh.sum(0).to(dtype)
+    return grad_input, [grad[d] for d in range(2) for grad in (grad_weight_ih, grad_weight_hh, grad_bias_ih,
+                                                               grad_bias_hh)]

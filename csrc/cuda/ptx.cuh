@@ -117,4 +117,14 @@ __device__ __forceinline__ void bulk_copy_to_peer(uint32_t destination, uint32_t
       : "memory");
 }
 
+// Two fp32 into another CTA's shared memory at shared::cluster `destination` (8-byte aligned),
+// completing 8 bytes on that CTA's mbarrier at shared::cluster `barrier`: the receiver's wait on it
+// makes the values visible (the backward's partial sums).
+__device__ __forceinline__ void store_async_to_peer(uint32_t destination, float x, float y, uint32_t barrier) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
+                   destination),
+               "r"(__float_as_uint(x)), "r"(__float_as_uint(y)), "r"(barrier)
+               : "memory");
+}
+
 }  // namespace birnn_fast::cuda
