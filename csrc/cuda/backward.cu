@@ -186,7 +186,7 @@ __device__ __forceinline__ void backward_kernel(const BackwardParams& p) {
         }
       }
     }
-    if (i >= 1) mbarrier_wait(&full[buffer], phase_parity(i));
+    if (i >= 1) mbarrier_wait_cluster(&full[buffer], phase_parity(i));
     __syncthreads();  // the peers' partial sums (the wait) and our own warps' (plain stores)
     if (i >= 1 && threadIdx.x == 0) {
       // Re-armed for iteration i + 2 only now: every thread of the CTA has seen this phase complete.

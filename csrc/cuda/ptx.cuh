@@ -106,6 +106,20 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity
       : "memory");
 }
 
+// The same wait with cluster-scope acquire: st.async's complete_tx releases at cluster scope from
+// another CTA's thread, which a CTA-scope acquire does not synchronize with.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* barrier, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(barrier)),
+      "r"(parity)
+      : "memory");
+}
+
 // `bytes` from this CTA's shared memory at `source` to shared::cluster `destination` (another CTA's),
 // completing on the destination CTA's mbarrier at shared::cluster `barrier`.
 __device__ __forceinline__ void bulk_copy_to_peer(uint32_t destination, uint32_t source, uint32_t bytes,
