@@ -885,6 +885,8 @@ def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths
                 for d in range(2) for chunk in range(p.chunks)}
     in_flight = []  # (receiver, buffer, sender, group, nt, [32, 2] data, iteration)
     lanes, columns = np.arange(32)[:, None], np.arange(2)[None, :]
+    # (tile row, column) of each lane's accumulator registers 2 half, 2 half + 1: [32, 2] each.
+    accumulator = [c_coords(lanes, 2 * half + columns) for half in range(2)]
 
     def elements(cta, warp, o):
         """(unit, batch row, chunk row, valid) of a warp's item o: [32, 2] each."""
@@ -967,10 +969,8 @@ def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths
                         rank, group = bwd_destination(p, 2 * mt + half)
                         if rank >= p.cluster:
                             continue
-                        data = np.zeros((32, 2), dtype=dtype)
-                        for e in range(2):
-                            tile_row, n = c_coords(lanes[:, 0], 2 * half + e)
-                            data[:, e] = acc[tile_row, 8 * nt + n]
+                        tile_row, n = accumulator[half]
+                        data = acc[tile_row, 8 * nt + n]  # [32, 2]: a lane's accumulator pair
                         receiver = clusters[cta.direction, cta.chunk][rank]
                         if receiver is cta:  # our own units: plain stores, ordered by the CTA barrier
                             assert cta.tags[next_buffer, cta.rank, group, nt] in (-1, i - 1)
@@ -988,23 +988,30 @@ def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths
         receiver.full[buffer].complete_tx(32 * 8)
 
     ctas = [cta for group in clusters.values() for cta in group]
-    for cta in ctas:
+    for index, cta in enumerate(ctas):
+        cta.index = index
         cta.steps = int(lengths[cta.chunk * p.chunk_rows:(cta.chunk + 1) * p.chunk_rows].max())
         prologue(cta)
-    while True:
-        runnable = [cta for cta in ctas if cta.step <= cta.steps and
-                    (cta.step == 0 or cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step)))]
-        if not runnable and not in_flight:
-            break
-        choice = rng.randrange(len(runnable) + len(in_flight))
-        if choice < len(runnable):
-            cta = runnable[choice]
+
+    def can_run(cta):
+        return cta.step <= cta.steps and (cta.step == 0 or
+                                          cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step)))
+
+    # Only an iteration (of its CTA) or a delivery (to its receiver) changes whether a CTA can run.
+    runnable = {cta.index for cta in ctas if can_run(cta)}
+    while runnable or in_flight:
+        order = sorted(runnable)
+        choice = rng.randrange(len(order) + len(in_flight))
+        if choice < len(order):
+            cta = ctas[order[choice]]
             if cta.step >= 1:
                 cta.full[read_buffer(cta.step)].arrive_expect_tx(p.expect_bytes)
             iteration(cta, cta.step)
             cta.step += 1
         else:
-            deliver(in_flight.pop(choice - len(runnable)))
+            cta = in_flight[choice - len(order)][0]
+            deliver(in_flight.pop(choice - len(order)))
+        (runnable.add if can_run(cta) else runnable.discard)(cta.index)
     assert all(cta.step == cta.steps + 1 for cta in ctas), "a CTA waits for partial sums that never come"
     for cta in ctas:
         rows = slice(cta.chunk * p.chunk_rows, (cta.chunk + 1) * p.chunk_rows)
