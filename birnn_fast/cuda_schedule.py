@@ -5,8 +5,9 @@ CTA owns which units, which warp which K tiles and batch tiles, where an element
 fragment and in the exchanged h buffers, which buffer and barrier parity a step uses, which time
 index a row takes. ``run_forward`` executes the whole forward schedule on the CPU with these
 functions (per CTA, per warp, per lane of the MMA fragments, the exchange as asynchronous copies
-delivered in a random order, mbarriers with transaction counts), so that the first hardware run is
-not the first run of the indexing. The design: csrc/cuda/README.md.
+delivered in a random order, mbarriers with transaction counts), and ``run_backward`` the backward's
+likewise (its partial sums delivered as st.async blocks in a random order), so that the first
+hardware run is not the first run of the indexing. The design: csrc/cuda/README.md.
 
 A leaf module: numpy and the cells table only (the launcher and the build script import it).
 """
