@@ -8,7 +8,8 @@ shared memory) on torch's current stream, on the tensors' data pointers; the lau
 ``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
 csrc/cuda/README.md.
 
-So far: the forward of every cell in bfloat16 / float16, without projections, on sm_90 / sm_100. The
+So far: the forward and the backward of every cell in bfloat16 / float16, without projections, on
+sm_90 / sm_100. Where the CUDA backward cannot run a layer (``why_not(..., backward=True)``) the
 backward is the Triton kernels' (birnn_fast.kernels), which read this forward's workspace (same layout).
 """
 import ctypes
@@ -20,6 +21,7 @@ import torch
 
 from . import cuda_schedule as schedule
 from .cells import cell_of
+from .library import masked
 
 try:
     from cuda.bindings import driver
@@ -29,8 +31,8 @@ except ImportError as error:  # the kernels cannot run; why_not says so
 else:
     _IMPORT_ERROR = None
 
-# The backward runs on the Triton kernels for now; imported here, with the package, as backends.py
-# imports them (never inside a call).
+# The backward falls back to the Triton kernels where the CUDA one cannot run; imported here, with the
+# package, as backends.py imports them (never inside a call).
 _triton_ops = None
 if torch.backends.cuda.is_built():
     try:
@@ -53,14 +55,25 @@ class ForwardParams(ctypes.Structure):
                  "n_tiles", "relu")]
 
 
+class BackwardParams(ctypes.Structure):
+    """csrc/cuda/schedule.cuh's BackwardParams, field by field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("grad_output", "grad_h_n", "grad_c_n", "w_hh", "h0", "c0", "lengths", "output", "workspace",
+                 "dgates", "grad_h0", "grad_c0")] + \
+               [(name, ctypes.c_int32) for name in
+                ("T", "B", "H", "gates", "units", "cluster", "chunk_rows", "n_tiles", "m_tiles", "warp_m_tiles",
+                 "k_tiles", "fragment_stride", "reg_fragments", "smem_fragments", "relu")]
+
+
 def cubin_path(arch, name="forward_lstm"):
     return CUBIN_DIR / f"{name}.sm_{arch}.cubin"
 
 
-def why_not(device, dtype, cell, hidden=None, batch=1, projections=False):
+def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backward=False):
     """The reason the CUDA kernels cannot run one layer (tensors of this device and dtype, cell,
     hidden size, batch and, with ``projections``, an LSTM with proj_size), or None if they can;
-    without ``hidden``, whether they can run that device, dtype and cell at all."""
+    without ``hidden``, whether they can run that device, dtype and cell at all. With ``backward``,
+    the same for the backward kernel."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
@@ -70,7 +83,7 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False):
         return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
     try:
         if hidden is not None:
-            schedule.plan(cell, hidden, batch, DTYPES[dtype])
+            (schedule.backward_plan if backward else schedule.plan)(cell, hidden, batch, DTYPES[dtype])
     except ValueError as error:
         return f"the cuda backend cannot run this layer: {error}"
     if _IMPORT_ERROR is not None:
@@ -82,7 +95,7 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False):
     if arch is None:
         return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
                 f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
-    path = cubin_path(arch, schedule.cubin_name(cell))
+    path = cubin_path(arch, (schedule.backward_cubin_name if backward else schedule.cubin_name)(cell))
     if not path.exists():
         return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
     return None
@@ -268,9 +281,111 @@ def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, worksp
 
 def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,
                 output_mask=(True, True, True, True)):
-    """``birnn_fast::backward``: the Triton kernels' backward on this forward's workspace (the same
-    layout: i, f, g, o and c_t at each row's time index), until the CUDA backward is built."""
-    if _triton_ops is None:
-        raise RuntimeError("birnn_fast cuda backend: its backward runs the Triton kernels, which are unavailable")
-    return _triton_ops.backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output,
-                                  workspace, output_mask)
+    """``birnn_fast::backward`` (library.py) on this forward's workspace: the cluster kernel for the
+    recurrence (the gate gradients, grad_h0, grad_c0), then cuBLAS for grad_input and the weight
+    gradients; the Triton kernels' backward (same workspace layout) where the CUDA one cannot run
+    the layer (``why_not(..., backward=True)``)."""
+    reason = _backward_reason(cell, input, weights, workspace, (grad_output, grad_h_n, grad_c_n))
+    if reason is not None:
+        if _triton_ops is None:
+            raise RuntimeError(f"birnn_fast cuda backend: {reason}, and the Triton kernels it would fall back to "
+                               "are unavailable")
+        return _triton_ops.backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths,
+                                      output, workspace, output_mask)
+    T, B, I, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
+    if tuple(grad_output.shape) != (T, B, 2 * H):
+        raise ValueError(f"Expected grad_output size {(T, B, 2 * H)}, got {list(grad_output.shape)}")
+    if B == 0:
+        return masked(output_mask, input.new_zeros(input.shape), [torch.zeros_like(w) for w in weights],
+                      torch.empty_like(h0), torch.empty_like(c0))
+    dgates = input.new_empty(T, B, 2, gates * H, dtype=torch.float32)
+    grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+    backward_into(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths, output, workspace, dgates,
+                  grad_h0, grad_c0)
+    grad_input, grad_weights = gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths)
+    return masked(output_mask, grad_input, grad_weights, grad_h0, grad_c0)
+
+
+def _backward_reason(cell, input, weights, workspace, grads):
+    """Why the CUDA backward cannot run this call (then Triton's does), or None."""
+    if len(weights) != 8:
+        return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
+    gates = cell_of(cell).gates
+    H = weights[1].shape[0] // gates if weights[1].dim() == 2 else 0
+    T, B = (input.shape[0], input.shape[1]) if input.dim() == 3 else (0, 0)
+    reason = why_not(input.device, input.dtype, cell, H, B, False, True)
+    if reason is not None:
+        return reason
+    if tuple(workspace.shape) != (T, B, 2, cell_of(cell).saved * H) or workspace.dtype != torch.float32:
+        return f"the workspace {list(workspace.shape)} is not this forward's (T, B, 2, {cell_of(cell).saved}*H) fp32"
+    if any(grad.dtype != input.dtype for grad in grads):
+        return "the kernel reads the incoming gradients in the input's dtype"
+    return None
+
+
+def backward_params(plan, T, pointers):
+    """The backward kernel's argument for a plan and the tensors' addresses (a dict of BackwardParams'
+    pointer fields)."""
+    return BackwardParams(**pointers, T=T, B=plan.batch, H=plan.hidden, gates=plan.gates, units=plan.units,
+                          cluster=plan.cluster, chunk_rows=plan.chunk_rows, n_tiles=plan.n_tiles,
+                          m_tiles=plan.m_tiles, warp_m_tiles=plan.warp_m_tiles, k_tiles=plan.k_tiles,
+                          fragment_stride=plan.fragment_stride, reg_fragments=plan.reg_fragments,
+                          smem_fragments=plan.smem_fragments, relu=int(plan.cell == "RNN_RELU"))
+
+
+def backward_into(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths, output, workspace, dgates,
+                  grad_h0, grad_c0):
+    """The backward kernel's launch into given results (dgates (T, B, 2, G*H) fp32, grad_h0 (2, B, H),
+    grad_c0 (2, B, H) or (0,), contiguous): the device check poisons them first."""
+    T, B, _ = output.shape
+    H = h0.shape[-1]
+    grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace = (
+        x.contiguous() for x in (grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace))
+    w_hh = torch.stack([weights[1], weights[5]]).contiguous()
+    plan = schedule.backward_plan(cell, H, B, DTYPES[output.dtype])
+    params = backward_params(plan, T, dict(
+        grad_output=grad_output.data_ptr(), grad_h_n=grad_h_n.data_ptr(), grad_c_n=grad_c_n.data_ptr(),
+        w_hh=w_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(), lengths=lengths.data_ptr(),
+        output=output.data_ptr(), workspace=workspace.data_ptr(), dgates=dgates.data_ptr(),
+        grad_h0=grad_h0.data_ptr(), grad_c0=grad_c0.data_ptr()))
+    arguments = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    function = _function(output.device, plan)
+    stream = torch.cuda.current_stream(output.device).cuda_stream
+    # w_hh and the contiguous copies live until the kernel has read them (the caching allocator reuses
+    # their memory only for work queued after this launch on the same stream).
+    _check(driver.cuLaunchKernelEx(launch_config(plan, stream), function, ctypes.addressof(arguments), 0))
+
+
+def previous_hidden(output, h0, lengths):
+    """(2, T, B, H): the h each (direction, time, row) step started from; h0 at a row's first step."""
+    T, B, H2 = output.shape
+    H = H2 // 2
+    forward_prev = torch.cat([h0[0, None].to(output.dtype), output[:-1, :, :H]])
+    reverse_prev = torch.cat([output[1:, :, H:], output.new_zeros(1, B, H)])
+    first = torch.arange(T, device=output.device)[:, None, None] == (lengths - 1)[None, :, None]  # [T, B, 1]
+    reverse_prev = torch.where(first, h0[1, None].to(output.dtype), reverse_prev)
+    return torch.stack([forward_prev, reverse_prev])
+
+
+def gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
+    """grad_input and the weight gradients (per direction, the order of ``weights``) from the gate
+    gradients (T, B, 2, G*H) fp32 (0 at padding): GEMMs over all T*B steps at once in the input's
+    dtype, fp32 accumulation (cuDNN's rule), as the Triton launcher's."""
+    T, B, I = input.shape
+    GH = dgates.shape[-1]
+    H = GH // cell_of(cell).gates
+    dtype = input.dtype
+    dgates_hh = dgates
+    if cell == "GRU":
+        # The hidden projection of n enters scaled by r (0 at padding, as the gate gradients).
+        dgates_hh = dgates.clone()
+        dgates_hh[..., 2 * H:] *= workspace[..., :H]
+    flat, flat_hh = dgates.view(T * B, 2, GH), dgates_hh.view(T * B, 2, GH)
+    weight_ih = torch.stack([weights[0], weights[4]])
+    grad_input = (flat.reshape(T * B, 2 * GH).to(dtype) @ weight_ih.view(2 * GH, I)).view(T, B, I)
+    grad_weight_ih = flat.permute(1, 2, 0).to(dtype) @ input.reshape(T * B, I)
+    h_prev = previous_hidden(output, h0, lengths).reshape(2, T * B, H)
+    grad_weight_hh = flat_hh.permute(1, 2, 0).to(dtype) @ h_prev.to(dtype)
+    grad_bias_ih, grad_bias_hh = flat.sum(0).to(dtype), flat_hh.sum(0).to(dtype)
+    return grad_input, [grad[d] for d in range(2) for grad in (grad_weight_ih, grad_weight_hh, grad_bias_ih,
+                                                               grad_bias_hh)]

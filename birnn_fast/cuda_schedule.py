@@ -5,8 +5,9 @@ CTA owns which units, which warp which K tiles and batch tiles, where an element
 fragment and in the exchanged h buffers, which buffer and barrier parity a step uses, which time
 index a row takes. ``run_forward`` executes the whole forward schedule on the CPU with these
 functions (per CTA, per warp, per lane of the MMA fragments, the exchange as asynchronous copies
-delivered in a random order, mbarriers with transaction counts), so that the first hardware run is
-not the first run of the indexing. The design: csrc/cuda/README.md.
+delivered in a random order, mbarriers with transaction counts), and ``run_backward`` the backward's
+likewise (its partial sums delivered as st.async blocks in a random order), so that the first
+hardware run is not the first run of the indexing. The design: csrc/cuda/README.md.
 
 A leaf module: numpy and the cells table only (the launcher and the build script import it).
 """
@@ -201,16 +202,25 @@ def h_slice(p, k):
     return k // p.units, k % p.units
 
 
-def h_offset(p, row, col):
-    """Element offset of (batch row, column) within a slice block of rows x U: the 16-byte chunks of a
-    row XOR-swizzled so that ldmatrix's 8 rows of one chunk fall in distinct banks (rows of a
-    power-of-two chunk count share banks periodically; odd counts do not)."""
-    chunks = p.units // 8
+def swizzled_offset(width, row, col):
+    """Element offset of (row, column) in a block of rows of ``width`` 16-bit elements (a multiple of
+    8), the 16-byte chunks of a row XOR-swizzled so that ldmatrix's 8 rows of one chunk fall in
+    distinct bank groups. Row r starts at bank group (r * chunks) % 8: with m the largest power of two
+    dividing the chunk count (at most 8), 8 consecutive rows start at 8 / m groups, each m times; the
+    XOR with (r >> log2(8 / m)) % m, which keeps a chunk inside its aligned group of m, spreads them
+    (odd counts need none)."""
+    chunks = width // 8
     chunk = col >> 3
-    if chunks > 1 and chunks & (chunks - 1) == 0 and chunks <= 8:
-        shift = int(math.log2(8 // chunks))
-        chunk ^= (row >> shift) & (chunks - 1)
-    return row * p.units + chunk * 8 + (col & 7)
+    m = min(chunks & -chunks, 8)
+    if m > 1:
+        shift = int(math.log2(8 // m))
+        chunk ^= (row >> shift) & (m - 1)
+    return row * width + chunk * 8 + (col & 7)
+
+
+def h_offset(p, row, col):
+    """Element offset of (batch row, column) within a slice block of rows x U (swizzled_offset)."""
+    return swizzled_offset(p.units, row, col)
 
 
 def hbuf_offset(p, buffer, slice_, row, col):
@@ -562,3 +572,451 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
         for slot in range(cell_of(cell).saved):
             workspace[cta.steps:, rows, cta.direction, slot * H:(slot + 1) * H][..., units] = 0.0
     return output, h_n, c_n, workspace
+
+
+# --- The backward (BPTT) -------------------------------------------------------------------------
+#
+# Per direction and chunk of rows a cluster of the forward's C CTAs, CTA rank owning the same U
+# units. Iteration i = 0 .. steps runs step s = steps - 1 - i (the last, s = -1, only finishes
+# grad_h0): the owners of (unit, row) elements add the partial sums of dh that reached them, run the
+# cell's backward and write their dgates (the exchange's version: the GRU's n gate scaled by r) into
+# the CTA's own B operand, dgb (rows x width, K = the CTA's G*U gate-units); then every warp multiplies
+# its M tiles of W_hh^T (all C*U units, K = the CTA's gate-units: W_hh's rows of the CTA's units,
+# on chip for all steps) by dgb and sends each 8-unit half tile of partial dh, fp32, to the CTA that
+# owns those units (st.async into its recv[next][rank], completing on its full[next] mbarrier).
+# Why partial sums and not dgates: csrc/cuda/README.md.
+
+BACKWARD_WARPS = 8
+# Chunk rows -> the largest U its kernels take; the plan takes the first that fits (r64 keeps the
+# batch of 64 in one cluster for H <= 256, r32 halves the receive buffers for H <= 512).
+BACKWARD_VARIANTS = {64: 16, 32: 32}
+BACKWARD_MAX_REGISTER_FRAGMENTS = 16
+
+
+def backward_kernel_name(cell, dtype, chunk_rows):
+    return f"birnn_backward_{FAMILIES[cell]}_{dtype}_r{chunk_rows}"
+
+
+def backward_cubin_name(cell):
+    return f"backward_{FAMILIES[cell]}"
+
+
+BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in DTYPE_BYTES
+                           for rows in BACKWARD_VARIANTS)
+
+
+def backward_bounds(gates, chunk_rows):
+    """The compile-time bounds of a variant (backward.cu's template arguments): (n tiles, local K
+    tiles, M tiles a warp, register fragments a warp)."""
+    units = BACKWARD_VARIANTS[chunk_rows]
+    k_tiles = ceil_div(gates * units, 16)
+    warp_m_tiles = ceil_div(ceil_div(MAX_CLUSTER * units, 16), BACKWARD_WARPS)
+    return chunk_rows // 8, k_tiles, warp_m_tiles, min(BACKWARD_MAX_REGISTER_FRAGMENTS, warp_m_tiles * k_tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    cell: str
+    dtype: str
+    hidden: int  # H
+    batch: int  # B
+    gates: int  # G
+    units: int  # U, as the forward's
+    cluster: int  # C, as the forward's
+    chunk_rows: int  # batch rows a cluster runs (64 or 32: the variant)
+    n_tiles: int  # batch tiles of 8 of a chunk
+    chunks: int  # clusters per direction
+    m_tiles: int  # M tiles of 16 units covering all C*U units
+    warp_m_tiles: int  # M tiles a warp: warp + 8 j
+    k_tiles: int  # K tiles of 16 of a CTA's G*U gate-units
+    fragment_stride: int  # the variant's bound on k_tiles: fragment j * stride + kt
+    reg_fragments: int  # R: the first R of a warp's (M tile, K tile) fragments in registers
+    smem_fragments: int  # the rest, in shared memory
+
+    warps = BACKWARD_WARPS
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def rows(self):
+        return 8 * self.n_tiles
+
+    @property
+    def width(self):
+        """Columns of dgb: the CTA's G*U gate-units padded to its K tiles."""
+        return 16 * self.k_tiles
+
+    @property
+    def groups(self):
+        """8-unit groups a CTA owns."""
+        return self.units // 8
+
+    @property
+    def slot_bytes(self):
+        """One sender's partials for one receiver: U units x rows, fp32."""
+        return self.units * self.rows * 4
+
+    @property
+    def recv_bytes(self):
+        return 2 * self.cluster * self.slot_bytes
+
+    @property
+    def dgb_bytes(self):
+        return self.rows * self.width * DTYPE_BYTES[self.dtype]
+
+    @property
+    def wsm_bytes(self):
+        return self.warps * self.smem_fragments * FRAGMENT_BYTES
+
+    @property
+    def smem_bytes(self):
+        """recv, W_hh^T's shared part, dgb, two mbarriers (backward.cu's layout)."""
+        return self.recv_bytes + self.wsm_bytes + self.dgb_bytes + 16
+
+    @property
+    def expect_bytes(self):
+        return (self.cluster - 1) * self.slot_bytes
+
+    @property
+    def items(self):
+        """(group, batch tile) pairs of a CTA's elements, 32 lanes x 2 rows each."""
+        return self.groups * self.n_tiles
+
+    @property
+    def grid(self):
+        return (self.cluster, 2, self.chunks)
+
+    @property
+    def kernel(self):
+        return backward_kernel_name(self.cell, self.dtype, self.chunk_rows)
+
+    @property
+    def cubin(self):
+        return backward_cubin_name(self.cell)
+
+
+def backward_plan(cell, hidden, batch, dtype, fit=True):
+    """The backward's launch plan of one layer (its units and cluster are the forward's), or a
+    ValueError saying why the kernels cannot take it; ``fit=False`` as plan's."""
+    forward = plan(cell, hidden, batch, dtype, fit=fit)
+    gates, units, cluster = forward.gates, forward.units, forward.cluster
+    m_tiles_ = ceil_div(cluster * units, 16)
+    variants = [rows for rows, largest in BACKWARD_VARIANTS.items() if units <= largest]
+    if not variants:
+        if fit:
+            raise ValueError(f"H = {hidden} needs {units} units a CTA, more than the backward's kernels take")
+        variants = [32]
+    result = None
+    for rows in variants:
+        _, bound_k, _, bound_r = backward_bounds(gates, rows)
+        warp_m_tiles = ceil_div(m_tiles_, BACKWARD_WARPS)
+        k_tiles = ceil_div(gates * units, 16)
+        stride = max(bound_k, k_tiles)  # the bound, or (fit=False) enough
+        fragments = (warp_m_tiles - 1) * stride + k_tiles
+        registers = min(bound_r, fragments)
+        n_tiles = ceil_div(min(max(batch, 1), rows), 8)
+        result = BackwardPlan(cell, dtype, hidden, batch, gates, units, cluster, rows, n_tiles,
+                              ceil_div(max(batch, 1), rows), m_tiles_, warp_m_tiles, k_tiles, stride, registers,
+                              fragments - registers)
+        if not fit or result.smem_bytes <= SMEM_LIMIT:
+            return result
+    raise ValueError(f"H = {hidden}, B = {batch} ({dtype}): the backward needs {result.smem_bytes} bytes of shared "
+                     f"memory a CTA, more than {SMEM_LIMIT}")
+
+
+# The backward's index functions (schedule.cuh mirrors each).
+
+def bwd_step(steps, i):
+    """The step iteration i runs (the last iteration, i = steps, runs s = -1: grad_h0 only)."""
+    return steps - 1 - i
+
+
+def bwd_warp_m_tile(p, warp, j):
+    """The M tile (units 16 mt .. 16 mt + 15 of the direction) of a warp's j-th."""
+    return warp + p.warps * j
+
+
+def bwd_fragment(p, j, kt):
+    """A warp's fragment number of (its M tile j, K tile kt), strided by the variant's bound on K
+    tiles (a register fragment's number is then known at compile time): the first reg_fragments in
+    registers."""
+    return j * p.fragment_stride + kt
+
+
+def bwd_wsm_index(p, warp, fragment):
+    """The 512-byte block of a fragment past the register ones in shared memory."""
+    return warp * p.smem_fragments + fragment - p.reg_fragments
+
+
+def bwd_source(p, rank, kk):
+    """(gate, unit) of a CTA's K index kk (its gate-units, unit-major: a unit's G gates adjacent)."""
+    return kk % p.gates, rank * p.units + kk // p.gates
+
+
+def bwd_destination(p, group):
+    """(rank, local group) owning 8-unit group ``group`` (units 8 group .. +7) of the direction."""
+    return group // p.groups, group % p.groups
+
+
+def bwd_item(p, warp, o):
+    """(local group, batch tile) of a warp's o-th item: its lanes own units 8 group + lane / 4, rows
+    8 nt + 2 (lane % 4) + e (e = 0, 1), the accumulator layout of a half M tile."""
+    q = warp + p.warps * o
+    return q // p.n_tiles, q % p.n_tiles
+
+
+def recv_offset(p, buffer, sender, group, nt, lane):
+    """The float2 of recv[2][C][groups][n_tiles][32] a sender's lane leaves for a receiver."""
+    return (((buffer * p.cluster + sender) * p.groups + group) * p.n_tiles + nt) * 32 + lane
+
+
+def dgb_offset(p, row, kk):
+    """Element offset of (batch row, K index) in dgb (rows x width, swizzled for ldmatrix)."""
+    return swizzled_offset(p.width, row, kk)
+
+
+def previous_time(direction, s, length):
+    """The time index of a row's step s - 1 (s >= 1): where the state step s started from was saved."""
+    return step_time(direction, s - 1, length)
+
+
+def cell_backward(cell, dh, dc, saved, previous):
+    """The cell's backward on one element (cells.cuh's twin): (dgates through W_ih, through W_hh,
+    dc_prev, what reaches h_prev other than through W_hh). saved: the workspace's slots; previous:
+    LSTM c_{t-1}, GRU h_{t-1}, RNN h_t."""
+    zero = np.zeros_like(dh)
+    if cell == "LSTM":
+        i, f, g, o, c = saved
+        tc = np.tanh(c)
+        dcell = dc + dh * o * (1 - tc * tc)
+        d = [dcell * g * i * (1 - i), dcell * previous * f * (1 - f), dcell * i * (1 - g * g), dh * tc * o * (1 - o)]
+        return d, d, dcell * f, zero
+    if cell == "GRU":
+        r, z, n, hidden_n = saved
+        dn = dh * (1 - z) * (1 - n * n)
+        d = [dn * hidden_n * r * (1 - r), dh * (previous - n) * z * (1 - z), dn]
+        return d, d[:2] + [dn * r], zero, dh * z
+    if cell == "RNN_RELU":
+        d = [np.where(previous > 0, dh, 0.0)]
+    else:
+        d = [dh * (1 - previous * previous)]
+    return d, d, zero, zero
+
+
+class _BackwardCta:
+    def __init__(self, p, rank, direction, chunk, weight_hh, dtype):
+        self.p, self.rank, self.direction, self.chunk = p, rank, direction, chunk
+        self.recv = np.zeros((2, p.cluster, p.groups, p.n_tiles, 32, 2), dtype=dtype)
+        self.tags = np.full((2, p.cluster, p.groups, p.n_tiles), -1)  # the iteration a block is for
+        self.read_done = -1  # the last iteration whose reads of recv are finished
+        self.dgb = np.zeros(p.rows * p.width, dtype=dtype)
+        self.full = [_Barrier(1), _Barrier(1)]
+        self.step = 0
+        G, H = p.gates, p.hidden
+        lanes, regs = np.arange(32)[:, None], np.arange(4)[None, :]
+        row, k = a_coords(lanes, regs)
+        # Per warp and M tile j: W_hh^T (16 units, K) gathered lane by lane, fragment by fragment, as
+        # the kernel loads its registers and shared memory.
+        self.a = {}
+        fragments = set()
+        for warp in range(p.warps):
+            for j in range(p.warp_m_tiles):
+                mt = bwd_warp_m_tile(p, warp, j)
+                tile = np.zeros((16, p.width), dtype=dtype)
+                for kt in range(p.k_tiles):
+                    f = bwd_fragment(p, j, kt)
+                    assert f not in fragments and 0 <= f < p.reg_fragments + p.smem_fragments
+                    fragments.add(f)
+                    if f >= p.reg_fragments:
+                        assert 0 <= bwd_wsm_index(p, warp, f) * FRAGMENT_BYTES < p.wsm_bytes
+                    for e in range(2):
+                        kk = 16 * kt + k + e
+                        unit = 16 * mt + row
+                        gate, source = bwd_source(p, rank, kk)
+                        ok = (mt < p.m_tiles) & (unit < H) & (kk < G * p.units) & (source < H)
+                        values = weight_hh[np.where(ok, gate * H + source, 0), np.where(ok, unit, 0)]
+                        assert not tile[row, kk].any(), "two lanes load one A element"
+                        tile[row, kk] = np.where(ok, values, 0.0)
+                fragments.clear()
+                self.a[warp, j] = tile
+
+
+def _dgb_gather(p):
+    """The dgb offsets (width, rows) of the B operand as the kernel's ldmatrix.x4 reads it, every K
+    tile and batch tile."""
+    lanes = np.arange(32)
+    offsets = np.zeros((p.width, p.rows), dtype=np.int64)
+    for kt in range(p.k_tiles):
+        for nt in range(p.n_tiles):
+            row, k = ldmatrix_row(lanes, nt // 2, kt)
+            for reg in range(2):
+                kk, n = b_coords(lanes, reg)
+                matrix = 2 * (nt & 1) + reg
+                source = 8 * matrix + (lanes >> 2)
+                assert (row[source] == 8 * nt + n).all() and (k[source] == 16 * kt + 8 * reg).all()
+                for e in range(2):
+                    offsets[16 * kt + kk + e, 8 * nt + n] = dgb_offset(p, row[source], k[source] + 2 * (lanes & 3) + e)
+    assert sorted(offsets.ravel().tolist()) == list(range(p.rows * p.width))
+    return offsets
+
+
+def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths, output, workspace, seed=0,
+                 fit=False):
+    """The recurrent part of ``birnn_fast::backward`` computed by the model of the CUDA backward's
+    schedule: (dgates (T, B, 2, G*H), grad_h0, grad_c0) as numpy arrays (NaN where nothing wrote),
+    from the forward's output and workspace (the Triton layout). ``seed`` picks the interleaving of
+    the CTAs' iterations and of the partial sums' deliveries."""
+    grad_output, grad_h_n, grad_c_n, h0, c0, output, workspace = (
+        np.asarray(x) for x in (grad_output, grad_h_n, grad_c_n, h0, c0, output, workspace))
+    weights = [np.asarray(w) for w in weights]
+    lengths = np.asarray(lengths).astype(np.int64)
+    T, B, _ = output.shape
+    G, W = cell_of(cell).gates, cell_of(cell).saved
+    H = weights[1].shape[0] // G
+    p = backward_plan(cell, H, B, "bf16", fit=fit)
+    dtype = output.dtype
+    rng = random.Random(seed)
+    dgates = np.full((T, B, 2, G * H), np.nan, dtype=dtype)
+    grad_h0 = np.full((2, B, H), np.nan, dtype=dtype)
+    grad_c0 = np.full((2, B, H) if cell == "LSTM" else (0,), np.nan, dtype=dtype)
+    gather = _dgb_gather(p)
+    clusters = {(d, chunk): [_BackwardCta(p, rank, d, chunk, weights[4 * d + 1], dtype) for rank in range(p.cluster)]
+                for d in range(2) for chunk in range(p.chunks)}
+    in_flight = []  # (receiver, buffer, sender, group, nt, [32, 2] data, iteration)
+    lanes, columns = np.arange(32)[:, None], np.arange(2)[None, :]
+    # (tile row, column) of each lane's accumulator registers 2 half, 2 half + 1: [32, 2] each.
+    accumulator = [c_coords(lanes, 2 * half + columns) for half in range(2)]
+
+    def elements(cta, warp, o):
+        """(unit, batch row, chunk row, valid) of a warp's item o: [32, 2] each."""
+        group, nt = bwd_item(p, warp, o)
+        unit = np.broadcast_to(cta.rank * p.units + 8 * group + (lanes >> 2), (32, 2))
+        row = 8 * nt + 2 * (lanes & 3) + columns
+        b = cta.chunk * p.chunk_rows + row
+        return group, nt, unit, b, row, (unit < H) & (b < B) & (group < p.groups) & (nt < p.n_tiles)
+
+    def items(cta):
+        for warp in range(p.warps):
+            for o in range(ceil_div(p.items, p.warps)):
+                if warp + p.warps * o < p.items:
+                    yield warp, o
+
+    def prologue(cta):
+        d = cta.direction
+        cta.carry, cta.dc = {}, {}
+        for warp, o in items(cta):
+            _, _, unit, b, _, ok = elements(cta, warp, o)
+            at = (d, np.minimum(b, B - 1), np.minimum(unit, H - 1))
+            cta.carry[warp, o] = np.where(ok, grad_h_n[at], 0.0)
+            cta.dc[warp, o] = np.where(ok, grad_c_n[at], 0.0) if cell == "LSTM" else np.zeros((32, 2), dtype)
+        cta.full[1].arrive_expect_tx(p.expect_bytes)
+        cta.full[0].arrive_expect_tx(p.expect_bytes)
+
+    def iteration(cta, i):
+        d, steps = cta.direction, cta.steps
+        s = bwd_step(steps, i)
+        buffer, next_buffer = read_buffer(i), read_buffer(i + 1)
+        for warp, o in items(cta):
+            group, nt, unit, b, row, ok = elements(cta, warp, o)
+            total = np.zeros((32, 2), dtype=dtype)
+            if i >= 1:
+                for sender in range(p.cluster):  # in rank order: the same sum every run
+                    assert cta.tags[buffer, sender, group, nt] == i, "a partial sum of another iteration"
+                    total = total + cta.recv[buffer, sender, group, nt]
+            length = lengths[np.minimum(b, B - 1)]
+            bb, uu = np.minimum(b, B - 1), np.minimum(unit, H - 1)
+            if s < 0:  # every valid row's first step is done: what reached h0 and c0
+                grad_h0[d, b[ok], unit[ok]] = (cta.carry[warp, o] + total)[ok]
+                if cell == "LSTM":
+                    grad_c0[d, b[ok], unit[ok]] = cta.dc[warp, o][ok]
+                continue
+            active = ok & (s < length)
+            padding = ok & (s >= length)
+            t = np.where(active, step_time(d, s, length), s)
+            dh = cta.carry[warp, o] + total + grad_output[t, bb, d * H + uu]
+            saved = [workspace[t, bb, d, slot * H + uu] for slot in range(W)]
+            # previous: LSTM c and GRU h where step s started (saved at the row's previous time
+            # index; c0 / h0 at its first step), RNN the step's own h.
+            t_prev = np.clip(previous_time(d, s, length), 0, T - 1) if s >= 1 else None
+            if cell == "LSTM":
+                previous = workspace[t_prev, bb, d, 4 * H + uu] if s >= 1 else c0[d, bb, uu]
+            elif cell == "GRU":
+                previous = output[t_prev, bb, d * H + uu] if s >= 1 else h0[d, bb, uu]
+            else:
+                previous = output[t, bb, d * H + uu]
+            d_ih, d_hh, dc_prev, direct = cell_backward(cell, dh, cta.dc[warp, o], saved, previous)
+            for gate in range(G):
+                dgates[t[active], b[active], d, gate * H + unit[active]] = d_ih[gate][active]
+                dgates[s, b[padding], d, gate * H + unit[padding]] = 0.0
+                kk = (unit - cta.rank * p.units) * G + gate
+                cta.dgb[dgb_offset(p, row, kk)] = np.where(active, d_hh[gate], 0.0)
+            cta.carry[warp, o] = np.where(active, direct, cta.carry[warp, o])
+            cta.dc[warp, o] = np.where(active, dc_prev, cta.dc[warp, o])
+        cta.read_done = i
+        if s < 0:
+            return
+        # The K padding of dgb (past G*U) stays as the prologue left it: 0.
+        b_operand = cta.dgb[gather]  # [width, rows]
+        for warp in range(p.warps):
+            for j in range(p.warp_m_tiles):
+                mt = bwd_warp_m_tile(p, warp, j)
+                if mt >= p.m_tiles:
+                    continue
+                acc = cta.a[warp, j] @ b_operand  # [16, rows]
+                for nt in range(p.n_tiles):
+                    for half in range(2):
+                        rank, group = bwd_destination(p, 2 * mt + half)
+                        if rank >= p.cluster:
+                            continue
+                        tile_row, n = accumulator[half]
+                        data = acc[tile_row, 8 * nt + n]  # [32, 2]: a lane's accumulator pair
+                        receiver = clusters[cta.direction, cta.chunk][rank]
+                        if receiver is cta:  # our own units: plain stores, ordered by the CTA barrier
+                            assert cta.tags[next_buffer, cta.rank, group, nt] in (-1, i - 1)
+                            cta.recv[next_buffer, cta.rank, group, nt] = data
+                            cta.tags[next_buffer, cta.rank, group, nt] = i + 1
+                        else:
+                            in_flight.append((receiver, next_buffer, cta.rank, group, nt, data, i + 1))
+
+    def deliver(copy):
+        receiver, buffer, sender, group, nt, data, i = copy
+        assert receiver.read_done >= i - 2, "a partial sum overwrote one the receiver had not read"
+        assert receiver.tags[buffer, sender, group, nt] in (-1, i - 2)
+        receiver.recv[buffer, sender, group, nt] = data
+        receiver.tags[buffer, sender, group, nt] = i
+        receiver.full[buffer].complete_tx(32 * 8)
+
+    ctas = [cta for group in clusters.values() for cta in group]
+    for index, cta in enumerate(ctas):
+        cta.index = index
+        cta.steps = int(lengths[cta.chunk * p.chunk_rows:(cta.chunk + 1) * p.chunk_rows].max())
+        prologue(cta)
+
+    def can_run(cta):
+        return cta.step <= cta.steps and (cta.step == 0 or
+                                          cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step)))
+
+    # Only an iteration (of its CTA) or a delivery (to its receiver) changes whether a CTA can run.
+    runnable = {cta.index for cta in ctas if can_run(cta)}
+    while runnable or in_flight:
+        order = sorted(runnable)
+        choice = rng.randrange(len(order) + len(in_flight))
+        if choice < len(order):
+            cta = ctas[order[choice]]
+            if cta.step >= 1:
+                cta.full[read_buffer(cta.step)].arrive_expect_tx(p.expect_bytes)
+            iteration(cta, cta.step)
+            cta.step += 1
+        else:
+            cta = in_flight[choice - len(order)][0]
+            deliver(in_flight.pop(choice - len(order)))
+        (runnable.add if can_run(cta) else runnable.discard)(cta.index)
+    assert all(cta.step == cta.steps + 1 for cta in ctas), "a CTA waits for partial sums that never come"
+    for cta in ctas:
+        rows = slice(cta.chunk * p.chunk_rows, (cta.chunk + 1) * p.chunk_rows)
+        for gate in range(G):
+            units = slice(gate * H + cta.rank * p.units, gate * H + min(H, (cta.rank + 1) * p.units))
+            dgates[cta.steps:, rows, cta.direction, units] = 0.0
+    return dgates, grad_h0, grad_c0

@@ -53,7 +53,7 @@ def sass(cubins):
     if tool is None:
         pytest.skip("cuobjdump (Triton's wheel carries one) is not installed")
     text = "".join(subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-                   for cubin in sorted(cubins.glob("forward_*.cubin")))
+                   for cubin in sorted(cubins.glob("*ward_*.cubin")))
     functions = {}
     for block in re.split(r"\n\s*Function : ", text)[1:]:
         name, _, body = block.partition("\n")
@@ -69,6 +69,8 @@ def test_every_instance_is_built_without_local_memory(cubins):
                          r"ptxas info\s*: Used (\d+) registers([^\n]*)", report, re.S)
     names = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
     assert {entry[0] for entry in entries if entry[0].startswith("birnn_forward_")} == names
+    names = {schedule.backward_kernel_name(*instance) for instance in schedule.BACKWARD_INSTANCES}
+    assert {entry[0] for entry in entries if entry[0].startswith("birnn_backward_")} == names
     for name, stack, spill_stores, spill_loads, registers, rest in entries:
         assert (stack, spill_stores, spill_loads) == ("0", "0", "0"), (name, stack, spill_stores, spill_loads)
         assert "lmem" not in rest and int(registers) <= 255, (name, registers, rest)
@@ -112,6 +114,42 @@ def test_step_loop_is_the_design(sass, name):
     fences = [op for op in opcodes if op.startswith("MEMBAR") and not op.endswith(".CTA")]
     assert not fences, f"a fence wider than the CTA in the step loop: {fences}"
     assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR", "CCTL"))]
+    everywhere = [line.split()[1] if line.startswith("@") else line.split()[0] for line in lines]
+    assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
+
+
+@pytest.mark.parametrize("name", sorted(schedule.backward_kernel_name(*instance)
+                                         for instance in schedule.BACKWARD_INSTANCES))
+def test_backward_step_loop_is_the_design(sass, name):
+    """The backward's step loop: MMAs of W_hh^T (on chip) by the CTA's gate gradients from shared
+    memory, partial sums sent by st.async into the peers' shared memory and waited for on an
+    mbarrier, no fence wider than the CTA, no atomics, and no global load but the step's own inputs."""
+    lines = sass[name]
+    loop = step_loop(lines)
+    mma = "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
+    opcodes = [line.split()[1] if line.startswith("@") else line.split()[0] for line in loop]
+    assert mma in opcodes and not [op for op in opcodes if op.startswith("HMMA") and op != mma]
+    assert "LDSM.16.M88.4" in opcodes, "the gate gradients' B fragments by ldmatrix.x4 from shared memory"
+    assert "STAS.64" in opcodes, "partial sums sent by st.async (8 bytes) into the peers' shared memory"
+    assert any(op.startswith("SYNCS.PHASECHK.TRANS64") for op in opcodes), "the mbarrier wait for the peers' sums"
+    assert any(op.startswith("SYNCS.ARRIVE.TRANS64") for op in opcodes), "the mbarrier re-armed with its bytes"
+    # Global loads in the loop: grad_output and the state a step started from (16-bit: c0 / h0 /
+    # output), the forward's saved activations (fp32), for the lane's 4 elements, on at most two
+    # paths. One K tile of W_hh re-read would add 8 16-bit loads a lane.
+    family = next(cell for cell, family in schedule.FAMILIES.items() if f"_{family}_" in name)
+    saved = schedule.cell_of(family).saved
+    loads = [op for op in opcodes if op.startswith("LDG")]
+    assert 0 < len([op for op in loads if op == "LDG.E.U16"]) <= 2 * 4 * 2, loads
+    assert len([op for op in loads if op == "LDG.E"]) <= 2 * 4 * (saved + 1), loads
+    assert set(loads) <= {"LDG.E.U16", "LDG.E"}, sorted(set(loads))
+    fences = [op for op in opcodes if op.startswith("MEMBAR") and not op.endswith(".CTA")]
+    assert not fences, f"a fence wider than the CTA in the step loop: {fences}"
+    assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR"))]
+    # The wait's cluster-scope acquire (st.async releases at cluster scope): an L1 invalidate right
+    # after a completed try_wait, nothing else of the kind.
+    for index, line in enumerate(loop):
+        if "CCTL" in line:
+            assert "CCTL.IVALL" in line and "SYNCS.PHASECHK" in loop[index - 1], (line, loop[index - 1])
     everywhere = [line.split()[1] if line.startswith("@") else line.split()[0] for line in lines]
     assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
 

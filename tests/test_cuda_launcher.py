@@ -40,22 +40,24 @@ def lstm_args(input, H):
     return weights, h0, torch.randn_like(h0), torch.full((B,), T, dtype=torch.int64), True
 
 
-def test_params_struct_matches_cuda():
-    """Offsets and size of ForwardParams as nvcc lays out schedule.cuh's struct."""
+@pytest.mark.parametrize("struct", ["ForwardParams", "BackwardParams"])
+def test_params_struct_matches_cuda(struct):
+    """Offsets and size of the kernels' arguments as nvcc lays out schedule.cuh's structs."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    fields = [name for name, _ in cuda_kernels.ForwardParams._fields_]
+    params = getattr(cuda_kernels, struct)
+    fields = [name for name, _ in params._fields_]
     program = "#include <cstdio>\n#include <cstddef>\n#include \"schedule.cuh\"\nint main() {\n" + "".join(
-        f'  printf("%zu\\n", offsetof(birnn_fast::cuda::ForwardParams, {name}));\n' for name in fields) + \
-        '  printf("%zu\\n", sizeof(birnn_fast::cuda::ForwardParams));\n}\n'
+        f'  printf("%zu\\n", offsetof(birnn_fast::cuda::{struct}, {name}));\n' for name in fields) + \
+        f'  printf("%zu\\n", sizeof(birnn_fast::cuda::{struct}));\n}}\n'
     build = pathlib.Path(__import__("tempfile").mkdtemp())
     (build / "layout.cu").write_text(program)
     subprocess.run(["nvcc", "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-o", str(build / "layout"),
                     str(build / "layout.cu")], check=True, capture_output=True)
     printed = [int(x) for x in subprocess.run([str(build / "layout")], capture_output=True, text=True,
                                               check=True).stdout.split()]
-    expected = [getattr(cuda_kernels.ForwardParams, name).offset for name in fields]
-    assert printed == expected + [ctypes.sizeof(cuda_kernels.ForwardParams)]
+    expected = [getattr(params, name).offset for name in fields]
+    assert printed == expected + [ctypes.sizeof(params)]
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
@@ -176,6 +178,44 @@ def plan_bytes(p):
             ("plan.partial_bytes()", p.partial_bytes)]
 
 
+BACKWARD_MIRROR_PLANS = [("LSTM", 40, 3), ("LSTM", 256, 64), ("LSTM", 512, 64), ("GRU", 384, 17), ("GRU", 72, 70),
+                         ("RNN_TANH", 512, 5), ("LSTM", 300, 33)]
+
+
+def backward_mirror_calls(p):
+    """(C++ call, Python value) of schedule.cuh's backward functions for backward plan p ("Q")."""
+    calls = [(f"bwd_step(7, {i})", schedule.bwd_step(7, i)) for i in range(8)]
+    calls += [(f"bwd_warp_m_tile({w}, {j})", schedule.bwd_warp_m_tile(p, w, j))
+              for w in range(p.warps) for j in range(p.warp_m_tiles)]
+    calls += [(f"bwd_fragment(Q, {j}, {kt})", schedule.bwd_fragment(p, j, kt))
+              for j in range(p.warp_m_tiles) for kt in range(p.k_tiles)]
+    calls += [(f"bwd_wsm_index(Q, {w}, {f})", schedule.bwd_wsm_index(p, w, f))
+              for w in range(p.warps) for f in range(p.reg_fragments, p.reg_fragments + p.smem_fragments)]
+    for rank in (0, p.cluster - 1):
+        for kk in range(p.width):
+            gate, unit = schedule.bwd_source(p, rank, kk)
+            calls += [(f"source_gate(Q, {rank}, {kk})", gate), (f"source_unit(Q, {rank}, {kk})", unit)]
+    for group in range(2 * p.m_tiles):
+        rank, local = schedule.bwd_destination(p, group)
+        calls += [(f"destination_rank(Q, {group})", rank), (f"destination_group(Q, {group})", local)]
+    for w in range(p.warps):
+        for o in range(2):
+            group, nt = schedule.bwd_item(p, w, o)
+            calls += [(f"item_group(Q, {w}, {o})", group), (f"item_nt(Q, {w}, {o})", nt)]
+    calls += [(f"recv_offset(Q, {b}, {s}, {g}, {nt}, {lane})", schedule.recv_offset(p, b, s, g, nt, lane))
+              for b in range(2) for s in (0, p.cluster - 1) for g in range(p.groups) for nt in range(p.n_tiles)
+              for lane in (0, 31)]
+    calls += [(f"dgb_offset(Q, {r}, {c})", schedule.dgb_offset(p, r, c))
+              for r in sorted({*range(min(16, p.rows)), p.rows - 1}) for c in range(p.width)]
+    calls += [(f"swizzled_offset({w}, {r}, {c})", schedule.swizzled_offset(w, r, c))
+              for w in (8, 24, 48, 96, 128, 256) for r in range(9) for c in range(0, w, 5)]
+    calls += [(f"previous_time({d}, {s}, 6)", schedule.previous_time(d, s, 6)) for d in range(2) for s in range(1, 6)]
+    calls += [("bplan.slot_bytes()", p.slot_bytes), ("bplan.recv_bytes()", p.recv_bytes),
+              ("bplan.dgb_bytes(2)", p.dgb_bytes), ("bplan.wsm_bytes()", p.wsm_bytes),
+              ("bplan.expect_bytes()", p.expect_bytes), ("bplan.items()", p.items), ("bplan.width()", p.width)]
+    return calls
+
+
 def test_schedule_cuh_mirrors_the_python():
     """schedule.cuh's functions, compiled for the host by nvcc, equal cuda_schedule's on every plan."""
     if shutil.which("nvcc") is None:
@@ -189,6 +229,12 @@ static int column_of(const ForwardParams& p, int k) { int s, c; h_slice(p, k, s,
   static int NAME##_col(__VA_ARGS__) { int a, b; FN; return b; }
 PAIR(a_coords, a_coords(lane, reg, a, b), int lane, int reg)
 PAIR(c_coords, c_coords(lane, reg, a, b), int lane, int reg)
+static int source_gate(const BackwardParams& p, int rank, int kk) { int g, u; bwd_source(p, rank, kk, g, u); return g; }
+static int source_unit(const BackwardParams& p, int rank, int kk) { int g, u; bwd_source(p, rank, kk, g, u); return u; }
+static int destination_rank(const BackwardParams& p, int group) { int r, l; bwd_destination(p, group, r, l); return r; }
+static int destination_group(const BackwardParams& p, int group) { int r, l; bwd_destination(p, group, r, l); return l; }
+static int item_group(const BackwardParams& p, int warp, int o) { int g, n; bwd_item(p, warp, o, g, n); return g; }
+static int item_nt(const BackwardParams& p, int warp, int o) { int g, n; bwd_item(p, warp, o, g, n); return n; }
 static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return a; }
 static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return b; }
 """
@@ -202,6 +248,17 @@ static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(l
                 ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
             f"  const Plan plan{{P, {p.split_k}, 4}};\n")
         for call, value in mirror_calls(p, first=index == 0):
+            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
+            expected.append(int(value))
+        body.append("}\n")
+    for cell, H, B in BACKWARD_MIRROR_PLANS:
+        p = schedule.backward_plan(cell, H, B, "bf16")
+        body.append("{\n  BackwardParams Q{};\n" + "".join(
+            f"  Q.{field} = {getattr(p, field)};\n" for field in (
+                "gates", "units", "cluster", "chunk_rows", "n_tiles", "m_tiles", "warp_m_tiles", "k_tiles",
+                "fragment_stride", "reg_fragments", "smem_fragments")) +
+            f"  Q.B = {B};\n  Q.H = {H};\n  const BackwardPlan bplan{{Q}};\n")
+        for call, value in backward_mirror_calls(p):
             body.append(f'  printf("%lld\\n", (long long)({call}));\n')
             expected.append(int(value))
         body.append("}\n")
@@ -223,8 +280,8 @@ class FakeDriver:
     class CUresult:
         CUDA_SUCCESS = 0
 
-    def __init__(self, real):
-        self.real, self.calls = real, []
+    def __init__(self, real, params_type=cuda_kernels.ForwardParams):
+        self.real, self.calls, self.params_type = real, [], params_type
         self.CUfunction_attribute = real.CUfunction_attribute
         self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
         self.CUlaunchAttributeID, self.CUstream = real.CUlaunchAttributeID, real.CUstream
@@ -242,8 +299,8 @@ class FakeDriver:
                 return 0, f"function {args[1].decode()}"
             if name == "cuLaunchKernelEx":
                 pointer = ctypes.cast(args[2], ctypes.POINTER(ctypes.c_void_p))[0]
-                self.params = cuda_kernels.ForwardParams.from_buffer_copy(ctypes.string_at(pointer, ctypes.sizeof(
-                    cuda_kernels.ForwardParams)))
+                self.params = self.params_type.from_buffer_copy(ctypes.string_at(pointer, ctypes.sizeof(
+                    self.params_type)))
             return (0,)
         return call
 
@@ -286,3 +343,70 @@ def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell):
                                                                   workspace.data_ptr())
     assert (params.T, params.B, params.H, params.cluster, params.relu) == (T, B, H, p.cluster, int(cell == "RNN_RELU"))
     assert workspace.shape == (T, B, 2, schedule.cell_of(cell).saved * H) and c_n.shape == c0.shape
+
+
+def stand_in_for_a_gpu(monkeypatch, tmp_path, fake, cubin):
+    monkeypatch.setattr(cuda_kernels, "driver", fake)
+    monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(cuda_kernels, "_modules", {})
+    monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", tmp_path)
+    (tmp_path / f"{cubin}.sm_90a.cubin").write_bytes(b"\x7fELF fake")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)  # a CPU tensor stands for a CUDA one
+
+
+@pytest.mark.parametrize("cell, H, B", [("LSTM", 40, 70), ("GRU", 512, 64), ("RNN_RELU", 72, 3)])
+def test_backward_launch_without_a_gpu(monkeypatch, tmp_path, cell, H, B):
+    """backward_op's host path with the driver and torch.cuda stood in for: the backward cubin, the
+    plan's configuration, the argument's pointers and plan fields, and the gradients' shapes."""
+    bindings = pytest.importorskip("cuda.bindings.driver")
+    fake = FakeDriver(bindings, cuda_kernels.BackwardParams)
+    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.backward_cubin_name(cell))
+    T = 6
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
+    input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
+    weights = [w.to(torch.bfloat16) for w in weights]
+    saved = schedule.cell_of(cell).saved
+    output, workspace = torch.zeros(T, B, 2 * H, dtype=torch.bfloat16), torch.zeros(T, B, 2, saved * H)
+    grads = (torch.zeros_like(output), torch.zeros_like(h0), torch.zeros_like(c0))
+    grad_input, grad_weights, grad_h0, grad_c0 = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0,
+                                                                          lengths, output, workspace)
+    p = schedule.backward_plan(cell, H, B, "bf16")
+    config, function = fake.calls[-1][1][:2]
+    assert fake.calls[-1][0] == "cuLaunchKernelEx" and function == f"function {p.kernel}"
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (*p.grid, p.threads)
+    assert config.sharedMemBytes == p.smem_bytes and config.attrs[0].value.clusterDim.x == p.cluster
+    params = fake.params
+    assert (params.grad_h0, params.grad_c0 or 0) == (grad_h0.data_ptr(), grad_c0.data_ptr())
+    assert (params.workspace or 0) == workspace.data_ptr() and params.lengths == lengths.data_ptr()
+    for field, _ in cuda_kernels.BackwardParams._fields_[12:]:
+        want = {"T": T, "B": B, "H": H, "relu": int(cell == "RNN_RELU")}.get(field)
+        assert getattr(params, field) == (want if want is not None else getattr(p, field)), field
+    assert grad_input.shape == input.shape and [g.shape for g in grad_weights] == [w.shape for w in weights]
+    assert grad_h0.shape == h0.shape and grad_c0.shape == c0.shape
+
+
+def test_backward_falls_back_to_triton(monkeypatch):
+    """Where the CUDA backward cannot run (here: no GPU; a workspace not the forward's), the Triton
+    kernels' backward gets the call unchanged."""
+    calls = []
+    monkeypatch.setattr(cuda_kernels, "_triton_ops", type("Ops", (), {"backward_op": staticmethod(
+        lambda *args: calls.append(args) or "triton")}))
+    T, B, H = 3, 2, 8
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, [T] * B, seed=1)
+    output, workspace = torch.zeros(T, B, 2 * H), torch.zeros(T, B, 2, 5 * H)
+    grads = (torch.zeros_like(output), torch.zeros_like(h0), torch.zeros_like(c0))
+    arguments = ("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
+    assert cuda_kernels.backward_op(*arguments) == "triton" and len(calls[0]) == len(arguments) + 1
+    assert "CUDA tensors" in cuda_kernels._backward_reason("LSTM", input, weights, workspace, grads)
+    monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)
+    bad = torch.zeros(T, B, 2, 4 * H)
+    assert "workspace" in cuda_kernels._backward_reason("LSTM", input, weights, bad, grads)
+    monkeypatch.setattr(cuda_kernels, "_triton_ops", None)
+    with pytest.raises(RuntimeError, match="Triton kernels it would fall back to"):
+        cuda_kernels.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, bad)

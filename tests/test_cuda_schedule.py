@@ -116,3 +116,66 @@ def test_phase_parity():
         buffer = schedule.read_buffer(s)
         assert schedule.phase_parity(s) == completions[buffer] & 1
         completions[buffer] += 1
+
+
+BACKWARD_CASES = [  # (T, B, H, lengths): H 40 / 72 / 256 / 520, B 1 / 3 / 17 / 70, T 1 / 5 / 33
+    (1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 40, "mixed"), (5, 70, 72, "mixed"), (33, 3, 72, "equal"),
+    (5, 17, 256, "mixed"), (5, 3, 520, "mixed"), (5, 1, 256, "equal"), (3, 40, 384, "mixed"),
+]
+BACKWARD_OTHER = [("GRU", BACKWARD_CASES[1]), ("GRU", BACKWARD_CASES[5]), ("RNN_TANH", BACKWARD_CASES[3]),
+                  ("RNN_RELU", BACKWARD_CASES[2]), ("GRU", BACKWARD_CASES[6]), ("RNN_TANH", BACKWARD_CASES[8])]
+
+
+@pytest.mark.parametrize("cell, case", [("LSTM", case) for case in BACKWARD_CASES] + BACKWARD_OTHER)
+def test_backward_model_matches_autograd(cell, case):
+    """The model's forward, then its backward (the CUDA backward's schedule) and the launcher's GEMMs:
+    every gradient as torch.autograd's on the reference, float64."""
+    from birnn_fast import cuda_kernels
+
+    T, B, H, kind = case
+    lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B + 1, cell=cell)
+    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
+                                   schedule.run_forward(cell, input, weights, h0, c0, lengths))
+    generator = torch.Generator().manual_seed(T + B)
+    grads = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in (output, h_n, c_n)]
+    want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
+    for seed in range(2):
+        dgates, grad_h0, grad_c0 = schedule.run_backward(cell, *grads, weights, h0, c0, lengths, output, workspace,
+                                                         seed=seed)
+        assert not np.isnan(dgates).any() and not np.isnan(grad_h0).any() and not np.isnan(grad_c0).any()
+        for b, length in enumerate(lengths.tolist()):
+            assert (dgates[length:, b] == 0).all()
+        grad_input, grad_weights = cuda_kernels.gradients_from_dgates(
+            cell, torch.from_numpy(dgates), input, weights, h0, output, workspace, lengths)
+        got = [grad_input, *grad_weights, torch.from_numpy(grad_h0)] + ([torch.from_numpy(grad_c0)]
+                                                                         if cell == "LSTM" else [])
+        expected = [want[0], *want[1], want[2]] + ([want[3]] if cell == "LSTM" else [])
+        for index, (a, b) in enumerate(zip(got, expected)):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(index))
+
+
+def test_backward_plan_sizes():
+    for H, B in itertools.product((1, 8, 40, 72, 127, 128, 129, 256, 300, 384, 511, 512), (1, 3, 17, 33, 64, 65, 200)):
+        for cell in ("LSTM", "GRU", "RNN_TANH"):
+            p = schedule.backward_plan(cell, H, B, "bf16")
+            rows, k_tiles, warp_m_tiles, registers = schedule.backward_bounds(p.gates, p.chunk_rows)
+            assert p.n_tiles <= rows and p.k_tiles <= k_tiles and p.warp_m_tiles <= warp_m_tiles
+            assert p.reg_fragments <= registers and p.items <= 2 * p.warps
+            assert p.warps * p.warp_m_tiles * 16 >= p.cluster * p.units and p.m_tiles * 16 >= p.cluster * p.units
+            assert p.smem_bytes <= schedule.SMEM_LIMIT and p.expect_bytes < (1 << 20) and p.width % 8 == 0
+            assert (cell if cell != "RNN_TANH" else "RNN_TANH", p.dtype, p.chunk_rows) in schedule.BACKWARD_INSTANCES
+    assert schedule.backward_plan("LSTM", 256, 64, "bf16").chunk_rows == 64
+    p = schedule.backward_plan("LSTM", 512, 64, "bf16")
+    assert (p.chunk_rows, p.grid, p.reg_fragments, p.smem_fragments) == (32, (16, 2, 2), 16, 16)
+
+
+def test_dgb_swizzle_is_conflict_free():
+    for cell, H in itertools.product(("LSTM", "GRU", "RNN_TANH"), (40, 200, 256, 384, 512)):
+        p = schedule.backward_plan(cell, H, 64, "bf16")
+        row, col = np.meshgrid(np.arange(p.rows), np.arange(p.width), indexing="ij")
+        assert sorted(schedule.dgb_offset(p, row, col).ravel().tolist()) == list(range(p.rows * p.width))
+        for chunk in range(p.width // 8):
+            for first in range(0, p.rows, 8):
+                banks = (schedule.dgb_offset(p, first + np.arange(8), 8 * chunk) * 2 // 4) % 32
+                assert len(set((banks // 4).tolist())) == 8, (cell, H, chunk)

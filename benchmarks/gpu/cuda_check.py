@@ -2,8 +2,8 @@
 most informative first; each prints a short table and appends it to --out (Markdown):
 
     python -m benchmarks.gpu.cuda_check --stage probes       # L2 and DSMEM round trips, clusters that fit
-    python -m benchmarks.gpu.cuda_check --stage correctness  # fp64 reference, 2x torch's error, poisoned
-    python -m benchmarks.gpu.cuda_check --stage race         # the same forward 10 times, bitwise equal
+    python -m benchmarks.gpu.cuda_check --stage correctness  # fwd and bwd: fp64 reference, 2x torch's error, poisoned
+    python -m benchmarks.gpu.cuda_check --stage race         # the same forward and backward 10 times, bitwise equal
     python -m benchmarks.gpu.cuda_check --stage sanitizer    # compute-sanitizer racecheck / memcheck, tiny
     python -m benchmarks.gpu.cuda_check --stage timings      # per step against Triton, cuDNN and the floors
     python -m benchmarks.gpu.cuda_check --self-test          # CPU only (CI): every case's launch, consistent
@@ -31,11 +31,13 @@ from birnn_fast import cuda_kernels, cuda_schedule as schedule, reference
 CORRECTNESS = [(1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (5, 8, 8, "equal"),
                (33, 64, 256, "mixed"), (17, 64, 512, "mixed"), (9, 130, 128, "mixed"), (65, 16, 512, "equal"),
                (12, 24, 200, "mixed"), (7, 40, 384, "mixed")]
-# The cases whose gradients are checked too: the Triton backward compiles once per configuration.
-BACKWARD = {(5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (33, 64, 256, "mixed")}
+# The cases whose gradients are checked too (the CUDA backward; both variants, one to three chunks).
+BACKWARD = {(1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (33, 64, 256, "mixed"),
+            (17, 64, 512, "mixed"), (9, 130, 128, "mixed"), (12, 24, 200, "mixed"), (7, 40, 384, "mixed")}
 DTYPES = (torch.bfloat16, torch.float16)
 TINY = [(5, 3, 40, "mixed"), (4, 17, 256, "mixed")]  # under compute-sanitizer
 TIMINGS = [(512, B, H) for B in (16, 64) for H in (256, 512)]
+NAN = float("nan")
 
 
 def relative_error(got, want):
@@ -129,11 +131,12 @@ def probes(out):
     return True
 
 
-def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=schedule.CELLS_BUILT):
+def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=schedule.CELLS_BUILT,
+                backward_cases=BACKWARD):
     """Every case and dtype against the fp64 reference: output, h_n, c_n within twice the error of
     the reference run in the dtype (+1e-6); nothing left unwritten; padding exactly 0; with
-    ``backward``, on the BACKWARD cases, every gradient of the backward (Triton's, on this forward's
-    workspace) likewise."""
+    ``backward``, on the BACKWARD cases, every gradient of the CUDA backward on this forward's
+    workspace likewise, its results poisoned first (check_backward)."""
     device = torch.device("cuda")
     rows, ok = [], True
     # Every case in LSTM; the other cells on every other case.
@@ -162,22 +165,60 @@ def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=sche
         verdicts.append(written and zeros)
         if not (written and zeros):
             rows.append((label, str(dtype), "unwritten or nonzero padding", "", "", "FAIL"))
-        if backward and (T, B, H, kind) in BACKWARD:
-            generator = torch.Generator().manual_seed(T + B + H)
-            grads = [torch.randn(x.shape, generator=generator).to(device, dtype) for x in results[:3]]
-            got = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0, lengths, results[0], results[3])
-            exact_grads = reference.backward_op(cell, *[g.double() for g in grads], wide[0],
-                                                [w.double() for w in weights], wide[1], wide[2], lengths, None, None)
-            same_grads = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, None, None)
-            flat = lambda gs: [gs[0], *gs[1], gs[2]] + ([gs[3]] if cell == "LSTM" else [])  # noqa: E731
-            worst = max(relative_error(a, b) / (2 * relative_error(c, b) + 1e-6)
-                        for a, b, c in zip(flat(got), flat(exact_grads), flat(same_grads)))
-            verdicts.append(worst <= 1)
-            rows.append((label, str(dtype).removeprefix("torch."), "gradients (worst / bound)",
-                         f"{worst:.2f}", "1", "ok" if worst <= 1 else "FAIL"))
+        if backward and (T, B, H, kind) in backward_cases:
+            verdicts.append(check_backward(cell, (T, B, H, kind), dtype, input, weights, h0, c0, lengths, results,
+                                           rows, label))
         ok &= all(verdicts)
     out.append(table("correctness against fp64 (bound: 2x the reference's own error in the dtype + 1e-6)",
                      ["case", "dtype", "result", "error", "bound", "verdict"], rows))
+    return ok
+
+
+def backward_results(cell, T, B, H, dtype, device):
+    """NaN-poisoned dgates, grad_h0, grad_c0 for backward_into."""
+    G = schedule.cell_of(cell).gates
+    return (torch.full((T, B, 2, G * H), NAN, dtype=torch.float32, device=device),
+            torch.full((2, B, H), NAN, dtype=dtype, device=device),
+            torch.full((2, B, H) if cell == "LSTM" else (0,), NAN, dtype=dtype, device=device))
+
+
+def check_backward(cell, case, dtype, input, weights, h0, c0, lengths, results, rows, label):
+    """The CUDA backward on the forward's results: every gradient within twice the error of the
+    reference run in the dtype (+1e-6) against fp64, its poisoned results all written, dgates exactly 0
+    at padding, and the op (backward_op) taking the CUDA path."""
+    T, B, H, _ = case
+    device = input.device
+    generator = torch.Generator().manual_seed(T + B + H)
+    grads = [torch.randn(x.shape, generator=generator).to(device, dtype) for x in results[:3]]
+    reason = cuda_kernels._backward_reason(cell, input, weights, results[3], grads)
+    if reason is not None:
+        rows.append((label, str(dtype), f"backward not on CUDA: {reason}", "", "", "FAIL"))
+        return False
+    dgates, grad_h0, grad_c0 = backward_results(cell, T, B, H, dtype, device)
+    cuda_kernels.backward_into(cell, *grads, weights, h0, c0, lengths, results[0], results[3], dgates, grad_h0,
+                               grad_c0)
+    torch.cuda.synchronize()
+    padding = torch.arange(T, device=device)[:, None] >= lengths[None, :]
+    written = not (dgates.isnan().any() or grad_h0.isnan().any() or grad_c0.isnan().any()).item()
+    zeros = bool((dgates[padding] == 0).all())
+    grad_input, grad_weights = cuda_kernels.gradients_from_dgates(cell, dgates, input, weights, h0, results[0],
+                                                                  results[3], lengths)
+    wide = [x.double() for x in (input, h0, c0)]
+    exact = reference.backward_op(cell, *[g.double() for g in grads], wide[0], [w.double() for w in weights],
+                                  wide[1], wide[2], lengths, None, None)
+    same = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, None, None)
+    names = ["grad_input"] + [f"grad_{kind}_{d}" for d in range(2) for kind in ("w_ih", "w_hh", "b_ih", "b_hh")] + \
+        ["grad_h0"] + (["grad_c0"] if cell == "LSTM" else [])
+    flat = lambda gs: [gs[0], *gs[1], gs[2]] + ([gs[3]] if cell == "LSTM" else [])  # noqa: E731
+    got = flat((grad_input, grad_weights, grad_h0, grad_c0))
+    ratios = {name: relative_error(a, b) / (2 * relative_error(c, b) + 1e-6)
+              for name, a, b, c in zip(names, got, flat(exact), flat(same))}
+    worst = max(ratios, key=ratios.get)
+    ok = ratios[worst] <= 1 and written and zeros
+    rows.append((label, str(dtype).removeprefix("torch."), f"backward: worst {worst} (error / bound)",
+                 f"{ratios[worst]:.2f}", "1", "ok" if ratios[worst] <= 1 else "FAIL"))
+    if not (written and zeros):
+        rows.append((label, str(dtype), "backward: unwritten results or nonzero padding", "", "", "FAIL"))
     return ok
 
 
@@ -200,14 +241,29 @@ def race(out, repeats=10):
                             for a, b in zip(first, results))
         torch.cuda.synchronize()
         ok &= same
-        rows.append((f"T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
+        rows.append((f"forward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
+        generator = torch.Generator().manual_seed(3)
+        grads = [torch.randn(x.shape, generator=generator).to(device, torch.bfloat16) for x in first[:3]]
+        reference_results, same = None, True
+        for _ in range(repeats):
+            results = backward_results("LSTM", T, B, H, torch.bfloat16, device)
+            cuda_kernels.backward_into("LSTM", *grads, weights, h0, c0, lengths, first[0], first[3], *results)
+            if reference_results is None:
+                reference_results = [x.clone() for x in results]
+            else:
+                same &= all(torch.equal(a.view(torch.int16) if a.dtype != torch.float32 else a.view(torch.int32),
+                                        b.view(torch.int16) if b.dtype != torch.float32 else b.view(torch.int32))
+                            for a, b in zip(reference_results, results))
+        torch.cuda.synchronize()
+        ok &= same
+        rows.append((f"backward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
     out.append(table("repeated runs", ["case", "runs", "result"], rows))
     return ok
 
 
 def tiny(out):
-    """The forward of the TINY cases, for a run under compute-sanitizer."""
-    return correctness(out, TINY, (torch.bfloat16,), backward=False, cells=("LSTM", "GRU", "RNN_RELU"))
+    """The forward and backward of the TINY cases, for a run under compute-sanitizer."""
+    return correctness(out, TINY, (torch.bfloat16,), cells=("LSTM", "GRU", "RNN_RELU"), backward_cases=set(TINY))
 
 
 def sanitizer(out, args):
@@ -220,7 +276,12 @@ def sanitizer(out, args):
         command = [tool, "--tool", check, "--error-exitcode", "9", sys.executable, "-m", "benchmarks.gpu.cuda_check",
                    "--stage", "tiny", "--out", os.devnull]
         started = time.time()
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.sanitizer_timeout)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=args.sanitizer_timeout)
+        except subprocess.TimeoutExpired:
+            rows.append((check, "timeout", f"over {args.sanitizer_timeout:.0f} s", ""))
+            ok = False
+            continue
         summary = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR SUMMARY" in line
                    or "RACECHECK SUMMARY" in line]
         rows.append((check, result.returncode, "; ".join(summary) or (result.stdout + result.stderr)[-300:],
@@ -261,6 +322,42 @@ def timings(out, args):
                      f"{compute_floor_us:.2f}", f"{theirs / ours:.2f}x", f"{cudnn / ours:.2f}x"))
     out.append(table(f"forward, T 512, bf16, us per step (bf16 matmul {per_sm * sms / 1e12:.0f} TFLOP/s)",
                      ["case", "cuda", "triton", "cuDNN", "MMA floor", "vs triton", "vs cuDNN"], rows))
+    print(out[-1], flush=True)
+    rows = []
+    for T, B, H in TIMINGS:
+        # The backward alone (the recurrence and its cuBLAS products) on saved forward results, both
+        # backends on the same workspace; fwd+bwd against cuDNN's training step (nn.LSTM, autograd).
+        input, weights, h0, c0, lengths = make_layer(T, B, H, "equal", torch.bfloat16, device, seed=1, I=H)
+        output, h_n, c_n, workspace = cuda_kernels.forward_op("LSTM", input, weights, h0, c0, lengths, True)
+        grads = [torch.randn_like(x) for x in (output, h_n, c_n)]
+        p = schedule.backward_plan("LSTM", H, B, "bf16")
+        arguments = ("LSTM", *grads, input, weights, h0, c0, lengths, output, workspace)
+        ours = triton.testing.do_bench(lambda: cuda_kernels.backward_op(*arguments), warmup=args.warmup_ms,
+                                       rep=args.rep_ms, return_mode="median")
+        theirs = triton.testing.do_bench(lambda: kernels.ops.backward_op(*arguments), warmup=args.warmup_ms,
+                                         rep=args.rep_ms, return_mode="median")
+        ours_step = triton.testing.do_bench(
+            lambda: cuda_kernels.backward_op(*arguments[:-2], *cuda_kernels.forward_op(
+                "LSTM", input, weights, h0, c0, lengths, True)[::3]), warmup=args.warmup_ms, rep=args.rep_ms,
+            return_mode="median")
+        lstm = torch.nn.LSTM(H, H, bidirectional=True, device=device, dtype=torch.bfloat16)
+        leaf = input.detach().requires_grad_()
+
+        def cudnn_step():
+            result, _ = lstm(leaf, (h0, c0))
+            result.backward(grads[0])
+
+        cudnn = triton.testing.do_bench(cudnn_step, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        flops_per_cta = 2 * p.m_tiles * 16 * p.k_tiles * 16 * p.rows  # W_hh^T's padded tiles x the chunk's rows
+        compute_floor_us = flops_per_cta / per_sm * 1e6
+        rows.append((f"B {B} H {H} ({p.kernel}, {p.grid})", f"{ours * 1e3 / T:.2f}", f"{theirs * 1e3 / T:.2f}",
+                     f"{compute_floor_us:.2f}", f"{theirs / ours:.2f}x", f"{ours_step * 1e3 / T:.2f}",
+                     f"{cudnn * 1e3 / T:.2f}", f"{cudnn / ours_step:.2f}x"))
+        print(rows[-1], flush=True)
+    out.append(table("backward, T 512, bf16, us per step (bwd: the op on saved results; fwd+bwd: a training "
+                     "step, cuDNN's by autograd)",
+                     ["case", "cuda bwd", "triton bwd", "MMA floor", "vs triton", "cuda fwd+bwd", "cuDNN fwd+bwd",
+                      "vs cuDNN"], rows))
     return True
 
 
@@ -271,6 +368,7 @@ def self_test(out):
     consistent, and the schedule's model runs one case right."""
     rows = []
     instances = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
+    backward_instances = {schedule.backward_kernel_name(*instance) for instance in schedule.BACKWARD_INSTANCES}
     for T, B, H, kind in CORRECTNESS + TINY + [(T, B, H, "equal") for T, B, H in TIMINGS]:
         for cell, dtype in [(cell, dtype) for cell in schedule.CELLS_BUILT for dtype in ("bf16", "fp16")]:
             p = schedule.plan(cell, H, B, dtype)
@@ -288,14 +386,32 @@ def self_test(out):
             if config is not None:
                 assert (config.gridDimX, config.gridDimY, config.gridDimZ) == p.grid
                 assert config.attrs[0].value.clusterDim.x == p.cluster and config.sharedMemBytes == p.smem_bytes
+            b = schedule.backward_plan(cell, H, B, dtype)
+            assert b.kernel in backward_instances and b.grid[0] == b.cluster == p.cluster
+            assert b.grid[2] * b.chunk_rows >= B and b.smem_bytes <= schedule.SMEM_LIMIT and b.threads == 256
+            assert b.expect_bytes < (1 << 20) and b.slot_bytes % 8 == 0
+            params = cuda_kernels.backward_params(b, T, {name: 16 * k for k, (name, _) in enumerate(
+                cuda_kernels.BackwardParams._fields_[:12])})
+            assert (params.cluster, params.k_tiles, params.reg_fragments) == (b.cluster, b.k_tiles, b.reg_fragments)
         p = schedule.plan("LSTM", H, B, "bf16")
-        rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel))
+        b = schedule.backward_plan("LSTM", H, B, "bf16")
+        rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel, f"{b.grid}", b.smem_bytes,
+                     b.kernel))
     input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1, cell="GRU")
     got = schedule.run_forward("GRU", input, weights, h0, c0, lengths)
     want = reference.forward_op("GRU", input, weights, h0, c0, lengths, False)
     for a, b in zip(got[:3], want[:3]):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches (LSTM, bf16)", ["case", "grid", "threads", "smem", "kernel"], rows))
+    output, workspace = torch.from_numpy(got[0]), torch.from_numpy(got[3])
+    grads = [torch.randn(x.shape, dtype=torch.float64) for x in (output, h0, c0)]
+    dgates, grad_h0, _ = schedule.run_backward("GRU", *grads, weights, h0, c0, lengths, output, workspace)
+    grad_input, _ = cuda_kernels.gradients_from_dgates("GRU", torch.from_numpy(dgates), input, weights, h0, output,
+                                                       workspace, lengths)
+    want = reference.backward_op("GRU", *grads, input, weights, h0, c0, lengths, output, workspace)
+    np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
+    out.append(table("self-test: launches (LSTM, bf16)", ["case", "grid", "threads", "smem", "kernel", "bwd grid",
+                                                          "bwd smem", "bwd kernel"], rows))
     return True
 
 
@@ -307,7 +423,7 @@ def main():
     parser.add_argument("--out", default=None, help="Markdown to append to (default $OUT/cuda_check.md)")
     parser.add_argument("--warmup-ms", type=float, default=20)
     parser.add_argument("--rep-ms", type=float, default=100)
-    parser.add_argument("--sanitizer-timeout", type=float, default=70)
+    parser.add_argument("--sanitizer-timeout", type=float, default=36)
     args = parser.parse_args()
     out = []
     if args.self_test:

@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-# (cubin name, source, defines): the forward once per cell family (build.py's jobs run them in parallel).
-UNITS = (("forward_lstm", "forward.cu", ("-DBIRNN_FAMILY=0",)), ("forward_gru", "forward.cu", ("-DBIRNN_FAMILY=1",)),
-         ("forward_elman", "forward.cu", ("-DBIRNN_FAMILY=2",)), ("probes", "probes.cu", ()))
+# (cubin name, source, defines): the forward and the backward once per cell family (run in parallel).
+UNITS = tuple((f"{kind}_{family}", f"{kind}.cu", (f"-DBIRNN_FAMILY={index}",)) for kind in ("forward", "backward")
+              for index, family in enumerate(("lstm", "gru", "elman"))) + (("probes", "probes.cu", ()),)
 DEFAULT_ARCHS = ("90a", "100a")
 CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
 DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"

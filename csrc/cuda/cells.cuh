@@ -40,6 +40,24 @@ struct LstmCell {
     saved[3] = o;
     saved[4] = c;
   }
+
+  // dh, dc: the gradients reaching h_t and c_t; saved: the forward's; previous: c_{t-1}. d: through
+  // W_ih and W_hh alike; dc becomes dc_{t-1}; direct (what reaches h_{t-1} other than through W_hh): 0.
+  static constexpr int kPrevious = 0;  // c_{t-1}: the workspace's c at the previous time index, or c0
+  static __device__ __forceinline__ void backward(float dh, float& dc, const float* saved, float previous, float* d,
+                                                  float* d_hh, float& direct, int /*relu*/) {
+    const float i = saved[0], f = saved[1], g = saved[2], o = saved[3];
+    const float tc = tanh_(saved[4]);
+    const float dcell = dc + dh * o * (1.0f - tc * tc);
+    d[0] = dcell * g * i * (1.0f - i);
+    d[1] = dcell * previous * f * (1.0f - f);
+    d[2] = dcell * i * (1.0f - g * g);
+    d[3] = dh * tc * o * (1.0f - o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) d_hh[k] = d[k];
+    dc = dcell * f;
+    direct = 0.0f;
+  }
 };
 
 // torch's GRU: n = tanh(x_n + r * (W_hn h + b_hn)), h' = (1 - z) n + z h. Saved: r, z, n and
@@ -61,6 +79,21 @@ struct GruCell {
     saved[2] = n;
     saved[3] = hidden[2];
   }
+
+  // previous: h_{t-1}. d_hh[2]: n's part through W_hh, scaled by r; direct: dh z.
+  static constexpr int kPrevious = 1;  // h_{t-1}: the output at the previous time index, or h0
+  static __device__ __forceinline__ void backward(float dh, float& /*dc*/, const float* saved, float previous,
+                                                  float* d, float* d_hh, float& direct, int /*relu*/) {
+    const float r = saved[0], z = saved[1], n = saved[2], hidden_n = saved[3];
+    const float dn = dh * (1.0f - z) * (1.0f - n * n);
+    d[0] = dn * hidden_n * r * (1.0f - r);
+    d[1] = dh * (previous - n) * z * (1.0f - z);
+    d[2] = dn;
+    d_hh[0] = d[0];
+    d_hh[1] = d[1];
+    d_hh[2] = dn * r;
+    direct = dh * z;
+  }
 };
 
 // RNN_TANH and RNN_RELU: the backward reads the activation's derivative off h, nothing is saved.
@@ -74,6 +107,15 @@ struct ElmanCell {
                                                  float& /*c*/, float* /*saved*/, int relu) {
     const float pre = x[0] + hidden[0];
     h = relu ? fmaxf(pre, 0.0f) : tanh_(pre);
+  }
+
+  // previous: h_t itself (the activation's derivative is read off it).
+  static constexpr int kPrevious = 2;  // h_t: the output at the step's own time index
+  static __device__ __forceinline__ void backward(float dh, float& /*dc*/, const float* /*saved*/, float h, float* d,
+                                                  float* d_hh, float& direct, int relu) {
+    d[0] = relu ? (h > 0.0f ? dh : 0.0f) : dh * (1.0f - h * h);
+    d_hh[0] = d[0];
+    direct = 0.0f;
   }
 };
 

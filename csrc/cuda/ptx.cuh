@@ -106,6 +106,20 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity
       : "memory");
 }
 
+// The same wait with cluster-scope acquire: st.async's complete_tx releases at cluster scope from
+// another CTA's thread, which a CTA-scope acquire does not synchronize with.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* barrier, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(barrier)),
+      "r"(parity)
+      : "memory");
+}
+
 // `bytes` from this CTA's shared memory at `source` to shared::cluster `destination` (another CTA's),
 // completing on the destination CTA's mbarrier at shared::cluster `barrier`.
 __device__ __forceinline__ void bulk_copy_to_peer(uint32_t destination, uint32_t source, uint32_t bytes,
@@ -115,6 +129,16 @@ __device__ __forceinline__ void bulk_copy_to_peer(uint32_t destination, uint32_t
           destination),
       "r"(source), "r"(bytes), "r"(barrier)
       : "memory");
+}
+
+// Two fp32 into another CTA's shared memory at shared::cluster `destination` (8-byte aligned),
+// completing 8 bytes on that CTA's mbarrier at shared::cluster `barrier`: the receiver's wait on it
+// makes the values visible (the backward's partial sums).
+__device__ __forceinline__ void store_async_to_peer(uint32_t destination, float x, float y, uint32_t barrier) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
+                   destination),
+               "r"(__float_as_uint(x)), "r"(__float_as_uint(y)), "r"(barrier)
+               : "memory");
 }
 
 }  // namespace birnn_fast::cuda

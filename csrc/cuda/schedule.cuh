@@ -92,17 +92,23 @@ BIRNN_HD void h_slice(const ForwardParams& p, int k, int& slice, int& column) {
   column = k - slice * p.units;
 }
 
-// Element offset of (batch row, column) in a slice block, 16-byte chunks XOR-swizzled (see the Python).
-BIRNN_HD int h_offset(const ForwardParams& p, int row, int column) {
-  const int chunks = p.units >> 3;
+// Element offset of (row, column) in a block of rows of `width` 16-bit elements (a multiple of 8),
+// the 16-byte chunks XOR-swizzled so that ldmatrix's 8 rows of one chunk fall in distinct bank
+// groups (see the Python): m, the largest power of two dividing the chunk count (at most 8).
+BIRNN_HD int swizzled_offset(int width, int row, int column) {
+  const int chunks = width >> 3;
   int chunk = column >> 3;
-  if (chunks > 1 && (chunks & (chunks - 1)) == 0 && chunks <= 8) {
-    int shift = 0;  // log2(8 / chunks)
-    while ((chunks << shift) < 8) ++shift;
-    chunk ^= (row >> shift) & (chunks - 1);
+  const int m = (chunks & -chunks) < 8 ? (chunks & -chunks) : 8;
+  if (m > 1) {
+    int shift = 0;  // log2(8 / m)
+    while ((m << shift) < 8) ++shift;
+    chunk ^= (row >> shift) & (m - 1);
   }
-  return row * p.units + chunk * 8 + (column & 7);
+  return row * width + chunk * 8 + (column & 7);
 }
+
+// Element offset of (batch row, column) in a slice block of rows x U.
+BIRNN_HD int h_offset(const ForwardParams& p, int row, int column) { return swizzled_offset(p.units, row, column); }
 
 // Element offset in hbuf[2][slices][rows][U].
 BIRNN_HD int hbuf_offset(const ForwardParams& p, int buffer, int slice, int row, int column) {
@@ -147,5 +153,88 @@ BIRNN_HD void ldmatrix_row(int lane, int nt_pair, int k_tile, int& row, int& k) 
   row = 8 * (2 * nt_pair + (matrix >> 1)) + (lane & 7);
   k = 16 * k_tile + 8 * (matrix & 1);
 }
+
+// --- The backward (backward.cu; the schedule: cuda_schedule.py's run_backward) ---------------------
+
+constexpr int kBackwardWarps = 8;  // BACKWARD_WARPS
+
+// The launch of the backward, packed by the host in this order (cuda_kernels.BackwardParams).
+struct BackwardParams {
+  const void* grad_output;  // (T, B, 2*H)
+  const void* grad_h_n;     // (2, B, H)
+  const void* grad_c_n;     // (2, B, H) for LSTM
+  const void* w_hh;         // (2, G*H, H)
+  const void* h0;           // (2, B, H)
+  const void* c0;           // (2, B, H) for LSTM
+  const int64_t* lengths;   // (B,)
+  const void* output;       // (T, B, 2*H): the forward's
+  const float* workspace;   // (T, B, 2, kSaved*H): the forward's
+  float* dgates;            // (T, B, 2, G*H): through W_ih, 0 at padding
+  void* grad_h0;            // (2, B, H)
+  void* grad_c0;            // (2, B, H) for LSTM
+  int32_t T, B, H;
+  int32_t gates, units, cluster, chunk_rows, n_tiles, m_tiles, warp_m_tiles, k_tiles, fragment_stride,
+      reg_fragments, smem_fragments;
+  int32_t relu;
+};
+
+struct BackwardPlan {
+  const BackwardParams& p;
+  BIRNN_HD int rows() const { return 8 * p.n_tiles; }
+  BIRNN_HD int width() const { return 16 * p.k_tiles; }
+  BIRNN_HD int groups() const { return p.units >> 3; }
+  BIRNN_HD int items() const { return groups() * p.n_tiles; }
+  BIRNN_HD uint32_t slot_bytes() const { return p.units * rows() * 4; }
+  BIRNN_HD uint32_t recv_bytes() const { return 2 * p.cluster * slot_bytes(); }
+  BIRNN_HD uint32_t dgb_bytes(int element_bytes) const { return rows() * width() * element_bytes; }
+  BIRNN_HD uint32_t wsm_bytes() const { return kBackwardWarps * p.smem_fragments * kFragmentBytes; }
+  BIRNN_HD uint32_t expect_bytes() const { return (p.cluster - 1) * slot_bytes(); }
+};
+
+// The step iteration i runs (i = steps: s = -1, grad_h0 only).
+BIRNN_HD int bwd_step(int steps, int i) { return steps - 1 - i; }
+
+// A warp's j-th M tile (units 16 mt .. 16 mt + 15).
+BIRNN_HD int bwd_warp_m_tile(int warp, int j) { return warp + kBackwardWarps * j; }
+
+// A warp's fragment number of (M tile j, K tile kt), strided by the kernel's compile-time bound on K
+// tiles (so that a register fragment's number is known at compile time); the first reg_fragments
+// live in registers.
+BIRNN_HD int bwd_fragment(const BackwardParams& p, int j, int kt) { return j * p.fragment_stride + kt; }
+
+// The 512-byte block of a fragment past the register ones.
+BIRNN_HD int bwd_wsm_index(const BackwardParams& p, int warp, int fragment) {
+  return warp * p.smem_fragments + fragment - p.reg_fragments;
+}
+
+// (gate, unit) of a CTA's K index kk: its gate-units, a unit's G gates adjacent.
+BIRNN_HD void bwd_source(const BackwardParams& p, int rank, int kk, int& gate, int& unit) {
+  gate = kk % p.gates;
+  unit = rank * p.units + kk / p.gates;
+}
+
+// (rank, local group) owning 8-unit group `group` of the direction.
+BIRNN_HD void bwd_destination(const BackwardParams& p, int group, int& rank, int& local) {
+  rank = group / (p.units >> 3);
+  local = group % (p.units >> 3);
+}
+
+// (local group, batch tile) of a warp's o-th item.
+BIRNN_HD void bwd_item(const BackwardParams& p, int warp, int o, int& group, int& nt) {
+  const int q = warp + kBackwardWarps * o;
+  group = q / p.n_tiles;
+  nt = q % p.n_tiles;
+}
+
+// The float2 of recv[2][C][groups][n_tiles][32] a sender's lane leaves for a receiver.
+BIRNN_HD int recv_offset(const BackwardParams& p, int buffer, int sender, int group, int nt, int lane) {
+  return (((buffer * p.cluster + sender) * (p.units >> 3) + group) * p.n_tiles + nt) * 32 + lane;
+}
+
+// Element offset of (batch row, K index) in dgb.
+BIRNN_HD int dgb_offset(const BackwardParams& p, int row, int kk) { return swizzled_offset(16 * p.k_tiles, row, kk); }
+
+// The time index of a row's step s - 1 (s >= 1).
+BIRNN_HD int previous_time(int direction, int s, int length) { return step_time(direction, s - 1, length); }
 
 }  // namespace birnn_fast::cuda
