@@ -507,19 +507,19 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> backward_impl(
   Tensor grad_c0 =
       Cell::kHasCellState ? reorder_states<T>(schedule, dc, /*to_sorted=*/false) : empty_cpu({0}, compute);
   if (!chunked) {
-    // A bfloat16 / float16 layer's operands widened here: this path runs with more than two threads.
+    // A bfloat16 / float16 layer's operands widened here (this path runs with teams, or more than two threads).
     if (input_grad) {
       grad_input =
-          unpack<T>(schedule, at::mm(dgates_x, both_directions(weights, layer, kWeightIh).to(kCompute)), steps);
+          unpack<T>(schedule, mm_cached(dgates_x, both_directions(weights, layer, kWeightIh).to(kCompute)), steps);
     }
     if (weight_grads) {
-      const Tensor grad_weight_ih = at::mm(dgates_x.t(), pack<S>(schedule, input).to(kCompute));  // (2GH, I)
+      const Tensor grad_weight_ih = mm_cached(dgates_x.t(), pack<S>(schedule, input).to(kCompute));  // (2GH, I)
       const Tensor grad_bias_ih = dgates_x.sum(0), grad_bias_hh = dgates_h.sum(0);
       const Tensor h_prev = previous_states<S>(schedule, output, h0).to(kCompute);
       for (int64_t d = 0; d < 2; ++d) {
         const int64_t k = d * layer.per_direction();
         grad_weights[k + kWeightIh] = grad_weight_ih.narrow(0, d * GH, GH);
-        grad_weights[k + kWeightHh] = at::mm(dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * P, P));
+        grad_weights[k + kWeightHh] = mm_cached(dgates_h.narrow(1, d * GH, GH).t(), h_prev.narrow(1, d * P, P));
         grad_weights[k + kBiasIh] = grad_bias_ih.narrow(0, d * GH, GH);
         grad_weights[k + kBiasHh] = grad_bias_hh.narrow(0, d * GH, GH);
       }

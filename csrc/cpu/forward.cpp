@@ -197,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, at:
     chunk_gx = empty_cpu({2, chunk_steps * B, GH}, compute);
   } else {
     gates_x =
-        at::mm(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
+        mm_cached(pack<S>(schedule, input).to(kCompute), both_directions(weights, layer, kWeightIh).to(kCompute).t());
   }
   Tensor output = empty_cpu({steps, B, 2 * P}, input.options());
   Tensor workspace = empty_cpu({0}, compute);

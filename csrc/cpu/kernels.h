@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cells.h"
+#include "schedule.h"
 
 namespace birnn_fast::cpu {
 
@@ -43,9 +44,14 @@ T* weight_of(at::TensorList weights, const Layer& layer, int64_t d, Weight kind)
   return weights[d * layer.per_direction() + kind].data_ptr<T>();
 }
 
-// Both directions' parameters of one kind as one (2 * rows, ...) tensor, for the multi-threaded GEMMs.
+// Both directions' parameters of one kind as one (2 * rows, ...) tensor, for the multi-threaded GEMMs
+// (in a buffer of empty_cpu: W_ih of a wide layer is tens of MiB).
 inline Tensor both_directions(at::TensorList weights, const Layer& layer, Weight kind) {
-  return at::cat({weights[kind], weights[layer.per_direction() + kind]});
+  const Tensor& first = weights[kind];
+  std::vector<int64_t> sizes = first.sizes().vec();
+  sizes[0] *= 2;
+  Tensor both = empty_cpu(sizes, first.options());
+  return at::cat_out(both, {first, weights[layer.per_direction() + kind]});
 }
 
 template <typename Fn>

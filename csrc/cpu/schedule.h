@@ -24,6 +24,13 @@ using at::Tensor;
 Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// a @ b (2-D) into a buffer of empty_cpu: torch's allocator maps an output that large afresh on
+// every call, and its pages fault in again.
+inline Tensor mm_cached(const Tensor& a, const Tensor& b) {
+  Tensor out = empty_cpu({a.size(0), b.size(1)}, a.options());
+  return at::mm_out(out, a, b);
+}
+
 // Zeroes elements [first, numel) of a contiguous tensor, in the calling thread.
 void zero_tail(const Tensor& tensor, int64_t first);
 
