@@ -90,7 +90,12 @@ package = os.path.realpath(os.path.dirname(birnn_fast.__file__))
 assert package == os.path.join(site, "birnn_fast"), (package, site)
 why = backends.why_not("cpu", torch.device("cpu"), torch.float32)
 assert why is None, f"_C does not load: {why}"
-print("CHECKED " + json.dumps(dict(
+from birnn_fast.kernels import precompiled
+manifest_path = os.path.join(precompiled.package_dir(), "manifest.json")
+manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"archs": {}}
+# Whether Triton here would find the builds (its version, its files' hash, ptxas, environment).
+usable = {f"sm_{arch}": precompiled.mismatch(int(arch), entry) or "usable" for arch, entry in manifest["archs"].items()}
+print("CHECKED " + json.dumps(dict(builds=usable,
     package=package, torch=torch.__version__, triton=triton.__version__, cxx11_abi=torch.compiled_with_cxx11_abi(),
     cpu_engine=torch.ops.birnn_fast_cpu.engine_info(),
     engine=str(birnn_fast.engine_info("LSTM", 16, 256, device="cpu")))))
@@ -102,6 +107,7 @@ def check_installed(site, work):
     its C++ library loads against this torch, engine_info answers."""
     env = dict(os.environ, PYTHONPATH=site)
     env.pop("TRITON_INTERPRET", None)
+    env.pop("TRITON_DEFAULT_FP_FUSION", None)  # as child_env: a user's environment, not make gpu-check's
     result = subprocess.run([sys.executable, "-P", "-c", CHECK_INSTALLED, site], cwd=work, env=env,
                             capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("CHECKED ")]
