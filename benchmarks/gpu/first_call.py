@@ -2,17 +2,23 @@
 process (an empty Triton cache) imports birnn_fast and runs one forward and backward of a layer;
 the time from the process's start to the first result, and how many kernels it compiled.
 
-    python -P -m benchmarks.gpu.first_call [--wheel birnn_fast-...whl] [--out FILE.md]
+    python -P benchmarks/gpu/first_call.py [--wheel birnn_fast-...whl] [--out FILE.md] [--self-test]
 
 --wheel: a CUDA wheel built for this stack (make wheel-cuda with this Python, torch minor and
-Triton); its package is unpacked into a temporary site directory (what pip install --no-deps puts
-in site-packages) and run once as it is and once with its builds removed. Without --wheel, the
-builds the timed layers need are compiled here first, as make wheel-cuda compiles them (a stand-in
-target of this GPU's architecture, kernels/aot.py), into a package laid out as the wheel's: the same
-mechanism end to end, on hardware. Rows: "compiled" (no builds: what the default wheel does),
-"precompiled" (the wheel's builds seeded into the empty cache at the first launch), "warm cache" (a
-second process on that cache: every later run). --self-test (no GPU): builds for a stand-in sm_90
-and lays the sites out, without timing.
+Triton), carried to the GPU host: installed with pip, offline, into a site directory of its own
+(``pip install --no-index --no-deps --target``: the host's torch and Triton stay as they are, and
+the wheel's pins are checked against them), then checked as a user would (imported from there, _C
+loaded, engine_info), and run once as installed and once with its builds removed. Without --wheel,
+the builds the timed layers need are compiled here first, as make wheel-cuda compiles them (a
+stand-in target of this GPU's architecture, kernels/aot.py), into a package laid out as the
+wheel's: the same mechanism end to end, on hardware. Rows: "compiled" (no builds: what the default
+wheel does), "precompiled" (the wheel's builds seeded into the empty cache at the first launch),
+"warm cache" (a second process on that cache: every later run).
+
+--self-test (no GPU): with --wheel, the install and the checks above, then the replay of the
+wheel's builds (the first --replay-limit of each architecture; 0: all) under stand-in targets with
+an empty Triton cache, which fails if any of them compiles; without --wheel, builds for a stand-in
+sm_90 and lays the sites out. Nothing is timed.
 """
 import argparse
 import datetime
@@ -22,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The timed layers: (cell, dtype, input size, hidden size, batch, steps); fp32 runs with TF32, as torch's default.
@@ -62,9 +67,63 @@ def layers_literal():
     return "LAYERS = " + repr(LAYERS) + "\n"
 
 
-def unpack_wheel(wheel, site):
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)
+def install_wheel(wheel, site):
+    """pip install the wheel into ``site`` (no index: the GPU host has no network; no dependencies: the
+    host's torch and Triton are the ones to use), then fail unless its pins hold there (pip check's
+    lines about birnn_fast only: the host may have other packages' unmet requirements)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site, wheel],
+                   check=True)
+    env = dict(os.environ, PYTHONPATH=site)
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], env=env, capture_output=True, text=True)
+    unmet = [line for line in check.stdout.splitlines() if line.lower().startswith(("birnn_fast ", "birnn-fast "))]
+    if unmet:
+        raise SystemExit(f"{os.path.basename(wheel)} does not fit this stack: " + "; ".join(unmet))
+
+
+CHECK_INSTALLED = r"""
+import json, os, sys
+import torch, triton
+import birnn_fast
+from birnn_fast import backends
+site = os.path.realpath(sys.argv[1])
+package = os.path.realpath(os.path.dirname(birnn_fast.__file__))
+assert package == os.path.join(site, "birnn_fast"), (package, site)
+why = backends.why_not("cpu", torch.device("cpu"), torch.float32)
+assert why is None, f"_C does not load: {why}"
+from birnn_fast.kernels import precompiled
+manifest_path = os.path.join(precompiled.package_dir(), "manifest.json")
+manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"archs": {}}
+# Whether Triton here would find the builds (its version, its files' hash, ptxas, environment).
+usable = {f"sm_{arch}": precompiled.mismatch(int(arch), entry) or "usable" for arch, entry in manifest["archs"].items()}
+print("CHECKED " + json.dumps(dict(builds=usable,
+    package=package, torch=torch.__version__, triton=triton.__version__, cxx11_abi=torch.compiled_with_cxx11_abi(),
+    cpu_engine=torch.ops.birnn_fast_cpu.engine_info(),
+    engine=str(birnn_fast.engine_info("LSTM", 16, 256, device="cpu")))))
+"""
+
+
+def check_installed(site, work):
+    """A fresh process on the installed site (-P, run from elsewhere): birnn_fast comes from there,
+    its C++ library loads against this torch, engine_info answers."""
+    env = dict(os.environ, PYTHONPATH=site)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("TRITON_DEFAULT_FP_FUSION", None)  # as child_env: a user's environment, not make gpu-check's
+    result = subprocess.run([sys.executable, "-P", "-c", CHECK_INSTALLED, site], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("CHECKED ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"the installed wheel fails its check (rc {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(lines[-1][len("CHECKED "):])
+
+
+def replay_installed(site, work, limit):
+    """kernels/aot.py's replay of the installed wheel's builds (stand-in targets, an empty Triton
+    cache): the number that compiled instead of being found."""
+    env = dict(os.environ, PYTHONPATH=site, TRITON_CACHE_DIR=os.path.join(work, "replay-cache"))
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-P", "-m", "birnn_fast.kernels.aot", "--replay",
+               os.path.join(site, "birnn_fast", "_precompiled")] + (["--limit", str(limit)] if limit else [])
+    return subprocess.run(command, cwd=work, env=env, timeout=3600).returncode
 
 
 def source_site(site):
@@ -123,13 +182,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", help="a CUDA wheel built for this stack")
     parser.add_argument("--out", help="markdown report (default: benchmarks/results/first_call_<date>_<gpu>.md)")
-    parser.add_argument("--self-test", action="store_true", help="no GPU: build and lay out only")
+    parser.add_argument("--self-test", action="store_true",
+                        help="no GPU: with --wheel, install, check and replay it; without, build and lay out only")
+    parser.add_argument("--replay-limit", type=int, default=0,
+                        help="--self-test --wheel: replay the first N builds of each architecture (default 0: all)")
     args = parser.parse_args(argv)
     import torch
     import triton
     work = tempfile.mkdtemp(prefix="birnn_first_call.")
     try:
         with_site, without_site = os.path.join(work, "with"), os.path.join(work, "without")
+        installed = None
         if args.self_test:
             arch, num_sms, shared, gpu = 90, 132, 232448, "stand-in sm_90"
         else:
@@ -139,8 +202,15 @@ def main(argv=None):
             shared = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
             gpu = torch.cuda.get_device_name(0)
         if args.wheel:
-            unpack_wheel(args.wheel, with_site)
+            install_wheel(args.wheel, with_site)
+            installed = check_installed(with_site, work)
+            print("installed: " + json.dumps(installed))
             origin = f"the wheel {os.path.basename(args.wheel)}"
+            if args.self_test:
+                misses = replay_installed(with_site, work, args.replay_limit)
+                print(f"self-test: {os.path.basename(args.wheel)} installed, checked and replayed"
+                      + ("" if misses == 0 else " with FAILURES"))
+                return 1 if misses else 0
         else:
             source_site(with_site)
             build_here(with_site, arch, num_sms, shared, work)
@@ -164,7 +234,8 @@ def main(argv=None):
                  f"torch {torch.__version__}, Triton {triton.__version__}; precompiled: {origin}. Each row a fresh "
                  "process with its own Triton cache (empty, but for the warm row); time from the process's start "
                  "(before import torch) to each layer's first forward + backward, synchronized. "
-                 "`python -P -m benchmarks.gpu.first_call" + (f" --wheel {os.path.basename(args.wheel)}`" if args.wheel else "`"),
+                 "`python -P benchmarks/gpu/first_call.py" + (f" --wheel {os.path.basename(args.wheel)}`" if args.wheel else "`")
+                 + (f"; the installed wheel: {json.dumps(installed)}" if installed else ""),
                  "", "| run | import s | layer | first fwd+bwd s | kernels compiled | found in cache | process total s |",
                  "|---|---|---|---|---|---|---|"]
         for name, run in runs:
