@@ -97,8 +97,9 @@ def checked_triton():
     """Whether the installed Triton is one whose builds of fused_gates and double_buffered_backward
     the compile tests check without spills for every selectable configuration: 3.9 and later
     (tests/test_kernels_triton.py). Not 3.6 (the GPU image's and torch 2.11's pin): its builds of them
-    (tests/test_triton_36.py) spill in the fused LSTM resident at K = 512 (sm_80, hinted), and the rest
-    of its sweep has not run to the end."""
+    (tests/test_triton_36.py) spill in the fused LSTM resident at K = 512 (sm_80, hinted); its
+    double-buffered backward builds every streamed configuration for sm_90 without spills, sm_80's and
+    the rest of the fused sweep not yet run."""
     return TRITON_VERSION >= (3, 9)
 
 

@@ -21,7 +21,9 @@ bumped with release semantics and polled with acquire. A barrier among programs 
 resident deadlocks, so the launcher never launches more programs than there are SMs (each takes
 several batch blocks instead), and launches a grid with a barrier cooperatively: the driver then
 starts all its programs together, or refuses a grid that cannot be resident at once with an error,
-instead of a partial launch hanging at the barrier (not yet seen on hardware).
+instead of a partial launch hanging at the barrier (not yet seen on hardware). TAGGED (a variant, off by
+default) replaces the barrier: each exchanged word carries the step that wrote it and the readers poll
+the words they need (common.tagged_settle); the grid must still be co-resident.
 
 TIMING (off by default; benchmarks/gpu/phases.py) is a build that stamps %globaltimer through each
 step of every program, first round, into timing_ptr (int64, (2, n_bprog, n_hblocks, T, PHASES)):
