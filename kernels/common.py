@@ -198,6 +198,117 @@ def group_barrier(p_counter, p_status, target, failed, max_polls, SYNC: tl.const
     return barrier_wait(p_counter, p_status, arrived, target, failed, max_polls, SYNC)
 
 
+# The step-tagged exchange (TAGGED): each word of the exchange buffer holds one operand value and the
+# step that wrote it, so a reader polls the words it needs, one round trip, instead of a barrier. A
+# word is int64 (fp32 value in the low half) or int32 (fp16 / bf16 value in the low half), written
+# and read whole: a reader sees a value together with its own step's tag, never another's.
+
+
+@triton.jit
+def tag_of(step):
+    """The tag of h_step (h0's is 0): step modulo 2^15, which fits the high half of either word with
+    its sign bit clear. A double-buffered slot holds the step before last or the one awaited, never
+    steps 2^15 apart."""
+    return (tl.zeros([], tl.int64) + step % 32768).to(tl.int32)  # step: a loop index, int in the interpreter
+
+
+@triton.jit
+def tagged_words(value, tag, word_ty: tl.constexpr):
+    """value (fp32, or fp16 / bf16 as the dots read it) packed with tag into word_ty (int64, int32)."""
+    if word_ty == tl.int64:
+        words = (value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (tag.to(tl.int64) << 32)
+    else:
+        words = (value.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (tag.to(tl.int32) << 16)
+    return words
+
+
+@triton.jit
+def word_values(words, value_ty: tl.constexpr):
+    """The values of tagged_words, in value_ty."""
+    if words.dtype == tl.int64:
+        values = words.to(tl.int32).to(value_ty, bitcast=True)
+    else:
+        values = words.to(tl.int16).to(value_ty, bitcast=True)
+    return values
+
+
+@triton.jit
+def word_tags(words):
+    """The tags of tagged_words."""
+    return words >> (32 if words.dtype == tl.int64 else 16)
+
+
+@triton.jit
+def _tagged_read(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr):
+    """The words of exchanged_tile's elements (rows p_rows, every one a row the writers write each
+    step of a live block), and 1 if all carry tag, else 0 (a reduction over the program's threads).
+    Unmasked: k past H reads word H - 1. A masked read (a predicate per element, and the mask again in
+    the check) makes ptxas wait for each load before issuing the next. .cg loads, as exchanged_tile's:
+    at L2, where the writers' words land (a load served from L1 could be stale); they stay in the
+    poll's loop (the tests read the SASS)."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
+        p = p_rows + tl.minimum(offs_k, H - 1)
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
+        p = p_rows[None, :, :] + tl.minimum(offs_k, H - 1)
+    words = tl.load(p, cache_modifier=".cg")
+    return words, tl.min((word_tags(words) == tag).to(tl.int32), axis=None)
+
+
+@triton.jit
+def tagged_issue(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr):
+    """The first read of a tagged tile (tagged_settle waits for its tags), that may be issued early,
+    e.g. during the previous chunk's product."""
+    words, _ = _tagged_read(p_rows, k0, H, tag, NK, BK)
+    return words
+
+
+@triton.jit
+def tagged_settle(words, p_rows, k0, H, tag, failed, p_status, max_polls, value_ty: tl.constexpr,
+                  NK: tl.constexpr, BK: tl.constexpr):
+    """exchanged_tile of a tagged buffer, values in value_ty (0 past H), from words (tagged_issue's
+    read of it): re-read until every word carries tag. A poll that has not seen them after max_polls
+    reads gives up as barrier_wait does (status word set, failed = 1: the program's later polls
+    return at once, the launcher raises). Returns (tile, failed)."""
+    ready = tl.min((word_tags(words) == tag).to(tl.int32), axis=None)
+    polls = tl.zeros([], tl.int32)
+    while (ready == 0) & (failed == 0) & (polls < max_polls):
+        words, ready = _tagged_read(p_rows, k0, H, tag, NK, BK)
+        polls += 1
+    if (ready == 0) & (failed == 0):
+        # A plain store: the host reads it after the launch, and any program that sets it sets 1.
+        tl.store(p_status, 1)
+        failed = tl.full([], 1, tl.int32)
+    if NK == 1:
+        in_h = (k0 + tl.arange(0, BK) < H)[None, :]  # [1, BK]
+    else:
+        in_h = (k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]) < H  # [NK, 1, BK]
+    return tl.where(in_h, word_values(words, value_ty), 0.0).to(value_ty), failed
+
+
+@triton.jit
+def exchange_issue(p_rows, p_tagged_rows, k0, mask_b, H, tag, TAGGED: tl.constexpr, NK: tl.constexpr,
+                   BK: tl.constexpr):
+    """The read of an exchanged tile, to pass to exchange_settle: exchanged_tile's of p_rows (rows of
+    mask_b), or TAGGED the words of p_tagged_rows (tagged_issue)."""
+    if TAGGED:
+        tile = tagged_issue(p_tagged_rows, k0, H, tag, NK, BK)
+    else:
+        tile = exchanged_tile(p_rows, k0, mask_b, H, NK, BK)
+    return tile
+
+
+@triton.jit
+def exchange_settle(tile, p_tagged_rows, k0, H, tag, failed, p_status, max_polls, value_ty: tl.constexpr,
+                    TAGGED: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr):
+    """(the exchanged tile, failed) of exchange_issue's read: TAGGED, once its words carry tag
+    (tagged_settle); else the tile itself."""
+    if TAGGED:
+        tile, failed = tagged_settle(tile, p_tagged_rows, k0, H, tag, failed, p_status, max_polls, value_ty, NK, BK)
+    return tile, failed
+
+
 @triton.jit
 def batch_rows(bb, B, BB: tl.constexpr):
     """Rows [bb*BB, (bb+1)*BB) of batch block bb: their int64 indices and mask (< B)."""

@@ -93,13 +93,23 @@ def resident_max_k(cell, dtype, dot_precision, backward):
     return 1024
 
 
+def checked_triton():
+    """Whether the installed Triton is one whose builds of fused_gates and double_buffered_backward
+    the compile tests check without spills for every selectable configuration: 3.9 and later
+    (tests/test_kernels_triton.py). Not 3.6 (the GPU image's and torch 2.11's pin): its builds of them
+    (tests/test_triton_36.py) spill in the fused LSTM resident at K = 512 (sm_80, hinted); its
+    double-buffered backward builds every streamed configuration for sm_90 without spills, sm_80's and
+    the rest of the fused sweep not yet run."""
+    return TRITON_VERSION >= (3, 9)
+
+
 def fused_gates(cell, dtype, dot_precision, BB, BH, K, resident, backward):
     """Whether the forward kernel with this tile takes one product for all gates (Config.FUSED): where
     that compiles without spills for sm_80 and sm_90 (compile tests, Triton 3.9). Not: the backward
     (its products are of another shape), the GRU resident (its zero fourth gate would take a third
     more shared memory), the LSTM resident at K = 1024 (spills), fp32 without TF32 streamed in tiles
-    of 16x32 (spills), and Triton before 3.9, whose builds of it were never checked."""
-    if backward or TRITON_VERSION < (3, 9):
+    of 16x32 (spills), and Triton versions the compile tests do not build (checked_triton)."""
+    if backward or not checked_triton():
         return False
     if resident:
         return cell != "GRU" and not (cell == "LSTM" and K > 512)
@@ -108,9 +118,9 @@ def fused_gates(cell, dtype, dot_precision, BB, BH, K, resident, backward):
 
 def double_buffered_backward():
     """Whether the backward's streamed K loop loads the next chunk before this chunk's product (its
-    DOUBLE_BUFFER): with Triton 3.9, whose builds of it the compile tests check; before 3.9 the loop
-    the 3.6 configurations were checked with by hand."""
-    return TRITON_VERSION >= (3, 9)
+    DOUBLE_BUFFER): with a Triton whose builds of it the compile tests check (checked_triton); else
+    the loop the 3.6 configurations were checked with by hand."""
+    return checked_triton()
 
 
 def resident_fits(cell, H, dtype, dot_precision, shared_bytes, backward):

@@ -21,7 +21,9 @@ bumped with release semantics and polled with acquire. A barrier among programs 
 resident deadlocks, so the launcher never launches more programs than there are SMs (each takes
 several batch blocks instead), and launches a grid with a barrier cooperatively: the driver then
 starts all its programs together, or refuses a grid that cannot be resident at once with an error,
-instead of a partial launch hanging at the barrier (not yet seen on hardware).
+instead of a partial launch hanging at the barrier (not yet seen on hardware). TAGGED (a variant, off by
+default) replaces the barrier: each exchanged word carries the step that wrote it and the readers poll
+the words they need (common.tagged_settle); the grid must still be co-resident.
 
 TIMING (off by default; benchmarks/gpu/phases.py) is a build that stamps %globaltimer through each
 step of every program, first round, into timing_ptr (int64, (2, n_bprog, n_hblocks, T, PHASES)):
@@ -40,9 +42,10 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .launch import barrier_counters, launch
-from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile,
-                     fused_weight_tile, gate_columns, gate_dot, globaltimer, globaltimer_after, globaltimer_of,
-                     group_counter, group_steps, resident_weights, split_k_dot, tf32_rounded, zero_padded_steps)
+from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchange_issue,
+                     exchange_settle, fused_weight_tile, gate_columns, gate_dot, globaltimer, globaltimer_after,
+                     globaltimer_of, group_counter, group_steps, resident_weights, split_k_dot, tag_of, tagged_words,
+                     tf32_rounded, zero_padded_steps)
 from .pointwise import elman_forward, gru_forward, lstm_forward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -87,6 +90,7 @@ def birnn_forward_kernel(
     c_n_ptr,       # (2, B, H) for LSTM
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
+                   # (TAGGED: int64 words of fp32, int32 of fp16 / bf16, common.tagged_words)
     state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
     counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
     T, B, H, max_polls,
@@ -95,6 +99,7 @@ def birnn_forward_kernel(
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr, FUSED: tl.constexpr,
     TIMING: tl.constexpr = False, timing_ptr=None,  # the stamped build (module docstring)
     PREFETCH_STATE: tl.constexpr = False, RED_ARRIVE: tl.constexpr = False,  # VARIANTS options (launcher)
+    TAGGED: tl.constexpr = False,
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -105,6 +110,12 @@ def birnn_forward_kernel(
     GH = G * H
     p_counter, p_status = group_counter(counter_ptr)
     failed = tl.zeros([], tl.int32)
+    # The products' operand type (W_hh's), in which h is exchanged.
+    VALUE_TY: tl.constexpr = w_hh_ptr.dtype.element_ty
+    # TAGGED: the exchanged words carry their step and the readers poll them (common.tagged_settle), no
+    # group barrier; the CTA barrier at the top of a step stays (it orders a step's state stores before
+    # the next step's loads of them, by other threads).
+    BARRIER: tl.constexpr = SYNC and not TAGGED
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -136,7 +147,7 @@ def birnn_forward_kernel(
     # loads it after its products: where W_hh streams, or the products run on the FMA units (fp32
     # without TF32), the projection tiles held across the products would take registers those need
     # (spills), and one more load after a product that long costs little.
-    PREFETCH: tl.constexpr = RESIDENT and not (DOT_PRECISION == "ieee" and hbuf_ptr.dtype.element_ty == tl.float32)
+    PREFETCH: tl.constexpr = RESIDENT and not (DOT_PRECISION == "ieee" and VALUE_TY == tl.float32)
     _, _, b_len_first = batch_block(lengths_ptr, pid_b, B, BB)  # the first round's: the same every step
     if PREFETCH:
         b_x0, b_x1, b_x2, b_x3 = _round_projection(xg_ptr, 0, pid_b, b_len_first, d, B, H, offs_j, mask_j, G, BB)
@@ -148,7 +159,7 @@ def birnn_forward_kernel(
         parity = s % 2
         if TIMING:
             tl.store(p_time + s * PHASES, globaltimer())
-        failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, SYNC)
+        failed = barrier_wait(p_counter, p_status, arrived, s * n_hblocks, failed, max_polls, BARRIER)
         if TIMING:
             tl.store(p_time + s * PHASES + 1, globaltimer())
         if PREFETCH:
@@ -179,9 +190,15 @@ def birnn_forward_kernel(
                     # barrier wait orders the last step's stores of it before this load.
                     b_state_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
+                tag = tag_of(s)
+                # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
+                # the block's rows); their products are dropped as in the default build.
+                p_tagged = hbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * H  # [BB, 1]
                 if FUSED:
                     acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
-                    b_hk = exchanged_tile(p_hbuf, 0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                    b_hk = exchange_issue(p_hbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK)
+                    b_hk, failed = exchange_settle(b_hk, p_tagged, 0, H, tag, failed, p_status, max_polls, VALUE_TY,
+                                                   TAGGED, NK, BK)  # [NK, BB, BK], or [BB, BK]
                     if TIMING:
                         if bb == pid_b:
                             tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
@@ -194,10 +211,12 @@ def birnn_forward_kernel(
                         # exchanged h needs.)
                         b_wk = fused_weight_tile(p_w, 0, pid_h * BH, H, 1, H, G, NG, 1, BK, BH)
                         for k0 in range(0, H, BK):
-                            b_hk_next = exchanged_tile(p_hbuf, k0 + BK, mask_b, H, 1, BK)
+                            b_hk_next = exchange_issue(p_hbuf, p_tagged, k0 + BK, mask_b, H, tag, TAGGED, 1, BK)
                             b_wk_next = fused_weight_tile(p_w, k0 + BK, pid_h * BH, H, 1, H, G, NG, 1, BK, BH)
                             acc = tl.dot(b_hk, b_wk, acc, input_precision=DOT_PRECISION)
-                            b_hk = b_hk_next
+                            # TAGGED: its tags are checked after this product, the round trip behind it.
+                            b_hk, failed = exchange_settle(b_hk_next, p_tagged, k0 + BK, H, tag, failed, p_status,
+                                                           max_polls, VALUE_TY, TAGGED, 1, BK)
                             b_wk = b_wk_next
                     acc0, acc1, acc2, acc3 = gate_columns(acc, BB, BH, NG)
                 else:
@@ -206,7 +225,9 @@ def birnn_forward_kernel(
                     acc2 = tl.zeros([BB, BH], dtype=tl.float32)
                     acc3 = tl.zeros([BB, BH], dtype=tl.float32)
                     for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                        b_hk = exchanged_tile(p_hbuf, k0, mask_b, H, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                        b_hk = exchange_issue(p_hbuf, p_tagged, k0, mask_b, H, tag, TAGGED, NK, BK)
+                        b_hk, failed = exchange_settle(b_hk, p_tagged, k0, H, tag, failed, p_status, max_polls,
+                                                       VALUE_TY, TAGGED, NK, BK)  # [NK, BB, BK], or [BB, BK]
                         if TIMING:  # streamed: the first chunk's (later loads count as products)
                             if (bb == pid_b) & (k0 == 0):
                                 tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
@@ -252,13 +273,19 @@ def birnn_forward_kernel(
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
                 p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
                 # The exchanged h is an operand of the products alone: rounded as they read it.
-                b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION)
-                tl.store(p_next, b_h_dot.to(hbuf_ptr.dtype.element_ty), mask=mask_a)
+                b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION).to(VALUE_TY)
+                if TAGGED:
+                    # Every row of the block, ended ones too: the readers poll them all (tagged_settle).
+                    tl.store(p_next, tagged_words(b_h_dot, tag_of(s + 1), hbuf_ptr.dtype.element_ty),
+                             mask=mask_b[:, None] & mask_j[None, :])
+                else:
+                    tl.store(p_next, b_h_dot, mask=mask_a)
                 if TIMING:
                     if bb == pid_b:
                         tl.store(p_time + s * PHASES + 5, globaltimer())
             if bb + n_bprog >= n_bblocks:  # the step's last round
-                arrived = barrier_arrive(p_counter, SYNC, RED_ARRIVE)
+                if not TAGGED:
+                    arrived = barrier_arrive(p_counter, SYNC, RED_ARRIVE)
                 if TIMING:
                     tl.store(p_time + s * PHASES + 6, globaltimer_of(arrived))
                 if PREFETCH:
@@ -354,8 +381,10 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
 
 # Cheap changes to a step, off by default, as launch options for the device check to A/B
 # (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
-# red_arrive is compiled only (inline PTX): the interpreter refuses it.
-VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE"}
+# red_arrive is compiled only (inline PTX): the interpreter refuses it. tagged_exchange: the step-tagged
+# exchange in place of the group barrier (TAGGED); its GRU resident at K = 512 spills (sm_90, 16
+# instructions in the time loop), so the device check A/Bs it on the LSTM.
+VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE", "tagged_exchange": "TAGGED"}
 COMPILED_ONLY = {"red_arrive"}
 
 
@@ -364,6 +393,16 @@ def timing_buffer(config, steps, device):
     -1 where no stamp was written (steps a group skipped)."""
     return torch.full((2, config.n_bprog, config.n_hblocks, steps, PHASES.value), -1, dtype=torch.int64,
                       device=device)
+
+
+def tagged_exchange_buffer(h0):
+    """The TAGGED build's exchange buffer (2, 2, B, H) of common.tagged_words: h0 (2, B, H), in the
+    products' dtype, in slot 0 with step 0's tag (0), slot 1 zeros (tag 0, which no reader of it awaits)."""
+    if h0.dtype == torch.float32:
+        words = h0.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    else:
+        words = h0.view(torch.int16).to(torch.int32) & 0xFFFF
+    return torch.stack([words, torch.zeros_like(words)], dim=1)
 
 
 def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
@@ -412,8 +451,12 @@ def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, length
     precision = _config.dot_precision(input.dtype, input.device)
     # The products' operands, h and W_hh, rounded to TF32 where the dots take it (kernel: tf32_rounded).
     recurrent = _config.tf32_rounded(recurrent, precision)
-    hbuf = input.new_empty(2, 2, B, H, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
-    hbuf[:, 0].copy_(_config.tf32_rounded(h0, precision))
+    h0_dot = _config.tf32_rounded(h0, precision).to(recurrent.dtype)  # as the products read it
+    if "tagged_exchange" in variants:
+        hbuf = tagged_exchange_buffer(h0_dot)
+    else:
+        hbuf = input.new_empty(2, 2, B, H, dtype=recurrent.dtype)
+        hbuf[:, 0].copy_(h0_dot)
     state = input.new_empty((2, B, H) if cell in ("LSTM", "GRU") else (0,), dtype=torch.float32)  # RNN: none
     counters = barrier_counters(config, input.device)
     stamps = {}

@@ -593,11 +593,21 @@ def test_every_config_compiles_without_spills(full_usage, config, hints, cc):
 
 
 if __name__ == "__main__":
-    # The child of compile_in_child: python test_kernels_triton.py CC BUILD_ID...
+    # The child of compile_in_child: python test_kernels_triton.py CC [--expect-triton MAJOR.MINOR]
+    # [--options-on] BUILD_ID... (--options-on: fused_gates and double_buffered_backward as with a Triton
+    # config.checked_triton names, whatever this one is: tests/test_triton_36.py).
     sys.path.insert(0, ROOT)
     from benchmarks.gpu import sass
 
-    target_cc, wanted = int(sys.argv[1]), set(sys.argv[2:])
+    target_cc, wanted = int(sys.argv[1]), sys.argv[2:]
+    if wanted[:1] == ["--expect-triton"]:
+        expected = tuple(int(part) for part in wanted[1].split("."))
+        assert kernels.TRITON_VERSION == expected, f"Triton {triton.__version__} ({triton.__file__}), not {wanted[1]}"
+        wanted = wanted[2:]
+    if wanted[:1] == ["--options-on"]:
+        kernels.checked_triton = lambda: True
+        wanted = wanted[1:]
+    wanted = set(wanted)
     every = list(selectable_configs(target_cc))
     for config, hints in builds(target_cc, every, every):
         if config_id(config, hints) in wanted:

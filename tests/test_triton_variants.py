@@ -1,7 +1,8 @@
 """The forward kernel's variants (kernels/forward.py VARIANTS: cheap changes to a step, off by default,
 launch options the device check A/Bs): each computes what the default does, every cell, lengths from 1
 to T, through the interpreter on a grid of several programs meeting at the barrier; and each compiles
-for sm_90 without spills (offline, in a child process)."""
+for sm_90 without spills (offline, in a child process). The step-tagged exchange (tagged_exchange) in
+every form of the products and word size, its bounded poll, and its sm_90 SASS: no fence, no atomic."""
 import json
 import os
 import subprocess
@@ -44,6 +45,68 @@ def test_variant_as_default(cell, variant):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def grid_config(cell, B, H, dtype, streamed=False, fused=False):
+    """select_config's resident grid for a 6-SM GPU (3 programs per direction meet at the barrier, or
+    poll each other's tags), or its streamed twin (K chunks of 16, FUSED as given: the double buffer)."""
+    config = kernels_config.select_config(cell, B, H, dtype, "ieee", 6, SHARED_LIMIT[90], False, stream_tiles=())
+    assert config.n_hblocks == 3, config
+    if streamed:
+        config = config._replace(RESIDENT=False, NK=1, BK=16, FUSED=fused)
+    return config
+
+
+# (cell, dtype, B, lengths, streamed, fused): bf16 (int32 words), streamed per gate and fused (its
+# double-buffered K loop), and B = 33 (three batch blocks, one program along batch: three rounds a step).
+TAGGED_CASES = [("LSTM", torch.bfloat16, 5, [4, 1, 3, 2, 4], False, False),
+                ("GRU", torch.float16, 5, [4, 1, 3, 2, 4], False, False),
+                ("LSTM", torch.float32, 5, [4, 1, 3, 2, 4], True, False),
+                ("LSTM", torch.float32, 5, [4, 1, 3, 2, 4], True, True),
+                ("GRU", torch.bfloat16, 5, [4, 1, 3, 2, 4], True, True),
+                ("RNN_RELU", torch.float32, 33, [4, 1, 3, 2] * 8 + [4], False, False)]
+
+
+@pytest.mark.parametrize("cell,dtype,B,lengths,streamed,fused", TAGGED_CASES,
+                         ids=["lstm-bf16", "gru-fp16", "lstm-streamed", "lstm-streamed-fused", "gru-bf16-streamed-fused",
+                              "relu-three-rounds"])
+def test_tagged_exchange_as_default(cell, dtype, B, lengths, streamed, fused):
+    """The step-tagged exchange computes what the barrier does, bit for bit, in each form of the
+    products and word size."""
+    T, H = 4, 40
+    args = make_inputs(cell, T, B, 3, H, lengths, dtype=dtype)
+    config = grid_config(cell, B, H, dtype, streamed, fused)
+    with concurrent_programs():
+        expected = kernels_forward.forward(cell, *args.values(), config=config)
+    with concurrent_programs():
+        actual = kernels_forward.forward(cell, *args.values(), config=config, variants=("tagged_exchange",))
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="a grid one program short is staged by the interpreter")
+def test_tagged_exchange_one_program_short_raises():
+    """The last program starts only once the others have finished: their polls of its tags give up
+    after max_polls, the launch ends, and the launcher raises (as tests/test_triton_safety.py's barrier)."""
+    T, B, H, lengths = 3, 4, 40, [3, 1, 2, 3]
+    args = make_inputs("LSTM", T, B, 3, H, lengths)
+    with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="birnn_forward_kernel with Config"):
+        kernels_forward.forward("LSTM", *args.values(), config=grid_config("LSTM", B, H, torch.float32), max_polls=200,
+                                variants=("tagged_exchange",))
+
+
+def test_tagged_exchange_buffer():
+    """h0 in slot 0 with tag 0 (the values' bits in the low half), slot 1 zeros; fp32 in int64 words,
+    16-bit values in int32."""
+    h0 = torch.tensor([[[1.5, -2.0]], [[0.0, -0.0]]])
+    words = kernels_forward.tagged_exchange_buffer(h0)
+    assert words.dtype == torch.int64 and words.shape == (2, 2, 1, 2)
+    assert torch.equal(words[:, 0].to(torch.int32).view(torch.float32), h0)
+    assert (words[:, 0] >> 32 == 0).all() and (words[:, 1] == 0).all()
+    half = kernels_forward.tagged_exchange_buffer(h0.bfloat16())
+    assert half.dtype == torch.int32
+    assert torch.equal(half[:, 0].to(torch.int16).view(torch.bfloat16), h0.bfloat16())
+    assert (half[:, 0] >> 16 == 0).all()
+
+
 def test_unknown_variant():
     args = make_inputs("LSTM", 2, 2, 3, 16, [2, 1])
     with pytest.raises(ValueError, match="unknown variants"):
@@ -62,25 +125,62 @@ for variant, cell, dtype, precision, H, resident in json.loads(sys.argv[2]):
     BB, BH = kernels.RESIDENT_TILE if resident else kernels.STREAM_TILES[0]
     NK, BK = kernels.split_k(H, resident)
     compiled = sass.compile_kernel("birnn_forward_kernel", cell, getattr(torch, dtype), precision, BB, BH, NK, BK,
-                                   resident, cc=90, variants=(variant,))
+                                   resident, cc=90, variants=(variant,) if variant != "default" else ())
     code = sass.cuobjdump(compiled, "--dump-sass")
     usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", sass.cuobjdump(compiled, "--dump-resource-usage")))
-    print(json.dumps(dict(variant=variant, cell=cell, spills=sass.round_shape(code)["LOOP_SPILLS"],
+    shape = sass.round_shape(code)
+    print(json.dumps(dict(shape, variant=variant, cell=cell, dtype=dtype, H=H, resident=resident, spills=shape["LOOP_SPILLS"],
                           local=int(usage["LOCAL"]), red="REDG" in code)), flush=True)
 """
-BUILDS = [(variant, cell, "bfloat16", "ieee", 512, True) for variant in sorted(kernels_forward.VARIANTS)
-          for cell in ("LSTM", "GRU")] + [(variant, "LSTM", "float32", "tf32", 1024, False)
-                                          for variant in sorted(kernels_forward.VARIANTS)]
+VARIANTS = sorted(kernels_forward.VARIANTS) + ["default"]
+# Every variant resident in bf16 at H 512 (LSTM, GRU) and streamed in TF32 at H 1024; the tagged
+# exchange also streamed on the FMA units (fp32, int64 words), with the GRU resident at H 256 (at
+# H 512 its build spills: kernels/forward.py VARIANTS).
+TAGGED = "tagged_exchange"
+BUILDS = ([(variant, cell, "bfloat16", "ieee", 512, True) for variant in VARIANTS for cell in ("LSTM", "GRU")
+           if (variant, cell) != (TAGGED, "GRU")]
+          + [(variant, "LSTM", "float32", "tf32", 1024, False) for variant in VARIANTS]
+          + [(variant, cell, dtype, precision, 256, resident) for variant in (TAGGED, "default")
+             for cell, dtype, precision, resident in (("GRU", "bfloat16", "ieee", True), ("LSTM", "float32", "ieee", False))])
 
 
-def test_variants_compile_without_spills():
+@pytest.fixture(scope="module")
+def builds():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", CHILD, ROOT, json.dumps(BUILDS)], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(records) == len(BUILDS)
-    for record in records:
+    return records
+
+
+def test_variants_compile_without_spills(builds):
+    for record in builds:
         assert record["spills"] == 0 and record["local"] == 0, record
         if record["variant"] == "red_arrive":
             assert record["red"], f"red_arrive's SASS has no RED: {record}"
+
+
+def test_tagged_exchange_sass(builds):
+    """sm_90: the TAGGED build's step loop orders nothing GPU-wide: no fence, no atomic (returning or
+    not), no L1 invalidation (the default build's barrier has each: the check sees them); it polls with
+    strong loads that stay in the poll's loop; before its first product it waits on at most three more
+    round trips than the default (counted statically: the poll's reload, which runs only when a tag is
+    late; streamed, the first chunk's poll), and a streamed K chunk on no more than the default's (the
+    double buffer still hides the next chunk's read)."""
+    default = {(r["cell"], r["dtype"], r["H"]): r for r in builds if r["variant"] == "default"}
+    tagged = [r for r in builds if r["variant"] == TAGGED]
+    assert len(tagged) == 4 and len(default) == 5
+    for record in tagged:
+        base = default[record["cell"], record["dtype"], record["H"]]
+        assert base["LOOP_FENCES"] >= 1 and base["LOOP_RETURNING_ATOMICS"] >= 1 and base["LOOP_INVALIDATES"] >= 1, base
+        assert record["LOOP_FENCES"] == record["LOOP_RETURNING_ATOMICS"] == record["LOOP_REDUCTIONS"] == 0, record
+        assert record["LOOP_INVALIDATES"] == 0, record
+        assert record["WAIT_TO_ARRIVE"] is None and record["ARRIVE_TO_WAIT"] is None, record
+        # The default's exchange reads (and its counter poll, one load), twice: the first read and the poll's.
+        assert record["LOOP_STRONG_LOADS"] >= 2 * (base["LOOP_STRONG_LOADS"] - 1), (record, base)
+        if record["DEPENDENT_LOADS"] is not None:  # a product on the tensor cores
+            assert record["DEPENDENT_LOADS"] <= base["DEPENDENT_LOADS"] + 3, (record, base)
+        if not record["resident"] and base["K_CHUNK_DEPENDENT_LOADS"] is not None:
+            assert record["K_CHUNK_DEPENDENT_LOADS"] <= base["K_CHUNK_DEPENDENT_LOADS"], (record, base)

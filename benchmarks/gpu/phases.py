@@ -5,7 +5,9 @@ step. A device-check stage (check.sh); ``--self-test`` runs its host code on a m
 
 Phases (first round of a step; later rounds of a multi-round step fall into "stores, later rounds"):
 wait (barrier), load h, products, gate math, exchange store, later rounds + arrive, other stores.
-The stamps cost a reduction each: their sum exceeds the default build's step.
+The stamps cost a reduction each: their sum exceeds the default build's step. The variants of
+STAMPED_VARIANTS change where a step waits, so their TIMING builds get a row too (the step-tagged
+exchange: no barrier wait nor arrive, the wait for the other programs' h is in "load h").
 """
 import argparse
 import os
@@ -19,6 +21,7 @@ CASES = [("bf16", 16, 512), ("bf16", 64, 512), ("bf16", 16, 1024), ("fp32", 16, 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ["wait", "load h", "products", "gate math", "exchange store", "later rounds + arrive", "other stores"]
 SKIP_STEPS = 4
+STAMPED_VARIANTS = ("tagged_exchange",)
 
 
 def phase_table(stamps, lengths_steps):
@@ -69,13 +72,15 @@ def run_case(birnn_fast, dtype_key, batch, hidden, steps, args):
     variant_ms = {name: timing.measure(f"{dtype_key} B={batch} H={hidden} {name}",
                                        lambda name=name: launch(variants=(name,)), args)
                   for name in sorted(kernels_forward.VARIANTS)}
-    buffer = kernels_forward.timing_buffer(config, steps, device)
-    launch(buffer)  # compiles the TIMING build
-    buffer.fill_(-1)
-    launch(buffer)
-    timing.synchronize()
-    table = phase_table(buffer.cpu(), steps)
-    return config, default_ms, variant_ms, table
+    tables = {}
+    for variants in [()] + [(name,) for name in STAMPED_VARIANTS]:
+        buffer = kernels_forward.timing_buffer(config, steps, device)
+        launch(buffer, variants)  # compiles the TIMING build
+        buffer.fill_(-1)
+        launch(buffer, variants)
+        timing.synchronize()
+        tables[variants[0] if variants else "default"] = phase_table(buffer.cpu(), steps)
+    return config, default_ms, variant_ms, tables
 
 
 def main(argv=None):
@@ -116,16 +121,22 @@ def main(argv=None):
         timing_args = argparse.Namespace(warmup_ms=10.0, rep_ms=40.0, verbose=True)
         for dtype_key, batch, hidden in CASES:
             try:
-                config, default_ms, variant_ms, table = run_case(birnn_fast, dtype_key, batch, hidden, args.steps, timing_args)
+                config, default_ms, variant_ms, tables = run_case(birnn_fast, dtype_key, batch, hidden, args.steps,
+                                                                  timing_args)
             except Exception as error:  # noqa: BLE001 - one failing case must not end the stage
                 emit(f"| {dtype_key} B={batch} H={hidden} | failed: {timing.describe(error)} |")
                 continue
             shape = (f"{'resident' if config.RESIDENT else 'streamed'} BB{config.BB} BH{config.BH} "
                      f"{config.n_hblocks}x{config.n_bprog}{' fused' if config.FUSED else ''}")
-            cells = ["n/a" if table is None else f"{table[name]:.2f}" for name in ["step"] + NAMES]
-            cells += [per_step(variant_ms[name], args.steps) for name in sorted(variant_ms)]
-            emit(f"| {dtype_key} B={batch} H={hidden} | {shape} | {per_step(default_ms, args.steps)} | "
-                 + " | ".join(cells) + " |")
+            for build, table in tables.items():
+                cells = ["n/a" if table is None else f"{table[name]:.2f}" for name in ["step"] + NAMES]
+                if build == "default":
+                    cells += [per_step(variant_ms[name], args.steps) for name in sorted(variant_ms)]
+                    label, step = "", per_step(default_ms, args.steps)
+                else:
+                    cells += ["-"] * len(variant_ms)
+                    label, step = f" ({build})", per_step(variant_ms[build], args.steps)
+                emit(f"| {dtype_key} B={batch} H={hidden}{label} | {shape} | {step} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -36,6 +36,8 @@ def signature_of(fn, dtype, constexprs):
             signature[name] = "constexpr"
         elif name in INT_POINTERS:
             signature[name] = INT_POINTERS[name]
+        elif name == "hbuf_ptr" and constexprs.get("TAGGED"):
+            signature[name] = "*i64" if dtype == torch.float32 else "*i32"  # common.tagged_words
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS or dtype == torch.float32 else "*" + SIGNATURE_DTYPES[dtype]
         else:
@@ -162,6 +164,16 @@ def _chain(code):
 
 
 ARRIVE = re.compile(r"^(@!?U?P\w+ )?ATOMG\.E\.ADD\b")
+# What orders memory between programs: fences (MEMBAR, FENCE), atomics that return a value (ATOMG,
+# ATOM: the thread waits for the answer where it uses it), reductions (RED, REDG: no answer), L1
+# invalidations (CCTL, an acquire's), strong loads (LDG.E.STRONG: volatile or relaxed / acquire).
+SYNC_OPS = {"FENCES": re.compile(r"^(@!?U?P\w+ )?(MEMBAR|FENCE)\b"),
+            "RETURNING_ATOMICS": re.compile(r"^(@!?U?P\w+ )?(ATOMG|ATOM)\."),
+            "REDUCTIONS": re.compile(r"^(@!?U?P\w+ )?(REDG|RED)\."),
+            "INVALIDATES": re.compile(r"^(@!?U?P\w+ )?CCTL\b"),
+            "STRONG_LOADS": re.compile(r"^(@!?U?P\w+ )?LDG\.E\S*\.STRONG\.")}
+# The exchange's reads in the TAGGED build (common.tagged_issue: .cg loads of 32- or 64-bit words).
+TAGGED_POLL = re.compile(r"^(@!?U?P\w+ )?LDG\.E(\.64)?\.STRONG\.GPU\b")
 
 
 def _barrier_points(in_time):
@@ -199,6 +211,13 @@ def arrive_to_wait(in_time, ranges):
     return sum(1 for i in _cyclic(in_time, arrive, poll[0]) if GLOBAL_LOADS.match(i.op))
 
 
+def _time_loop(code, ranges):
+    """The time loop: the outermost loop around the group barrier's first atomic or, in the TAGGED
+    build (no barrier), around the exchange's first poll."""
+    anchors = [i.address for i in code if "ATOMG" in i.op] or [i.address for i in code if TAGGED_POLL.match(i.op)]
+    return _outermost(ranges, min(anchors))
+
+
 def round_shape(sass):
     """What a step of the time loop looks like in SASS: for the round (the loop over the program's
     batch blocks) that holds the first matrix product, the dependent global loads before that product
@@ -206,15 +225,16 @@ def round_shape(sass):
     loads there; the dependent global loads from the barrier's wait to the next arrive
     (wait_to_arrive), and the loads issued between arrive and wait (arrive_to_wait); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
     apart, and the dependent global loads a K chunk waits on before its last product
-    (K_CHUNK_DEPENDENT_LOADS); spill instructions in the time loop."""
+    (K_CHUNK_DEPENDENT_LOADS); spill instructions in the time loop, and its instructions of each of
+    SYNC_OPS (LOOP_FENCES, LOOP_RETURNING_ATOMICS, ...)."""
     code = instructions(sass)
     ranges = loops(code)
-    atomic = min(instruction.address for instruction in code if "ATOMG" in instruction.op)
-    time_loop = _outermost(ranges, atomic)
+    time_loop = _time_loop(code, ranges)
     in_time = [instruction for instruction in code if time_loop[0] <= instruction.address <= time_loop[1]]
     mmas = [instruction.address for instruction in in_time if MMAS.match(instruction.op)]
     shape = {"LOOP_SPILLS": sum(1 for instruction in in_time if SPILLS.search(instruction.op)),
              "WAIT_TO_ARRIVE": wait_to_arrive(in_time), "ARRIVE_TO_WAIT": arrive_to_wait(in_time, ranges)}
+    shape.update({f"LOOP_{name}": sum(1 for i in in_time if pattern.match(i.op)) for name, pattern in SYNC_OPS.items()})
     inner = [r for r in ranges if time_loop[0] <= r[0] and r[1] <= time_loop[1] and r != time_loop]
     # The innermost loops holding a product are its K loop (streamed) or, resident, its round loop.
     k_loops = [r for r in inner if any(r[0] <= m <= r[1] for m in mmas)
