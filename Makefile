@@ -67,6 +67,13 @@ gpu-check:
 gpu-selftest: $(VENV)/.installed
 	PY=$(abspath $(PY)) bash benchmarks/gpu/check.sh --self-test
 
+# The fused-gate forward and the double-buffered backward compiled with Triton 3.6 (the GPU image's)
+# for sm_80 / sm_90: a quick subset; `TRITON36_ARGS=-m slow` for every configuration (an hour here).
+.PHONY: triton36
+triton36: $(VENV)/.installed
+	$(PY) -m pip install -q --target build/triton36 --no-deps triton==3.6.0
+	BIRNN_FAST_TRITON36=$(CURDIR)/build/triton36 $(PY) -m pytest tests/test_triton_36.py -q $(TRITON36_ARGS)
+
 # `cubins`: the CUDA kernels (csrc/cuda/build.py -> birnn_fast/cubins/, no GPU needed; the
 # architectures from BIRNN_FAST_CUDA_ARCHS, default sm_90a and sm_100a). Standard library only.
 .PHONY: cubins
