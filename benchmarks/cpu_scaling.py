@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_machine  # noqa: E402
 from cpu_targets import measure, median_call, round_ratios  # noqa: E402
-from workloads import Case  # noqa: E402
+from workloads import Case, sweep_shape  # noqa: E402
 
 SCALING_CASES = {
     "sentiment-train": Case("LSTM", "sentiment", 1, "train", "equal"),
@@ -27,6 +27,9 @@ SCALING_CASES = {
     "autocast-infer": Case("LSTM", "sentiment", 1, "infer", "equal", "autocast"),
     "diarization-train": Case("LSTM", "diarization", 4, "train", "equal"),
     "speech-train": Case("LSTM", "speech", 2, "train", "varlen"),
+    # Both directions' W_hh (2 x 16 MiB) past half a 32 MiB L3: the directions run in turn (team.h).
+    "wide-infer": Case("LSTM", sweep_shape(75, 4, 512, 1024), 1, "infer", "equal"),
+    "wide-train": Case("LSTM", sweep_shape(75, 4, 512, 1024), 1, "train", "equal"),
 }
 
 

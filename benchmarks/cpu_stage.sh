@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=${OUT:-benchmarks/results}
 THREADS=${CPU_STAGE_THREADS:-1,2,4,8,16}
-CASES=${CPU_STAGE_CASES:-sentiment-train,sentiment-infer,bf16-train,autocast-infer,speech-train,diarization-train}
+CASES=${CPU_STAGE_CASES:-sentiment-train,sentiment-infer,bf16-train,autocast-infer,speech-train,diarization-train,wide-infer,wide-train}
 mkdir -p "$OUT_DIR"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" | tail -5
 # From the checkout: birnn_fast with its _C, without the Triton kernels (not needed on the CPU).

@@ -67,7 +67,7 @@ def test_speed(benchmark, request, case_name, impl, speed_results):
         assert output.dtype == torch.bfloat16
 
 
-SCALING = ["sentiment-train", "diarization-train", "speech-train"]
+SCALING = ["sentiment-train", "diarization-train", "speech-train", "wide-train"]
 
 
 @pytest.mark.parametrize("impl", ["torch", "fast"])
