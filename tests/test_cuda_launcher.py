@@ -311,22 +311,11 @@ def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell):
     loads, the attributes it sets, the configuration and the argument it launches with."""
     bindings = pytest.importorskip("cuda.bindings.driver")
     fake = FakeDriver(bindings)
-    monkeypatch.setattr(cuda_kernels, "driver", fake)
-    monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
-    monkeypatch.setattr(cuda_kernels, "_modules", {})
-    monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", tmp_path)
-    (tmp_path / f"{schedule.cubin_name(cell)}.sm_90a.cubin").write_bytes(b"\x7fELF fake")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "init", lambda: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 77})())
+    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.cubin_name(cell))
     T, B, H = 6, 70, 40
     input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
     input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
     weights = [w.to(torch.bfloat16) for w in weights]
-    monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)  # a CPU tensor stands for a CUDA one
     output, h_n, c_n, workspace = cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
     p = schedule.plan(cell, H, B, "bf16")
     names = [name for name, _ in fake.calls]
