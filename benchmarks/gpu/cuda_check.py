@@ -82,6 +82,13 @@ def poisoned_results(input, H, T, B, cell="LSTM"):
             torch.full((T, B, 2, saved * H), nan, dtype=torch.float32, device=input.device))
 
 
+def same_bits(first, second):
+    """Whether two lists of tensors hold the same bits (NaNs included)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return all(torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
+               for a, b in zip(first, second))
+
+
 def table(title, header, rows):
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -236,9 +243,7 @@ def race(out, repeats=10):
             if first is None:
                 first = [x.clone() for x in results]
             else:
-                same &= all(torch.equal(a.view(torch.int8) if a.dtype != torch.float32 else a.view(torch.int32),
-                                        b.view(torch.int8) if b.dtype != torch.float32 else b.view(torch.int32))
-                            for a, b in zip(first, results))
+                same &= same_bits(first, results)
         torch.cuda.synchronize()
         ok &= same
         rows.append((f"forward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
@@ -251,9 +256,7 @@ def race(out, repeats=10):
             if reference_results is None:
                 reference_results = [x.clone() for x in results]
             else:
-                same &= all(torch.equal(a.view(torch.int16) if a.dtype != torch.float32 else a.view(torch.int32),
-                                        b.view(torch.int16) if b.dtype != torch.float32 else b.view(torch.int32))
-                            for a, b in zip(reference_results, results))
+                same &= same_bits(reference_results, results)
         torch.cuda.synchronize()
         ok &= same
         rows.append((f"backward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
