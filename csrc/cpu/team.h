@@ -157,11 +157,11 @@ template <typename Fn>
 void run_teams(TeamPlan plan, Fn&& fn) {
   TeamBarrier barriers[2];
 #ifdef _OPENMP
-  const int64_t per_team = plan.in_turn ? 1 : 2;
-#pragma omp parallel num_threads(static_cast<int>(per_team * plan.members))
+  const int64_t teams_at_once = plan.in_turn ? 1 : 2;
+#pragma omp parallel num_threads(static_cast<int>(teams_at_once * plan.members))
   {
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t started = std::max<int64_t>(1, std::min(plan.members, threads / per_team));
+    const int64_t started = std::max<int64_t>(1, std::min(plan.members, threads / teams_at_once));
 #pragma omp single
     {
       barriers[0].resize(started);
