@@ -209,13 +209,19 @@ def build_name(build):
             f"S{int(c['n_hblocks'] > 1)}-F{int(c['FUSED'])}-H{hidden_class(build['hidden'])}")
 
 
+def kernel_key(build):
+    """The cache key of the build's kernel (a hash of its source and its callees'): the build log keeps
+    it, so that a build logged from other sources is built again, not resumed."""
+    return (_backward.birnn_backward_kernel if build["backward"] else _forward.birnn_forward_kernel).cache_key
+
+
 def _work(build):
     start = time.perf_counter()
     try:
         compiled = warm(build)
     except Exception as error:  # reported with the others at the end; the rest still build
-        return build_name(build), None, f"{type(error).__name__}: {error}", time.perf_counter() - start
-    return build_name(build), compiled.hash, compiled.name, time.perf_counter() - start
+        return build_name(build), None, f"{type(error).__name__}: {error}", None, time.perf_counter() - start
+    return build_name(build), compiled.hash, compiled.name, kernel_key(build), time.perf_counter() - start
 
 
 def environment(arch):
@@ -233,14 +239,18 @@ def environment(arch):
 
 def build_all(builds, cache_dir, jobs, log):
     """Compile ``builds`` into ``cache_dir`` with ``jobs`` processes; each finished build is one line
-    of ``log`` (name, cache hash, kernel name, seconds), which a rerun skips: the build resumes."""
+    of ``log`` (name, cache hash, kernel name, the kernel's key, seconds), which a rerun skips where
+    the kernel's key is still the same: the build resumes."""
     os.environ["TRITON_CACHE_DIR"] = os.path.abspath(cache_dir)
+    by_name = {build_name(build): build for build in builds}
     done = {}
     if os.path.exists(log):
         with open(log) as f:
             for line in f:
                 entry = json.loads(line)
-                if _cached_files(entry) is not None:
+                build = by_name.get(entry["name"])
+                if (build is not None and entry.get("source") == kernel_key(build)
+                        and _cached_files(entry) is not None):
                     done[entry["name"]] = entry
     todo = [build for build in builds if build_name(build) not in done]
     print(f"{len(builds)} builds, {len(builds) - len(todo)} already built, {len(todo)} to build on {jobs} processes",
@@ -249,12 +259,12 @@ def build_all(builds, cache_dir, jobs, log):
     start = time.perf_counter()
     failed = {}
     with open(log, "a") as f, context.Pool(jobs) as pool:
-        for count, (name, hash_, kernel, seconds) in enumerate(pool.imap_unordered(_work, todo), 1):
+        for count, (name, hash_, kernel, source, seconds) in enumerate(pool.imap_unordered(_work, todo), 1):
             if hash_ is None:
                 failed[name] = kernel
                 print(f"  FAILED {name}: {kernel}", flush=True)
                 continue
-            done[name] = dict(name=name, hash=hash_, kernel=kernel, seconds=round(seconds, 3))
+            done[name] = dict(name=name, hash=hash_, kernel=kernel, source=source, seconds=round(seconds, 3))
             f.write(json.dumps(done[name]) + "\n")
             f.flush()
             if count % 20 == 0 or count == len(todo):
