@@ -49,12 +49,13 @@ def compute_cache_keys(kernel):
     A caller's key takes in the constexpr globals its callees use (transitively) through their
     ``used_global_vals``, which a callee fills when its own key is computed. Triton 3.6 merges a
     callee's ``used_global_vals`` before computing the callee's key: a callee whose key was not yet
-    computed adds none, so a kernel's key depended on which kernels' keys the process had computed
-    before (the backward kernel's lacked common.COUNTER_STRIDE in a process that had not launched the
-    forward one) and the CUDA wheel's build was missed. Callees first, every caller sees complete
-    sets, as Triton 3.9 (which computes the callee's key first) does of itself."""
-    from triton.runtime.jit import JITCallable
-    if not isinstance(kernel, JITCallable):  # the interpreter's InterpretedFunction has no cache key
+    computed adds none, so a kernel's key would depend on the keys the process computed before (a
+    process that launches only the backward would miss common.COUNTER_STRIDE in its key, and the CUDA
+    wheel's build). Callees first, every caller sees complete sets, as Triton 3.9 (which computes the
+    callee's key first) does of itself."""
+    from triton.runtime import jit
+    jit_callable = getattr(jit, "JITCallable", jit.JITFunction)  # older Triton has no JITCallable base
+    if not isinstance(kernel, jit_callable):  # the interpreter's InterpretedFunction has no cache key
         return
     seen = set()
 
@@ -62,7 +63,7 @@ def compute_cache_keys(kernel):
         if id(fn) in seen:
             return
         seen.add(id(fn))
-        for callee in _jit_callees(fn, JITCallable):
+        for callee in _jit_callees(fn, jit_callable):
             visit(callee)
         fn.cache_key  # noqa: B018 (the property computes and keeps the key)
 
