@@ -14,7 +14,8 @@ environment, each configuration's cache hash), which ``precompiled.py`` reads on
 
 builds into build/aot/cache (resumable: a configuration already there is a cache hit, ~0.02 s)
 and packs into build/aot/package. ``--replay DIR`` instead launches every configuration of the
-manifest in DIR through the same path and fails if any of them compiles (tests/test_wheel.py).
+manifest in DIR through the same path and fails if any of them compiles (tests/test_wheel.py);
+``--replay DIR --fresh N`` launches a sample of them each alone in a fresh process.
 """
 import argparse
 import contextlib
@@ -208,13 +209,19 @@ def build_name(build):
             f"S{int(c['n_hblocks'] > 1)}-F{int(c['FUSED'])}-H{hidden_class(build['hidden'])}")
 
 
+def kernel_key(build):
+    """The cache key of the build's kernel (a hash of its source and its callees'): the build log keeps
+    it, so that a build logged from other sources is built again, not resumed."""
+    return (_backward.birnn_backward_kernel if build["backward"] else _forward.birnn_forward_kernel).cache_key
+
+
 def _work(build):
     start = time.perf_counter()
     try:
         compiled = warm(build)
     except Exception as error:  # reported with the others at the end; the rest still build
-        return build_name(build), None, f"{type(error).__name__}: {error}", time.perf_counter() - start
-    return build_name(build), compiled.hash, compiled.name, time.perf_counter() - start
+        return build_name(build), None, f"{type(error).__name__}: {error}", None, time.perf_counter() - start
+    return build_name(build), compiled.hash, compiled.name, kernel_key(build), time.perf_counter() - start
 
 
 def environment(arch):
@@ -232,14 +239,18 @@ def environment(arch):
 
 def build_all(builds, cache_dir, jobs, log):
     """Compile ``builds`` into ``cache_dir`` with ``jobs`` processes; each finished build is one line
-    of ``log`` (name, cache hash, kernel name, seconds), which a rerun skips: the build resumes."""
+    of ``log`` (name, cache hash, kernel name, the kernel's key, seconds), which a rerun skips where
+    the kernel's key is still the same: the build resumes."""
     os.environ["TRITON_CACHE_DIR"] = os.path.abspath(cache_dir)
+    by_name = {build_name(build): build for build in builds}
     done = {}
     if os.path.exists(log):
         with open(log) as f:
             for line in f:
                 entry = json.loads(line)
-                if _cached_files(entry) is not None:
+                build = by_name.get(entry["name"])
+                if (build is not None and entry.get("source") == kernel_key(build)
+                        and _cached_files(entry) is not None):
                     done[entry["name"]] = entry
     todo = [build for build in builds if build_name(build) not in done]
     print(f"{len(builds)} builds, {len(builds) - len(todo)} already built, {len(todo)} to build on {jobs} processes",
@@ -248,12 +259,12 @@ def build_all(builds, cache_dir, jobs, log):
     start = time.perf_counter()
     failed = {}
     with open(log, "a") as f, context.Pool(jobs) as pool:
-        for count, (name, hash_, kernel, seconds) in enumerate(pool.imap_unordered(_work, todo), 1):
+        for count, (name, hash_, kernel, source, seconds) in enumerate(pool.imap_unordered(_work, todo), 1):
             if hash_ is None:
                 failed[name] = kernel
                 print(f"  FAILED {name}: {kernel}", flush=True)
                 continue
-            done[name] = dict(name=name, hash=hash_, kernel=kernel, seconds=round(seconds, 3))
+            done[name] = dict(name=name, hash=hash_, kernel=kernel, source=source, seconds=round(seconds, 3))
             f.write(json.dumps(done[name]) + "\n")
             f.flush()
             if count % 20 == 0 or count == len(todo):
@@ -298,12 +309,12 @@ def pack(builds, done, out_dir):
     return manifest
 
 
-def replay(package_dir, seed=True, limit=None):
+def replay(package_dir, seed=True, limit=None, names=None):
     """Launch every build of the manifest in package_dir through its launcher, under the stand-in for
     its architecture, after seeding Triton's cache from the package as a user's first launch does;
     returns the builds that compiled instead of being found (none, when the wheel is right).
     seed=False leaves the cache as it is (the control: from an empty cache, each build compiles);
-    limit: the first builds of each architecture only."""
+    limit: the first builds of each architecture only; names: only the builds of these names."""
     from triton import knobs
 
     from . import precompiled
@@ -323,12 +334,46 @@ def replay(package_dir, seed=True, limit=None):
             if reason:
                 raise RuntimeError(f"sm_{arch}: {reason}")
             for build in entry["builds"][:limit]:
+                if names is not None and build["name"] not in names:
+                    continue
                 before = len(compiled)
                 kernel = warm(build)
                 if len(compiled) > before or kernel.hash != build["hash"]:
                     misses.append(build["name"])
     finally:
         knobs.compilation.listener = None
+    return misses
+
+
+def fresh_sample(manifest, per_pass=1):
+    """The builds replay_fresh launches: of each architecture, the first and last ``per_pass`` forward
+    builds and as many backward ones (the first and last each worker of the make built)."""
+    names = []
+    for entry in manifest["archs"].values():
+        for backward in (False, True):
+            of_pass = [build["name"] for build in entry["builds"] if build["backward"] == backward]
+            names += list(dict.fromkeys(of_pass[:per_pass] + of_pass[-per_pass:]))
+    return names
+
+
+def replay_fresh(package_dir, per_pass=1, timeout=300):
+    """Each build of fresh_sample launched alone, in a fresh process with an empty Triton cache seeded
+    from the package, as a user's process that launches only that kernel: a build's cache key must be
+    its configuration's alone, whatever else the process compiled or launched before (the replay
+    above launches every build in one process). Returns the builds that compiled (or failed)."""
+    import subprocess
+    import tempfile
+    with open(os.path.join(package_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    misses = []
+    for name in fresh_sample(manifest, per_pass):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            result = subprocess.run([sys.executable, "-P", "-m", __spec__.name, "--replay", package_dir, "--only", name],
+                                    env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0 or "replay: 0 builds compiled" not in result.stdout:
+            misses.append(name)
+            print(f"  {name}: {result.stdout.strip()} {result.stderr.strip()[-2000:]}", file=sys.stderr)
     return misses
 
 
@@ -344,9 +389,18 @@ def main(argv=None):
     parser.add_argument("--replay", metavar="DIR", help="replay the manifest in DIR; exit 1 if anything compiles")
     parser.add_argument("--no-seed", action="store_true", help="replay without seeding Triton's cache first")
     parser.add_argument("--limit", type=int, help="replay the first LIMIT builds of each architecture")
+    parser.add_argument("--only", action="append", metavar="NAME", help="replay the build NAME (repeatable)")
+    parser.add_argument("--fresh", type=int, metavar="N",
+                        help="replay the first and last N forward and backward builds of each architecture, "
+                             "each alone in a fresh process")
     args = parser.parse_args(argv)
+    if args.replay and args.fresh:
+        misses = replay_fresh(args.replay, args.fresh)
+        print(f"replay, each build in a fresh process: {len(misses)} builds compiled instead of found"
+              + "".join(f"\n  {m}" for m in misses))
+        return 1 if misses else 0
     if args.replay:
-        misses = replay(args.replay, seed=not args.no_seed, limit=args.limit)
+        misses = replay(args.replay, seed=not args.no_seed, limit=args.limit, names=args.only)
         print(f"replay: {len(misses)} builds compiled instead of found" + "".join(f"\n  {m}" for m in misses))
         return 1 if misses else 0
     archs = parse_archs(args.archs)

@@ -22,7 +22,7 @@ from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy
                      group_steps, resident_weights, split_k_dot, tf32_rounded, weight_tile, zero_padded_steps)
 from . import forward as forward_module
 from .forward import check_inputs
-from .launch import barrier_counters, launch
+from .launch import barrier_counters, launch, compute_cache_keys
 from .pointwise import elman_backward, gru_backward, lstm_backward
 
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
@@ -252,6 +252,10 @@ def birnn_backward_kernel(
         # The next step's gate gradients read the state this one wrote.
         tl.debug_barrier()
     zero_padded_steps(dgates_ptr, lengths_ptr, T, B, H, G, BB, BH)
+
+
+# Before anything else computes a key: the CUDA wheel's builds are found only under these keys.
+compute_cache_keys(birnn_backward_kernel)
 
 
 def _previous_hidden(output, h0, lengths):

@@ -41,7 +41,7 @@ import triton.language as tl
 from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
-from .launch import barrier_counters, launch
+from .launch import barrier_counters, launch, compute_cache_keys
 from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchange_issue,
                      exchange_settle, fused_weight_tile, gate_columns, gate_dot, globaltimer, globaltimer_after,
                      globaltimer_of, group_counter, group_steps, resident_weights, split_k_dot, tag_of, tagged_words,
@@ -321,6 +321,10 @@ def birnn_forward_kernel(
     zero_padded_steps(out_ptr, lengths_ptr, T, B, H, 1, BB, BH)
     if SAVE:
         zero_padded_steps(ws_ptr, lengths_ptr, T, B, H, W, BB, BH)
+
+
+# Before anything else computes a key: the CUDA wheel's builds are found only under these keys.
+compute_cache_keys(birnn_forward_kernel)
 
 
 def check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths, weight_hr=None):

@@ -122,6 +122,21 @@ def test_replay_without_the_seed_compiles(tmp_path):
     assert result.returncode == 1 and "builds compiled instead of found" in result.stdout, result.stdout + result.stderr
 
 
+@installed_only
+def test_builds_launched_each_alone_in_a_fresh_process_compile_nothing(tmp_path):
+    """A user's process launches one kernel first, not every build in the make's order: a sample of
+    the builds (the first and last forward and backward ones of each architecture), each launched
+    alone in a fresh process seeded from the wheel, is found (a build's key is its configuration's
+    alone, whatever the process compiled before)."""
+    if not PRECOMPILED:
+        pytest.skip("the default wheel holds no precompiled kernels")
+    result = subprocess.run([sys.executable, "-P", "-m", "birnn_fast.kernels.aot", "--replay", precompiled.package_dir(),
+                             "--fresh", "1"],
+                            cwd=tmp_path, env=fresh_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "fresh process: 0 builds compiled" in result.stdout, \
+        result.stdout + result.stderr[-4000:]
+
+
 def test_sizes_other_than_h_share_one_build(tmp_path):
     """do_not_specialize on T, B and the poll limit: launches that differ only there (1, a multiple
     of 16, neither) find the first one's build; H = 16 (its class differs) compiles another."""
@@ -146,6 +161,77 @@ def test_sizes_other_than_h_share_one_build(tmp_path):
     same, other = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     assert same == {"hashes": 1, "compiles": 1}
     assert other == {"other": True, "compiles": 2}
+
+
+# Triton 3.6's DependenciesFinder._update_hash, which merges a callee's used_global_vals before
+# computing the callee's key (3.9 computes the key first): installed in a process, it makes Triton
+# 3.9 compute keys as 3.6 does, where a kernel's key depended on the keys computed before it.
+TRITON_36_UPDATE_HASH = """
+    from triton.runtime import jit
+    def _update_hash(self, func):
+        self.used_global_vals.update(func.used_global_vals)
+        self.hasher.update((func.cache_key + str(getattr(func, "noinline", False))).encode("utf-8"))
+    jit.DependenciesFinder._update_hash = _update_hash
+"""
+KERNEL_KEYS = """
+    import json
+    from birnn_fast.kernels import backward, forward
+    kernels = dict(forward=forward.birnn_forward_kernel, backward=backward.birnn_backward_kernel)
+    for name in {order}:
+        kernels[name].cache_key  # computed in this order (the other's computed after)
+    print(json.dumps({{name: [kernel.cache_key, sorted(name for name, _ in kernel.used_global_vals)]
+                      for name, kernel in kernels.items()}}))
+"""
+
+
+@pytest.mark.parametrize("order", [("backward", "forward"), ("forward", "backward")])
+def test_a_kernels_cache_key_does_not_depend_on_the_keys_computed_before(order, tmp_path):
+    """The cause of builds of the CUDA wheel missed by a process that launched only the backward
+    (Triton 3.6): a kernel's cache key takes in the constexpr globals its callees use, which Triton
+    3.6 merged only from callees whose own key the process had already computed, so the backward
+    kernel's key differed with and without a forward launched first. launch.compute_cache_keys
+    (at import) computes every key callees first: the keys, under 3.6's merge in either order, are
+    those of this Triton's own. No compile, no GPU."""
+    keys = []
+    for emulate in ("", TRITON_36_UPDATE_HASH):
+        result = run_fresh(emulate + KERNEL_KEYS.format(order=order), tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+        keys.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert keys[1] == keys[0]
+    # Each kernel's key holds the globals of its callees: common.group_counter's stride, too.
+    assert all("COUNTER_STRIDE" in names for _, names in keys[0].values()), keys[0]
+
+
+def test_each_jit_functions_globals_hold_its_callees(tmp_path):
+    """The invariant compute_cache_keys keeps, in a fresh process (not the interpreter's, whose
+    functions have no keys): every @triton.jit function reached from the kernels holds in
+    used_global_vals (which its key hashes) those of each function it calls; and no two of a
+    kernel's globals share a name with another value (Triton 3.6 orders them by the address of their
+    module's dict, so the key would depend on it)."""
+    code = """
+        from triton.runtime.jit import JITCallable
+        from birnn_fast.kernels import backward, forward, launch
+        seen = {}
+
+        def check(fn):
+            if id(fn) in seen:
+                return
+            seen[id(fn)] = fn
+            for callee in launch._jit_callees(fn, JITCallable):
+                check(callee)
+                assert fn.hash is not None and callee.used_global_vals.items() <= fn.used_global_vals.items(), \\
+                    (fn.__name__, callee.__name__)
+
+        for kernel in (forward.birnn_forward_kernel, backward.birnn_backward_kernel):
+            check(kernel)
+            values = {}
+            for (name, _), (value, _) in kernel.used_global_vals.items():
+                assert values.setdefault(name, repr(value)) == repr(value), (kernel.__name__, name)
+        print(len(seen), "functions checked")
+    """
+    result = run_fresh(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert int(result.stdout.split()[-3]) > 20, result.stdout
 
 
 @pytest.mark.parametrize("num_sms", [16, 108, 132])
