@@ -142,8 +142,8 @@ def main(argv=None):
         _LIBRARY.impl("forward", dispatch.forward_op, "CPU")
         _LIBRARY.impl("backward", dispatch.backward_op, "CPU")
         real_why_not = dispatch.why_not
-        dispatch.why_not = lambda engine, device, dtype, cell="LSTM", projections=False: (
-            None if engine in ("triton", "cudnn") else real_why_not(engine, device, dtype, cell, projections))
+        dispatch.why_not = lambda engine, device, dtype, *shape: (
+            None if engine in ("triton", "cudnn") else real_why_not(engine, device, dtype, *shape))
         os.environ["BIRNN_FAST_BACKEND"] = "cpu"
         from birnn_fast import backends
 

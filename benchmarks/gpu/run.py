@@ -170,8 +170,8 @@ def main(argv=None):
         _SELF_TEST_LIBRARY.impl("forward", dispatch.forward_op, "CPU")
         _SELF_TEST_LIBRARY.impl("backward", dispatch.backward_op, "CPU")
         real_why_not = dispatch.why_not
-        dispatch.why_not = lambda engine, device, dtype, cell="LSTM", projections=False: (
-            None if engine in ("triton", "cudnn") else real_why_not(engine, device, dtype, cell, projections))
+        dispatch.why_not = lambda engine, device, dtype, *shape: (
+            None if engine in ("triton", "cudnn") else real_why_not(engine, device, dtype, *shape))
         backends._load_errors["cpu"] = None
         backends._DTYPES["cpu"] = backends._DTYPES["triton"]
         os.environ["BIRNN_FAST_BACKEND"] = "cpu"
@@ -202,7 +202,7 @@ def main(argv=None):
             notes.append(f"ours cannot run {key}: {reason}")
             print(f"!! ours cannot run {key}: {reason}")
 
-    checks = []
+    checks, unchecked = [], []
     if not args.no_check:
         print("\n## correctness", flush=True)
         for dtype_key in dict.fromkeys(case[0] for case in grid):
@@ -213,6 +213,7 @@ def main(argv=None):
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 notes.append(f"correctness check {dtype_key} failed to run: {timing.describe(error)}")
+                unchecked.append(dtype_key)
                 continue
             checks += rows
             bad = [row for row in rows if not row[-1]]
@@ -278,9 +279,9 @@ def main(argv=None):
     text = write_report(out, header, checks, rows, report_backends, notes, CHECK_CASE)
     print("\n" + text[text.index("## Timings"):] if "## Timings" in text else text)
     print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
-    # A run that could not time ours, or whose correctness check failed, is a failed run.
+    # A run that could not time ours, or whose correctness check failed or could not run, is a failed run.
     blocked = any(ours_blocked[case[0]] for case in grid)
-    return 1 if blocked or any(not row[-1] for row in checks) else 0
+    return 1 if blocked or unchecked or any(not row[-1] for row in checks) else 0
 
 
 def time_case(birnn_fast, dtype_key, batch, steps, hidden, args, ours_blocked):
