@@ -5,6 +5,7 @@ mixed, the team the shape picks and the largest one, with the directions at once
 forward and every gradient as torch's in float64, bitwise equal run to run in float32, bfloat16
 within twice torch's own error. A projected LSTM runs without teams; it is here to show that the
 other path still runs at these counts."""
+import glob
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from test_cpu_kernel import CASES, assert_all_close, make_layer, precision_errors, run_ops, run_torch
 
 THREADS = [1, 2, 3, 4, 8]
+GATES = {"LSTM": 4, "GRU": 3}
 LENGTHS = {"equal": None, "mixed": [11, 1, 6, 11, 9, 3, 11]}
 # H 44: slices of 8 units leave a short last one; T 11, B 7, I 13.
 SIZE = (11, 7, 13, 44)
@@ -77,13 +79,40 @@ def test_shape_picks_a_team_for_a_wide_layer(threads):
     assert_all_close("LSTM", 0, run_ops("LSTM", layer32), run_torch("LSTM", layer), 1e-5)
 
 
+def last_level_cache_bytes():
+    """The last-level cache instance cpu0 shares, as team.h reads it (sysfs), or None."""
+    level, size = 0, None
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        with open(f"{index}/level") as lf, open(f"{index}/type") as tf, open(f"{index}/size") as sf:
+            this_level, kind, text = int(lf.read()), tf.read().strip(), sf.read().strip()
+        if kind != "Instruction" and this_level > level:
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+            level, size = this_level, int(text.rstrip("KM")) * scale
+    return size
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 @pytest.mark.parametrize("threads", [2], indirect=True)
-def test_shape_runs_wide_weights_in_turn(threads, cell):
-    """H 1024 in float64, 24-32 MiB of W_hh a direction: where the last-level cache is under 96 MiB
-    (these machines' 32), the rule runs the directions in turn on teams of 2 at 2 threads."""
+def test_shape_runs_wide_weights_in_turn(monkeypatch, threads, cell):
+    """H 1024 at 2 threads, B 2: the rule runs the directions in turn where both directions' float32
+    W_hh (2 x 12-16 MiB) take more than half the last-level cache, at once elsewhere. Which path ran
+    shows in the bits: the rule's float32 results equal those of the path it should take, forced, and
+    differ from the other's; in float64 they match torch."""
     layer = make_layer(cell, 3, 2, 8, 1024, 0, [3, 2])
     assert_all_close(cell, 0, run_ops(cell, layer), run_torch(cell, layer), 1e-9)
+    cache = last_level_cache_bytes()
+    if cache is None:
+        pytest.skip("no cache sizes in sysfs")
+    layer32 = {key: ([w.float() for w in value] if key == "weights" else value if key == "lengths" else value.float())
+               for key, value in layer.items()}
+    results = {"rule": run_ops(cell, layer32)}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("BIRNN_FAST_CPU_IN_TURN", forced)
+        results[forced] = run_ops(cell, layer32)
+    expected = "1" if 2 * GATES[cell] * 1024 * 1024 * 4 > cache // 2 else "0"
+    other = "0" if expected == "1" else "1"
+    assert all(torch.equal(a, b) for a, b in zip(results["rule"], results[expected]))
+    assert not all(torch.equal(a, b) for a, b in zip(results["rule"], results[other]))
 
 
 def run_fresh(code, **environment):
