@@ -15,7 +15,6 @@ import ctypes
 import datetime
 import math
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -87,6 +86,19 @@ def same_bits(first, second):
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return all(torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
                for a, b in zip(first, second))
+
+
+def repeated(run, repeats):
+    """run() `repeats` times: (a copy of the first run's results, whether every run gave its bits)."""
+    first, same = None, True
+    for _ in range(repeats):
+        results = run()
+        if first is None:
+            first = [x.clone() for x in results]
+        else:
+            same &= same_bits(first, results)
+    torch.cuda.synchronize()
+    return first, same
 
 
 def table(title, header, rows):
@@ -235,29 +247,24 @@ def race(out, repeats=10):
     rows, ok = [], True
     for T, B, H, kind in ((33, 64, 512, "mixed"), (33, 17, 72, "mixed"), (9, 130, 128, "mixed")):
         input, weights, h0, c0, lengths = make_layer(T, B, H, kind, torch.bfloat16, device, seed=5)
-        first = None
-        same = True
-        for _ in range(repeats):
+
+        def forward():
             results = poisoned_results(input, H, T, B)
             cuda_kernels.forward_into("LSTM", input, weights, h0, c0, lengths, *results)
-            if first is None:
-                first = [x.clone() for x in results]
-            else:
-                same &= same_bits(first, results)
-        torch.cuda.synchronize()
+            return results
+
+        first, same = repeated(forward, repeats)
         ok &= same
         rows.append((f"forward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
         generator = torch.Generator().manual_seed(3)
         grads = [torch.randn(x.shape, generator=generator).to(device, torch.bfloat16) for x in first[:3]]
-        reference_results, same = None, True
-        for _ in range(repeats):
+
+        def backward():
             results = backward_results("LSTM", T, B, H, torch.bfloat16, device)
             cuda_kernels.backward_into("LSTM", *grads, weights, h0, c0, lengths, first[0], first[3], *results)
-            if reference_results is None:
-                reference_results = [x.clone() for x in results]
-            else:
-                same &= same_bits(reference_results, results)
-        torch.cuda.synchronize()
+            return results
+
+        _, same = repeated(backward, repeats)
         ok &= same
         rows.append((f"backward T {T} B {B} H {H}", repeats, "bitwise equal" if same else "DIFFER"))
     out.append(table("repeated runs", ["case", "runs", "result"], rows))
