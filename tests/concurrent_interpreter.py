@@ -13,20 +13,24 @@ results only some of the time.
 It relies on details of the interpreter (checked with triton 3.9): ``GridExecutor`` calls its ``fn``
 once per program right after ``interpreter_builder.set_grid_idx`` (and otherwise reads only its
 name, signature and globals), ``tl.program_id`` reads ``InterpreterBuilder.grid_idx``, made
-thread-local here, and atomics go through ``InterpreterBuilder.create_atomic_rmw``.
+thread-local here, and atomics and loads go through ``InterpreterBuilder.create_atomic_rmw`` and
+``create_masked_load``.
 """
 import contextlib
 import functools
 import inspect
 import math
+import os
 import sys
 import threading
 import time
 
 from triton.runtime import interpreter
 
-# A hung launch fails its test instead of the whole run (the slowest grid test takes about 5 s).
-TIMEOUT_S = 60
+# A hung launch fails its test instead of the whole run. The slowest grid test takes about 10 s on
+# a quiet 2-core machine; CI's took more than 60 s once (stop 36, a tagged-exchange test that passes
+# in 2-4 s here in hundreds of runs, at every switch interval): the bound leaves room for a slow host.
+TIMEOUT_S = 300
 # Each program thread's launch, for the atomics to see whether that launch was aborted.
 _local = threading.local()
 
@@ -55,7 +59,8 @@ class _Launch:
         self.threads = []
         self.errors = []
         # Set when a program failed or the launch timed out: the programs still spinning at a barrier
-        # stop at their next atomic instead of spinning on behind the tests that follow.
+        # (atomics) or polling tags (loads) stop at their next one instead of spinning on behind the
+        # tests that follow.
         self.aborted = threading.Event()
         # What the executor reads from its fn besides calling it: name, signature, globals.
         functools.update_wrapper(self, fn, updated=())
@@ -81,10 +86,12 @@ class _Launch:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads):
+            where = _where(threads)
             self.aborted.set()
             for thread in threads:
                 thread.join(1.0)
-            raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens?")
+            raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens? "
+                               f"Programs still running: {where}")
 
     def __call__(self, **kwargs):
         builder = interpreter.interpreter_builder
@@ -105,14 +112,35 @@ class _Launch:
             raise self.errors[0]
 
 
-def _abortable(atomic_rmw):
-    def abortable_atomic_rmw(builder, *args, **kwargs):
+def _where(threads):
+    """Where each live program thread is in the kernel's source: the innermost frames of files under
+    a kernels/ directory (function:line), and the step s where one has it (what a hang's report needs)."""
+    frames = sys._current_frames()
+    where = []
+    for thread in threads:
+        frame = frames.get(thread.ident) if thread.is_alive() else None
+        stack, step = [], None
+        while frame is not None:
+            if f"{os.sep}kernels{os.sep}" in frame.f_code.co_filename:
+                if len(stack) < 3:
+                    stack.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                if step is None and isinstance(frame.f_locals.get("s"), int):
+                    step = frame.f_locals["s"]
+            frame = frame.f_back
+        if thread.is_alive():
+            where.append(" < ".join(stack) + (f" (s = {step})" if step is not None else ""))
+    return "; ".join(where)
+
+
+def _abortable(builder_op):
+    """builder_op (an atomic, a load) that raises in a program thread of an aborted launch."""
+    def abortable(builder, *args, **kwargs):
         launch = getattr(_local, "launch", None)
         if launch is not None and launch.aborted.is_set():
             raise RuntimeError("the launch was aborted: another program failed, or it timed out")
-        return atomic_rmw(builder, *args, **kwargs)
+        return builder_op(builder, *args, **kwargs)
 
-    return abortable_atomic_rmw
+    return abortable
 
 
 @contextlib.contextmanager
@@ -121,6 +149,7 @@ def concurrent_programs(held_back=0):
     held_back, which start when the others have finished."""
     init = interpreter.GridExecutor.__init__
     atomic_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
+    masked_load = interpreter.InterpreterBuilder.create_masked_load
     previous_idx = interpreter.InterpreterBuilder.__dict__.get("grid_idx")
 
     def concurrent_init(executor, fn, *args, **kwargs):
@@ -131,6 +160,7 @@ def concurrent_programs(held_back=0):
     interval = sys.getswitchinterval()
     interpreter.GridExecutor.__init__ = concurrent_init
     interpreter.InterpreterBuilder.create_atomic_rmw = _abortable(atomic_rmw)
+    interpreter.InterpreterBuilder.create_masked_load = _abortable(masked_load)
     interpreter.InterpreterBuilder.grid_idx = _ThreadLocalGridIdx()
     sys.setswitchinterval(1e-4)
     try:
@@ -139,6 +169,7 @@ def concurrent_programs(held_back=0):
         sys.setswitchinterval(interval)
         interpreter.GridExecutor.__init__ = init
         interpreter.InterpreterBuilder.create_atomic_rmw = atomic_rmw
+        interpreter.InterpreterBuilder.create_masked_load = masked_load
         if previous_idx is None:
             del interpreter.InterpreterBuilder.grid_idx
         else:
