@@ -82,7 +82,7 @@ cubins:
 
 # The other device stages, each its own device call: the CUDA cluster kernels' check (about 5
 # minutes; carry birnn_fast/cubins) and the many-core CPU stage on the GPU machine's host (<= 3
-# minutes; builds _C there against the image's torch).
+# minutes; carry the _C `make cpu-stage-lib` builds for the image's torch, or it builds one there).
 .PHONY: gpu-check-cuda cpu-stage
 gpu-check-cuda:
 	bash benchmarks/gpu/cuda_run.sh
@@ -172,6 +172,14 @@ wheel-cuda-ci: $(BUILD_VENV)/.wheel-tools
 	BIRNN_FAST_CUDA_ARCHS="8.0;9.0" BIRNN_FAST_AOT_SUBSET=ci BIRNN_FAST_LOCAL_VERSION=ci \
 		$(PIP_WHEEL) -w build/wheel-cuda-ci$(WHEEL_SUFFIX)/raw .
 	$(AUDITWHEEL) -w build/wheel-cuda-ci$(WHEEL_SUFFIX) build/wheel-cuda-ci$(WHEEL_SUFFIX)/raw/*.whl
+
+# The many-core CPU stage's _C for the GPU image's stack, built here so that the device call skips
+# its build: `make cpu-stage-lib PYTHON=<a python3.12> TORCH=2.11.0 TRITON=3.6.0`, then carry
+# birnn_fast/_C.cpython-312-x86_64-linux-gnu.so and its .sources (what it was built from).
+.PHONY: cpu-stage-lib
+cpu-stage-lib: $(BUILD_VENV)/.wheel-tools
+	MAX_JOBS=$(MAX_JOBS) $(BUILD_PY) setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" | tail -5
+	PY=$(BUILD_PY) bash benchmarks/cpu_stage.sh --record
 
 # The default wheel, then CI's CUDA wheel over it, installed (with their requirements, which pip
 # checks) into a fresh venv holding the stack's torch and triton, each tested from /tmp with -P
