@@ -265,7 +265,36 @@ def birnn_backward_kernel(
                 # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
                 # the block's rows); their products are dropped as in the default build.
                 p_tagged = gbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * GX  # [BB, 1]
-                if RESIDENT:
+                if RESIDENT and TAGGED and NK * BK <= 512:
+                    # Each gate's words are read before the previous gate's poll and product, so that
+                    # their round trip overlaps them (a poll's loop keeps the compiler from hoisting the
+                    # read). At K = 1024 the two tiles spill (sm_90, Triton 3.6): one gate at a time there.
+                    b_next = exchange_issue(p_gbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
+                    b_gk = b_next
+                    if G > 1:
+                        b_next = exchange_issue(p_gbuf + XG, p_tagged + XG, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
+                    b_gk, failed = exchange_settle(b_gk, p_tagged, 0, H, tag, failed, p_status, max_polls, VALUE_TY,
+                                                   TAGGED, NK, BK, PADDED)
+                    b_acc = split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
+                    if G > 1:
+                        b_gk = b_next
+                        b_next = exchange_issue(p_gbuf + 2 * XG, p_tagged + 2 * XG, 0, mask_b, H, tag, TAGGED, NK, BK,
+                                                PADDED)
+                        b_gk, failed = exchange_settle(b_gk, p_tagged + XG, 0, H, tag, failed, p_status, max_polls,
+                                                       VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
+                        b_gk = b_next
+                        if G > 3:
+                            b_next = exchange_issue(p_gbuf + 3 * XG, p_tagged + 3 * XG, 0, mask_b, H, tag, TAGGED, NK,
+                                                    BK, PADDED)
+                        b_gk, failed = exchange_settle(b_gk, p_tagged + 2 * XG, 0, H, tag, failed, p_status,
+                                                       max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
+                    if G > 3:
+                        b_gk, failed = exchange_settle(b_next, p_tagged + 3 * XG, 0, H, tag, failed, p_status,
+                                                       max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
+                elif RESIDENT:
                     b_gk, failed = _exchange_read(p_gbuf, p_tagged, 0, mask_b, H, tag, failed, p_status, max_polls,
                                                   VALUE_TY, TAGGED, NK, BK, PADDED)
                     b_acc = split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
