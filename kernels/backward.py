@@ -34,6 +34,9 @@ from .pointwise import elman_backward, gru_backward, lstm_backward
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
 GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
 RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+# The largest K at which the TAGGED resident products read a gate's words before the previous gate's
+# poll and product (two tiles live): at K = 1024 they spill with Triton 3.6 (sm_90), not with 3.9.
+EARLY_READ_MAX_K = tl.constexpr(1024 if _config.TRITON_VERSION >= (3, 9) else 512)
 
 
 @triton.jit
@@ -265,10 +268,10 @@ def birnn_backward_kernel(
                 # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
                 # the block's rows); their products are dropped as in the default build.
                 p_tagged = gbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * GX  # [BB, 1]
-                if RESIDENT and TAGGED and NK * BK <= 512:
+                if RESIDENT and TAGGED and NK * BK <= EARLY_READ_MAX_K:
                     # Each gate's words are read before the previous gate's poll and product, so that
                     # their round trip overlaps them (a poll's loop keeps the compiler from hoisting the
-                    # read). At K = 1024 the two tiles spill (sm_90, Triton 3.6): one gate at a time there.
+                    # read). Past EARLY_READ_MAX_K, one gate at a time.
                     b_next = exchange_issue(p_gbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
                     b_gk = b_next
                     if G > 1:

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from birnn_fast.kernels import backward as kernels_backward  # noqa: E402
 from birnn_fast.kernels import config as kernels_config  # noqa: E402
 from birnn_fast.kernels.common import PAD_TAG  # noqa: E402
@@ -114,6 +115,27 @@ def test_tagged_exchange_backward_as_default(monkeypatch, cell, dtype, B, length
     with concurrent_programs():
         actual = backward_of(cell, args, output, workspace, grads, config, variants=("tagged_exchange",))
     assert len(actual) == len(expected) == 7
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter reads the kernel's globals at each launch")
+@pytest.mark.parametrize("cell,dtype", [("LSTM", torch.bfloat16), ("GRU", torch.float32)])
+def test_tagged_exchange_backward_one_gate_at_a_time(monkeypatch, cell, dtype):
+    """The resident products past EARLY_READ_MAX_K (K = 1024 with Triton before 3.9, too large to
+    interpret), each gate's words read after the previous gate's product: bit for bit as the barrier
+    build."""
+    T, B, H, lengths = 4, 5, 40, [4, 1, 3, 2, 4]
+    args = make_inputs(cell, T, B, 3, H, lengths, dtype=dtype)
+    output, _, _, workspace = kernels_forward.forward(cell, *args.values())
+    grads = make_grads(cell, T, B, H, dtype=dtype)
+    config = grid_config(cell, B, H, dtype, backward=True)
+    assert config.RESIDENT and config.NK * config.BK <= kernels_backward.EARLY_READ_MAX_K.value
+    with concurrent_programs():
+        expected = backward_of(cell, args, output, workspace, grads, config)
+    monkeypatch.setattr(kernels_backward, "EARLY_READ_MAX_K", tl.constexpr(0))
+    with concurrent_programs():
+        actual = backward_of(cell, args, output, workspace, grads, config, variants=("tagged_exchange",))
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
