@@ -10,6 +10,11 @@ gbuf(BB, G*H) @ W_hh[:, jslice]. dh and dc live in an fp32 state buffer between 
 between steps; rows not yet started carry them unchanged, so grad_h_n / grad_c_n enter at each row's
 own last step, and grad_h0 / grad_c0 are stored at its first. The launcher then computes grad_input,
 grad_W_ih, grad_W_hh and the bias gradients as GEMMs and reductions over all steps at once.
+
+TAGGED (VARIANTS' tagged_exchange, off by default) replaces the barrier as the forward's does: each
+word of the gate-gradient exchange carries the step that wrote it, and a program's products poll the
+words they need (common.tagged_settle) instead of waiting for the whole group; the grid must still be
+co-resident.
 """
 import torch
 import triton
@@ -18,8 +23,9 @@ import triton.language as tl
 from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
-from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchanged_tile, group_counter,
-                     group_steps, resident_weights, split_k_dot, tf32_rounded, weight_tile, zero_padded_steps)
+from .common import (PAD_TAG, barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchange_issue,
+                     exchange_settle, group_counter, group_steps, resident_weights, split_k_dot, tag_of, tagged_words,
+                     tf32_rounded, weight_tile, zero_padded_steps)
 from . import forward as forward_module
 from .forward import check_inputs
 from .launch import barrier_counters, launch, compute_cache_keys
@@ -28,6 +34,9 @@ from .pointwise import elman_backward, gru_backward, lstm_backward
 LSTM = tl.constexpr(_CELL_TABLE["LSTM"].index)
 GRU = tl.constexpr(_CELL_TABLE["GRU"].index)
 RNN_RELU = tl.constexpr(_CELL_TABLE["RNN_RELU"].index)
+# The largest K at which the TAGGED resident products read a gate's words before the previous gate's
+# poll and product (two tiles live): at K = 1024 they spill with Triton 3.6 (sm_90), not with 3.9.
+EARLY_READ_MAX_K = tl.constexpr(1024 if _config.TRITON_VERSION >= (3, 9) else 512)
 
 
 @triton.jit
@@ -79,6 +88,29 @@ def _round_inputs(grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s, bb, b_len, d
     return b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5
 
 
+@triton.jit
+def _exchange_store(p_gb, value, tag, mask_a, mask_b, mask_j, DOT_PRECISION: tl.constexpr,
+                    VALUE_TY: tl.constexpr, TAGGED: tl.constexpr):
+    """One gate's [BB, BH] gradient into the exchange at p_gb, as the products read it (rounded, in
+    VALUE_TY): the active rows' entries (an inactive row's enter only that row's masked products), or
+    TAGGED every row of the block, as words tagged with tag (the readers poll them all)."""
+    b_dot = tf32_rounded(value, DOT_PRECISION).to(VALUE_TY)
+    if TAGGED:
+        tl.store(p_gb, tagged_words(b_dot, tag, p_gb.dtype.element_ty), mask=mask_b[:, None] & mask_j[None, :])
+    else:
+        tl.store(p_gb, b_dot, mask=mask_a)
+
+
+@triton.jit
+def _exchange_read(p_rows, p_tagged_rows, k0, mask_b, K, tag, failed, p_status, max_polls, VALUE_TY: tl.constexpr,
+                   TAGGED: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, PADDED: tl.constexpr = False):
+    """(the exchanged K chunk at k0 of rows p_rows, K columns, failed): common.exchange_issue and
+    exchange_settle at once."""
+    tile = exchange_issue(p_rows, p_tagged_rows, k0, mask_b, K, tag, TAGGED, NK, BK, PADDED)
+    return exchange_settle(tile, p_tagged_rows, k0, K, tag, failed, p_status, max_polls, VALUE_TY, TAGGED, NK, BK,
+                           PADDED)
+
+
 @triton.jit(do_not_specialize=["T", "B", "max_polls"])
 def birnn_backward_kernel(
     grad_out_ptr,  # (T, B, 2*H)
@@ -91,7 +123,9 @@ def birnn_backward_kernel(
     out_ptr,       # (T, B, 2*H) forward output, for GRU and RNN
     ws_ptr,        # (T, B, 2, W*H)
     dgates_ptr,    # (T, B, 2, G*H) fp32: gradient of the input projection
-    gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection
+    gbuf_ptr,      # (2, 2, B, G*H) in the matmul dtype: gradient of the hidden projection, [direction,
+                   # step parity] (TAGGED: int64 words of fp32, int32 of fp16 / bf16, common.tagged_words;
+                   # TAGGED and RESIDENT: (2, 2, B, G*NK*BK), each gate's H words padded, tagged_gate_buffer)
     state_ptr,     # (1 or 2, 2, B, H) fp32: gradients reaching h, and c (LSTM), of each direction and row
     counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
     grad_h0_ptr,   # (2, B, H)
@@ -100,6 +134,7 @@ def birnn_backward_kernel(
     CELL: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
     SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOUBLE_BUFFER: tl.constexpr,
+    TAGGED: tl.constexpr = False,  # VARIANTS (launcher)
 ):
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -110,6 +145,21 @@ def birnn_backward_kernel(
     GH = G * H
     p_counter, p_status = group_counter(counter_ptr)
     failed = tl.zeros([], tl.int32)
+    # The products' operand type (W_hh's), in which the gate gradients are exchanged.
+    VALUE_TY: tl.constexpr = w_hh_ptr.dtype.element_ty
+    # TAGGED: the exchanged words carry their step and the products poll them, no group barrier; the
+    # CTA barriers of barrier_wait and the step's end stay (they order this program's state stores
+    # before its own later loads of them, by other threads).
+    BARRIER: tl.constexpr = SYNC and not TAGGED
+    # TAGGED and RESIDENT: each gate's row of the exchange padded to the product's K span (NK*BK) with
+    # words the polls take as ready (tagged_gate_buffer), read unclamped (common._tagged_read). GX: a
+    # row's words, XG: a gate's.
+    PADDED: tl.constexpr = TAGGED and RESIDENT
+    if PADDED:
+        XG = NK * BK
+    else:
+        XG = H
+    GX = G * XG
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -146,7 +196,7 @@ def birnn_backward_kernel(
                 b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5 = _round_inputs(
                     grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s, bb, b_len, d, B, H, offs_j, mask_j, CELL, W,
                     BB, BH)
-            offs_b, _ = batch_rows(bb, B, BB)
+            offs_b, mask_b = batch_rows(bb, B, BB)
             p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
             active = s < b_len  # [BB]
             mask_a = active[:, None] & mask_j[None, :]  # [BB, BH]
@@ -171,18 +221,17 @@ def birnn_backward_kernel(
                     b_d0, b_d1, b_d2, b_dh2, b_dh_direct = gru_backward(b_dh, b_v0, b_v1, b_v2, b_v3, b_v4)
                 else:
                     b_d0 = elman_backward(b_dh, b_v0, CELL == RNN_RELU)
-                p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH + offs_j[None, :]
-                gb_ty = gbuf_ptr.dtype.element_ty
-                # An inactive row's entries are left as they were: they enter only that row's (masked)
-                # products.
-                tl.store(p_gb, tf32_rounded(b_d0, DOT_PRECISION).to(gb_ty), mask=mask_a)
+                p_gb = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GX + offs_j[None, :]
+                tag = tag_of(s)
+                _exchange_store(p_gb, b_d0, tag, mask_a, mask_b, mask_j, DOT_PRECISION, VALUE_TY, TAGGED)
                 if G > 1:
-                    tl.store(p_gb + H, tf32_rounded(b_d1, DOT_PRECISION).to(gb_ty), mask=mask_a)
-                    tl.store(p_gb + 2 * H, tf32_rounded(b_dh2, DOT_PRECISION).to(gb_ty), mask=mask_a)
+                    _exchange_store(p_gb + XG, b_d1, tag, mask_a, mask_b, mask_j, DOT_PRECISION, VALUE_TY, TAGGED)
+                    _exchange_store(p_gb + 2 * XG, b_dh2, tag, mask_a, mask_b, mask_j, DOT_PRECISION, VALUE_TY, TAGGED)
                 if G > 3:
-                    tl.store(p_gb + 3 * H, tf32_rounded(b_d3, DOT_PRECISION).to(gb_ty), mask=mask_a)
+                    _exchange_store(p_gb + 3 * XG, b_d3, tag, mask_a, mask_b, mask_j, DOT_PRECISION, VALUE_TY, TAGGED)
             if bb + n_bprog >= n_bblocks:  # the step's last round
-                arrived = barrier_arrive(p_counter, SYNC)
+                if not TAGGED:
+                    arrived = barrier_arrive(p_counter, SYNC)
                 b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next = _round_inputs(
                     grad_out_ptr, out_ptr, ws_ptr, h0_ptr, c0_ptr, s - 1, pid_b, b_len_first, d, B, H, offs_j,
                     mask_j, CELL, W, BB, BH)
@@ -202,7 +251,7 @@ def birnn_backward_kernel(
                     tl.store(p_dg + 3 * H, b_d3, mask=mask_a)
         b_go, b_v0, b_v1, b_v2, b_v3, b_v4, b_v5 = (
             b_go_next, b_v0_next, b_v1_next, b_v2_next, b_v3_next, b_v4_next, b_v5_next)
-        failed = barrier_wait(p_counter, p_status, arrived, (i + 1) * n_hblocks, failed, max_polls, SYNC)
+        failed = barrier_wait(p_counter, p_status, arrived, (i + 1) * n_hblocks, failed, max_polls, BARRIER)
 
         # dh_prev[:, jslice] += sum over gates g of dgates_hh[:, g*H:(g+1)*H] @ W_hh[g*H:(g+1)*H, jslice]
         for bb in range(pid_b, n_bblocks, n_bprog):
@@ -214,35 +263,75 @@ def birnn_backward_kernel(
                 mask_a = (s < b_len)[:, None] & mask_j[None, :]  # [BB, BH]
                 p_state = (d * B + offs_b[:, None]) * H + offs_j[None, :]  # [BB, BH]
                 b_acc = tl.zeros([BB, BH], dtype=tl.float32)
-                p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GH  # [BB, 1]
-                if RESIDENT:
-                    b_gk = exchanged_tile(p_gbuf, 0, mask_b, H, NK, BK)
+                p_gbuf = gbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * GX  # [BB, 1]
+                tag = tag_of(s)
+                # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
+                # the block's rows); their products are dropped as in the default build.
+                p_tagged = gbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * GX  # [BB, 1]
+                if RESIDENT and TAGGED and NK * BK <= EARLY_READ_MAX_K:
+                    # Each gate's words are read before the previous gate's poll and product, so that
+                    # their round trip overlaps them (a poll's loop keeps the compiler from hoisting the
+                    # read). Past EARLY_READ_MAX_K, one gate at a time.
+                    b_next = exchange_issue(p_gbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
+                    b_gk = b_next
+                    if G > 1:
+                        b_next = exchange_issue(p_gbuf + XG, p_tagged + XG, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
+                    b_gk, failed = exchange_settle(b_gk, p_tagged, 0, H, tag, failed, p_status, max_polls, VALUE_TY,
+                                                   TAGGED, NK, BK, PADDED)
                     b_acc = split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
                     if G > 1:
-                        b_gk = exchanged_tile(p_gbuf + H, 0, mask_b, H, NK, BK)
+                        b_gk = b_next
+                        b_next = exchange_issue(p_gbuf + 2 * XG, p_tagged + 2 * XG, 0, mask_b, H, tag, TAGGED, NK, BK,
+                                                PADDED)
+                        b_gk, failed = exchange_settle(b_gk, p_tagged + XG, 0, H, tag, failed, p_status, max_polls,
+                                                       VALUE_TY, TAGGED, NK, BK, PADDED)
                         b_acc = split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
-                        b_gk = exchanged_tile(p_gbuf + 2 * H, 0, mask_b, H, NK, BK)
+                        b_gk = b_next
+                        if G > 3:
+                            b_next = exchange_issue(p_gbuf + 3 * XG, p_tagged + 3 * XG, 0, mask_b, H, tag, TAGGED, NK,
+                                                    BK, PADDED)
+                        b_gk, failed = exchange_settle(b_gk, p_tagged + 2 * XG, 0, H, tag, failed, p_status,
+                                                       max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
                         b_acc = split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
                     if G > 3:
-                        b_gk = exchanged_tile(p_gbuf + 3 * H, 0, mask_b, H, NK, BK)
+                        b_gk, failed = exchange_settle(b_next, p_tagged + 3 * XG, 0, H, tag, failed, p_status,
+                                                       max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
+                elif RESIDENT:
+                    b_gk, failed = _exchange_read(p_gbuf, p_tagged, 0, mask_b, H, tag, failed, p_status, max_polls,
+                                                  VALUE_TY, TAGGED, NK, BK, PADDED)
+                    b_acc = split_k_dot(b_gk, b_w0, b_acc, NK, DOT_PRECISION)
+                    if G > 1:
+                        b_gk, failed = _exchange_read(p_gbuf + XG, p_tagged + XG, 0, mask_b, H, tag, failed, p_status,
+                                                      max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w1, b_acc, NK, DOT_PRECISION)
+                        b_gk, failed = _exchange_read(p_gbuf + 2 * XG, p_tagged + 2 * XG, 0, mask_b, H, tag, failed,
+                                                      p_status, max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
+                        b_acc = split_k_dot(b_gk, b_w2, b_acc, NK, DOT_PRECISION)
+                    if G > 3:
+                        b_gk, failed = _exchange_read(p_gbuf + 3 * XG, p_tagged + 3 * XG, 0, mask_b, H, tag, failed,
+                                                      p_status, max_polls, VALUE_TY, TAGGED, NK, BK, PADDED)
                         b_acc = split_k_dot(b_gk, b_w3, b_acc, NK, DOT_PRECISION)
                 elif DOUBLE_BUFFER:
                     # Streamed: K runs over all G*H rows of W_hh at once, one chunk at a time, through a
                     # register double buffer as the forward's (the next chunk loaded before this one's
-                    # product).
-                    b_gk = exchanged_tile(p_gbuf, 0, mask_b, GH, NK, BK)
+                    # product; TAGGED, its tags checked after the product, the round trip behind it).
+                    b_gk, failed = _exchange_read(p_gbuf, p_tagged, 0, mask_b, GH, tag, failed, p_status, max_polls,
+                                                  VALUE_TY, TAGGED, NK, BK)
                     b_w = weight_tile(p_w, 0, offs_j, mask_j, GH, H, 1, NK, BK)
                     for k0 in range(0, GH, NK * BK):
-                        b_gk_next = exchanged_tile(p_gbuf, k0 + NK * BK, mask_b, GH, NK, BK)
+                        b_gk_next = exchange_issue(p_gbuf, p_tagged, k0 + NK * BK, mask_b, GH, tag, TAGGED, NK, BK)
                         b_w_next = weight_tile(p_w, k0 + NK * BK, offs_j, mask_j, GH, H, 1, NK, BK)
                         b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
-                        b_gk = b_gk_next
+                        b_gk, failed = exchange_settle(b_gk_next, p_tagged, k0 + NK * BK, GH, tag, failed, p_status,
+                                                       max_polls, VALUE_TY, TAGGED, NK, BK)
                         b_w = b_w_next
                 else:
                     # The same loop without the double buffer: what Triton before 3.9 builds (its
                     # configurations were checked spill-free by hand with 3.6 in this form).
                     for k0 in range(0, GH, NK * BK):
-                        b_gk = exchanged_tile(p_gbuf, k0, mask_b, GH, NK, BK)
+                        b_gk, failed = _exchange_read(p_gbuf, p_tagged, k0, mask_b, GH, tag, failed, p_status,
+                                                      max_polls, VALUE_TY, TAGGED, NK, BK)
                         b_w = weight_tile(p_w, k0, offs_j, mask_j, GH, H, 1, NK, BK)
                         b_acc = split_k_dot(b_gk, b_w, b_acc, NK, DOT_PRECISION)
                 b_dh_state = tl.load(state_ptr + p_state, mask=mask_a, other=0.0) + b_acc
@@ -295,19 +384,39 @@ def _projection_grads(dgates, grad_output, grad_h_n, weight_hh, workspace, lengt
     return torch.stack(grad_weight_hr), torch.stack(grad_h0)
 
 
+# Cheap changes to a step, off by default, as launch options for the device check to A/B (as
+# forward.VARIANTS): the launcher's ``variants`` names those to switch on. tagged_exchange: the
+# step-tagged exchange of the gate gradients in place of the group barrier (TAGGED).
+VARIANTS = {"tagged_exchange": "TAGGED"}
+
+
+def tagged_gate_buffer(B, G, H, dtype, config, device):
+    """The TAGGED build's exchange buffer of common.tagged_words for gate gradients in dtype (the
+    products'): (2, 2, B, G*H), or where W_hh is resident (2, 2, B, G*K), K = NK*BK >= H, each gate's
+    H words followed by K - H words of common.PAD_TAG and value 0 (the kernel's PADDED reads). Every
+    other word's tag -1, which no reader awaits (common.tag_of is never negative): a slot's first
+    reader may come at any step (a batch block starts when its longest row does), so no tag of a step
+    may stand for "not yet written"."""
+    word = torch.int64 if dtype == torch.float32 else torch.int32
+    K = config.NK * config.BK if config.RESIDENT else H
+    words = torch.full((2, 2, B, G, K), -1, dtype=word, device=device)
+    words[..., H:] = PAD_TAG.value << (32 if word == torch.int64 else 16)
+    return words.view(2, 2, B, G * K)
+
+
 def backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
-             output, workspace, config=None, max_polls=None, weight_hr=None):
+             output, workspace, config=None, max_polls=None, weight_hr=None, variants=()):
     """The VJP of ``forward`` (``_backward``), its cuBLAS products (dX, the weight gradients) under
     cuDNN's RNN fp32 rule (config.rnn_gemm_precision), as nn.LSTM's."""
     with _config.rnn_gemm_precision():
         return _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0,
-                         lengths, output, workspace, config, max_polls, weight_hr)
+                         lengths, output, workspace, config, max_polls, weight_hr, variants)
 
 
 def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, bias_hh, h0, c0, lengths,
-              output, workspace, config=None, max_polls=None, weight_hr=None):
+              output, workspace, config=None, max_polls=None, weight_hr=None, variants=()):
     """Vector-Jacobian product of ``forward``; results as ``birnn_fast::backward`` (library.py), weights
-    stacked; config, max_polls and weight_hr as forward's.
+    stacked; config, max_polls and weight_hr as forward's; variants: names of VARIANTS to launch with.
 
     Returns grad_input (T, B, I), grad_weight_ih (2, G*H, I), grad_weight_hh (2, G*H, P),
     grad_bias_ih, grad_bias_hh (2, G*H), grad_h0 (2, B, P), grad_c0 (2, B, H) or (0,), and with
@@ -315,6 +424,9 @@ def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh
     """
     T, B, I, G, H, P = check_inputs(cell, input, weight_ih, weight_hh, h0, c0, lengths, weight_hr)
     GH = G * H
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {sorted(VARIANTS)}")
     if tuple(grad_output.shape) != (T, B, 2 * P):
         raise ValueError(f"Expected grad_output size {(T, B, 2 * P)}, got {list(grad_output.shape)}")
     if B == 0:
@@ -339,7 +451,10 @@ def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh
     precision = _config.dot_precision(input.dtype, input.device)
     recurrent = _config.tf32_rounded(recurrent, precision)  # as the forward's
     dgates = torch.empty(T, B, 2, GH, dtype=torch.float32, device=input.device)
-    gbuf = input.new_empty(2, 2, B, GH, dtype=weight_hh.dtype if input.dtype != torch.float32 else torch.float32)
+    if "tagged_exchange" in variants:
+        gbuf = tagged_gate_buffer(B, G, H, recurrent.dtype, config, input.device)
+    else:
+        gbuf = input.new_empty(2, 2, B, GH, dtype=recurrent.dtype)
     state = input.new_empty(2 if lstm else 1, 2, B, H, dtype=torch.float32)
     counters = barrier_counters(config, input.device)
     grad_h0 = torch.empty_like(h0_m)
@@ -350,7 +465,7 @@ def _backward(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh
            T, B, H, max_polls=_config.max_polls(input.device) if max_polls is None else max_polls,
            CELL=_config.CELLS[cell], G=G, W=_config.WORKSPACE[cell],
            DOT_PRECISION=precision,
-           DOUBLE_BUFFER=_config.double_buffered_backward())
+           DOUBLE_BUFFER=_config.double_buffered_backward(), **{VARIANTS[name]: True for name in variants})
 
     # Weight gradients as GEMMs over all T*B steps at once, in the input's precision (as cuDNN).
     dtype = input.dtype

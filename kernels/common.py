@@ -204,11 +204,18 @@ def group_barrier(p_counter, p_status, target, failed, max_polls, SYNC: tl.const
 # and read whole: a reader sees a value together with its own step's tag, never another's.
 
 
+# The tag of a padding word (PADDED reads: the columns k >= H of a row padded to the chunks' span, value
+# 0): a poll takes it as ready whatever step it awaits. Negative, so no step's tag (tag_of).
+PAD_TAG = tl.constexpr(-2)
+
+
 @triton.jit
 def tag_of(step):
-    """The tag of h_step (h0's is 0): step modulo 2^15, which fits the high half of either word with
-    its sign bit clear. A double-buffered slot holds the step before last or the one awaited, never
-    steps 2^15 apart."""
+    """The tag of the words a kernel exchanges for step ``step`` (the forward's h_step, h0's 0; the
+    backward's gate gradients of step ``step``): step modulo 2^15, which fits the high half of either
+    word with its sign bit clear (a negative tag is never awaited). A double-buffered slot holds the
+    words of the step two before (or after, in the backward) or of the one awaited, never steps 2^15
+    apart."""
     return (tl.zeros([], tl.int64) + step % 32768).to(tl.int32)  # step: a loop index, int in the interpreter
 
 
@@ -239,61 +246,76 @@ def word_tags(words):
 
 
 @triton.jit
-def _tagged_read(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr):
-    """The words of exchanged_tile's elements (rows p_rows, every one a row the writers write each
-    step of a live block), and 1 if all carry tag, else 0 (a reduction over the program's threads).
-    Unmasked: k past H reads word H - 1. A masked read (a predicate per element, and the mask again in
-    the check) makes ptxas wait for each load before issuing the next. .cg loads, as exchanged_tile's:
-    at L2, where the writers' words land (a load served from L1 could be stale); they stay in the
-    poll's loop (the tests read the SASS)."""
-    if NK == 1:
-        offs_k = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
-        p = p_rows + tl.minimum(offs_k, H - 1)
+def _ready(words, tag, PADDED: tl.constexpr):
+    """1 if every word carries tag (PADDED: or PAD_TAG), else 0 (a reduction over the program's threads)."""
+    tags = word_tags(words)
+    if PADDED:
+        ready = (tags == tag) | (tags == PAD_TAG)
     else:
-        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
-        p = p_rows[None, :, :] + tl.minimum(offs_k, H - 1)
-    words = tl.load(p, cache_modifier=".cg")
-    return words, tl.min((word_tags(words) == tag).to(tl.int32), axis=None)
+        ready = tags == tag
+    return tl.min(ready.to(tl.int32), axis=None)
 
 
 @triton.jit
-def tagged_issue(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr):
+def _tagged_read(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr, PADDED: tl.constexpr = False):
+    """The words of exchanged_tile's elements (rows p_rows, every one a row the writers write each
+    step of a live block), and _ready of them. Unmasked: k past H reads word H - 1, or PADDED (rows
+    padded to k0 + NK*BK with words of PAD_TAG) the padding itself: contiguous addresses, no clamp
+    (the clamped addresses take a register pair per element: the resident tile of K = 1024 spills).
+    A masked read (a predicate per element, and the mask again in the check) makes ptxas wait for each
+    load before issuing the next. .cg loads, as exchanged_tile's: at L2, where the writers' words land
+    (a load served from L1 could be stale); they stay in the poll's loop (the tests read the SASS)."""
+    if NK == 1:
+        offs_k = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
+        p = p_rows + (offs_k if PADDED else tl.minimum(offs_k, H - 1))
+    else:
+        offs_k = k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]  # [NK, 1, BK]
+        p = p_rows[None, :, :] + (offs_k if PADDED else tl.minimum(offs_k, H - 1))
+    words = tl.load(p, cache_modifier=".cg")
+    return words, _ready(words, tag, PADDED)
+
+
+@triton.jit
+def tagged_issue(p_rows, k0, H, tag, NK: tl.constexpr, BK: tl.constexpr, PADDED: tl.constexpr = False):
     """The first read of a tagged tile (tagged_settle waits for its tags), that may be issued early,
     e.g. during the previous chunk's product."""
-    words, _ = _tagged_read(p_rows, k0, H, tag, NK, BK)
+    words, _ = _tagged_read(p_rows, k0, H, tag, NK, BK, PADDED)
     return words
 
 
 @triton.jit
 def tagged_settle(words, p_rows, k0, H, tag, failed, p_status, max_polls, value_ty: tl.constexpr,
-                  NK: tl.constexpr, BK: tl.constexpr):
+                  NK: tl.constexpr, BK: tl.constexpr, PADDED: tl.constexpr = False):
     """exchanged_tile of a tagged buffer, values in value_ty (0 past H), from words (tagged_issue's
     read of it): re-read until every word carries tag. A poll that has not seen them after max_polls
     reads gives up as barrier_wait does (status word set, failed = 1: the program's later polls
     return at once, the launcher raises). Returns (tile, failed)."""
-    ready = tl.min((word_tags(words) == tag).to(tl.int32), axis=None)
+    ready = _ready(words, tag, PADDED)
     polls = tl.zeros([], tl.int32)
     while (ready == 0) & (failed == 0) & (polls < max_polls):
-        words, ready = _tagged_read(p_rows, k0, H, tag, NK, BK)
+        words, ready = _tagged_read(p_rows, k0, H, tag, NK, BK, PADDED)
         polls += 1
     if (ready == 0) & (failed == 0):
         # A plain store: the host reads it after the launch, and any program that sets it sets 1.
         tl.store(p_status, 1)
         failed = tl.full([], 1, tl.int32)
-    if NK == 1:
-        in_h = (k0 + tl.arange(0, BK) < H)[None, :]  # [1, BK]
-    else:
-        in_h = (k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]) < H  # [NK, 1, BK]
-    return tl.where(in_h, word_values(words, value_ty), 0.0).to(value_ty), failed
+    values = word_values(words, value_ty)
+    if not PADDED:  # (the padding's values are 0)
+        if NK == 1:
+            in_h = (k0 + tl.arange(0, BK) < H)[None, :]  # [1, BK]
+        else:
+            in_h = (k0 + tl.arange(0, NK)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]) < H  # [NK, 1, BK]
+        values = tl.where(in_h, values, 0.0).to(value_ty)
+    return values, failed
 
 
 @triton.jit
 def exchange_issue(p_rows, p_tagged_rows, k0, mask_b, H, tag, TAGGED: tl.constexpr, NK: tl.constexpr,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, PADDED: tl.constexpr = False):
     """The read of an exchanged tile, to pass to exchange_settle: exchanged_tile's of p_rows (rows of
-    mask_b), or TAGGED the words of p_tagged_rows (tagged_issue)."""
+    mask_b), or TAGGED the words of p_tagged_rows (tagged_issue, PADDED as there)."""
     if TAGGED:
-        tile = tagged_issue(p_tagged_rows, k0, H, tag, NK, BK)
+        tile = tagged_issue(p_tagged_rows, k0, H, tag, NK, BK, PADDED)
     else:
         tile = exchanged_tile(p_rows, k0, mask_b, H, NK, BK)
     return tile
@@ -301,11 +323,12 @@ def exchange_issue(p_rows, p_tagged_rows, k0, mask_b, H, tag, TAGGED: tl.constex
 
 @triton.jit
 def exchange_settle(tile, p_tagged_rows, k0, H, tag, failed, p_status, max_polls, value_ty: tl.constexpr,
-                    TAGGED: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr):
+                    TAGGED: tl.constexpr, NK: tl.constexpr, BK: tl.constexpr, PADDED: tl.constexpr = False):
     """(the exchanged tile, failed) of exchange_issue's read: TAGGED, once its words carry tag
-    (tagged_settle); else the tile itself."""
+    (tagged_settle, PADDED as there); else the tile itself."""
     if TAGGED:
-        tile, failed = tagged_settle(tile, p_tagged_rows, k0, H, tag, failed, p_status, max_polls, value_ty, NK, BK)
+        tile, failed = tagged_settle(tile, p_tagged_rows, k0, H, tag, failed, p_status, max_polls, value_ty, NK, BK,
+                                     PADDED)
     return tile, failed
 
 

@@ -19,10 +19,11 @@ def barrier_counters(config, device):
 
 def launch(kernel, config, counters, *args, max_polls, **constexprs):
     """kernel[grid](*args, max_polls, **constexprs, launch options of config) (max_polls: the kernel's
-    last runtime argument, its bound on a barrier wait), then raise a RuntimeError naming
-    the kernel and config if a barrier wait timed out (the grid was not co-resident) or if the launch
-    was not cooperative where the grid meets at a barrier. The status read is a host sync; inside a
-    CUDA graph capture, where none is allowed, it is skipped (the bounded wait still ends the launch)."""
+    last runtime argument, its bound on a barrier wait or, with TAGGED, on a poll of the step-tagged
+    exchange), then raise a RuntimeError naming the kernel, config and what the programs waited for
+    if a wait timed out (the grid was not co-resident) or if the launch was not cooperative where the
+    grid meets at a barrier. The status read is a host sync; inside a CUDA graph capture, where none is
+    allowed, it is skipped (the bounded wait still ends the launch)."""
     grid = (config.n_hblocks, config.n_bprog, 2)
     device = counters.device
     if not _config.interpreted(device):
@@ -31,8 +32,10 @@ def launch(kernel, config, counters, *args, max_polls, **constexprs):
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
     capturing = not _config.interpreted(device) and torch.cuda.is_current_stream_capturing()
     if not capturing and counters[-COUNTER_STRIDE.value].item():
+        waited = ("for the step-tagged exchange words of the other programs of its group"
+                  if constexprs.get("TAGGED") else "at the grid barrier")
         raise RuntimeError(
-            f"{name} with {config}: a program waited at the grid barrier for more than "
+            f"{name} with {config}: a program waited {waited} for more than "
             f"{max_polls} polls, so its grid of {2 * config.n_hblocks * config.n_bprog} programs was "
             "not resident at once (a launch that was not cooperative, or a GPU with fewer free SMs than the "
             "launcher assumed); its results are garbage")

@@ -39,18 +39,20 @@ def three_programs(cell, B, H, backward):
 def test_grid_one_program_short_raises(cell, kernel):
     """The last program of the grid starts only once the others have finished, as on a GPU that cannot
     hold the grid: their barrier waits give up, the launch ends, and the launcher raises, naming the
-    kernel and its configuration."""
+    kernel, its configuration and the barrier (the step-tagged exchange's own: tests/test_triton_variants.py)."""
     T, B, H, lengths = 3, 4, 40, [3, 1, 2, 3]
     args = make_inputs(cell, T, B, 3, H, lengths)
     forward_config, backward_config = (three_programs(cell, B, H, backward) for backward in (False, True))
     if kernel == "forward":
-        with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="birnn_forward_kernel with Config"):
+        match = "birnn_forward_kernel with Config.*at the grid barrier"
+        with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match=match):
             kernels_forward.forward(cell, *args.values(), config=forward_config, max_polls=SHORT_WAIT)
         return
     with concurrent_programs():
         output, h_n, c_n, workspace = kernels_forward.forward(cell, *args.values(), config=forward_config)
     grads = make_grads(cell, T, B, H)
-    with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="birnn_backward_kernel with Config"):
+    match = "birnn_backward_kernel with Config.*at the grid barrier"
+    with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match=match):
         kernels_backward.backward(cell, *grads, args["input"], args["weight_ih"], args["weight_hh"], args["bias_hh"],
                                   args["h0"], args["c0"], args["lengths"], output, workspace, config=backward_config,
                                   max_polls=SHORT_WAIT)

@@ -20,6 +20,10 @@ from birnn_fast.kernels import forward as kernels_forward
 
 KERNELS = {"birnn_forward_kernel": kernels_forward.birnn_forward_kernel,
            "birnn_backward_kernel": kernels_backward.birnn_backward_kernel}
+# Each kernel's VARIANTS (launch options, off by default): name -> constexpr.
+KERNEL_VARIANTS = {"birnn_forward_kernel": kernels_forward.VARIANTS, "birnn_backward_kernel": kernels_backward.VARIANTS}
+# The exchange buffers, of tagged words (common.tagged_words) in a TAGGED build.
+EXCHANGE_POINTERS = {"hbuf_ptr", "gbuf_ptr"}
 SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Pointers whose element type does not follow the input's: the launchers allocate these fp32 (the
 # workspace and gate gradients for half inputs too, and every fp32 state buffer).
@@ -36,7 +40,7 @@ def signature_of(fn, dtype, constexprs):
             signature[name] = "constexpr"
         elif name in INT_POINTERS:
             signature[name] = INT_POINTERS[name]
-        elif name == "hbuf_ptr" and constexprs.get("TAGGED"):
+        elif name in EXCHANGE_POINTERS and constexprs.get("TAGGED"):
             signature[name] = "*i64" if dtype == torch.float32 else "*i32"  # common.tagged_words
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS or dtype == torch.float32 else "*" + SIGNATURE_DTYPES[dtype]
@@ -53,7 +57,7 @@ def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc
     are multiples of 16; without, none (H, B, T odd and the tensors' storage not known aligned).
     fused: the forward's FUSED, by default what select_config picks for the configuration. timing: the
     forward's TIMING build (its %globaltimer stamps); off, as the launcher launches it by default.
-    variants: names of the forward's VARIANTS to switch on (the others off, as by default)."""
+    variants: names of the kernel's VARIANTS to switch on (the others off, as by default)."""
     fn = KERNELS[fn_name]
     launch = kernels.launch_options(kernels.Config(BB, BH, NK, BK, RESIDENT, n_hblocks=2, n_bprog=1))
     constexprs = {name: launch.pop(name) for name in list(launch) if name in fn.arg_names}
@@ -61,9 +65,10 @@ def compile_kernel(fn_name, cell, dtype, precision, BB, BH, NK, BK, RESIDENT, cc
         if fused is None:
             fused = kernels.fused_gates(cell, dtype, precision, BB, BH, NK * BK, RESIDENT, backward=False)
         constexprs["FUSED"] = fused
-    for name, constexpr in kernels_forward.VARIANTS.items():
-        if constexpr in fn.arg_names:
-            constexprs[constexpr] = name in variants
+    unknown = set(variants) - set(KERNEL_VARIANTS[fn_name])
+    assert not unknown, f"variants {sorted(unknown)} are not {fn_name}'s"
+    for name, constexpr in KERNEL_VARIANTS[fn_name].items():
+        constexprs[constexpr] = name in variants
     if "TIMING" in fn.arg_names:  # the forward's
         constexprs["TIMING"] = timing
         if not timing:
@@ -226,7 +231,8 @@ def round_shape(sass):
     (wait_to_arrive), and the loads issued between arrive and wait (arrive_to_wait); the CTA barriers (BAR) of a step at one round, with those of an inner K loop
     apart, and the dependent global loads a K chunk waits on before its last product
     (K_CHUNK_DEPENDENT_LOADS); spill instructions in the time loop, and its instructions of each of
-    SYNC_OPS (LOOP_FENCES, LOOP_RETURNING_ATOMICS, ...)."""
+    SYNC_OPS (LOOP_FENCES, LOOP_RETURNING_ATOMICS, ...), and the whole kernel's (KERNEL_FENCES, ...:
+    they hold whatever the loop heuristics take for the time loop)."""
     code = instructions(sass)
     ranges = loops(code)
     time_loop = _time_loop(code, ranges)
@@ -235,6 +241,7 @@ def round_shape(sass):
     shape = {"LOOP_SPILLS": sum(1 for instruction in in_time if SPILLS.search(instruction.op)),
              "WAIT_TO_ARRIVE": wait_to_arrive(in_time), "ARRIVE_TO_WAIT": arrive_to_wait(in_time, ranges)}
     shape.update({f"LOOP_{name}": sum(1 for i in in_time if pattern.match(i.op)) for name, pattern in SYNC_OPS.items()})
+    shape.update({f"KERNEL_{name}": sum(1 for i in code if pattern.match(i.op)) for name, pattern in SYNC_OPS.items()})
     inner = [r for r in ranges if time_loop[0] <= r[0] and r[1] <= time_loop[1] and r != time_loop]
     # The innermost loops holding a product are its K loop (streamed) or, resident, its round loop.
     k_loops = [r for r in inner if any(r[0] <= m <= r[1] for m in mmas)
