@@ -662,7 +662,7 @@ def backward_cubin_name(cell):
     return f"backward_{FAMILIES[cell]}"
 
 
-BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in DTYPE_BYTES
+BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in HALF_DTYPES
                            for rows in BACKWARD_VARIANTS)
 
 
