@@ -8,9 +8,13 @@ shared memory) on torch's current stream, on the tensors' data pointers; the lau
 ``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
 csrc/cuda/README.md.
 
-So far: the forward and the backward of every cell in bfloat16 / float16, without projections, on
-sm_90 / sm_100. Where the CUDA backward cannot run a layer (``why_not(..., backward=True)``) the
-backward is the Triton kernels' (birnn_fast.kernels), which read this forward's workspace (same layout).
+So far: the forward and the backward of every cell in bfloat16 / float16, and the forward in float32
+(where one cluster a direction holds W_hh: cuda_schedule.plan), without projections, on sm_90 /
+sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read at each
+launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the input
+projection's GEMM under the same rule. Where the CUDA backward cannot run a layer (float32 always, so
+far; ``why_not(..., backward=True)``) the backward is the Triton kernels' (birnn_fast.kernels), which
+read this forward's workspace (same layout).
 """
 import ctypes
 import os
@@ -32,16 +36,22 @@ else:
     _IMPORT_ERROR = None
 
 # The backward falls back to the Triton kernels where the CUDA one cannot run; imported here, with the
-# package, as backends.py imports them (never inside a call).
+# package, as backends.py imports them (never inside a call). float32 needs the precision rule that
+# lives beside them (kernels/config.py), the one every engine follows.
 _triton_ops = None
+_fp32_rule = None
 if torch.backends.cuda.is_built():
     try:
         from .kernels import ops as _triton_ops
     except ImportError:
         pass
+try:
+    from .kernels import config as _fp32_rule
+except ImportError:
+    pass
 
 CUBIN_DIR = pathlib.Path(os.environ.get("BIRNN_FAST_CUBIN_DIR") or pathlib.Path(__file__).resolve().parent / "cubins")
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Compute capability -> the cubin's architecture (build.py's names).
 ARCHS = {(9, 0): "90a", (10, 0): "100a"}
 
@@ -84,8 +94,12 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
     try:
         if hidden is not None:
             (schedule.backward_plan if backward else schedule.plan)(cell, hidden, batch, DTYPES[dtype])
+        elif backward:
+            schedule.backward_plan(cell, 8, batch, DTYPES[dtype])
     except ValueError as error:
         return f"the cuda backend cannot run this layer: {error}"
+    if dtype == torch.float32 and _fp32_rule is None:
+        return "float32 needs birnn_fast.kernels.config (cuDNN's RNN precision rule), which did not import"
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if not torch.cuda.is_available():
@@ -95,7 +109,8 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
     if arch is None:
         return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
                 f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
-    path = cubin_path(arch, (schedule.backward_cubin_name if backward else schedule.cubin_name)(cell))
+    path = cubin_path(arch, schedule.backward_cubin_name(cell) if backward else
+                      schedule.cubin_name(cell, DTYPES[dtype]))
     if not path.exists():
         return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
     return None
@@ -220,10 +235,18 @@ def check_inputs(cell, input, weights, h0, c0, lengths):
     return T, B, I, gates, H
 
 
+def kernel_dtype(dtype):
+    """The kernels' name of a layer's dtype: float32 by cuDNN's RNN rule now, "tf32" or "fp32"
+    (3xTF32); bf16 / fp16 as they are."""
+    if dtype == torch.float32:
+        return "tf32" if _fp32_rule.fp32_precision() == "tf32" else "fp32"
+    return DTYPES[dtype]
+
+
 def input_projection(input, weights, gates, hidden):
     """x @ W_ih^T + b_ih + b_hh of both directions (the GRU's n gate without b_hn, which r scales),
     (T, B, 2, H, xg_gates(G)) in input's dtype: one cuBLAS GEMM at the precision cuDNN's RNN uses
-    for the layer's dtype (fp32 accumulation)."""
+    for the layer's dtype (fp32 accumulation; float32 in TF32 or IEEE by its rule)."""
     T, B, I = input.shape
     weight = torch.cat([unit_major(weights[4 * d], gates, hidden) for d in range(2)])  # [2*H*X, I]
     biases = []
@@ -232,8 +255,12 @@ def input_projection(input, weights, gates, hidden):
         if gates == 3:
             bias[2 * hidden:] = weights[4 * d + 2][2 * hidden:]
         biases.append(unit_major(bias, gates, hidden))
-    return torch.addmm(torch.cat(biases), input.reshape(T * B, I), weight.t()).view(
-        T, B, 2, hidden, schedule.xg_gates(gates))
+    if input.dtype == torch.float32 and _fp32_rule is not None:
+        with _fp32_rule.rnn_gemm_precision():
+            projection = torch.addmm(torch.cat(biases), input.reshape(T * B, I), weight.t())
+    else:
+        projection = torch.addmm(torch.cat(biases), input.reshape(T * B, I), weight.t())
+    return projection.view(T, B, 2, hidden, schedule.xg_gates(gates))
 
 
 def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
@@ -265,7 +292,7 @@ def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, worksp
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
     b_hh = torch.stack([weights[3], weights[7]]).contiguous()
     h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
-    plan = schedule.plan(cell, H, B, DTYPES[input.dtype])
+    plan = schedule.plan(cell, H, B, kernel_dtype(input.dtype))
     params = forward_params(plan, T, dict(
         xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), b_hh=b_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(),
         lengths=lengths.data_ptr(),

@@ -24,9 +24,18 @@ ROWS_PER_CLUSTER = 64  # batch rows a cluster runs: the MMA's N, 8 tiles of 8, i
 N_TILES = ROWS_PER_CLUSTER // 8
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may opt in to on sm_90 (227 KiB)
 FRAGMENT_BYTES = 512  # one m16n8k16 A fragment of a warp: 32 lanes x 4 registers x 4 bytes
-DTYPE_BYTES = {"bf16": 2, "fp16": 2}
+# The kernels' element types: fp32 layers run "tf32" (one TF32 MMA a product, where cuDNN's RNN rule
+# says TF32) or "fp32" (3xTF32: a product as exact as IEEE fp32 FMAs, the rule's "ieee").
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+HALF_DTYPES = ("bf16", "fp16")
+FP32_DTYPES = ("tf32", "fp32")
+K_TILE_BYTES = 32  # one MMA's K of a row: m16n8k16 of 16-bit elements, m16n8k8 of TF32
 SPLITS = (2, 4, 8)  # the split-K factors (S) compiled
 REGISTER_TILES = (4, 8)  # the K tiles (R) a warp keeps in registers, compiled
+# fp32's (S, R): those its plans reach within shared memory (U = 8, 16, 24 or 32 units a CTA; the
+# largest H, by cell and batch: tests/test_cuda_schedule.py's test_fp32_plans). S = 2 keeps 6 K tiles in registers, not 8: a warp then owns 4 batch
+# tiles, whose fp32 accumulators and input rows leave no room for 8 (ptxas would spill).
+FP32_VARIANTS = ((8, 4), (4, 8), (2, 6))
 CELLS_BUILT = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 # The kernels' cell families: RNN_TANH and RNN_RELU are one kernel, told apart by ForwardParams.relu.
 FAMILIES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}
@@ -36,15 +45,23 @@ def kernel_name(cell, dtype, split_k, reg_k_tiles):
     return f"birnn_forward_{FAMILIES[cell]}_{dtype}_s{split_k}_r{reg_k_tiles}"
 
 
-def cubin_name(cell):
-    """The cubin (csrc/cuda/build.py's UNITS) holding a cell's forward kernels."""
-    return f"forward_{FAMILIES[cell]}"
+def cubin_name(cell, dtype="bf16"):
+    """The cubin (csrc/cuda/build.py's UNITS) holding a cell's forward kernels of a dtype: the 16-bit
+    ones in forward_<family>, fp32's (tf32 and fp32) in forward_<family>_fp32."""
+    return f"forward_{FAMILIES[cell]}" + ("_fp32" if dtype in FP32_DTYPES else "")
 
 
-# (cell, dtype, S, R) of every kernel the cubin holds (one cell per family): forward.cu instantiates
+def tile_k(dtype):
+    """Elements of K an MMA takes (a K tile): 16 (16-bit) or 8 (TF32), 32 bytes of a row either way."""
+    return K_TILE_BYTES // DTYPE_BYTES[dtype]
+
+
+# (cell, dtype, S, R) of every kernel the cubins hold (one cell per family): forward.cu instantiates
 # exactly these (tests/test_cuda_build.py).
-INSTANCES = tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in DTYPE_BYTES
-                  for split in SPLITS for reg in REGISTER_TILES)
+INSTANCES = tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in HALF_DTYPES
+                  for split in SPLITS for reg in REGISTER_TILES) + \
+    tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in FP32_DTYPES
+          for split, reg in FP32_VARIANTS)
 
 
 def ceil_div(a, b):
@@ -68,7 +85,7 @@ class Plan:
     slices: int  # slices of U units in an h buffer: C, plus zero slices for the K padding
     unit_warps: int  # U / 8
     split_k: int  # S, warps splitting one unit group's K tiles
-    k_tiles: int  # ceil(H / 16)
+    k_tiles: int  # ceil(H / tile_k): 16 (16-bit) or 8 (fp32) columns of W_hh a tile
     warp_k_tiles: int  # KW = ceil(k_tiles / S)
     reg_k_tiles: int  # R, the first R of a warp's K tiles, held in registers
     smem_k_tiles: int  # the rest, in shared memory
@@ -121,7 +138,7 @@ class Plan:
 
     @property
     def cubin(self):
-        return cubin_name(self.cell)
+        return cubin_name(self.cell, self.dtype)
 
 
 def plan(cell, hidden, batch, dtype, fit=True):
@@ -135,8 +152,8 @@ def plan(cell, hidden, batch, dtype, fit=True):
     gates = cell_of(cell).gates
     units = max(8, 8 * ceil_div(ceil_div(hidden, MAX_CLUSTER), 8))
     cluster = ceil_div(hidden, units)
-    k_tiles = ceil_div(hidden, 16)
-    slices = max(cluster, ceil_div(16 * k_tiles, units))
+    k_tiles = ceil_div(hidden, tile_k(dtype))
+    slices = max(cluster, ceil_div(tile_k(dtype) * k_tiles, units))
     unit_warps = units // 8
     split_k = max(1, 8 // unit_warps)
     if split_k not in SPLITS and fit:
@@ -144,6 +161,11 @@ def plan(cell, hidden, batch, dtype, fit=True):
                          "CTAs can hold (the multi-cluster kernel is not built)")
     warp_k_tiles = ceil_div(k_tiles, split_k)
     reg_k_tiles = 4 if warp_k_tiles <= 4 else 8
+    if dtype in FP32_DTYPES and split_k == 2 and reg_k_tiles == 8:
+        reg_k_tiles = 6
+    if fit and dtype in FP32_DTYPES and (split_k, reg_k_tiles) not in FP32_VARIANTS:
+        raise ValueError(f"H = {hidden} in fp32 needs {units} units a CTA: its W_hh does not fit one cluster "
+                         "(the multi-cluster kernel is not built)")
     n_tiles = ceil_div(min(max(batch, 1), ROWS_PER_CLUSTER), 8)
     result = Plan(cell, dtype, hidden, batch, gates, units, cluster, slices, unit_warps, split_k, k_tiles,
                   warp_k_tiles, reg_k_tiles, max(0, warp_k_tiles - reg_k_tiles), n_tiles,
@@ -228,6 +250,14 @@ def hbuf_offset(p, buffer, slice_, row, col):
     return ((buffer * p.slices + slice_) * p.rows) * p.units + h_offset(p, row, col)
 
 
+def hbuf_offset32(p, buffer, slice_, row, col):
+    """Element offset in the fp32 kernels' hbuf[2][slices][rows][U] of 4-byte elements, laid out byte
+    for byte as a 16-bit one of width 2U (hbuf_offset's swizzle over 16-byte chunks of 4 elements):
+    ldmatrix.x4 of 16-bit matrices then hands lane 4g + q the fp32 element (row g, column q) of each
+    8 x 4 block, the TF32 B fragment."""
+    return ((buffer * p.slices + slice_) * p.rows * 2 * p.units + swizzled_offset(2 * p.units, row, 2 * col)) >> 1
+
+
 def read_buffer(s):
     """The h buffer step s reads (h entering step s); it writes h_{s+1} into the other one."""
     return s & 1
@@ -267,6 +297,19 @@ def b_coords(lane, reg):
     """(k, n) of the first of the two elements of B register ``reg`` (0-1)."""
     group, quad = lane >> 2, lane & 3
     return 2 * quad + 8 * reg, group
+
+
+def a_coords32(lane, reg):
+    """(row, k) of A register ``reg`` (0-3) of m16n8k8 TF32: one element, at half a_coords' k (the
+    same bytes of the row)."""
+    row, k = a_coords(lane, reg)
+    return row, k >> 1
+
+
+def b_coords32(lane, reg):
+    """(k, n) of B register ``reg`` (0-1) of m16n8k8 TF32: one element."""
+    group, quad = lane >> 2, lane & 3
+    return quad + 4 * reg, group
 
 
 def c_coords(lane, reg):
@@ -329,7 +372,9 @@ class _Cta:
         # through a_coords (what the kernel loads into registers and shared memory alike).
         G, H = p.gates, p.hidden
         lanes, regs = np.arange(32)[:, None], np.arange(4)[None, :]
-        row, k = a_coords(lanes, regs)  # [32, 4]
+        wide = DTYPE_BYTES[p.dtype] == 4
+        row, k = (a_coords32 if wide else a_coords)(lanes, regs)  # [32, 4]
+        width, per_register = tile_k(p.dtype), 1 if wide else 2
         self.a_tiles = {}
         for warp in range(p.unit_warps * p.split_k):
             unit_warp, ks = warp % p.unit_warps, warp // p.unit_warps
@@ -338,9 +383,9 @@ class _Cta:
                 kt = warp_k_tile(p, ks, i)
                 for mt in range(m_tiles(G)):
                     gate = tile_gate(mt, row)
-                    tile = np.zeros((16, 16), dtype=dtype)
-                    for e in range(2):
-                        kk = 16 * kt + k + e
+                    tile = np.zeros((16, width), dtype=dtype)
+                    for e in range(per_register):
+                        kk = width * kt + k + e
                         ok = (gate < G) & (unit < H) & (kk < H) & (kt < p.k_tiles)
                         values = weight_hh[np.where(ok, w_row(H, gate, unit), 0), np.where(ok, kk, 0)]
                         assert not tile[row, k + e].any(), "two lanes load one A element"
@@ -348,28 +393,43 @@ class _Cta:
                     self.a_tiles[warp, i, mt] = tile
 
 
+def _hbuf_offset(p):
+    """The h buffers' offset function of the plan's element size."""
+    return hbuf_offset32 if DTYPE_BYTES[p.dtype] == 4 else hbuf_offset
+
+
 def _b_offsets(p, buffer, nt, kt):
-    """The hbuf offsets (16, 8) of the B tile (k, n) of batch tile nt, K tile kt, as ldmatrix.x4 reads
-    it, and the slices it reads."""
+    """The hbuf offsets (tile_k, 8) of the B tile (k, n) of batch tile nt, K tile kt, as ldmatrix.x4
+    reads it, and the slices it reads. fp32: the kernel halves ldmatrix_row's k (its 16-bit column)
+    and each lane gets one element of its 16-byte row, B fragment b_coords32."""
     lanes = np.arange(32)
+    wide = DTYPE_BYTES[p.dtype] == 4
     row, k = ldmatrix_row(lanes, nt // 2, kt)  # lane -> the row its pointer gives ldmatrix
+    if wide:
+        k = k >> 1
     slices, cols = h_slice(p, k)
-    offsets = np.zeros((16, 8), dtype=np.int64)
+    width, half = tile_k(p.dtype), tile_k(p.dtype) // 2
+    offsets = np.zeros((width, 8), dtype=np.int64)
     for reg in range(2):
-        kk, n = b_coords(lanes, reg)
-        matrix = 2 * (nt & 1) + reg  # x4 order: (k0, nt), (k0+8, nt), (k0, nt+1), (k0+8, nt+1)
+        kk, n = (b_coords32 if wide else b_coords)(lanes, reg)
+        matrix = 2 * (nt & 1) + reg  # x4 order: (k0, nt), (k0+half, nt), (k0, nt+1), (k0+half, nt+1)
         source = 8 * matrix + (lanes >> 2)  # the lane whose pointer holds this lane's row
-        assert (row[source] == 8 * nt + n).all() and (k[source] == 16 * kt + 8 * reg).all()
+        assert (row[source] == 8 * nt + n).all() and (k[source] == width * kt + half * reg).all()
+        if wide:
+            offsets[kk, n] = hbuf_offset32(p, buffer, slices[source], row[source], cols[source] + (lanes & 3))
+            continue
         for e in range(2):
             offsets[kk + e, n] = hbuf_offset(p, buffer, slices[source], row[source], cols[source] + 2 * (lanes & 3) + e)
     return offsets, set(slices.tolist())
 
 
-def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
+def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel_dtype="bf16"):
     """``birnn_fast::forward`` computed by the model of the CUDA schedule: (output, h_n, c_n,
     workspace) as numpy arrays of input's dtype (float64 or float32 arrays or CPU tensors), NaN
     where nothing wrote; every cell, without projections, as the kernels. ``seed`` picks the
-    interleaving of the CTAs' steps and the copies' deliveries."""
+    interleaving of the CTAs' steps and the copies' deliveries; ``kernel_dtype`` the kernels' plan
+    and fragment layouts (16-bit: "bf16"; fp32: "tf32" or "fp32", one layout), the arithmetic
+    being input's."""
     input, h0, c0 = (np.asarray(x) for x in (input, h0, c0))
     weights = [np.asarray(w) for w in weights]
     lengths = np.asarray(lengths).astype(np.int64)
@@ -378,7 +438,8 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False):
     if len(weights) != 8:
         raise ValueError("the model runs layers without projections, as the kernels")
     H = weights[1].shape[0] // G
-    p = plan(cell, H, B, "bf16", fit=fit)
+    p = plan(cell, H, B, kernel_dtype, fit=fit)
+    hbuf_offset = _hbuf_offset(p)
     dtype = input.dtype
     rng = random.Random(seed)
     output = np.full((T, B, 2 * H), np.nan, dtype=dtype)
@@ -601,7 +662,7 @@ def backward_cubin_name(cell):
     return f"backward_{FAMILIES[cell]}"
 
 
-BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in DTYPE_BYTES
+BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in HALF_DTYPES
                            for rows in BACKWARD_VARIANTS)
 
 
@@ -700,6 +761,8 @@ class BackwardPlan:
 def backward_plan(cell, hidden, batch, dtype, fit=True):
     """The backward's launch plan of one layer (its units and cluster are the forward's), or a
     ValueError saying why the kernels cannot take it; ``fit=False`` as plan's."""
+    if fit and dtype not in HALF_DTYPES:
+        raise ValueError(f"the backward kernels take {', '.join(HALF_DTYPES)} so far, got {dtype}")
     forward = plan(cell, hidden, batch, dtype, fit=fit)
     gates, units, cluster = forward.gates, forward.units, forward.cluster
     m_tiles_ = ceil_div(cluster * units, 16)

@@ -92,8 +92,9 @@ def step_loop(lines):
 def test_step_loop_is_the_design(sass, name):
     lines = sass[name]
     loop = step_loop(lines)
-    # The MMA of the kernel's dtype (SASS writes the fp16 one without a suffix).
-    mma = "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
+    # The MMA of the kernel's dtype (SASS writes the fp16 one without a suffix; fp32: m16n8k8 TF32).
+    wide = "_tf32_" in name or "_fp32_" in name
+    mma = "HMMA.1688.F32.TF32" if wide else "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
 
     opcodes = [line.split()[1] if line.startswith("@") else line.split()[0] for line in loop]
     assert mma in opcodes and not [op for op in opcodes if op.startswith("HMMA") and op != mma], \
@@ -108,12 +109,23 @@ def test_step_loop_is_the_design(sass, name):
     # step, without the wait, and the others). Reloading even one K tile of W_hh would take 8 a warp.
     global_loads = [op for op in opcodes if op.startswith("LDG")]
     split = int(re.search(r"_s(\d+)_", name).group(1))
-    width = "LDG.E.U16" if "_elman_" in name else "LDG.E.64"
+    # fp32: 16-byte rows (LSTM, GRU) or one fp32; where they are loaded late (S = 2), prefetched to
+    # L1 before the wait (CCTL.E.PF1), one a load.
+    width = {(False, True): "LDG.E.U16", (False, False): "LDG.E.64", (True, True): "LDG.E",
+             (True, False): "LDG.E.128"}[wide, "_elman_" in name]
     assert 0 < len(global_loads) <= 2 * 2 * -(-8 // split), len(global_loads)
     assert all(op == width for op in global_loads), sorted(set(global_loads))
     fences = [op for op in opcodes if op.startswith("MEMBAR") and not op.endswith(".CTA")]
     assert not fences, f"a fence wider than the CTA in the step loop: {fences}"
-    assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR", "CCTL"))]
+    prefetches = [op for op in opcodes if op == "CCTL.E.PF1"]
+    assert len(prefetches) <= (len(global_loads) if wide and split == 2 else 0), prefetches
+    assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR", "CCTL")) and op != "CCTL.E.PF1"]
+    if wide:
+        # The TF32 kernels' MMAs: one a product (tf32) or three (fp32: 3xTF32), and the operands
+        # rounded to TF32 in the loop (h's each step; the 3xTF32 split of W_hh's tiles too).
+        twin = sass[name.replace("_fp32_", "_tf32_")]
+        count = lambda lines_: sum(line.split()[0].startswith("HMMA") for line in step_loop(lines_))  # noqa: E731
+        assert count(lines) == (3 if "_fp32_" in name else 1) * count(twin), (count(lines), count(twin))
     everywhere = [line.split()[1] if line.startswith("@") else line.split()[0] for line in lines]
     assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
 

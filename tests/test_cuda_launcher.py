@@ -21,8 +21,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_reasons_without_a_gpu():
     assert "CUDA tensors" in cuda_kernels.why_not("cpu", torch.bfloat16, "LSTM", 64)
-    assert "float32" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64)
+    assert "float64" in cuda_kernels.why_not("cuda", torch.float64, "LSTM", 64)
     assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
+    assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 272, 64)
+    assert "backward kernels take bf16, fp16" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64, 4,
+                                                                      backward=True)
     assert "proj_size" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 64, projections=True)
     if not torch.cuda.is_available():
         reason = cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 64, 16)
@@ -178,6 +181,7 @@ def plan_bytes(p):
             ("plan.partial_bytes()", p.partial_bytes)]
 
 
+FP32_MIRROR_PLANS = [(40, 3), (256, 64), (264, 64), (416, 16), (8, 1)]
 BACKWARD_MIRROR_PLANS = [("LSTM", 40, 3), ("LSTM", 256, 64), ("LSTM", 512, 64), ("GRU", 384, 17), ("GRU", 72, 70),
                          ("RNN_TANH", 512, 5), ("LSTM", 300, 33)]
 
@@ -251,6 +255,24 @@ static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(l
             body.append(f'  printf("%lld\\n", (long long)({call}));\n')
             expected.append(int(value))
         body.append("}\n")
+    for H, B in FP32_MIRROR_PLANS:
+        p = schedule.plan("LSTM", H, B, "fp32")
+        body.append("{\n  ForwardParams P{};\n" + "".join(
+            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
+                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
+                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
+                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
+            f"  const Plan plan{{P, {p.split_k}, 4}};\n")
+        calls = [(f"hbuf_offset32(P, {b}, {s}, {r}, {c})", schedule.hbuf_offset32(p, b, s, r, c))
+                 for b in range(2) for s in range(p.slices) for r in sorted({*range(9), p.rows - 1})
+                 for c in range(p.units)]
+        calls += [("plan.slice_bytes(4)", p.slice_bytes), ("plan.expect_bytes(4)", p.expect_bytes),
+                  ("plan.hbuf_bytes(4)", p.hbuf_bytes), ("plan.wsm_bytes()", p.wsm_bytes),
+                  ("plan.partial_bytes()", p.partial_bytes)]
+        for call, value in calls:
+            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
+            expected.append(int(value))
+        body.append("}\n")
     for cell, H, B in BACKWARD_MIRROR_PLANS:
         p = schedule.backward_plan(cell, H, B, "bf16")
         body.append("{\n  BackwardParams Q{};\n" + "".join(
@@ -305,19 +327,26 @@ class FakeDriver:
         return call
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_RELU"])
-def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell):
+@pytest.mark.parametrize("cell, dtype, precision", [
+    ("LSTM", torch.bfloat16, None), ("GRU", torch.bfloat16, None), ("RNN_RELU", torch.bfloat16, None),
+    ("LSTM", torch.float32, "tf32"), ("LSTM", torch.float32, "ieee"), ("GRU", torch.float32, "ieee")])
+def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell, dtype, precision):
     """forward_op's host path end to end with the driver and torch.cuda stood in for: the cubin it
-    loads, the attributes it sets, the configuration and the argument it launches with."""
+    loads, the attributes it sets, the configuration and the argument it launches with; float32's
+    kernel by cuDNN's RNN rule (TF32, else 3xTF32), from the fp32 cubin."""
     bindings = pytest.importorskip("cuda.bindings.driver")
     fake = FakeDriver(bindings)
-    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.cubin_name(cell))
+    name = {torch.bfloat16: "bf16", "tf32": "tf32", "ieee": "fp32"}[precision or dtype]
+    if precision is not None:
+        monkeypatch.setattr(cuda_kernels._fp32_rule, "fp32_precision", lambda: precision)
+    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.cubin_name(cell, name))
     T, B, H = 6, 70, 40
     input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
-    input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
-    weights = [w.to(torch.bfloat16) for w in weights]
+    input, h0, c0 = (x.to(dtype) for x in (input, h0, c0))
+    weights = [w.to(dtype) for w in weights]
     output, h_n, c_n, workspace = cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
-    p = schedule.plan(cell, H, B, "bf16")
+    p = schedule.plan(cell, H, B, name)
+    assert p.kernel.split("_")[3] == name and output.dtype == dtype
     names = [name for name, _ in fake.calls]
     assert names[:2] == ["cuCtxGetCurrent", "cuModuleLoadData"] and names[-1] == "cuLaunchKernelEx"
     attributes = {args[1]: args[2] for name, args in fake.calls if name == "cuFuncSetAttribute"}

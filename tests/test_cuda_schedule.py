@@ -1,6 +1,7 @@
 """The CUDA kernels' schedule (birnn_fast/cuda_schedule.py, mirrored by csrc/cuda/schedule.cuh) run
 on the CPU: the plan's sizes, the fragment and buffer indexing, and the whole forward with the
 exchange delivered in random orders, against reference.py in float64."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -84,7 +85,69 @@ def test_plan_sizes():
     with pytest.raises(ValueError, match="multi-cluster"):
         schedule.plan("LSTM", 1024, 64, "bf16")
     with pytest.raises(ValueError, match="bf16"):
-        schedule.plan("LSTM", 64, 4, "fp32")
+        schedule.plan("LSTM", 64, 4, "fp64")
+
+
+# The largest H one cluster a direction holds in fp32 (W_hh, the h buffers and the split-K partials
+# within shared memory), by cell and batch; past it the plan refuses (the multi-cluster kernel).
+FP32_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 416, ("LSTM", 1): 480, ("GRU", 64): 264, ("GRU", 16): 416,
+                ("RNN_TANH", 64): 336, ("RNN_TANH", 16): 512}
+
+
+@pytest.mark.parametrize("cell, B", sorted(FP32_LARGEST))
+def test_fp32_plans(cell, B):
+    """fp32 (tf32 and fp32 alike: one plan) takes every H up to its largest, with a compiled (S, R),
+    and refuses the next multiple of 8 with the reason; its backward is not built."""
+    built = {(split, reg) for c, dtype, split, reg in schedule.INSTANCES if dtype == "fp32"}
+    largest = FP32_LARGEST[cell, B]
+    for H in [*range(1, 80), *range(80, largest + 1, 8), largest]:
+        p = schedule.plan(cell, H, B, "fp32")
+        assert dataclasses.replace(p, dtype="tf32") == schedule.plan(cell, H, B, "tf32")
+        assert (p.split_k, p.reg_k_tiles) in built and p.smem_bytes <= schedule.SMEM_LIMIT
+        assert p.k_tiles == -(-H // 8) and p.slices * p.units >= 8 * p.k_tiles and p.threads <= 256
+        assert p.kernel.startswith(f"birnn_forward_{schedule.FAMILIES[cell]}_fp32_") and p.cubin.endswith("_fp32")
+    with pytest.raises(ValueError, match="multi-cluster"):
+        schedule.plan(cell, largest + 8, B, "fp32")
+    with pytest.raises(ValueError, match="backward kernels take bf16, fp16"):
+        schedule.backward_plan(cell, 64, B, "tf32")
+
+
+def test_fp32_fragments_cover_each_element_once():
+    """The TF32 m16n8k8 lane maps are bijections onto their tiles; the fp32 h buffers' offsets are a
+    permutation, and ldmatrix's 8 rows of a 16-byte chunk fall in distinct bank groups."""
+    lanes = np.arange(32)[:, None]
+    for coords, regs, shape in ((schedule.a_coords32, 4, (16, 8)), (schedule.b_coords32, 2, (8, 8))):
+        seen = np.zeros(shape, dtype=int)
+        np.add.at(seen, coords(lanes, np.arange(regs)[None, :]), 1)
+        assert (seen == 1).all(), coords.__name__
+    for H, B in ((40, 3), (128, 64), (256, 64), (264, 64), (416, 16)):
+        p = schedule.plan("LSTM", H, B, "fp32")
+        buffer, slice_, row, col = np.meshgrid(range(2), range(p.slices), range(p.rows), range(p.units), indexing="ij")
+        offsets = schedule.hbuf_offset32(p, buffer, slice_, row, col)
+        assert sorted(offsets.ravel().tolist()) == list(range(2 * p.slices * p.rows * p.units))
+        for chunk in range(p.units // 4):
+            banks = (schedule.hbuf_offset32(p, 0, 0, np.arange(8), 4 * chunk) * 4 // 4) % 32
+            assert len(set((banks // 4).tolist())) == 8, (H, chunk)
+
+
+FP32_CASES = [("LSTM", (1, 1, 40, "equal")), ("LSTM", (5, 3, 40, "mixed")), ("LSTM", (4, 17, 136, "mixed")),
+              ("LSTM", (3, 70, 24, "mixed")), ("LSTM", (3, 5, 264, "mixed")), ("GRU", (5, 9, 72, "mixed")),
+              ("GRU", (3, 17, 300, "equal")), ("RNN_TANH", (4, 9, 56, "mixed")), ("RNN_RELU", (3, 3, 336, "mixed"))]
+
+
+@pytest.mark.parametrize("cell, case", FP32_CASES)
+def test_fp32_model_matches_reference(cell, case):
+    """The fp32 kernels' schedule (m16n8k8 fragments, the fp32 h buffers, their (S, R)), in float64."""
+    T, B, H, kind = case
+    lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B + 1, cell=cell)
+    expected = reference.forward_op(cell, input, weights, h0, c0, lengths, True)
+    output, h_n, c_n, workspace = schedule.run_forward(cell, input, weights, h0, c0, lengths, seed=H,
+                                                       kernel_dtype="fp32")
+    for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
+        assert not np.isnan(got).any(), f"{name}: elements nobody wrote"
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+    assert not np.isnan(workspace).any()
 
 
 def test_fragments_cover_each_element_once():

@@ -2,7 +2,8 @@
 most informative first; each prints a short table and appends it to --out (Markdown):
 
     python -m benchmarks.gpu.cuda_check --stage probes       # L2 and DSMEM round trips, clusters that fit
-    python -m benchmarks.gpu.cuda_check --stage correctness  # fwd and bwd: fp64 reference, 2x torch's error, poisoned
+    python -m benchmarks.gpu.cuda_check --stage correctness  # fwd and bwd: fp64 reference, 2x torch's error, poisoned;
+                                                             # then the fp32 forward (stage fp32), TF32 and IEEE
     python -m benchmarks.gpu.cuda_check --stage race         # the same forward and backward 10 times, bitwise equal
     python -m benchmarks.gpu.cuda_check --stage sanitizer    # compute-sanitizer racecheck / memcheck, tiny
     python -m benchmarks.gpu.cuda_check --stage timings      # per step against Triton, cuDNN and the floors
@@ -11,6 +12,7 @@ most informative first; each prints a short table and appends it to --out (Markd
 Needs the cubins (make cubins; carried to a GPU machine as birnn_fast/cubins) and cuda-bindings.
 """
 import argparse
+import contextlib
 import ctypes
 import datetime
 import math
@@ -34,6 +36,11 @@ CORRECTNESS = [(1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 72, "mixed"), 
 BACKWARD = {(1, 1, 40, "equal"), (5, 3, 40, "mixed"), (33, 17, 72, "mixed"), (33, 64, 256, "mixed"),
             (17, 64, 512, "mixed"), (9, 130, 128, "mixed"), (12, 24, 200, "mixed"), (7, 40, 384, "mixed")}
 DTYPES = (torch.bfloat16, torch.float16)
+# (cell, T, B, H, lengths) of the fp32 forward, under cuDNN's rule at "tf32" and at "ieee": odd sizes,
+# every (S, R) of cuda_schedule.FP32_VARIANTS, up to the largest H a cluster holds, one to three chunks.
+FP32_CASES = [("LSTM", 1, 1, 40, "equal"), ("LSTM", 33, 17, 72, "mixed"), ("LSTM", 33, 64, 256, "mixed"),
+              ("LSTM", 9, 130, 128, "mixed"), ("LSTM", 12, 16, 416, "mixed"), ("GRU", 12, 24, 200, "mixed"),
+              ("GRU", 7, 64, 264, "mixed"), ("RNN_TANH", 5, 3, 40, "mixed"), ("RNN_RELU", 7, 40, 336, "mixed")]
 TINY = [(5, 3, 40, "mixed"), (4, 17, 256, "mixed")]  # under compute-sanitizer
 TIMINGS = [(512, B, H) for B in (16, 64) for H in (256, 512)]
 NAN = float("nan")
@@ -140,12 +147,13 @@ def probes(out):
             cuda_kernels._check(driver.cuLaunchKernelEx(config, function, ctypes.addressof(pointers), 0))
             torch.cuda.synchronize()
         rows.append((name.removeprefix("birnn_probe_"), f"{elapsed.item() / rounds:.0f} ns"))
-    for H, B in ((256, 16), (256, 64), (512, 16), (512, 64)):
-        for dtype in ("bf16",):
-            p = schedule.plan("LSTM", H, B, dtype)
-            clusters = cuda_kernels.max_active_clusters(p, device)
-            rows.append((f"clusters of LSTM H {H} B {B} ({p.cluster} CTAs, {p.smem_bytes} B smem, {p.threads} threads)",
-                         f"{clusters} at once ({'both directions fit' if clusters >= 2 else 'DIRECTIONS SERIALISE'})"))
+    for H, B, dtype in ((256, 16, "bf16"), (256, 64, "bf16"), (512, 16, "bf16"), (512, 64, "bf16"),
+                        (256, 64, "fp32"), (264, 64, "fp32"), (416, 16, "fp32")):
+        p = schedule.plan("LSTM", H, B, dtype)
+        clusters = cuda_kernels.max_active_clusters(p, device)
+        rows.append((f"clusters of LSTM H {H} B {B} {dtype} ({p.cluster} CTAs, {p.smem_bytes} B smem, "
+                     f"{p.threads} threads)",
+                     f"{clusters} at once ({'both directions fit' if clusters >= 2 else 'DIRECTIONS SERIALISE'})"))
     out.append(table(f"probes on {torch.cuda.get_device_name()}", ["probe", "result"], rows))
     return True
 
@@ -190,6 +198,69 @@ def correctness(out, cases=CORRECTNESS, dtypes=DTYPES, backward=True, cells=sche
         ok &= all(verdicts)
     out.append(table("correctness against fp64 (bound: 2x the reference's own error in the dtype + 1e-6)",
                      ["case", "dtype", "result", "error", "bound", "verdict"], rows))
+    return ok
+
+
+@contextlib.contextmanager
+def fp32_rule(precision):
+    """cuDNN's RNN fp32 rule (which the kernels and their input projection follow) and torch's
+    matmul one (which the reference run in fp32 follows) both at ``precision``, "tf32" or "ieee",
+    restored after."""
+    rnn, matmul = getattr(torch.backends.cudnn, "rnn", None), torch.backends.cuda.matmul
+    if rnn is not None and hasattr(rnn, "fp32_precision"):
+        flags = [(rnn, "fp32_precision", precision)]
+    else:
+        flags = [(torch.backends.cudnn, "allow_tf32", precision == "tf32")]
+    if hasattr(matmul, "fp32_precision"):
+        flags.append((matmul, "fp32_precision", precision))
+    else:
+        flags.append((matmul, "allow_tf32", precision == "tf32"))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in flags]
+    try:
+        for owner, name, value in flags:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def correctness_fp32(out, cases=FP32_CASES):
+    """The fp32 forward at both precisions of cuDNN's rule against the fp64 reference: output, h_n,
+    c_n within twice the error of the reference run in fp32 at the same rule (+1e-6), the kernel the
+    rule names (tf32, or fp32: 3xTF32), nothing unwritten, padding exactly 0."""
+    device = torch.device("cuda")
+    rows, ok = [], True
+    for precision in ("tf32", "ieee"):
+        with fp32_rule(precision):
+            for cell, T, B, H, kind in cases:
+                input, weights, h0, c0, lengths = make_layer(T, B, H, kind, torch.float32, device,
+                                                             seed=T * 10007 + B * 101 + H, cell=cell)
+                kernel = schedule.plan(cell, H, B, cuda_kernels.kernel_dtype(torch.float32)).kernel
+                verdicts = [kernel.split("_")[3] == ("tf32" if precision == "tf32" else "fp32")]
+                results = poisoned_results(input, H, T, B, cell)
+                cuda_kernels.forward_into(cell, input, weights, h0, c0, lengths, *results)
+                torch.cuda.synchronize()
+                wide = [x.double() for x in (input, h0, c0)]
+                exact = reference.forward_op(cell, wide[0], [w.double() for w in weights], wide[1], wide[2], lengths,
+                                             False)
+                same = reference.forward_op(cell, input, weights, h0, c0, lengths, False)
+                label = f"{cell} T {T} B {B} H {H} {kind}"
+                states = 3 if cell == "LSTM" else 2
+                for name, got, want, torch_own in list(zip(("output", "h_n", "c_n"), results, exact, same))[:states]:
+                    error, bound = relative_error(got, want), 2 * relative_error(torch_own, want) + 1e-6
+                    verdicts.append(error <= bound)
+                    rows.append((label, f"fp32 {precision} ({kernel})", name, f"{error:.2e}", f"{bound:.2e}",
+                                 "ok" if error <= bound else "FAIL"))
+                padding = torch.arange(T, device=device)[:, None] >= lengths[None, :]
+                written = not results[3].isnan().any().item() and not results[0].isnan().any().item()
+                zeros = bool((results[0][padding] == 0).all() and (results[3][padding] == 0).all())
+                if not (written and zeros and verdicts[0]):
+                    rows.append((label, f"fp32 {precision} ({kernel})", "unwritten, nonzero padding or not the "
+                                 "rule's kernel", "", "", "FAIL"))
+                ok &= all(verdicts) and written and zeros
+    out.append(table("fp32 forward against fp64 (bound: 2x the error of the reference in fp32 at the same rule "
+                     "+ 1e-6)", ["case", "precision (kernel)", "result", "error", "bound", "verdict"], rows))
     return ok
 
 
@@ -407,6 +478,19 @@ def self_test(out):
         b = schedule.backward_plan("LSTM", H, B, "bf16")
         rows.append((f"T {T} B {B} H {H}", f"{p.grid}", p.threads, p.smem_bytes, p.kernel, f"{b.grid}", b.smem_bytes,
                      b.kernel))
+    for cell, T, B, H, kind in FP32_CASES:
+        for dtype in schedule.FP32_DTYPES:
+            p = schedule.plan(cell, H, B, dtype)
+            assert p.kernel in instances and p.cubin == schedule.cubin_name(cell, "fp32"), p.kernel
+            assert p.grid[0] == p.cluster <= schedule.MAX_CLUSTER and p.grid[2] * schedule.ROWS_PER_CLUSTER >= B
+            assert p.threads <= 256 and p.smem_bytes <= schedule.SMEM_LIMIT and p.slice_bytes % 16 == 0
+        rows.append((f"{cell} T {T} B {B} H {H} fp32", f"{p.grid}", p.threads, p.smem_bytes, p.kernel, "", "",
+                     "(Triton's)"))
+    input, weights, h0, c0, lengths = make_layer(7, 40, 336, "mixed", torch.float64, "cpu", seed=1, cell="RNN_RELU")
+    got = schedule.run_forward("RNN_RELU", input, weights, h0, c0, lengths, kernel_dtype="fp32")
+    want = reference.forward_op("RNN_RELU", input, weights, h0, c0, lengths, False)
+    for a, b in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-12)
     input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1, cell="GRU")
     got = schedule.run_forward("GRU", input, weights, h0, c0, lengths)
     want = reference.forward_op("GRU", input, weights, h0, c0, lengths, False)
@@ -420,14 +504,15 @@ def self_test(out):
     want = reference.backward_op("GRU", *grads, input, weights, h0, c0, lengths, output, workspace)
     np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches (LSTM, bf16)", ["case", "grid", "threads", "smem", "kernel", "bwd grid",
+    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases' forward)", ["case", "grid", "threads", "smem", "kernel", "bwd grid",
                                                           "bwd smem", "bwd kernel"], rows))
     return True
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("probes", "correctness", "race", "sanitizer", "timings", "tiny", "all"),
+    parser.add_argument("--stage", choices=("probes", "correctness", "fp32", "race", "sanitizer", "timings", "tiny",
+                                            "all"),
                         default="all")
     parser.add_argument("--self-test", action="store_true")
     parser.add_argument("--out", default=None, help="Markdown to append to (default $OUT/cuda_check.md)")
@@ -443,7 +528,9 @@ def main():
         if reason is not None:
             print(f"cuda_check: the CUDA kernels cannot run: {reason}")
             return 2
-        stages = {"probes": lambda: probes(out), "correctness": lambda: correctness(out),
+        # The fp32 forward runs in the correctness stage's process (one start of torch and the cubins).
+        stages = {"probes": lambda: probes(out), "correctness": lambda: all([correctness(out), correctness_fp32(out)]),
+                  "fp32": lambda: correctness_fp32(out),
                   "race": lambda: race(out), "sanitizer": lambda: sanitizer(out, args), "tiny": lambda: tiny(out),
                   "timings": lambda: timings(out, args)}
         names = ["probes", "correctness", "race", "sanitizer", "timings"] if args.stage == "all" else [args.stage]

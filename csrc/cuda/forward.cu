@@ -50,9 +50,83 @@ __device__ __forceinline__ uint32_t load_a_register(const ForwardParams& p, cons
   return pack(low, high);
 }
 
+// The fp32 kernels' A register: one W_hh element of m16n8k8 (a_coords' k halved: the same bytes of
+// the row), zeros past H and past the cell's gates; rounded to TF32 where kPasses is 1, kept in fp32
+// for the 3xTF32 split (split_tf32) where it is 3.
+template <int kGates, int kPasses>
+__device__ __forceinline__ uint32_t load_a_register32(const ForwardParams& p, const float* w_hh, int rank,
+                                                      int unit_warp, int lane, int mt, int kt, int reg) {
+  int row, k;
+  a_coords(lane, reg, row, k);
+  const int gate = tile_gate(mt, row);
+  const int unit = unit_of(p, rank, unit_warp, row & 7);
+  const int kk = 8 * kt + (k >> 1);
+  float w = 0.0f;
+  if (gate < kGates && unit < p.H && kt < p.k_tiles && kk < p.H) {
+    w = w_hh[static_cast<int64_t>(w_row(p.H, gate, unit)) * p.H + kk];
+  }
+  return kPasses == 1 ? to_tf32(w) : __float_as_uint(w);
+}
+
+template <typename T, int kGates, int kPasses>
+__device__ __forceinline__ uint32_t a_register(const ForwardParams& p, const T* w_hh, int rank, int unit_warp,
+                                               int lane, int mt, int kt, int reg) {
+  if constexpr (sizeof(T) == 4) {
+    return load_a_register32<kGates, kPasses>(p, w_hh, rank, unit_warp, lane, mt, kt, reg);
+  } else {
+    return load_a_register<T, kGates>(p, w_hh, rank, unit_warp, lane, mt, kt, reg);
+  }
+}
+
+// x = big + small, both TF32 (PTX leaves an MMA's non-TF32 operand undefined): big the TF32 of x,
+// small the TF32 of x - big (exact in fp32, |x - big| <= 2^-11 |x|), off x by 2^-22 |x|. The 3xTF32
+// product small*big + big*small + big*big misses about 2^-21 of the product, near an fp32 FMA's
+// rounding. Volatile: the split of W_hh's register tiles is the same every step, and hoisted out of
+// the time loop it would hold twice the registers (and spill); redone each step, it costs two cvt
+// and a subtraction an element.
+__device__ __forceinline__ void split_tf32(uint32_t x, uint32_t& big, uint32_t& small) {
+  asm volatile("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(__uint_as_float(x)));
+  small = to_tf32(__uint_as_float(x) - __uint_as_float(big));
+}
+
+// Offset of (buffer, slice, row, column) in hbuf, of elements of kBytes.
+template <int kBytes>
+__device__ __forceinline__ int hbuf_at(const ForwardParams& p, int buffer, int slice, int row, int column) {
+  if constexpr (kBytes == 4) {
+    return hbuf_offset32(p, buffer, slice, row, column);
+  } else {
+    return hbuf_offset(p, buffer, slice, row, column);
+  }
+}
+
+// The fp32 kernels' input rows of the owned elements at step s (the step loop's loads, as a function
+// for kLateX): prefetched to L1 only, or loaded into x (0 where inactive).
+template <int kGates, int kOwned, int kSplitK, typename XgRow>
+__device__ __forceinline__ void load_x(const ForwardParams& p, XgRow (&x)[kOwned][2], const int* row_lengths,
+                                       const float* xg, bool prefetch_only, int s, int ks, int lane, int unit,
+                                       int direction, int rows0) {
+#pragma unroll
+  for (int o = 0; o < kOwned; ++o) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
+      const int length = row_lengths[row];
+      const bool active = unit < p.H && ks + kSplitK * o < p.n_tiles && s < length;
+      const int64_t base = (static_cast<int64_t>(step_time(direction, s, length)) * p.B + rows0 + row) * 2 + direction;
+      const XgRow* source = reinterpret_cast<const XgRow*>(xg + xg_offset(p, base, unit, kGates));
+      if (prefetch_only) {
+        if (active) prefetch_l1(source);
+      } else {
+        x[o][e] = active ? *source : XgRow{};
+      }
+    }
+  }
+}
+
 // One bidirectional layer's forward; kSplitK warps share a unit group's K tiles, the first kRegKT
-// of each warp's K tiles stay in registers.
-template <typename Cell, typename T, int kSplitK, int kRegKT>
+// of each warp's K tiles stay in registers. T: the layer's dtype (float: TF32 MMAs, one pass each
+// (kPasses 1) or the 3xTF32 split (kPasses 3)).
+template <typename Cell, typename T, int kSplitK, int kRegKT, int kPasses = 1>
 __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   constexpr int kGates = Cell::kGates;
   constexpr int kMT = m_tiles(kGates);
@@ -96,9 +170,9 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     const int row = within / p.units, column = within % p.units;
     const int b = rows0 + row, k = slice * p.units + column;
     const T* h0 = static_cast<const T*>(p.h0);
-    hbuf[hbuf_offset(p, 0, slice, row, column)] =
+    hbuf[hbuf_at<kBytes>(p, 0, slice, row, column)] =
         (b < B && k < H) ? h0[(static_cast<int64_t>(direction) * B + b) * H + k] : zero;
-    hbuf[hbuf_offset(p, 1, slice, row, column)] = zero;
+    hbuf[hbuf_at<kBytes>(p, 1, slice, row, column)] = zero;
   }
   uint32_t a[kRegKT][kMT][4];
 #pragma unroll
@@ -107,9 +181,9 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int reg = 0; reg < 4; ++reg) {
-        a[i][mt][reg] = i < p.warp_k_tiles
-                            ? load_a_register<T, kGates>(p, w_hh, rank, unit_warp, lane, mt, warp_k_tile(p, ks, i), reg)
-                            : 0u;
+        a[i][mt][reg] = i < p.warp_k_tiles ? a_register<T, kGates, kPasses>(p, w_hh, rank, unit_warp, lane, mt,
+                                                                            warp_k_tile(p, ks, i), reg)
+                                           : 0u;
       }
     }
   }
@@ -119,7 +193,8 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
       uint32_t r[4];
 #pragma unroll
       for (int reg = 0; reg < 4; ++reg) {
-        r[reg] = load_a_register<T, kGates>(p, w_hh, rank, unit_warp, lane, mt, warp_k_tile(p, ks, kRegKT + j), reg);
+        r[reg] = a_register<T, kGates, kPasses>(p, w_hh, rank, unit_warp, lane, mt, warp_k_tile(p, ks, kRegKT + j),
+                                                reg);
       }
       wsm[wsm_index<kMT>(p, warp, j, mt) * 32 + lane] = make_uint4(r[0], r[1], r[2], r[3]);
     }
@@ -160,19 +235,28 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   for (int s = 0; s < steps; ++s) {
     const int buffer = read_buffer(s), next = read_buffer(s + 1);
     // The input projection of the owned elements, loaded before the wait (no peer writes it): a
-    // unit's gates are adjacent in xg (the launcher's layout), one load an element.
-    static_assert(kBytes == 2 && (kXg == 4 || kXg == 1), "xg rows of 4 or 1 slots of 2 bytes");
-    using XgRow = typename std::conditional<kXg == 4, uint2, uint16_t>::type;
+    // unit's gates are adjacent in xg (the launcher's layout), one load an element. Where the fp32
+    // rows would not fit the registers beside W_hh's and the accumulators (kLateX: 4 batch tiles a
+    // warp, 16 bytes an element), only prefetched to L1 here and loaded after the products.
+    static_assert((kBytes == 2 || kBytes == 4) && (kXg == 4 || kXg == 1), "xg rows of 4 or 1 slots of 2 or 4 bytes");
+    using XgRow = typename std::conditional<kBytes == 4, typename std::conditional<kXg == 4, float4, float>::type,
+                                            typename std::conditional<kXg == 4, uint2, uint16_t>::type>::type;
+    constexpr bool kLateX = kBytes == 4 && kOwned > 2;
     XgRow x[kOwned][2];
+    if constexpr (kLateX) {
+      load_x<kGates, kOwned, kSplitK>(p, x, row_lengths, xg, true, s, ks, lane, unit, direction, rows0);
+    } else {
 #pragma unroll
-    for (int o = 0; o < kOwned; ++o) {
+      for (int o = 0; o < kOwned; ++o) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
-        const int length = row_lengths[row];
-        const bool active = unit < H && ks + kSplitK * o < p.n_tiles && s < length;
-        const int64_t base = (static_cast<int64_t>(step_time(direction, s, length)) * B + rows0 + row) * 2 + direction;
-        x[o][e] = active ? *reinterpret_cast<const XgRow*>(xg + xg_offset(p, base, unit, kGates)) : XgRow{};
+        for (int e = 0; e < 2; ++e) {
+          const int row = 8 * (ks + kSplitK * o) + 2 * (lane & 3) + e;
+          const int length = row_lengths[row];
+          const bool active = unit < H && ks + kSplitK * o < p.n_tiles && s < length;
+          const int64_t base =
+              (static_cast<int64_t>(step_time(direction, s, length)) * B + rows0 + row) * 2 + direction;
+          x[o][e] = active ? *reinterpret_cast<const XgRow*>(xg + xg_offset(p, base, unit, kGates)) : XgRow{};
+        }
       }
     }
     if (s >= 1) mbarrier_wait(&full[buffer], phase_parity(s));
@@ -186,19 +270,57 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
     const uint32_t hbuf_address = smem_address(hbuf);
     auto k_tile_products = [&](const uint32_t (&a_tile)[kMT][4], int kt) {
+      if constexpr (kPasses == 1) {
 #pragma unroll
-      for (int pair = 0; pair < kNTiles / 2; ++pair) {
-        if (2 * pair < p.n_tiles) {
-          int row, k, slice, column;
-          ldmatrix_row(lane, pair, kt, row, k);
-          if (row >= rows) row -= 8;  // the odd last tile's partner: read, never used
-          h_slice(p, k, slice, column);
-          uint32_t b[4];
-          ldmatrix_x4(b, hbuf_address + kBytes * hbuf_offset(p, buffer, slice, row, column));
+        for (int pair = 0; pair < kNTiles / 2; ++pair) {
+          if (2 * pair < p.n_tiles) {
+            int row, k, slice, column;
+            ldmatrix_row(lane, pair, kt, row, k);
+            if (row >= rows) row -= 8;  // the odd last tile's partner: read, never used
+            if constexpr (kBytes == 4) k >>= 1;  // the same bytes of the row, in fp32 elements
+            h_slice(p, k, slice, column);
+            uint32_t b[4];
+            ldmatrix_x4(b, hbuf_address + kBytes * hbuf_at<kBytes>(p, buffer, slice, row, column));
+            if constexpr (kBytes == 4) {
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            Mma<T>::run(acc[mt][2 * pair], a_tile[mt], b[0], b[1]);
-            if (2 * pair + 1 < p.n_tiles) Mma<T>::run(acc[mt][2 * pair + 1], a_tile[mt], b[2], b[3]);
+              for (int reg = 0; reg < 4; ++reg) b[reg] = to_tf32(__uint_as_float(b[reg]));
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              Mma<T>::run(acc[mt][2 * pair], a_tile[mt], b[0], b[1]);
+              if (2 * pair + 1 < p.n_tiles) Mma<T>::run(acc[mt][2 * pair + 1], a_tile[mt], b[2], b[3]);
+            }
+          }
+        }
+      } else {
+        // 3xTF32, M tile by M tile: one tile's split of A live at a time (the registers of the
+        // widest variant), h's fragments loaded and split once an M tile.
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          uint32_t a_big[4], a_small[4];
+#pragma unroll
+          for (int reg = 0; reg < 4; ++reg) split_tf32(a_tile[mt][reg], a_big[reg], a_small[reg]);
+#pragma unroll
+          for (int pair = 0; pair < kNTiles / 2; ++pair) {
+            if (2 * pair < p.n_tiles) {
+              int row, k, slice, column;
+              ldmatrix_row(lane, pair, kt, row, k);
+              if (row >= rows) row -= 8;
+              h_slice(p, k >> 1, slice, column);
+              uint32_t b[4], b_big[4], b_small[4];
+              ldmatrix_x4(b, hbuf_address + kBytes * hbuf_at<kBytes>(p, buffer, slice, row, column));
+#pragma unroll
+              for (int reg = 0; reg < 4; ++reg) split_tf32(b[reg], b_big[reg], b_small[reg]);
+              // The small products first: they are added to the smaller partial sum.
+              Mma<T>::run(acc[mt][2 * pair], a_small, b_big[0], b_big[1]);
+              Mma<T>::run(acc[mt][2 * pair], a_big, b_small[0], b_small[1]);
+              Mma<T>::run(acc[mt][2 * pair], a_big, b_big[0], b_big[1]);
+              if (2 * pair + 1 < p.n_tiles) {
+                Mma<T>::run(acc[mt][2 * pair + 1], a_small, b_big[2], b_big[3]);
+                Mma<T>::run(acc[mt][2 * pair + 1], a_big, b_small[2], b_small[3]);
+                Mma<T>::run(acc[mt][2 * pair + 1], a_big, b_big[2], b_big[3]);
+              }
+            }
           }
         }
       }
@@ -222,6 +344,9 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         }
         k_tile_products(a_tile, kt);
       }
+    }
+    if constexpr (kLateX) {
+      load_x<kGates, kOwned, kSplitK>(p, x, row_lengths, xg, false, s, ks, lane, unit, direction, rows0);
     }
     // The reduce-scatter: each split leaves the tiles it does not own in its partial slots.
     if constexpr (kSplitK > 1) {
@@ -279,7 +404,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         const int length = row_lengths[row];
         int slice, column;
         h_slice(p, unit, slice, column);
-        T h = hbuf[hbuf_offset(p, buffer, slice, row, column)];
+        T h = hbuf[hbuf_at<kBytes>(p, buffer, slice, row, column)];
         if (unit < H && b < B) {
           const int t = s < length ? step_time(direction, s, length) : s;
           const int64_t at = (static_cast<int64_t>(t) * B + b);
@@ -289,7 +414,13 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
             for (int g = 0; g < kGates; ++g) {
               // Gate g of this unit and column: accumulator 2 * (g & 1) + e of M tile g / 2.
               hidden[g] = sum[g >> 1][2 * (g & 1) + e] + (g == Cell::kHiddenBiasGate ? hidden_bias : 0.0f);
-              if constexpr (kXg == 4) {
+              if constexpr (kBytes == 4) {
+                if constexpr (kXg == 4) {
+                  x_gates[g] = g == 0 ? x[o][e].x : g == 1 ? x[o][e].y : g == 2 ? x[o][e].z : x[o][e].w;
+                } else {
+                  x_gates[g] = x[o][e];
+                }
+              } else if constexpr (kXg == 4) {
                 const uint32_t pair = g < 2 ? x[o][e].x : x[o][e].y;
                 x_gates[g] = to_float<T>(static_cast<uint16_t>(g & 1 ? pair >> 16 : pair & 0xffff));
               } else {
@@ -322,7 +453,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
             }
           }
         }
-        hbuf[hbuf_offset(p, next, slice, row, column)] = h;
+        hbuf[hbuf_at<kBytes>(p, next, slice, row, column)] = h;
       }
     }
     if (s + 1 < steps) {
@@ -330,7 +461,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
       __syncthreads();
       // Lane r of warp 0 sends our slice of the next buffer to peer r.
       if (warp == 0 && lane < p.cluster && lane != rank) {
-        const uint32_t source = hbuf_address + kBytes * hbuf_offset(p, next, rank, 0, 0);
+        const uint32_t source = hbuf_address + kBytes * hbuf_at<kBytes>(p, next, rank, 0, 0);
         bulk_copy_to_peer(map_to_rank(source, lane), source, plan.slice_bytes(kBytes),
                           map_to_rank(smem_address(&full[next]), lane));
       }
@@ -361,16 +492,37 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
 
 // One entry per (cell family, dtype, split_k, register K tiles): the names and the list are
 // cuda_schedule.kernel_name / INSTANCES (tests/test_cuda_build.py checks the cubins hold exactly
-// those). One cubin per family (build.py compiles this file with -DBIRNN_FAMILY=0, 1, 2, in parallel).
-#define BIRNN_FORWARD_INSTANCE(CELL, NAME, DTYPE, TYPE, S, R)                                             \
+// those). One cubin per family and element size (build.py compiles this file with -DBIRNN_FAMILY=0,
+// 1, 2, and with -DBIRNN_FP32 for the fp32 kernels, in parallel).
+#define BIRNN_FORWARD_KERNEL(CELL, NAME, DTYPE, TYPE, S, R, PASSES)                                        \
   extern "C" __global__ void __launch_bounds__(256, 1)                                                    \
       birnn_forward_##NAME##_##DTYPE##_s##S##_r##R(const birnn_fast::cuda::ForwardParams p) {             \
-    birnn_fast::cuda::forward_kernel<birnn_fast::cuda::CELL, TYPE, S, R>(p);                              \
+    birnn_fast::cuda::forward_kernel<birnn_fast::cuda::CELL, TYPE, S, R, PASSES>(p);                      \
   }
+#define BIRNN_FORWARD_INSTANCE(CELL, NAME, DTYPE, TYPE, S, R) BIRNN_FORWARD_KERNEL(CELL, NAME, DTYPE, TYPE, S, R, 1)
 #define BIRNN_FORWARD_DTYPES(CELL, NAME, S, R)                         \
   BIRNN_FORWARD_INSTANCE(CELL, NAME, bf16, __nv_bfloat16, S, R)       \
   BIRNN_FORWARD_INSTANCE(CELL, NAME, fp16, __half, S, R)
+// fp32 layers: tf32 (one TF32 MMA a product) and fp32 (3xTF32), the (S, R) cuda_schedule.FP32_VARIANTS.
+#define BIRNN_FORWARD_FP32(CELL, NAME)                         \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, tf32, float, 8, 4, 1)       \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, tf32, float, 4, 8, 1)       \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, tf32, float, 2, 6, 1)       \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, fp32, float, 8, 4, 3)       \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, fp32, float, 4, 8, 3)       \
+  BIRNN_FORWARD_KERNEL(CELL, NAME, fp32, float, 2, 6, 3)
 
+#if defined(BIRNN_FP32)
+#if BIRNN_FAMILY == 0  // lstm
+BIRNN_FORWARD_FP32(LstmCell, lstm)
+#endif
+#if BIRNN_FAMILY == 1  // gru
+BIRNN_FORWARD_FP32(GruCell, gru)
+#endif
+#if BIRNN_FAMILY == 2  // elman
+BIRNN_FORWARD_FP32(ElmanCell, elman)
+#endif
+#else
 #if BIRNN_FAMILY == 0  // lstm
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 4)
 BIRNN_FORWARD_DTYPES(LstmCell, lstm, 2, 8)
@@ -394,4 +546,5 @@ BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 4)
 BIRNN_FORWARD_DTYPES(ElmanCell, elman, 4, 8)
 BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 4)
 BIRNN_FORWARD_DTYPES(ElmanCell, elman, 8, 8)
+#endif
 #endif

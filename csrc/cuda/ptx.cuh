@@ -38,6 +38,26 @@ struct Mma<__half> {
   }
 };
 
+// d += a * b, m16n8k8 of TF32 (fp32 registers whose low 13 bits the MMA ignores), fp32 accumulators:
+// a: 4 registers of 1 element, b: 2 registers. The fp32 kernels round their operands first (to_tf32).
+template <>
+struct Mma<float> {
+  static __device__ __forceinline__ void run(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// fp32 -> the nearest TF32 (ties away from zero), as cuBLAS and cuDNN round their TF32 operands.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t result;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(result) : "f"(x));
+  return result;
+}
+
 // Four 8x8 matrices of 16-bit elements; lane l points at row l % 8 of matrix l / 8. Volatile with a
 // memory clobber: what it reads was written by another CTA's bulk copy, completed on an mbarrier.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t address) {
@@ -45,6 +65,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t address) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address)
                : "memory");
+}
+
+// A global line into L1 (and L2) ahead of its load, holding no register meanwhile.
+__device__ __forceinline__ void prefetch_l1(const void* pointer) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(pointer));
 }
 
 __device__ __forceinline__ uint32_t cluster_ctarank() {

@@ -115,6 +115,14 @@ BIRNN_HD int hbuf_offset(const ForwardParams& p, int buffer, int slice, int row,
   return (buffer * p.slices + slice) * 8 * p.n_tiles * p.units + h_offset(p, row, column);
 }
 
+// Element offset in the fp32 kernels' hbuf[2][slices][rows][U] of 4-byte elements: byte for byte a
+// 16-bit one of width 2U (hbuf_offset's swizzle over 16-byte chunks), so that ldmatrix.x4 hands lane
+// 4g + q the element (row g, column q) of each 8 x 4 block: the TF32 B fragment.
+BIRNN_HD int hbuf_offset32(const ForwardParams& p, int buffer, int slice, int row, int column) {
+  return ((buffer * p.slices + slice) * 8 * p.n_tiles * 2 * p.units + swizzled_offset(2 * p.units, row, 2 * column)) >>
+         1;
+}
+
 // The h buffer step s reads; it writes h_{s+1} into the other.
 BIRNN_HD int read_buffer(int s) { return s & 1; }
 
