@@ -24,7 +24,7 @@ if [ -f "$LIB" ] && [ "$(cat "$LIB.sources" 2>/dev/null)" = "$(sources)" ] && \
         PYTHONPATH=$PWD $PY -P -c "import torch, birnn_fast._C" 2>/dev/null; then
     echo "the carried $LIB (built from these sources)"
 else
-    MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)" | tail -5
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating|\[[0-9]+/[0-9]+\])" | tail -5
 fi
 # From the checkout: birnn_fast with its _C, without the Triton kernels (not needed on the CPU).
 PYTHONPATH=$PWD $PY -P benchmarks/cpu_scaling.py --budget "${CPU_STAGE_BUDGET:-0.5}" --threads "$THREADS" \
