@@ -42,7 +42,7 @@ from birnn_fast.cells import CELLS as _CELL_TABLE
 
 from . import config as _config
 from .launch import barrier_counters, launch, compute_cache_keys
-from .common import (barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchange_issue,
+from .common import (PAD_TAG, barrier_arrive, barrier_wait, batch_block, batch_rows, copy_slices, exchange_issue,
                      exchange_settle, fused_weight_tile, gate_columns, gate_dot, globaltimer, globaltimer_after,
                      globaltimer_of, group_counter, group_steps, resident_weights, split_k_dot, tag_of, tagged_words,
                      tf32_rounded, zero_padded_steps)
@@ -90,7 +90,8 @@ def birnn_forward_kernel(
     c_n_ptr,       # (2, B, H) for LSTM
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
-                   # (TAGGED: int64 words of fp32, int32 of fp16 / bf16, common.tagged_words)
+                   # (TAGGED: int64 words of fp32, int32 of fp16 / bf16, common.tagged_words; TAGGED and
+                   # RESIDENT: (2, 2, B, NK*BK), each row's H words padded, tagged_exchange_buffer)
     state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
     counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
     T, B, H, max_polls,
@@ -116,6 +117,14 @@ def birnn_forward_kernel(
     # group barrier; the CTA barrier at the top of a step stays (it orders a step's state stores before
     # the next step's loads of them, by other threads).
     BARRIER: tl.constexpr = SYNC and not TAGGED
+    # TAGGED and RESIDENT: each row of the exchange padded to the product's K span (NK*BK) with words
+    # the polls take as ready (tagged_exchange_buffer), read unclamped (common._tagged_read). HX: a
+    # row's words.
+    PADDED: tl.constexpr = TAGGED and RESIDENT
+    if PADDED:
+        HX = NK * BK
+    else:
+        HX = H
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -189,16 +198,16 @@ def birnn_forward_kernel(
                     # products so that its round trip overlaps them: the CTA barrier that ends the
                     # barrier wait orders the last step's stores of it before this load.
                     b_state_prev = tl.load(state_ptr + p_state, mask=mask_a, other=0.0)
-                p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * H  # [BB, 1]
+                p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * HX  # [BB, 1]
                 tag = tag_of(s)
                 # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
                 # the block's rows); their products are dropped as in the default build.
-                p_tagged = hbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * H  # [BB, 1]
+                p_tagged = hbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * HX  # [BB, 1]
                 if FUSED:
                     acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
-                    b_hk = exchange_issue(p_hbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK)
+                    b_hk = exchange_issue(p_hbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
                     b_hk, failed = exchange_settle(b_hk, p_tagged, 0, H, tag, failed, p_status, max_polls, VALUE_TY,
-                                                   TAGGED, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                                                   TAGGED, NK, BK, PADDED)  # [NK, BB, BK], or [BB, BK]
                     if TIMING:
                         if bb == pid_b:
                             tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
@@ -225,9 +234,9 @@ def birnn_forward_kernel(
                     acc2 = tl.zeros([BB, BH], dtype=tl.float32)
                     acc3 = tl.zeros([BB, BH], dtype=tl.float32)
                     for k0 in range(0, H, NK * BK):  # a single pass when RESIDENT (NK * BK >= H)
-                        b_hk = exchange_issue(p_hbuf, p_tagged, k0, mask_b, H, tag, TAGGED, NK, BK)
+                        b_hk = exchange_issue(p_hbuf, p_tagged, k0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
                         b_hk, failed = exchange_settle(b_hk, p_tagged, k0, H, tag, failed, p_status, max_polls,
-                                                       VALUE_TY, TAGGED, NK, BK)  # [NK, BB, BK], or [BB, BK]
+                                                       VALUE_TY, TAGGED, NK, BK, PADDED)  # [NK, BB, BK], or [BB, BK]
                         if TIMING:  # streamed: the first chunk's (later loads count as products)
                             if (bb == pid_b) & (k0 == 0):
                                 tl.store(p_time + s * PHASES + 2, globaltimer_after(b_hk))
@@ -271,7 +280,7 @@ def birnn_forward_kernel(
                     if bb == pid_b:
                         tl.store(p_time + s * PHASES + 4, globaltimer_after(b_h_new))
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
-                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * H + offs_j[None, :]
+                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * HX + offs_j[None, :]
                 # The exchanged h is an operand of the products alone: rounded as they read it.
                 b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION).to(VALUE_TY)
                 if TAGGED:
@@ -387,7 +396,8 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
 # (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
 # red_arrive is compiled only (inline PTX): the interpreter refuses it. tagged_exchange: the step-tagged
 # exchange in place of the group barrier (TAGGED); its GRU resident at K = 512 spills (sm_90, 16
-# instructions in the time loop), so the device check A/Bs it on the LSTM.
+# instructions in the time loop), so the device check A/Bs it on the LSTM; its LSTM resident at K = 1024
+# compiles without spills (sm_90) with Triton 3.9, not with 3.6.
 VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE", "tagged_exchange": "TAGGED"}
 COMPILED_ONLY = {"red_arrive"}
 
@@ -399,14 +409,20 @@ def timing_buffer(config, steps, device):
                       device=device)
 
 
-def tagged_exchange_buffer(h0):
-    """The TAGGED build's exchange buffer (2, 2, B, H) of common.tagged_words: h0 (2, B, H), in the
-    products' dtype, in slot 0 with step 0's tag (0), slot 1 zeros (tag 0, which no reader of it awaits)."""
-    if h0.dtype == torch.float32:
+def tagged_exchange_buffer(h0, config):
+    """The TAGGED build's exchange buffer of common.tagged_words for a launch with ``config``: h0 (2, B, H),
+    in the products' dtype, in slot 0 with step 0's tag (0), slot 1 zeros (tag 0, which no reader of it
+    awaits): (2, 2, B, H), or where W_hh is resident (2, 2, B, K), K = NK*BK >= H, each row's H words
+    followed by K - H words of common.PAD_TAG and value 0 in both slots (the kernel's PADDED reads)."""
+    bits = 32 if h0.dtype == torch.float32 else 16
+    if bits == 32:
         words = h0.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     else:
         words = h0.view(torch.int16).to(torch.int32) & 0xFFFF
-    return torch.stack([words, torch.zeros_like(words)], dim=1)
+    words = torch.stack([words, torch.zeros_like(words)], dim=1)
+    K = config.NK * config.BK if config.RESIDENT else h0.shape[-1]
+    padding = words.new_full((*words.shape[:-1], K - words.shape[-1]), PAD_TAG.value << bits)
+    return torch.cat([words, padding], dim=-1)
 
 
 def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,
@@ -457,7 +473,7 @@ def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, length
     recurrent = _config.tf32_rounded(recurrent, precision)
     h0_dot = _config.tf32_rounded(h0, precision).to(recurrent.dtype)  # as the products read it
     if "tagged_exchange" in variants:
-        hbuf = tagged_exchange_buffer(h0_dot)
+        hbuf = tagged_exchange_buffer(h0_dot, config)
     else:
         hbuf = input.new_empty(2, 2, B, H, dtype=recurrent.dtype)
         hbuf[:, 0].copy_(h0_dot)

@@ -179,17 +179,20 @@ def test_tagged_gate_buffer():
 
 
 def test_tagged_exchange_buffer():
-    """h0 in slot 0 with tag 0 (the values' bits in the low half), slot 1 zeros; fp32 in int64 words,
-    16-bit values in int32."""
-    h0 = torch.tensor([[[1.5, -2.0]], [[0.0, -0.0]]])
-    words = kernels_forward.tagged_exchange_buffer(h0)
-    assert words.dtype == torch.int64 and words.shape == (2, 2, 1, 2)
-    assert torch.equal(words[:, 0].to(torch.int32).view(torch.float32), h0)
-    assert (words[:, 0] >> 32 == 0).all() and (words[:, 1] == 0).all()
-    half = kernels_forward.tagged_exchange_buffer(h0.bfloat16())
-    assert half.dtype == torch.int32
-    assert torch.equal(half[:, 0].to(torch.int16).view(torch.bfloat16), h0.bfloat16())
-    assert (half[:, 0] >> 16 == 0).all()
+    """h0 in slot 0 with tag 0 (the values' bits in the low half), slot 1 zeros; resident, each row of
+    both slots padded to the product's K span with PAD_TAG words of value 0; fp32 in int64 words, 16-bit
+    values in int32."""
+    h0 = torch.tensor([[[1.5, -2.0, 3.0]], [[0.0, -0.0, 0.25]]])
+    streamed = kernels_config.Config(16, 16, 1, 16, False, n_hblocks=3, n_bprog=1)
+    resident = streamed._replace(NK=2, BK=4, RESIDENT=True)
+    for config, K in ((streamed, 3), (resident, 8)):
+        for x, view, bits in ((h0, torch.float32, 32), (h0.bfloat16(), torch.bfloat16, 16),
+                              (h0.half(), torch.float16, 16)):
+            words = kernels_forward.tagged_exchange_buffer(x, config)
+            assert words.dtype == (torch.int64 if bits == 32 else torch.int32) and words.shape == (2, 2, 1, K)
+            assert torch.equal(words[:, 0, :, :3].to(getattr(torch, f"int{bits}")).view(view), x)
+            assert (words[:, 0, :, :3] >> bits == 0).all() and (words[:, 1, :, :3] == 0).all()
+            assert (words[..., 3:] >> bits == PAD_TAG.value).all() and (words[..., 3:] & ((1 << bits) - 1) == 0).all()
 
 
 def test_unknown_variant():
@@ -223,14 +226,16 @@ for kernel, variant, cell, dtype, precision, H, resident in json.loads(sys.argv[
 VARIANTS = sorted(kernels_forward.VARIANTS) + ["default"]
 # The forward: every variant resident in bf16 at H 512 (LSTM, GRU) and streamed in TF32 at H 1024; the
 # tagged exchange also streamed on the FMA units (fp32, int64 words), with the GRU resident at H 256 (at
-# H 512 its build spills: kernels/forward.py VARIANTS).
+# H 512 its build spills: kernels/forward.py VARIANTS), and the LSTM resident in bf16 at H 1024 (K = 1024,
+# its rows padded: the device check times it, benchmarks/gpu/phases.py), each beside its default.
 TAGGED = "tagged_exchange"
 BUILDS = ([("forward", variant, cell, "bfloat16", "ieee", 512, True) for variant in VARIANTS for cell in ("LSTM", "GRU")
            if (variant, cell) != (TAGGED, "GRU")]
           + [("forward", variant, "LSTM", "float32", "tf32", 1024, False) for variant in VARIANTS]
-          + [("forward", variant, cell, dtype, precision, 256, resident) for variant in (TAGGED, "default")
-             for cell, dtype, precision, resident in (("GRU", "bfloat16", "ieee", True),
-                                                      ("LSTM", "float32", "ieee", False))])
+          + [("forward", variant, cell, dtype, precision, H, resident) for variant in (TAGGED, "default")
+             for cell, dtype, precision, H, resident in (("GRU", "bfloat16", "ieee", 256, True),
+                                                         ("LSTM", "float32", "ieee", 256, False),
+                                                         ("LSTM", "bfloat16", "ieee", 1024, True))])
 # The backward's tagged exchange as the device check times it (benchmarks/gpu/phases.py: the LSTM in bf16
 # resident at H 512 and 1024, in TF32 streamed at H 1024), and one default build beside (its barrier's
 # fences and atomics: what the check must see).
@@ -258,21 +263,22 @@ def test_variants_compile_without_spills(builds):
 
 
 def test_tagged_exchange_sass(builds):
-    """sm_90: the TAGGED build's step loop orders nothing GPU-wide: no fence, no atomic (returning or
-    not), no L1 invalidation (the default build's barrier has each: the check sees them); it polls with
-    strong loads that stay in the poll's loop; before its first product it waits on at most three more
-    round trips than the default (counted statically: the poll's reload, which runs only when a tag is
-    late; streamed, the first chunk's poll), and a streamed K chunk on no more than the default's (the
-    double buffer still hides the next chunk's read)."""
+    """sm_90: the TAGGED build orders nothing GPU-wide, anywhere in the kernel (its step loop included):
+    no fence, no atomic (returning or not), no L1 invalidation (the default build's barrier has each in
+    its step loop: the check sees them); it polls with strong loads that stay in the poll's loop; before
+    its first product it waits on at most three more round trips than the default (counted statically:
+    the poll's reload, which runs only when a tag is late; streamed, the first chunk's poll), and a
+    streamed K chunk on no more than the default's (the double buffer still hides the next chunk's
+    read). Spill-free as every build (test_variants_compile_without_spills)."""
     forward = [r for r in builds if r["kernel"] == "forward"]
     default = {(r["cell"], r["dtype"], r["H"]): r for r in forward if r["variant"] == "default"}
     tagged = [r for r in forward if r["variant"] == TAGGED]
-    assert len(tagged) == 4 and len(default) == 5
+    assert len(tagged) == 5 and len(default) == 6
     for record in tagged:
         base = default[record["cell"], record["dtype"], record["H"]]
         assert base["LOOP_FENCES"] >= 1 and base["LOOP_RETURNING_ATOMICS"] >= 1 and base["LOOP_INVALIDATES"] >= 1, base
-        assert record["LOOP_FENCES"] == record["LOOP_RETURNING_ATOMICS"] == record["LOOP_REDUCTIONS"] == 0, record
-        assert record["LOOP_INVALIDATES"] == 0, record
+        for name in ("FENCES", "RETURNING_ATOMICS", "REDUCTIONS", "INVALIDATES"):
+            assert record[f"LOOP_{name}"] == record[f"KERNEL_{name}"] == 0, (name, record)
         assert record["WAIT_TO_ARRIVE"] is None and record["ARRIVE_TO_WAIT"] is None, record
         # The default's exchange reads (and its counter poll, one load), twice: the first read and the poll's.
         assert record["LOOP_STRONG_LOADS"] >= 2 * (base["LOOP_STRONG_LOADS"] - 1), (record, base)
