@@ -52,6 +52,8 @@ except ImportError:
 
 CUBIN_DIR = pathlib.Path(os.environ.get("BIRNN_FAST_CUBIN_DIR") or pathlib.Path(__file__).resolve().parent / "cubins")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Whether the fp32 backward kernels (backward_<family>_fp32) are part of the build.
+FP32_BACKWARD_BUILT = False
 # Compute capability -> the cubin's architecture (build.py's names).
 ARCHS = {(9, 0): "90a", (10, 0): "100a"}
 
@@ -91,6 +93,8 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
         return f"the cuda backend's kernels take {', '.join(str(d) for d in DTYPES)} so far, got {dtype}"
     if projections:
         return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
+    if backward and dtype == torch.float32 and not FP32_BACKWARD_BUILT:
+        return "the cuda backend cannot run this layer: the backward kernels take bf16, fp16 so far"
     try:
         if hidden is not None:
             (schedule.backward_plan if backward else schedule.plan)(cell, hidden, batch, DTYPES[dtype])
@@ -109,7 +113,7 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
     if arch is None:
         return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
                 f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
-    path = cubin_path(arch, schedule.backward_cubin_name(cell) if backward else
+    path = cubin_path(arch, schedule.backward_cubin_name(cell, DTYPES[dtype]) if backward else
                       schedule.cubin_name(cell, DTYPES[dtype]))
     if not path.exists():
         return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
@@ -369,7 +373,7 @@ def backward_into(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, length
     grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace = (
         x.contiguous() for x in (grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace))
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
-    plan = schedule.backward_plan(cell, H, B, DTYPES[output.dtype])
+    plan = schedule.backward_plan(cell, H, B, kernel_dtype(output.dtype))
     params = backward_params(plan, T, dict(
         grad_output=grad_output.data_ptr(), grad_h_n=grad_h_n.data_ptr(), grad_c_n=grad_c_n.data_ptr(),
         w_hh=w_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(), lengths=lengths.data_ptr(),
@@ -397,7 +401,15 @@ def previous_hidden(output, h0, lengths):
 def gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
     """grad_input and the weight gradients (per direction, the order of ``weights``) from the gate
     gradients (T, B, 2, G*H) fp32 (0 at padding): GEMMs over all T*B steps at once in the input's
-    dtype, fp32 accumulation (cuDNN's rule), as the Triton launcher's."""
+    dtype, fp32 accumulation (cuDNN's rule: float32 in TF32 or IEEE as the forward's projection), as
+    the Triton launcher's."""
+    if input.dtype == torch.float32 and _fp32_rule is not None:
+        with _fp32_rule.rnn_gemm_precision():
+            return _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths)
+    return _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths)
+
+
+def _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
     T, B, I = input.shape
     GH = dgates.shape[-1]
     H = GH // cell_of(cell).gates
