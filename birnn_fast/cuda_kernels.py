@@ -8,13 +8,14 @@ shared memory) on torch's current stream, on the tensors' data pointers; the lau
 ``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
 csrc/cuda/README.md.
 
-So far: the forward and the backward of every cell in bfloat16 / float16, and the forward in float32
-(where one cluster a direction holds W_hh: cuda_schedule.plan), without projections, on sm_90 /
-sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read at each
-launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the input
-projection's GEMM under the same rule. Where the CUDA backward cannot run a layer (float32 always, so
-far; ``why_not(..., backward=True)``) the backward is the Triton kernels' (birnn_fast.kernels), which
-read this forward's workspace (same layout).
+So far: the forward and the backward of every cell in bfloat16 / float16 and float32 (where one
+cluster a direction holds W_hh: cuda_schedule.plan and backward_plan), without projections, on
+sm_90 / sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read
+at each launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the
+launcher's GEMMs (the input projection, grad_input, the weight gradients) under the same rule. Where
+the CUDA backward cannot run a layer (``why_not(..., backward=True)``: e.g. the fp32 LSTM at B <= 16
+past H = 384) the backward is the Triton kernels' (birnn_fast.kernels), which read this forward's
+workspace (same layout).
 """
 import ctypes
 import os
@@ -52,8 +53,6 @@ except ImportError:
 
 CUBIN_DIR = pathlib.Path(os.environ.get("BIRNN_FAST_CUBIN_DIR") or pathlib.Path(__file__).resolve().parent / "cubins")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# Whether the fp32 backward kernels (backward_<family>_fp32) are part of the build.
-FP32_BACKWARD_BUILT = False
 # Compute capability -> the cubin's architecture (build.py's names).
 ARCHS = {(9, 0): "90a", (10, 0): "100a"}
 
@@ -93,8 +92,6 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
         return f"the cuda backend's kernels take {', '.join(str(d) for d in DTYPES)} so far, got {dtype}"
     if projections:
         return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
-    if backward and dtype == torch.float32 and not FP32_BACKWARD_BUILT:
-        return "the cuda backend cannot run this layer: the backward kernels take bf16, fp16 so far"
     try:
         if hidden is not None:
             (schedule.backward_plan if backward else schedule.plan)(cell, hidden, batch, DTYPES[dtype])
