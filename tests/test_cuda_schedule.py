@@ -97,7 +97,7 @@ FP32_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 416, ("LSTM", 1): 480, ("GRU", 
 @pytest.mark.parametrize("cell, B", sorted(FP32_LARGEST))
 def test_fp32_plans(cell, B):
     """fp32 (tf32 and fp32 alike: one plan) takes every H up to its largest, with a compiled (S, R),
-    and refuses the next multiple of 8 with the reason; its backward is not built."""
+    and refuses the next multiple of 8 with the reason."""
     built = {(split, reg) for c, dtype, split, reg in schedule.INSTANCES if dtype == "fp32"}
     largest = FP32_LARGEST[cell, B]
     for H in [*range(1, 80), *range(80, largest + 1, 8), largest]:
