@@ -530,8 +530,8 @@ def self_test(out):
                                                        workspace, lengths)
     np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases)", ["case", "grid", "threads", "smem", "kernel", "bwd grid",
-                                                          "bwd smem", "bwd kernel"], rows))
+    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases)",
+                     ["case", "grid", "threads", "smem", "kernel", "bwd grid", "bwd smem", "bwd kernel"], rows))
     return True
 
 
