@@ -8,13 +8,14 @@ shared memory) on torch's current stream, on the tensors' data pointers; the lau
 ``why_not`` says why the kernels cannot run. Why cuda-bindings and not a torch CUDAExtension:
 csrc/cuda/README.md.
 
-So far: the forward and the backward of every cell in bfloat16 / float16, and the forward in float32
-(where one cluster a direction holds W_hh: cuda_schedule.plan), without projections, on sm_90 /
-sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read at each
-launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the input
-projection's GEMM under the same rule. Where the CUDA backward cannot run a layer (float32 always, so
-far; ``why_not(..., backward=True)``) the backward is the Triton kernels' (birnn_fast.kernels), which
-read this forward's workspace (same layout).
+So far: the forward and the backward of every cell in bfloat16 / float16 and float32 (where one
+cluster a direction holds W_hh: cuda_schedule.plan and backward_plan), without projections, on
+sm_90 / sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read
+at each launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the
+launcher's GEMMs (the input projection, grad_input, the weight gradients) under the same rule. Where
+the CUDA backward cannot run a layer (``why_not(..., backward=True)``: e.g. the fp32 LSTM at B <= 16
+past H = 384) the backward is the Triton kernels' (birnn_fast.kernels), which read this forward's
+workspace (same layout).
 """
 import ctypes
 import os
@@ -109,7 +110,7 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
     if arch is None:
         return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
                 f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
-    path = cubin_path(arch, schedule.backward_cubin_name(cell) if backward else
+    path = cubin_path(arch, schedule.backward_cubin_name(cell, DTYPES[dtype]) if backward else
                       schedule.cubin_name(cell, DTYPES[dtype]))
     if not path.exists():
         return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
@@ -369,7 +370,7 @@ def backward_into(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, length
     grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace = (
         x.contiguous() for x in (grad_output, grad_h_n, grad_c_n, h0, c0, lengths, output, workspace))
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
-    plan = schedule.backward_plan(cell, H, B, DTYPES[output.dtype])
+    plan = schedule.backward_plan(cell, H, B, kernel_dtype(output.dtype))
     params = backward_params(plan, T, dict(
         grad_output=grad_output.data_ptr(), grad_h_n=grad_h_n.data_ptr(), grad_c_n=grad_c_n.data_ptr(),
         w_hh=w_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(), lengths=lengths.data_ptr(),
@@ -397,7 +398,15 @@ def previous_hidden(output, h0, lengths):
 def gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
     """grad_input and the weight gradients (per direction, the order of ``weights``) from the gate
     gradients (T, B, 2, G*H) fp32 (0 at padding): GEMMs over all T*B steps at once in the input's
-    dtype, fp32 accumulation (cuDNN's rule), as the Triton launcher's."""
+    dtype, fp32 accumulation (cuDNN's rule: float32 in TF32 or IEEE as the forward's projection), as
+    the Triton launcher's."""
+    if input.dtype == torch.float32 and _fp32_rule is not None:
+        with _fp32_rule.rnn_gemm_precision():
+            return _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths)
+    return _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths)
+
+
+def _gradients_from_dgates(cell, dgates, input, weights, h0, output, workspace, lengths):
     T, B, I = input.shape
     GH = dgates.shape[-1]
     H = GH // cell_of(cell).gates

@@ -658,19 +658,22 @@ def backward_kernel_name(cell, dtype, chunk_rows):
     return f"birnn_backward_{FAMILIES[cell]}_{dtype}_r{chunk_rows}"
 
 
-def backward_cubin_name(cell):
-    return f"backward_{FAMILIES[cell]}"
+def backward_cubin_name(cell, dtype="bf16"):
+    """The cubin holding a cell's backward kernels of a dtype: backward_<family>, fp32's (tf32 and
+    fp32) in backward_<family>_fp32."""
+    return f"backward_{FAMILIES[cell]}" + ("_fp32" if dtype in FP32_DTYPES else "")
 
 
-BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in HALF_DTYPES
-                           for rows in BACKWARD_VARIANTS)
+BACKWARD_INSTANCES = tuple((cell, dtype, rows) for cell in ("LSTM", "GRU", "RNN_TANH")
+                           for dtype in HALF_DTYPES + FP32_DTYPES for rows in BACKWARD_VARIANTS)
 
 
-def backward_bounds(gates, chunk_rows):
+def backward_bounds(gates, chunk_rows, dtype="bf16"):
     """The compile-time bounds of a variant (backward.cu's template arguments): (n tiles, local K
-    tiles, M tiles a warp, register fragments a warp)."""
+    tiles, M tiles a warp, register fragments a warp). A K tile is 32 bytes of dgb's row: 16 16-bit
+    or 8 fp32 gate-units."""
     units = BACKWARD_VARIANTS[chunk_rows]
-    k_tiles = ceil_div(gates * units, 16)
+    k_tiles = ceil_div(gates * units, tile_k(dtype))
     warp_m_tiles = ceil_div(ceil_div(MAX_CLUSTER * units, 16), BACKWARD_WARPS)
     return chunk_rows // 8, k_tiles, warp_m_tiles, min(BACKWARD_MAX_REGISTER_FRAGMENTS, warp_m_tiles * k_tiles)
 
@@ -689,7 +692,7 @@ class BackwardPlan:
     chunks: int  # clusters per direction
     m_tiles: int  # M tiles of 16 units covering all C*U units
     warp_m_tiles: int  # M tiles a warp: warp + 8 j
-    k_tiles: int  # K tiles of 16 of a CTA's G*U gate-units
+    k_tiles: int  # K tiles (tile_k: 16 16-bit or 8 fp32) of a CTA's G*U gate-units
     fragment_stride: int  # the variant's bound on k_tiles: fragment j * stride + kt
     reg_fragments: int  # R: the first R of a warp's (M tile, K tile) fragments in registers
     smem_fragments: int  # the rest, in shared memory
@@ -706,8 +709,8 @@ class BackwardPlan:
 
     @property
     def width(self):
-        """Columns of dgb: the CTA's G*U gate-units padded to its K tiles."""
-        return 16 * self.k_tiles
+        """Columns of dgb (elements of the dtype): the CTA's G*U gate-units padded to its K tiles."""
+        return tile_k(self.dtype) * self.k_tiles
 
     @property
     def groups(self):
@@ -755,14 +758,12 @@ class BackwardPlan:
 
     @property
     def cubin(self):
-        return backward_cubin_name(self.cell)
+        return backward_cubin_name(self.cell, self.dtype)
 
 
 def backward_plan(cell, hidden, batch, dtype, fit=True):
     """The backward's launch plan of one layer (its units and cluster are the forward's), or a
     ValueError saying why the kernels cannot take it; ``fit=False`` as plan's."""
-    if fit and dtype not in HALF_DTYPES:
-        raise ValueError(f"the backward kernels take {', '.join(HALF_DTYPES)} so far, got {dtype}")
     forward = plan(cell, hidden, batch, dtype, fit=fit)
     gates, units, cluster = forward.gates, forward.units, forward.cluster
     m_tiles_ = ceil_div(cluster * units, 16)
@@ -773,9 +774,9 @@ def backward_plan(cell, hidden, batch, dtype, fit=True):
         variants = [32]
     result = None
     for rows in variants:
-        _, bound_k, _, bound_r = backward_bounds(gates, rows)
+        _, bound_k, _, bound_r = backward_bounds(gates, rows, dtype)
         warp_m_tiles = ceil_div(m_tiles_, BACKWARD_WARPS)
-        k_tiles = ceil_div(gates * units, 16)
+        k_tiles = ceil_div(gates * units, tile_k(dtype))
         stride = max(bound_k, k_tiles)  # the bound, or (fit=False) enough
         fragments = (warp_m_tiles - 1) * stride + k_tiles
         registers = min(bound_r, fragments)
@@ -840,6 +841,18 @@ def dgb_offset(p, row, kk):
     return swizzled_offset(p.width, row, kk)
 
 
+def dgb_offset32(p, row, kk):
+    """Element offset of (batch row, K index) in the fp32 kernels' dgb (rows x width of 4-byte
+    elements), laid out byte for byte as a 16-bit one of width 2 * width (hbuf_offset32's way):
+    ldmatrix.x4 then hands each lane its TF32 B fragment."""
+    return swizzled_offset(2 * p.width, row, 2 * kk) >> 1
+
+
+def _dgb_offset(p):
+    """dgb's offset function of the plan's element size."""
+    return dgb_offset32 if DTYPE_BYTES[p.dtype] == 4 else dgb_offset
+
+
 def previous_time(direction, s, length):
     """The time index of a row's step s - 1 (s >= 1): where the state step s started from was saved."""
     return step_time(direction, s - 1, length)
@@ -879,7 +892,9 @@ class _BackwardCta:
         self.step = 0
         G, H = p.gates, p.hidden
         lanes, regs = np.arange(32)[:, None], np.arange(4)[None, :]
-        row, k = a_coords(lanes, regs)
+        wide = DTYPE_BYTES[p.dtype] == 4
+        row, k = (a_coords32 if wide else a_coords)(lanes, regs)
+        width, per_register = tile_k(p.dtype), 1 if wide else 2
         # Per warp and M tile j: W_hh^T (16 units, K) gathered lane by lane, fragment by fragment, as
         # the kernel loads its registers and shared memory.
         self.a = {}
@@ -894,8 +909,8 @@ class _BackwardCta:
                     fragments.add(f)
                     if f >= p.reg_fragments:
                         assert 0 <= bwd_wsm_index(p, warp, f) * FRAGMENT_BYTES < p.wsm_bytes
-                    for e in range(2):
-                        kk = 16 * kt + k + e
+                    for e in range(per_register):
+                        kk = width * kt + k + e
                         unit = 16 * mt + row
                         gate, source = bwd_source(p, rank, kk)
                         ok = (mt < p.m_tiles) & (unit < H) & (kk < G * p.units) & (source < H)
@@ -908,17 +923,25 @@ class _BackwardCta:
 
 def _dgb_gather(p):
     """The dgb offsets (width, rows) of the B operand as the kernel's ldmatrix.x4 reads it, every K
-    tile and batch tile."""
+    tile and batch tile. fp32: the kernel halves ldmatrix_row's k (its 16-bit column) and each lane
+    gets one element of its 16-byte row, B fragment b_coords32."""
     lanes = np.arange(32)
+    wide = DTYPE_BYTES[p.dtype] == 4
+    width, half = tile_k(p.dtype), tile_k(p.dtype) // 2
     offsets = np.zeros((p.width, p.rows), dtype=np.int64)
     for kt in range(p.k_tiles):
         for nt in range(p.n_tiles):
             row, k = ldmatrix_row(lanes, nt // 2, kt)
+            if wide:
+                k = k >> 1
             for reg in range(2):
-                kk, n = b_coords(lanes, reg)
+                kk, n = (b_coords32 if wide else b_coords)(lanes, reg)
                 matrix = 2 * (nt & 1) + reg
                 source = 8 * matrix + (lanes >> 2)
-                assert (row[source] == 8 * nt + n).all() and (k[source] == 16 * kt + 8 * reg).all()
+                assert (row[source] == 8 * nt + n).all() and (k[source] == width * kt + half * reg).all()
+                if wide:
+                    offsets[width * kt + kk, 8 * nt + n] = dgb_offset32(p, row[source], k[source] + (lanes & 3))
+                    continue
                 for e in range(2):
                     offsets[16 * kt + kk + e, 8 * nt + n] = dgb_offset(p, row[source], k[source] + 2 * (lanes & 3) + e)
     assert sorted(offsets.ravel().tolist()) == list(range(p.rows * p.width))
@@ -926,11 +949,13 @@ def _dgb_gather(p):
 
 
 def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths, output, workspace, seed=0,
-                 fit=False):
+                 fit=False, kernel_dtype="bf16"):
     """The recurrent part of ``birnn_fast::backward`` computed by the model of the CUDA backward's
     schedule: (dgates (T, B, 2, G*H), grad_h0, grad_c0) as numpy arrays (NaN where nothing wrote),
     from the forward's output and workspace (the Triton layout). ``seed`` picks the interleaving of
-    the CTAs' iterations and of the partial sums' deliveries."""
+    the CTAs' iterations and of the partial sums' deliveries; ``kernel_dtype`` the kernels' plan and
+    fragment layouts (16-bit: "bf16"; fp32: "tf32" or "fp32", one layout), the arithmetic being
+    output's."""
     grad_output, grad_h_n, grad_c_n, h0, c0, output, workspace = (
         np.asarray(x) for x in (grad_output, grad_h_n, grad_c_n, h0, c0, output, workspace))
     weights = [np.asarray(w) for w in weights]
@@ -938,7 +963,8 @@ def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths
     T, B, _ = output.shape
     G, W = cell_of(cell).gates, cell_of(cell).saved
     H = weights[1].shape[0] // G
-    p = backward_plan(cell, H, B, "bf16", fit=fit)
+    p = backward_plan(cell, H, B, kernel_dtype, fit=fit)
+    dgb_at = _dgb_offset(p)
     dtype = output.dtype
     rng = random.Random(seed)
     dgates = np.full((T, B, 2, G * H), np.nan, dtype=dtype)
@@ -1014,7 +1040,7 @@ def run_backward(cell, grad_output, grad_h_n, grad_c_n, weights, h0, c0, lengths
                 dgates[t[active], b[active], d, gate * H + unit[active]] = d_ih[gate][active]
                 dgates[s, b[padding], d, gate * H + unit[padding]] = 0.0
                 kk = (unit - cta.rank * p.units) * G + gate
-                cta.dgb[dgb_offset(p, row, kk)] = np.where(active, d_hh[gate], 0.0)
+                cta.dgb[dgb_at(p, row, kk)] = np.where(active, d_hh[gate], 0.0)
             cta.carry[warp, o] = np.where(active, direct, cta.carry[warp, o])
             cta.dc[warp, o] = np.where(active, dc_prev, cta.dc[warp, o])
         cta.read_done = i

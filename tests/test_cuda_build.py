@@ -138,7 +138,8 @@ def test_backward_step_loop_is_the_design(sass, name):
     mbarrier, no fence wider than the CTA, no atomics, and no global load but the step's own inputs."""
     lines = sass[name]
     loop = step_loop(lines)
-    mma = "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
+    wide = "_tf32_" in name or "_fp32_" in name
+    mma = "HMMA.1688.F32.TF32" if wide else "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
     opcodes = [line.split()[1] if line.startswith("@") else line.split()[0] for line in loop]
     assert mma in opcodes and not [op for op in opcodes if op.startswith("HMMA") and op != mma]
     assert "LDSM.16.M88.4" in opcodes, "the gate gradients' B fragments by ldmatrix.x4 from shared memory"
@@ -151,9 +152,17 @@ def test_backward_step_loop_is_the_design(sass, name):
     family = next(cell for cell, family in schedule.FAMILIES.items() if f"_{family}_" in name)
     saved = schedule.cell_of(family).saved
     loads = [op for op in opcodes if op.startswith("LDG")]
-    assert 0 < len([op for op in loads if op == "LDG.E.U16"]) <= 2 * 4 * 2, loads
-    assert len([op for op in loads if op == "LDG.E"]) <= 2 * 4 * (saved + 1), loads
-    assert set(loads) <= {"LDG.E.U16", "LDG.E"}, sorted(set(loads))
+    if wide:
+        # All fp32, for the lane's 4 elements: grad_output, the saved slots and the state the step
+        # started from, read from two places (the LSTM's c from the workspace or c0, the GRU's h from
+        # the output or h0); the RNN's grad_output and h on two paths. The count the compiler emits:
+        # one fragment of W_hh re-read would add 4 loads a lane.
+        assert 0 < len(loads) <= 4 * (saved + 3 if saved else 4), loads
+        assert set(loads) == {"LDG.E"}, sorted(set(loads))
+    else:
+        assert 0 < len([op for op in loads if op == "LDG.E.U16"]) <= 2 * 4 * 2, loads
+        assert len([op for op in loads if op == "LDG.E"]) <= 2 * 4 * (saved + 1), loads
+        assert set(loads) <= {"LDG.E.U16", "LDG.E"}, sorted(set(loads))
     fences = [op for op in opcodes if op.startswith("MEMBAR") and not op.endswith(".CTA")]
     assert not fences, f"a fence wider than the CTA in the step loop: {fences}"
     assert not [op for op in opcodes if op.startswith(("ATOM", "RED", "UCGABAR"))]
@@ -162,6 +171,16 @@ def test_backward_step_loop_is_the_design(sass, name):
     for index, line in enumerate(loop):
         if "CCTL" in line:
             assert "CCTL.IVALL" in line and "SYNCS.PHASECHK" in loop[index - 1], (line, loop[index - 1])
+    if wide:
+        # One TF32 MMA a product (tf32) or three (fp32: 3xTF32): every (M tile, K tile, batch tile)
+        # of the largest plan the variant takes, unrolled.
+        twin = sass[name.replace("_fp32_", "_tf32_")]
+        count = lambda lines_: sum(line.split()[1 if line.startswith("@") else 0].startswith("HMMA")  # noqa: E731
+                                   for line in step_loop(lines_))
+        rows = int(name.rsplit("_r", 1)[1])
+        n_tiles, k_tiles, warp_m_tiles, _ = schedule.backward_bounds(schedule.cell_of(family).gates, rows, "fp32")
+        assert count(twin) == n_tiles * k_tiles * warp_m_tiles, count(twin)
+        assert count(lines) == (3 if "_fp32_" in name else 1) * count(twin), (count(lines), count(twin))
     everywhere = [line.split()[1] if line.startswith("@") else line.split()[0] for line in lines]
     assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
 

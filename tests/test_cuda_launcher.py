@@ -24,8 +24,10 @@ def test_reasons_without_a_gpu():
     assert "float64" in cuda_kernels.why_not("cuda", torch.float64, "LSTM", 64)
     assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
     assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 272, 64)
-    assert "backward kernels take bf16, fp16" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 64, 4,
-                                                                      backward=True)
+    # fp32's backward takes the LSTM to H = 384 at B = 16, its forward to 416.
+    assert cuda_kernels.why_not("cuda", torch.float32, "LSTM", 392, 16) == \
+        cuda_kernels.why_not("cuda", torch.float32, "LSTM", 384, 16, backward=True)
+    assert "shared memory" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 392, 16, backward=True)
     assert "proj_size" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 64, projections=True)
     if not torch.cuda.is_available():
         reason = cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 64, 16)
@@ -182,8 +184,10 @@ def plan_bytes(p):
 
 
 FP32_MIRROR_PLANS = [(40, 3), (256, 64), (264, 64), (416, 16), (8, 1)]
-BACKWARD_MIRROR_PLANS = [("LSTM", 40, 3), ("LSTM", 256, 64), ("LSTM", 512, 64), ("GRU", 384, 17), ("GRU", 72, 70),
-                         ("RNN_TANH", 512, 5), ("LSTM", 300, 33)]
+BACKWARD_MIRROR_PLANS = [("LSTM", 40, 3, "bf16"), ("LSTM", 256, 64, "bf16"), ("LSTM", 512, 64, "bf16"),
+                         ("GRU", 384, 17, "bf16"), ("GRU", 72, 70, "bf16"), ("RNN_TANH", 512, 5, "bf16"),
+                         ("LSTM", 300, 33, "bf16"), ("LSTM", 264, 64, "fp32"), ("LSTM", 40, 3, "fp32"),
+                         ("GRU", 416, 16, "fp32"), ("RNN_TANH", 336, 70, "fp32")]
 
 
 def backward_mirror_calls(p):
@@ -209,14 +213,17 @@ def backward_mirror_calls(p):
     calls += [(f"recv_offset(Q, {b}, {s}, {g}, {nt}, {lane})", schedule.recv_offset(p, b, s, g, nt, lane))
               for b in range(2) for s in (0, p.cluster - 1) for g in range(p.groups) for nt in range(p.n_tiles)
               for lane in (0, 31)]
-    calls += [(f"dgb_offset(Q, {r}, {c})", schedule.dgb_offset(p, r, c))
+    wide = schedule.DTYPE_BYTES[p.dtype] == 4
+    offset = schedule.dgb_offset32 if wide else schedule.dgb_offset
+    calls += [(f"{offset.__name__}(Q, {r}, {c})", offset(p, r, c))
               for r in sorted({*range(min(16, p.rows)), p.rows - 1}) for c in range(p.width)]
     calls += [(f"swizzled_offset({w}, {r}, {c})", schedule.swizzled_offset(w, r, c))
               for w in (8, 24, 48, 96, 128, 256) for r in range(9) for c in range(0, w, 5)]
     calls += [(f"previous_time({d}, {s}, 6)", schedule.previous_time(d, s, 6)) for d in range(2) for s in range(1, 6)]
     calls += [("bplan.slot_bytes()", p.slot_bytes), ("bplan.recv_bytes()", p.recv_bytes),
               ("bplan.dgb_bytes(2)", p.dgb_bytes), ("bplan.wsm_bytes()", p.wsm_bytes),
-              ("bplan.expect_bytes()", p.expect_bytes), ("bplan.items()", p.items), ("bplan.width()", p.width)]
+              ("bplan.expect_bytes()", p.expect_bytes), ("bplan.items()", p.items),
+              ("bplan.width_of(4)" if wide else "bplan.width()", p.width), ("bplan.width_of(2)", 16 * p.k_tiles)]
     return calls
 
 
@@ -273,8 +280,8 @@ static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(l
             body.append(f'  printf("%lld\\n", (long long)({call}));\n')
             expected.append(int(value))
         body.append("}\n")
-    for cell, H, B in BACKWARD_MIRROR_PLANS:
-        p = schedule.backward_plan(cell, H, B, "bf16")
+    for cell, H, B, dtype in BACKWARD_MIRROR_PLANS:
+        p = schedule.backward_plan(cell, H, B, dtype)
         body.append("{\n  BackwardParams Q{};\n" + "".join(
             f"  Q.{field} = {getattr(p, field)};\n" for field in (
                 "gates", "units", "cluster", "chunk_rows", "n_tiles", "m_tiles", "warp_m_tiles", "k_tiles",
@@ -378,23 +385,31 @@ def stand_in_for_a_gpu(monkeypatch, tmp_path, fake, cubin):
     monkeypatch.setattr(cuda_kernels, "why_not", lambda *args: None)  # a CPU tensor stands for a CUDA one
 
 
-@pytest.mark.parametrize("cell, H, B", [("LSTM", 40, 70), ("GRU", 512, 64), ("RNN_RELU", 72, 3)])
-def test_backward_launch_without_a_gpu(monkeypatch, tmp_path, cell, H, B):
+@pytest.mark.parametrize("cell, H, B, dtype, precision", [
+    ("LSTM", 40, 70, torch.bfloat16, None), ("GRU", 512, 64, torch.bfloat16, None),
+    ("RNN_RELU", 72, 3, torch.bfloat16, None), ("LSTM", 264, 64, torch.float32, "tf32"),
+    ("GRU", 40, 70, torch.float32, "ieee"), ("RNN_RELU", 72, 3, torch.float32, "ieee")])
+def test_backward_launch_without_a_gpu(monkeypatch, tmp_path, cell, H, B, dtype, precision):
     """backward_op's host path with the driver and torch.cuda stood in for: the backward cubin, the
-    plan's configuration, the argument's pointers and plan fields, and the gradients' shapes."""
+    plan's configuration, the argument's pointers and plan fields, and the gradients' shapes;
+    float32's kernel by cuDNN's RNN rule (TF32, else 3xTF32), from the fp32 cubin."""
     bindings = pytest.importorskip("cuda.bindings.driver")
     fake = FakeDriver(bindings, cuda_kernels.BackwardParams)
-    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.backward_cubin_name(cell))
+    name = {torch.bfloat16: "bf16", "tf32": "tf32", "ieee": "fp32"}[precision or dtype]
+    if precision is not None:
+        monkeypatch.setattr(cuda_kernels._fp32_rule, "fp32_precision", lambda: precision)
+    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.backward_cubin_name(cell, name))
     T = 6
     input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
-    input, h0, c0 = (x.to(torch.bfloat16) for x in (input, h0, c0))
-    weights = [w.to(torch.bfloat16) for w in weights]
+    input, h0, c0 = (x.to(dtype) for x in (input, h0, c0))
+    weights = [w.to(dtype) for w in weights]
     saved = schedule.cell_of(cell).saved
-    output, workspace = torch.zeros(T, B, 2 * H, dtype=torch.bfloat16), torch.zeros(T, B, 2, saved * H)
+    output, workspace = torch.zeros(T, B, 2 * H, dtype=dtype), torch.zeros(T, B, 2, saved * H)
     grads = (torch.zeros_like(output), torch.zeros_like(h0), torch.zeros_like(c0))
     grad_input, grad_weights, grad_h0, grad_c0 = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0,
                                                                           lengths, output, workspace)
-    p = schedule.backward_plan(cell, H, B, "bf16")
+    p = schedule.backward_plan(cell, H, B, name)
+    assert p.kernel.split("_")[3] == name and grad_input.dtype == dtype
     config, function = fake.calls[-1][1][:2]
     assert fake.calls[-1][0] == "cuLaunchKernelEx" and function == f"function {p.kernel}"
     assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (*p.grid, p.threads)

@@ -97,7 +97,7 @@ FP32_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 416, ("LSTM", 1): 480, ("GRU", 
 @pytest.mark.parametrize("cell, B", sorted(FP32_LARGEST))
 def test_fp32_plans(cell, B):
     """fp32 (tf32 and fp32 alike: one plan) takes every H up to its largest, with a compiled (S, R),
-    and refuses the next multiple of 8 with the reason; its backward is not built."""
+    and refuses the next multiple of 8 with the reason."""
     built = {(split, reg) for c, dtype, split, reg in schedule.INSTANCES if dtype == "fp32"}
     largest = FP32_LARGEST[cell, B]
     for H in [*range(1, 80), *range(80, largest + 1, 8), largest]:
@@ -108,8 +108,45 @@ def test_fp32_plans(cell, B):
         assert p.kernel.startswith(f"birnn_forward_{schedule.FAMILIES[cell]}_fp32_") and p.cubin.endswith("_fp32")
     with pytest.raises(ValueError, match="multi-cluster"):
         schedule.plan(cell, largest + 8, B, "fp32")
-    with pytest.raises(ValueError, match="backward kernels take bf16, fp16"):
-        schedule.backward_plan(cell, 64, B, "tf32")
+
+
+# The largest H of the fp32 backward, by cell and batch: every forward plan's but the LSTM's at B = 16
+# past 384 (U = 32 with two batch tiles: W_hh^T's 64 fragments a warp and the receive buffers
+# overflow shared memory), where the Triton backward runs it.
+FP32_BACKWARD_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 384, ("LSTM", 1): 480, ("GRU", 64): 264,
+                         ("GRU", 16): 416, ("RNN_TANH", 64): 336, ("RNN_TANH", 16): 512}
+
+
+@pytest.mark.parametrize("cell, B", sorted(FP32_BACKWARD_LARGEST))
+def test_fp32_backward_plans(cell, B):
+    """The fp32 backward (tf32 and fp32: one plan) takes every H up to its largest within its
+    compiled bounds (K tiles of 8 gate-units), and refuses the next multiple of 8."""
+    largest = FP32_BACKWARD_LARGEST[cell, B]
+    for H in [*range(1, 80), *range(80, largest + 1, 8), largest]:
+        p = schedule.backward_plan(cell, H, B, "fp32")
+        assert dataclasses.replace(p, dtype="tf32") == schedule.backward_plan(cell, H, B, "tf32")
+        rows, k_tiles, warp_m_tiles, registers = schedule.backward_bounds(p.gates, p.chunk_rows, "fp32")
+        assert p.k_tiles == -(-p.gates * p.units // 8) and p.width == 8 * p.k_tiles
+        assert p.n_tiles <= rows and p.k_tiles <= k_tiles <= p.fragment_stride and p.warp_m_tiles <= warp_m_tiles
+        assert p.reg_fragments <= registers and p.items <= 2 * p.warps and p.smem_bytes <= schedule.SMEM_LIMIT
+        assert p.kernel == f"birnn_backward_{schedule.FAMILIES[cell]}_fp32_r{p.chunk_rows}"
+        assert p.cubin == f"backward_{schedule.FAMILIES[cell]}_fp32"
+        assert (cell if cell != "RNN_RELU" else "RNN_TANH", "fp32", p.chunk_rows) in schedule.BACKWARD_INSTANCES
+    with pytest.raises(ValueError, match="shared memory|multi-cluster"):
+        schedule.backward_plan(cell, largest + 8, B, "fp32")
+
+
+def test_fp32_dgb_swizzle_is_conflict_free():
+    """The fp32 dgb's offsets are a permutation, and ldmatrix's 8 rows of a 16-byte chunk fall in
+    distinct bank groups."""
+    for cell, H, B in itertools.product(("LSTM", "GRU", "RNN_TANH"), (40, 200, 264), (3, 64)):
+        p = schedule.backward_plan(cell, H, B, "fp32")
+        row, col = np.meshgrid(np.arange(p.rows), np.arange(p.width), indexing="ij")
+        assert sorted(schedule.dgb_offset32(p, row, col).ravel().tolist()) == list(range(p.rows * p.width))
+        for chunk in range(p.width // 4):
+            for first in range(0, p.rows, 8):
+                banks = schedule.dgb_offset32(p, first + np.arange(8), 4 * chunk) % 32
+                assert len(set((banks // 4).tolist())) == 8, (cell, H, chunk)
 
 
 def test_fp32_fragments_cover_each_element_once():
@@ -242,3 +279,38 @@ def test_dgb_swizzle_is_conflict_free():
             for first in range(0, p.rows, 8):
                 banks = (schedule.dgb_offset(p, first + np.arange(8), 8 * chunk) * 2 // 4) % 32
                 assert len(set((banks // 4).tolist())) == 8, (cell, H, chunk)
+
+
+FP32_BACKWARD_CASES = [("LSTM", (1, 1, 40, "equal")), ("LSTM", (5, 3, 40, "mixed")), ("LSTM", (4, 17, 136, "mixed")),
+                       ("LSTM", (3, 70, 24, "mixed")), ("LSTM", (3, 5, 264, "mixed")), ("GRU", (5, 9, 72, "mixed")),
+                       ("GRU", (3, 17, 300, "equal")), ("RNN_TANH", (4, 9, 56, "mixed")),
+                       ("RNN_RELU", (3, 3, 336, "mixed"))]
+
+
+@pytest.mark.parametrize("cell, case", FP32_BACKWARD_CASES)
+def test_fp32_backward_model_matches_autograd(cell, case):
+    """The fp32 backward's schedule (m16n8k8 fragments of W_hh^T, the fp32 dgb, its bounds) after the
+    fp32 forward's, then the launcher's GEMMs: every gradient as torch.autograd's on the reference,
+    float64."""
+    from birnn_fast import cuda_kernels
+
+    T, B, H, kind = case
+    lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B + 2, cell=cell)
+    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in schedule.run_forward(
+        cell, input, weights, h0, c0, lengths, kernel_dtype="fp32"))
+    generator = torch.Generator().manual_seed(T + B + 1)
+    grads = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in (output, h_n, c_n)]
+    want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
+    dgates, grad_h0, grad_c0 = schedule.run_backward(cell, *grads, weights, h0, c0, lengths, output, workspace,
+                                                     seed=H, kernel_dtype="fp32")
+    assert not np.isnan(dgates).any() and not np.isnan(grad_h0).any() and not np.isnan(grad_c0).any()
+    for b, length in enumerate(lengths.tolist()):
+        assert (dgates[length:, b] == 0).all()
+    grad_input, grad_weights = cuda_kernels.gradients_from_dgates(
+        cell, torch.from_numpy(dgates), input, weights, h0, output, workspace, lengths)
+    got = [grad_input, *grad_weights, torch.from_numpy(grad_h0)] + ([torch.from_numpy(grad_c0)]
+                                                                     if cell == "LSTM" else [])
+    expected = [want[0], *want[1], want[2]] + ([want[3]] if cell == "LSTM" else [])
+    for index, (a, b) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(index))

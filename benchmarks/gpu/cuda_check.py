@@ -3,7 +3,7 @@ most informative first; each prints a short table and appends it to --out (Markd
 
     python -m benchmarks.gpu.cuda_check --stage probes       # L2 and DSMEM round trips, clusters that fit
     python -m benchmarks.gpu.cuda_check --stage correctness  # fwd and bwd: fp64 reference, 2x torch's error, poisoned;
-                                                             # then the fp32 forward (stage fp32), TF32 and IEEE
+                                                             # then fp32 (stage fp32), TF32 and IEEE, fwd and bwd
     python -m benchmarks.gpu.cuda_check --stage race         # the same forward and backward 10 times, bitwise equal
     python -m benchmarks.gpu.cuda_check --stage sanitizer    # compute-sanitizer racecheck / memcheck, tiny
     python -m benchmarks.gpu.cuda_check --stage timings      # per step against Triton, cuDNN and the floors
@@ -41,6 +41,10 @@ DTYPES = (torch.bfloat16, torch.float16)
 FP32_CASES = [("LSTM", 1, 1, 40, "equal"), ("LSTM", 33, 17, 72, "mixed"), ("LSTM", 33, 64, 256, "mixed"),
               ("LSTM", 9, 130, 128, "mixed"), ("LSTM", 12, 16, 416, "mixed"), ("GRU", 12, 24, 200, "mixed"),
               ("GRU", 7, 64, 264, "mixed"), ("RNN_TANH", 5, 3, 40, "mixed"), ("RNN_RELU", 7, 40, 336, "mixed")]
+# The fp32 cases whose gradients are checked too (the fp32 CUDA backward at both precisions): every
+# family, both variants (r64 at U <= 16, r32 at the largest H), one to three chunks.
+FP32_BACKWARD = {("LSTM", 33, 17, 72, "mixed"), ("LSTM", 9, 130, 128, "mixed"), ("GRU", 7, 64, 264, "mixed"),
+                 ("RNN_TANH", 5, 3, 40, "mixed"), ("RNN_RELU", 7, 40, 336, "mixed")}
 TINY = [(5, 3, 40, "mixed"), (4, 17, 256, "mixed")]  # under compute-sanitizer
 TIMINGS = [(512, B, H) for B in (16, 64) for H in (256, 512)]
 NAN = float("nan")
@@ -225,10 +229,11 @@ def fp32_rule(precision):
             setattr(owner, name, value)
 
 
-def correctness_fp32(out, cases=FP32_CASES):
+def correctness_fp32(out, cases=FP32_CASES, backward_cases=FP32_BACKWARD):
     """The fp32 forward at both precisions of cuDNN's rule against the fp64 reference: output, h_n,
     c_n within twice the error of the reference run in fp32 at the same rule (+1e-6), the kernel the
-    rule names (tf32, or fp32: 3xTF32), nothing unwritten, padding exactly 0."""
+    rule names (tf32, or fp32: 3xTF32), nothing unwritten, padding exactly 0; on the FP32_BACKWARD
+    cases the fp32 backward likewise (check_backward, the backward kernel the rule names)."""
     device = torch.device("cuda")
     rows, ok = [], True
     for precision in ("tf32", "ieee"):
@@ -237,7 +242,8 @@ def correctness_fp32(out, cases=FP32_CASES):
                 input, weights, h0, c0, lengths = make_layer(T, B, H, kind, torch.float32, device,
                                                              seed=T * 10007 + B * 101 + H, cell=cell)
                 kernel = schedule.plan(cell, H, B, cuda_kernels.kernel_dtype(torch.float32)).kernel
-                verdicts = [kernel.split("_")[3] == ("tf32" if precision == "tf32" else "fp32")]
+                named = "tf32" if precision == "tf32" else "fp32"
+                verdicts = [kernel.split("_")[3] == named]
                 results = poisoned_results(input, H, T, B, cell)
                 cuda_kernels.forward_into(cell, input, weights, h0, c0, lengths, *results)
                 torch.cuda.synchronize()
@@ -258,9 +264,14 @@ def correctness_fp32(out, cases=FP32_CASES):
                 if not (written and zeros and verdicts[0]):
                     rows.append((label, f"fp32 {precision} ({kernel})", "unwritten, nonzero padding or not the "
                                  "rule's kernel", "", "", "FAIL"))
+                if (cell, T, B, H, kind) in backward_cases:
+                    backward_kernel = schedule.backward_plan(cell, H, B, cuda_kernels.kernel_dtype(torch.float32))
+                    verdicts.append(backward_kernel.kernel.split("_")[3] == named)
+                    verdicts.append(check_backward(cell, (T, B, H, kind), torch.float32, input, weights, h0, c0,
+                                                   lengths, results, rows, f"{label} {precision}"))
                 ok &= all(verdicts) and written and zeros
-    out.append(table("fp32 forward against fp64 (bound: 2x the error of the reference in fp32 at the same rule "
-                     "+ 1e-6)", ["case", "precision (kernel)", "result", "error", "bound", "verdict"], rows))
+    out.append(table("fp32 forward and backward against fp64 (bound: 2x the error of the reference in fp32 at the "
+                     "same rule + 1e-6)", ["case", "precision (kernel)", "result", "error", "bound", "verdict"], rows))
     return ok
 
 
@@ -484,8 +495,15 @@ def self_test(out):
             assert p.kernel in instances and p.cubin == schedule.cubin_name(cell, "fp32"), p.kernel
             assert p.grid[0] == p.cluster <= schedule.MAX_CLUSTER and p.grid[2] * schedule.ROWS_PER_CLUSTER >= B
             assert p.threads <= 256 and p.smem_bytes <= schedule.SMEM_LIMIT and p.slice_bytes % 16 == 0
-        rows.append((f"{cell} T {T} B {B} H {H} fp32", f"{p.grid}", p.threads, p.smem_bytes, p.kernel, "", "",
-                     "(Triton's)"))
+            if (cell, T, B, H, kind) in FP32_BACKWARD:
+                b = schedule.backward_plan(cell, H, B, dtype)
+                assert b.kernel in backward_instances and b.cubin == schedule.backward_cubin_name(cell, "fp32")
+                assert b.grid[0] == b.cluster == p.cluster and b.grid[2] * b.chunk_rows >= B
+                assert b.smem_bytes <= schedule.SMEM_LIMIT and b.kernel.split("_")[3] == dtype
+        backward = (cell, T, B, H, kind) in FP32_BACKWARD
+        rows.append((f"{cell} T {T} B {B} H {H} fp32", f"{p.grid}", p.threads, p.smem_bytes, p.kernel,
+                     f"{b.grid}" if backward else "", b.smem_bytes if backward else "",
+                     b.kernel if backward else "(not checked)"))
     input, weights, h0, c0, lengths = make_layer(7, 40, 336, "mixed", torch.float64, "cpu", seed=1, cell="RNN_RELU")
     got = schedule.run_forward("RNN_RELU", input, weights, h0, c0, lengths, kernel_dtype="fp32")
     want = reference.forward_op("RNN_RELU", input, weights, h0, c0, lengths, False)
@@ -504,8 +522,16 @@ def self_test(out):
     want = reference.backward_op("GRU", *grads, input, weights, h0, c0, lengths, output, workspace)
     np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases' forward)", ["case", "grid", "threads", "smem", "kernel", "bwd grid",
-                                                          "bwd smem", "bwd kernel"], rows))
+    got = schedule.run_forward("GRU", input, weights, h0, c0, lengths, kernel_dtype="fp32")
+    output, workspace = torch.from_numpy(got[0]), torch.from_numpy(got[3])
+    dgates, grad_h0, _ = schedule.run_backward("GRU", *grads, weights, h0, c0, lengths, output, workspace,
+                                               kernel_dtype="fp32")
+    grad_input, _ = cuda_kernels.gradients_from_dgates("GRU", torch.from_numpy(dgates), input, weights, h0, output,
+                                                       workspace, lengths)
+    np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
+    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases)",
+                     ["case", "grid", "threads", "smem", "kernel", "bwd grid", "bwd smem", "bwd kernel"], rows))
     return True
 
 

@@ -16,12 +16,13 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-# (cubin name, source, defines): the forward and the backward once per cell family, the fp32 forward
-# apart (the 16-bit cubins do not depend on it), run in parallel.
+# (cubin name, source, defines): the forward and the backward once per cell family, the fp32 ones
+# apart (the 16-bit cubins do not depend on them), run in parallel.
 UNITS = tuple((f"{kind}_{family}", f"{kind}.cu", (f"-DBIRNN_FAMILY={index}",)) for kind in ("forward", "backward")
               for index, family in enumerate(("lstm", "gru", "elman"))) + \
-    tuple((f"forward_{family}_fp32", "forward.cu", (f"-DBIRNN_FAMILY={index}", "-DBIRNN_FP32"))
-          for index, family in enumerate(("lstm", "gru", "elman"))) + (("probes", "probes.cu", ()),)
+    tuple((f"{kind}_{family}_fp32", f"{kind}.cu", (f"-DBIRNN_FAMILY={index}", "-DBIRNN_FP32"))
+          for kind in ("forward", "backward") for index, family in enumerate(("lstm", "gru", "elman"))) + \
+    (("probes", "probes.cu", ()),)
 DEFAULT_ARCHS = ("90a", "100a")
 CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
 DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"

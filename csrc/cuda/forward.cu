@@ -78,17 +78,6 @@ __device__ __forceinline__ uint32_t a_register(const ForwardParams& p, const T* 
   }
 }
 
-// x = big + small, both TF32 (PTX leaves an MMA's non-TF32 operand undefined): big the TF32 of x,
-// small the TF32 of x - big (exact in fp32, |x - big| <= 2^-11 |x|), off x by 2^-22 |x|. The 3xTF32
-// product small*big + big*small + big*big misses about 2^-21 of the product, near an fp32 FMA's
-// rounding. Volatile: the split of W_hh's register tiles is the same every step, and hoisted out of
-// the time loop it would hold twice the registers (and spill); redone each step, it costs two cvt
-// and a subtraction an element.
-__device__ __forceinline__ void split_tf32(uint32_t x, uint32_t& big, uint32_t& small) {
-  asm volatile("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(__uint_as_float(x)));
-  small = to_tf32(__uint_as_float(x) - __uint_as_float(big));
-}
-
 // Offset of (buffer, slice, row, column) in hbuf, of elements of kBytes.
 template <int kBytes>
 __device__ __forceinline__ int hbuf_at(const ForwardParams& p, int buffer, int slice, int row, int column) {

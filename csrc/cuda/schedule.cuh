@@ -190,6 +190,8 @@ struct BackwardPlan {
   const BackwardParams& p;
   BIRNN_HD int rows() const { return 8 * p.n_tiles; }
   BIRNN_HD int width() const { return 16 * p.k_tiles; }
+  // dgb's columns in elements of element_bytes: K tiles of 32 bytes (width() of the 16-bit kernels).
+  BIRNN_HD int width_of(int element_bytes) const { return 32 / element_bytes * p.k_tiles; }
   BIRNN_HD int groups() const { return p.units >> 3; }
   BIRNN_HD int items() const { return groups() * p.n_tiles; }
   BIRNN_HD uint32_t slot_bytes() const { return p.units * rows() * 4; }
@@ -241,6 +243,12 @@ BIRNN_HD int recv_offset(const BackwardParams& p, int buffer, int sender, int gr
 
 // Element offset of (batch row, K index) in dgb.
 BIRNN_HD int dgb_offset(const BackwardParams& p, int row, int kk) { return swizzled_offset(16 * p.k_tiles, row, kk); }
+
+// Element offset of (batch row, K index) in the fp32 kernels' dgb (rows x 8 k_tiles 4-byte elements):
+// byte for byte a 16-bit one of width 16 k_tiles, so that ldmatrix.x4 hands each lane its TF32 B fragment.
+BIRNN_HD int dgb_offset32(const BackwardParams& p, int row, int kk) {
+  return swizzled_offset(16 * p.k_tiles, row, 2 * kk) >> 1;
+}
 
 // The time index of a row's step s - 1 (s >= 1).
 BIRNN_HD int previous_time(int direction, int s, int length) { return step_time(direction, s - 1, length); }
