@@ -250,47 +250,40 @@ static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row
 static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return b; }
 """
     body, expected = [], []
+
+    def block(header, calls):
+        """A C++ block of the plan's header, printing each call; expected gets the Python values."""
+        body.append("{\n" + header + "".join(f'  printf("%lld\\n", (long long)({call}));\n' for call, _ in calls)
+                    + "}\n")
+        expected.extend(int(value) for _, value in calls)
+
+    def forward_header(p):
+        return "  ForwardParams P{};\n" + "".join(
+            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
+                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
+                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
+                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) + \
+            f"  const Plan plan{{P, {p.split_k}, 4}};\n"
+
     for index, (H, B) in enumerate(MIRROR_PLANS):
         p = schedule.plan("LSTM", H, B, "bf16")
-        body.append("{\n  ForwardParams P{};\n" + "".join(
-            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
-                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
-                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
-                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
-            f"  const Plan plan{{P, {p.split_k}, 4}};\n")
-        for call, value in mirror_calls(p, first=index == 0):
-            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
-            expected.append(int(value))
-        body.append("}\n")
+        block(forward_header(p), list(mirror_calls(p, first=index == 0)))
     for H, B in FP32_MIRROR_PLANS:
         p = schedule.plan("LSTM", H, B, "fp32")
-        body.append("{\n  ForwardParams P{};\n" + "".join(
-            f"  P.{field} = {getattr(p, attribute)};\n" for field, attribute in (
-                ("B", "batch"), ("H", "hidden"), ("units", "units"), ("cluster", "cluster"), ("slices", "slices"),
-                ("unit_warps", "unit_warps"), ("k_tiles", "k_tiles"), ("warp_k_tiles", "warp_k_tiles"),
-                ("smem_k_tiles", "smem_k_tiles"), ("n_tiles", "n_tiles"))) +
-            f"  const Plan plan{{P, {p.split_k}, 4}};\n")
         calls = [(f"hbuf_offset32(P, {b}, {s}, {r}, {c})", schedule.hbuf_offset32(p, b, s, r, c))
                  for b in range(2) for s in range(p.slices) for r in sorted({*range(9), p.rows - 1})
                  for c in range(p.units)]
         calls += [("plan.slice_bytes(4)", p.slice_bytes), ("plan.expect_bytes(4)", p.expect_bytes),
                   ("plan.hbuf_bytes(4)", p.hbuf_bytes), ("plan.wsm_bytes()", p.wsm_bytes),
                   ("plan.partial_bytes()", p.partial_bytes)]
-        for call, value in calls:
-            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
-            expected.append(int(value))
-        body.append("}\n")
+        block(forward_header(p), calls)
     for cell, H, B, dtype in BACKWARD_MIRROR_PLANS:
         p = schedule.backward_plan(cell, H, B, dtype)
-        body.append("{\n  BackwardParams Q{};\n" + "".join(
+        block("  BackwardParams Q{};\n" + "".join(
             f"  Q.{field} = {getattr(p, field)};\n" for field in (
                 "gates", "units", "cluster", "chunk_rows", "n_tiles", "m_tiles", "warp_m_tiles", "k_tiles",
                 "fragment_stride", "reg_fragments", "smem_fragments")) +
-            f"  Q.B = {B};\n  Q.H = {H};\n  const BackwardPlan bplan{{Q}};\n")
-        for call, value in backward_mirror_calls(p):
-            body.append(f'  printf("%lld\\n", (long long)({call}));\n')
-            expected.append(int(value))
-        body.append("}\n")
+            f"  Q.B = {B};\n  Q.H = {H};\n  const BackwardPlan bplan{{Q}};\n", list(backward_mirror_calls(p)))
     program = ("#include <cstdio>\n#include \"schedule.cuh\"\n" + helpers + "int main() {\n" + "".join(body) + "}\n")
     build = pathlib.Path(__import__("tempfile").mkdtemp())
     (build / "mirror.cu").write_text(program)
