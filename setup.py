@@ -146,6 +146,10 @@ class BuildPy(build_py):
 ext_modules, cmdclass = extensions()
 cmdclass["build_py"] = BuildPy
 install_requires, version = requirements()
+# The extra [triton]: the checked minor; in the CUDA wheel, the exact Triton it already requires (the
+# checked minor there would contradict the pin, and `pip install birnn_fast[triton]` could not resolve).
+triton_extra = ([req for req in install_requires if req.startswith("triton")]
+                or [f"triton>={TRITON_CHECKED},<{next_minor(TRITON_CHECKED)}"])
 
 setup(
     name="birnn_fast",
@@ -160,6 +164,6 @@ setup(
     options={"build": {"build_base": os.path.join("build", "sanitize")}} if SANITIZE else {},
     python_requires=">=3.10",
     install_requires=install_requires,
-    extras_require={"triton": [f"triton>={TRITON_CHECKED},<{next_minor(TRITON_CHECKED)}"],
+    extras_require={"triton": triton_extra,
                     "test": ["pytest", "pytest-benchmark", "hypothesis"]},
 )

@@ -69,8 +69,9 @@ def test_metadata_pins_the_torch_minor_and_the_triton_of_the_builds():
     assert f">={major}.{minor}" in torch_pin and f"<{major}.{minor + 1}" in torch_pin, torch_pin
     triton_requires = [req for req in requires if req.startswith("triton")]
     if PRECOMPILED:
-        # The builds are found only by the Triton that made them.
+        # The builds are found only by the Triton that made them; the extra [triton] names the same.
         assert f"triton=={triton.__version__}" in triton_requires, requires
+        assert all(req.startswith(f"triton=={triton.__version__}") for req in triton_requires), requires
     else:
         # CPU users need no Triton (torch's CPU wheel has none); the CUDA torch wheels bring theirs.
         assert triton_requires and all('extra == "triton"' in req for req in triton_requires), requires
