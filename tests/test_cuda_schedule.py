@@ -226,23 +226,24 @@ BACKWARD_OTHER = [("GRU", BACKWARD_CASES[1]), ("GRU", BACKWARD_CASES[5]), ("RNN_
                   ("RNN_RELU", BACKWARD_CASES[2]), ("GRU", BACKWARD_CASES[6]), ("RNN_TANH", BACKWARD_CASES[8])]
 
 
-@pytest.mark.parametrize("cell, case", [("LSTM", case) for case in BACKWARD_CASES] + BACKWARD_OTHER)
-def test_backward_model_matches_autograd(cell, case):
-    """The model's forward, then its backward (the CUDA backward's schedule) and the launcher's GEMMs:
-    every gradient as torch.autograd's on the reference, float64."""
+def check_backward_model(cell, case, kernel_dtype, layer_seed, grad_seed, model_seeds):
+    """The model's forward in kernel_dtype's layout, then its backward (the CUDA backward's schedule, at
+    each of model_seeds' delivery orders) and the launcher's GEMMs: every gradient as torch.autograd's
+    on the reference, float64."""
     from birnn_fast import cuda_kernels
 
     T, B, H, kind = case
     lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
-    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B + 1, cell=cell)
-    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
-                                   schedule.run_forward(cell, input, weights, h0, c0, lengths))
-    generator = torch.Generator().manual_seed(T + B)
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=layer_seed, cell=cell)
+    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in schedule.run_forward(
+        cell, input, weights, h0, c0, lengths, kernel_dtype=kernel_dtype))
+    generator = torch.Generator().manual_seed(grad_seed)
     grads = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in (output, h_n, c_n)]
     want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
-    for seed in range(2):
+    expected = [want[0], *want[1], want[2]] + ([want[3]] if cell == "LSTM" else [])
+    for seed in model_seeds:
         dgates, grad_h0, grad_c0 = schedule.run_backward(cell, *grads, weights, h0, c0, lengths, output, workspace,
-                                                         seed=seed)
+                                                         seed=seed, kernel_dtype=kernel_dtype)
         assert not np.isnan(dgates).any() and not np.isnan(grad_h0).any() and not np.isnan(grad_c0).any()
         for b, length in enumerate(lengths.tolist()):
             assert (dgates[length:, b] == 0).all()
@@ -250,9 +251,14 @@ def test_backward_model_matches_autograd(cell, case):
             cell, torch.from_numpy(dgates), input, weights, h0, output, workspace, lengths)
         got = [grad_input, *grad_weights, torch.from_numpy(grad_h0)] + ([torch.from_numpy(grad_c0)]
                                                                          if cell == "LSTM" else [])
-        expected = [want[0], *want[1], want[2]] + ([want[3]] if cell == "LSTM" else [])
         for index, (a, b) in enumerate(zip(got, expected)):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(index))
+
+
+@pytest.mark.parametrize("cell, case", [("LSTM", case) for case in BACKWARD_CASES] + BACKWARD_OTHER)
+def test_backward_model_matches_autograd(cell, case):
+    T, B, H, _ = case
+    check_backward_model(cell, case, "bf16", layer_seed=T * 1000 + B + 1, grad_seed=T + B, model_seeds=(0, 1))
 
 
 def test_backward_plan_sizes():
@@ -290,27 +296,6 @@ FP32_BACKWARD_CASES = [("LSTM", (1, 1, 40, "equal")), ("LSTM", (5, 3, 40, "mixed
 @pytest.mark.parametrize("cell, case", FP32_BACKWARD_CASES)
 def test_fp32_backward_model_matches_autograd(cell, case):
     """The fp32 backward's schedule (m16n8k8 fragments of W_hh^T, the fp32 dgb, its bounds) after the
-    fp32 forward's, then the launcher's GEMMs: every gradient as torch.autograd's on the reference,
-    float64."""
-    from birnn_fast import cuda_kernels
-
-    T, B, H, kind = case
-    lengths = [T] * B if kind == "equal" else mixed_lengths(T, B, seed=H + B)
-    input, weights, h0, c0, lengths = lstm_layer(T, B, 7, H, lengths, seed=T * 1000 + B + 2, cell=cell)
-    output, h_n, c_n, workspace = (torch.from_numpy(x) for x in schedule.run_forward(
-        cell, input, weights, h0, c0, lengths, kernel_dtype="fp32"))
-    generator = torch.Generator().manual_seed(T + B + 1)
-    grads = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in (output, h_n, c_n)]
-    want = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
-    dgates, grad_h0, grad_c0 = schedule.run_backward(cell, *grads, weights, h0, c0, lengths, output, workspace,
-                                                     seed=H, kernel_dtype="fp32")
-    assert not np.isnan(dgates).any() and not np.isnan(grad_h0).any() and not np.isnan(grad_c0).any()
-    for b, length in enumerate(lengths.tolist()):
-        assert (dgates[length:, b] == 0).all()
-    grad_input, grad_weights = cuda_kernels.gradients_from_dgates(
-        cell, torch.from_numpy(dgates), input, weights, h0, output, workspace, lengths)
-    got = [grad_input, *grad_weights, torch.from_numpy(grad_h0)] + ([torch.from_numpy(grad_c0)]
-                                                                     if cell == "LSTM" else [])
-    expected = [want[0], *want[1], want[2]] + ([want[3]] if cell == "LSTM" else [])
-    for index, (a, b) in enumerate(zip(got, expected)):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(index))
+    fp32 forward's."""
+    T, B, H, _ = case
+    check_backward_model(cell, case, "fp32", layer_seed=T * 1000 + B + 2, grad_seed=T + B + 1, model_seeds=(H,))
