@@ -14,7 +14,8 @@ It relies on details of the interpreter (checked with triton 3.9): ``GridExecuto
 once per program right after ``interpreter_builder.set_grid_idx`` (and otherwise reads only its
 name, signature and globals), ``tl.program_id`` reads ``InterpreterBuilder.grid_idx``, made
 thread-local here, and atomics and loads go through ``InterpreterBuilder.create_atomic_rmw`` and
-``create_masked_load``.
+``create_masked_load``; an ``InterpretedFunction`` (a kernel or a device function) parses its source
+in ``rewrite`` on its first call, here in whichever program thread calls it first.
 """
 import contextlib
 import functools
@@ -28,11 +29,16 @@ import time
 from triton.runtime import interpreter
 
 # A hung launch fails its test instead of the whole run. The slowest grid test takes about 10 s on
-# a quiet 2-core machine; CI's took more than 60 s once (stop 36, a tagged-exchange test that passes
-# in 2-4 s here in hundreds of runs, at every switch interval): the bound leaves room for a slow host.
+# a quiet 2-core machine. (CI's one 60 s timeout, at 09e2982, was likely the parse failure below
+# with the other programs polling tags on: loads did not abort a launch then.)
 TIMEOUT_S = 300
 # Each program thread's launch, for the atomics to see whether that launch was aborted.
 _local = threading.local()
+# One rewrite (ast.parse, compile) at a time: CPython 3.11's AST constructor keeps its recursion depth
+# per interpreter, not per thread, so two threads parsing at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905; stop 36's CI failure, two programs
+# reaching a device function's first call together). Reentrant: a rewrite may reach another.
+_rewrite_lock = threading.RLock()
 
 
 class _ThreadLocalGridIdx:
@@ -91,7 +97,7 @@ class _Launch:
             for thread in threads:
                 thread.join(1.0)
             raise TimeoutError(f"the grid's programs did not finish in {TIMEOUT_S} s: a barrier that never opens? "
-                               f"Programs still running: {where}")
+                               f"Programs still running: {where}") from (self.errors[0] if self.errors else None)
 
     def __call__(self, **kwargs):
         builder = interpreter.interpreter_builder
@@ -132,6 +138,15 @@ def _where(threads):
     return "; ".join(where)
 
 
+def _one_at_a_time(rewrite):
+    """InterpretedFunction.rewrite under _rewrite_lock."""
+    def serialized(function):
+        with _rewrite_lock:
+            return rewrite(function)
+
+    return serialized
+
+
 def _abortable(builder_op):
     """builder_op (an atomic, a load) that raises in a program thread of an aborted launch."""
     def abortable(builder, *args, **kwargs):
@@ -151,6 +166,7 @@ def concurrent_programs(held_back=0):
     atomic_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
     masked_load = interpreter.InterpreterBuilder.create_masked_load
     previous_idx = interpreter.InterpreterBuilder.__dict__.get("grid_idx")
+    rewrite = interpreter.InterpretedFunction.rewrite
 
     def concurrent_init(executor, fn, *args, **kwargs):
         init(executor, fn, *args, **kwargs)
@@ -162,6 +178,7 @@ def concurrent_programs(held_back=0):
     interpreter.InterpreterBuilder.create_atomic_rmw = _abortable(atomic_rmw)
     interpreter.InterpreterBuilder.create_masked_load = _abortable(masked_load)
     interpreter.InterpreterBuilder.grid_idx = _ThreadLocalGridIdx()
+    interpreter.InterpretedFunction.rewrite = _one_at_a_time(rewrite)
     sys.setswitchinterval(1e-4)
     try:
         yield
@@ -170,6 +187,7 @@ def concurrent_programs(held_back=0):
         interpreter.GridExecutor.__init__ = init
         interpreter.InterpreterBuilder.create_atomic_rmw = atomic_rmw
         interpreter.InterpreterBuilder.create_masked_load = masked_load
+        interpreter.InterpretedFunction.rewrite = rewrite
         if previous_idx is None:
             del interpreter.InterpreterBuilder.grid_idx
         else:

@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import time  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
@@ -70,6 +71,44 @@ def test_barrier_floor_one_program_short_raises():
     input = torch.zeros(4, 16, 3, device=DEVICE)
     with concurrent_programs(held_back=1), pytest.raises(RuntimeError, match="barrier_floor_kernel"):
         barrier_floor("LSTM", input, 40, three_programs("LSTM", 16, 40, False), max_polls=SHORT_WAIT)
+
+
+@triton.jit
+def _store_one(p, i):
+    tl.store(p + i, 1.0)
+
+
+@triton.jit
+def _calls_a_device_function(p):
+    _store_one(p, tl.program_id(0))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the concurrent interpreter's own contract")
+def test_concurrent_programs_rewrite_one_at_a_time(monkeypatch):
+    """Program threads reaching a device function's first call together rewrite (parse) it one at a
+    time: two parses at once can fail in CPython 3.11 (stop 36's CI, tests/concurrent_interpreter.py)."""
+    from triton.runtime import interpreter
+
+    inside, most = [0], [0]
+    rewrite_ast = interpreter.FunctionRewriter.rewrite_ast
+
+    def slow_rewrite_ast(rewriter):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.01)  # releases the GIL: another program thread would enter here
+        try:
+            return rewrite_ast(rewriter)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(interpreter.FunctionRewriter, "rewrite_ast", slow_rewrite_ast)
+    for function in (_store_one, _calls_a_device_function):
+        interpreter.InterpretedFunction.rewritten_fn.pop(function.fn, None)
+    out = torch.zeros(8, device=DEVICE)
+    with concurrent_programs():
+        _calls_a_device_function[(8,)](out)
+    assert out.tolist() == [1.0] * 8
+    assert most[0] == 1
 
 
 def test_launch_must_be_cooperative():
