@@ -91,7 +91,8 @@ def birnn_forward_kernel(
     ws_ptr,        # (T, B, 2, W*H), written only if SAVE (for a backward pass)
     hbuf_ptr,      # (2, 2, B, H) in the matmul dtype: [direction, step parity]; parity 0 holds h0
                    # (TAGGED: int64 words of fp32, int32 of fp16 / bf16, common.tagged_words; TAGGED and
-                   # RESIDENT: (2, 2, B, NK*BK), each row's H words padded, tagged_exchange_buffer)
+                   # RESIDENT: (2, 2, BP, NK*BK), B rounded up to BB rows of H words each, all padded,
+                   # tagged_exchange_buffer)
     state_ptr,     # (2, B, H) fp32 between steps: LSTM c, GRU h (unused by RNN)
     counter_ptr,   # ((2 * programs along batch + 1) * COUNTER_STRIDE,) int32 zeros: barrier counters, status
     T, B, H, max_polls,
@@ -117,14 +118,16 @@ def birnn_forward_kernel(
     # group barrier; the CTA barrier at the top of a step stays (it orders a step's state stores before
     # the next step's loads of them, by other threads).
     BARRIER: tl.constexpr = SYNC and not TAGGED
-    # TAGGED and RESIDENT: each row of the exchange padded to the product's K span (NK*BK) with words
-    # the polls take as ready (tagged_exchange_buffer), read unclamped (common._tagged_read). HX: a
-    # row's words.
+    # TAGGED and RESIDENT: each row of the exchange padded to the product's K span (NK*BK), and the rows
+    # to the batch blocks' (n_bblocks*BB), with words the polls take as ready (tagged_exchange_buffer),
+    # read unclamped (common._tagged_read). HX: a row's words; BX: a slot's rows.
     PADDED: tl.constexpr = TAGGED and RESIDENT
     if PADDED:
         HX = NK * BK
+        BX = n_bblocks * BB
     else:
         HX = H
+        BX = B
 
     offs_j = pid_h * BH + tl.arange(0, BH)  # [BH]
     mask_j = offs_j < H
@@ -201,8 +204,15 @@ def birnn_forward_kernel(
                 p_hbuf = hbuf_ptr + ((d * 2 + parity) * B + offs_b[:, None]) * HX  # [BB, 1]
                 tag = tag_of(s)
                 # TAGGED: rows past B read row B - 1 (its block's writers write it whenever they write
-                # the block's rows); their products are dropped as in the default build.
-                p_tagged = hbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * HX  # [BB, 1]
+                # the block's rows), or PADDED their padding; their products are dropped as in the
+                # default build. PADDED, a block's addresses are one base and constant offsets (the
+                # clamped rows' take a register pair per row and element, held across the poll's loop:
+                # the resident tile of K = 1024 spills with Triton 3.6).
+                if PADDED:
+                    p_tagged = (hbuf_ptr + ((d * 2 + parity) * BX + bb * BB) * HX
+                                + (tl.arange(0, BB) * HX)[:, None])  # [BB, 1]
+                else:
+                    p_tagged = hbuf_ptr + ((d * 2 + parity) * B + tl.minimum(offs_b, B - 1)[:, None]) * HX  # [BB, 1]
                 if FUSED:
                     acc = tl.zeros([BB, NG * BH], dtype=tl.float32)
                     b_hk = exchange_issue(p_hbuf, p_tagged, 0, mask_b, H, tag, TAGGED, NK, BK, PADDED)
@@ -280,7 +290,7 @@ def birnn_forward_kernel(
                     if bb == pid_b:
                         tl.store(p_time + s * PHASES + 4, globaltimer_after(b_h_new))
                 # An ended row's h is left as it was: it enters only that row's (masked) products.
-                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * B + offs_b[:, None]) * HX + offs_j[None, :]
+                p_next = hbuf_ptr + ((d * 2 + 1 - parity) * BX + offs_b[:, None]) * HX + offs_j[None, :]
                 # The exchanged h is an operand of the products alone: rounded as they read it.
                 b_h_dot = tf32_rounded(b_h_new, DOT_PRECISION).to(VALUE_TY)
                 if TAGGED:
@@ -395,9 +405,8 @@ def forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths
 # Cheap changes to a step, off by default, as launch options for the device check to A/B
 # (benchmarks/gpu/phases.py --variants): the launcher's ``variants`` names those to switch on.
 # red_arrive is compiled only (inline PTX): the interpreter refuses it. tagged_exchange: the step-tagged
-# exchange in place of the group barrier (TAGGED); its GRU resident at K = 512 spills (sm_90, 16
-# instructions in the time loop), so the device check A/Bs it on the LSTM; its LSTM resident at K = 1024
-# compiles without spills (sm_90) with Triton 3.9, not with 3.6.
+# exchange in place of the group barrier (TAGGED), which the device check A/Bs on the LSTM; its resident
+# builds (bf16 LSTM, GRU and RNN up to K = 1024) compile for sm_90 without spills with Triton 3.9 and 3.6.
 VARIANTS = {"prefetch_state": "PREFETCH_STATE", "red_arrive": "RED_ARRIVE", "tagged_exchange": "TAGGED"}
 COMPILED_ONLY = {"red_arrive"}
 
@@ -412,17 +421,22 @@ def timing_buffer(config, steps, device):
 def tagged_exchange_buffer(h0, config):
     """The TAGGED build's exchange buffer of common.tagged_words for a launch with ``config``: h0 (2, B, H),
     in the products' dtype, in slot 0 with step 0's tag (0), slot 1 zeros (tag 0, which no reader of it
-    awaits): (2, 2, B, H), or where W_hh is resident (2, 2, B, K), K = NK*BK >= H, each row's H words
-    followed by K - H words of common.PAD_TAG and value 0 in both slots (the kernel's PADDED reads)."""
+    awaits): (2, 2, B, H), or where W_hh is resident (2, 2, BP, K), K = NK*BK >= H and BP = the batch
+    blocks' rows (B rounded up to BB), each row's H words followed by K - H words of common.PAD_TAG and
+    value 0, and BP - B rows of them, in both slots (the kernel's PADDED reads)."""
     bits = 32 if h0.dtype == torch.float32 else 16
     if bits == 32:
         words = h0.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     else:
         words = h0.view(torch.int16).to(torch.int32) & 0xFFFF
     words = torch.stack([words, torch.zeros_like(words)], dim=1)
-    K = config.NK * config.BK if config.RESIDENT else h0.shape[-1]
-    padding = words.new_full((*words.shape[:-1], K - words.shape[-1]), PAD_TAG.value << bits)
-    return torch.cat([words, padding], dim=-1)
+    if not config.RESIDENT:
+        return words
+    B, H = h0.shape[-2:]
+    padded = words.new_full((2, 2, triton.cdiv(B, config.BB) * config.BB, config.NK * config.BK),
+                            PAD_TAG.value << bits)
+    padded[:, :, :B, :H] = words
+    return padded
 
 
 def _forward(cell, input, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, save_workspace=True, config=None,

@@ -180,19 +180,26 @@ def test_tagged_gate_buffer():
 
 def test_tagged_exchange_buffer():
     """h0 in slot 0 with tag 0 (the values' bits in the low half), slot 1 zeros; resident, each row of
-    both slots padded to the product's K span with PAD_TAG words of value 0; fp32 in int64 words, 16-bit
-    values in int32."""
-    h0 = torch.tensor([[[1.5, -2.0, 3.0]], [[0.0, -0.0, 0.25]]])
-    streamed = kernels_config.Config(16, 16, 1, 16, False, n_hblocks=3, n_bprog=1)
+    both slots padded to the product's K span, and the rows to the batch blocks' (B = 3 -> BB = 4 rows,
+    B = 5 -> 8), with PAD_TAG words of value 0; fp32 in int64 words, 16-bit values in int32."""
+    streamed = kernels_config.Config(4, 16, 1, 16, False, n_hblocks=3, n_bprog=1)
     resident = streamed._replace(NK=2, BK=4, RESIDENT=True)
-    for config, K in ((streamed, 3), (resident, 8)):
-        for x, view, bits in ((h0, torch.float32, 32), (h0.bfloat16(), torch.bfloat16, 16),
-                              (h0.half(), torch.float16, 16)):
-            words = kernels_forward.tagged_exchange_buffer(x, config)
-            assert words.dtype == (torch.int64 if bits == 32 else torch.int32) and words.shape == (2, 2, 1, K)
-            assert torch.equal(words[:, 0, :, :3].to(getattr(torch, f"int{bits}")).view(view), x)
-            assert (words[:, 0, :, :3] >> bits == 0).all() and (words[:, 1, :, :3] == 0).all()
-            assert (words[..., 3:] >> bits == PAD_TAG.value).all() and (words[..., 3:] & ((1 << bits) - 1) == 0).all()
+    for B, rows in ((3, 4), (5, 8)):
+        h0 = torch.randn(2, B, 3)
+        h0[0, 0, :2] = torch.tensor([0.0, -0.0])
+        for config, shape in ((streamed, (B, 3)), (resident, (rows, 8))):
+            for x, view, bits in ((h0, torch.float32, 32), (h0.bfloat16(), torch.bfloat16, 16),
+                                  (h0.half(), torch.float16, 16)):
+                words = kernels_forward.tagged_exchange_buffer(x, config)
+                assert words.dtype == (torch.int64 if bits == 32 else torch.int32) and words.shape == (2, 2, *shape)
+                values = words[:, :, :B, :3]
+                assert torch.equal(values[:, 0].to(getattr(torch, f"int{bits}")).view(view), x)
+                assert (values[:, 0] >> bits == 0).all() and (values[:, 1] == 0).all()
+                padding = torch.ones(words.shape, dtype=torch.bool)
+                padding[:, :, :B, :3] = False
+                pad = words[padding]
+                assert pad.numel() == words.numel() - 12 * B
+                assert (pad >> bits == PAD_TAG.value).all() and (pad & ((1 << bits) - 1) == 0).all()
 
 
 def test_unknown_variant():
