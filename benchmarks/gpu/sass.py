@@ -177,8 +177,9 @@ SYNC_OPS = {"FENCES": re.compile(r"^(@!?U?P\w+ )?(MEMBAR|FENCE)\b"),
             "REDUCTIONS": re.compile(r"^(@!?U?P\w+ )?(REDG|RED)\."),
             "INVALIDATES": re.compile(r"^(@!?U?P\w+ )?CCTL\b"),
             "STRONG_LOADS": re.compile(r"^(@!?U?P\w+ )?LDG\.E\S*\.STRONG\.")}
-# The exchange's reads in the TAGGED build (common.tagged_issue: .cg loads of 32- or 64-bit words).
-TAGGED_POLL = re.compile(r"^(@!?U?P\w+ )?LDG\.E(\.64)?\.STRONG\.GPU\b")
+# The exchange's reads in the TAGGED build (common.tagged_issue: .cg loads of 32- or 64-bit words, vectorised
+# to 64 or 128 bits where the JIT knows the rows aligned).
+TAGGED_POLL = re.compile(r"^(@!?U?P\w+ )?LDG\.E(\.64|\.128)?\.STRONG\.GPU\b")
 
 
 def _barrier_points(in_time):
