@@ -9,8 +9,12 @@ Triton 3.6 first on its path. What it found decides config.checked_triton for 3.
 Triton 3.6 comes from BIRNN_FAST_TRITON36, a directory holding ``pip install --target DIR --no-deps
 triton==3.6.0`` (``make triton36`` makes build/triton36 and runs the quick subset); without it these
 tests skip. Quick subset: the heaviest builds (test_kernels_triton.quick_configs); -m slow: all.
+
+Also the forward's step-tagged exchange (kernels/forward.py VARIANTS) as the device check builds it on
+the GPU image: without spills in its step loop under Triton 3.6 too (a few seconds a build).
 """
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +32,7 @@ import test_kernels_triton as compile_tests  # noqa: E402
 
 TRITON36 = os.environ.get("BIRNN_FAST_TRITON36", "")
 CHILD_SCRIPT = compile_tests.__file__
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
@@ -60,10 +65,15 @@ def builds_36(cc, quick):
     return compile_tests.builds(cc, configs, hinted)
 
 
+def env_36():
+    """A child's environment: compiled (not interpreted) Triton, 3.6 first on its path."""
+    path = os.pathsep.join(filter(None, [TRITON36, os.environ.get("PYTHONPATH", "")]))
+    return dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=path)
+
+
 def compile_36(pairs, cc):
     """test_kernels_triton's child (that file as a script) on pairs for sm_cc, Triton 3.6 first on its path."""
-    path = os.pathsep.join(filter(None, [TRITON36, os.environ.get("PYTHONPATH", "")]))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=path)
+    env = env_36()
     ids = [compile_tests.config_id(config, hints) for config, hints in pairs]
     return subprocess.Popen([sys.executable, CHILD_SCRIPT, str(cc), "--expect-triton", "3.6", "--options-on", *ids], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,3 +131,62 @@ def test_options_follow_checked_triton():
             assert kernels.fused_gates("LSTM", torch.bfloat16, "ieee", 16, 16, 512, True, False) == expected, version
         finally:
             kernels.TRITON_VERSION = saved
+
+
+# The forward's step-tagged exchange as the device check builds it with Triton 3.6 (benchmarks/gpu/phases.py:
+# the LSTM in bf16 at H 512 and 1024, in fp32 under TF32 at H 1024, on an H100's 132 SMs, as select_config
+# picks under 3.6's rules), each as the JIT launches aligned tensors at H a multiple of 16 (hinted) and
+# its TIMING build; the K = 1024 LSTM also unhinted (H not a multiple of 16); the GRU and RNN resident at
+# K = 1024, the widest resident tile. (cell, dtype, precision, B, H, hints, timing, resident)
+TAGGED_BUILDS = [("LSTM", "bfloat16", "ieee", 16, 1024, True, False, True),
+                 ("LSTM", "bfloat16", "ieee", 16, 1024, True, True, True),
+                 ("LSTM", "bfloat16", "ieee", 16, 1024, False, False, True),
+                 ("LSTM", "bfloat16", "ieee", 16, 512, True, False, True),
+                 ("LSTM", "bfloat16", "ieee", 16, 512, True, True, True),
+                 ("LSTM", "float32", "tf32", 16, 1024, True, False, False),
+                 ("LSTM", "float32", "tf32", 16, 1024, True, True, False),
+                 ("GRU", "bfloat16", "ieee", 16, 1024, True, False, True),
+                 ("RNN_TANH", "bfloat16", "ieee", 16, 1024, True, False, True)]
+TAGGED_CHILD = r"""
+import json, re, sys, torch, triton
+sys.path.insert(0, sys.argv[1])
+from benchmarks.gpu import sass
+from birnn_fast.kernels import config as kernels
+assert triton.__version__.startswith("3.6."), triton.__version__
+for cell, dtype, precision, B, H, hints, timing, _ in json.loads(sys.argv[2]):
+    config = kernels.select_config(cell, B, H, getattr(torch, dtype), precision, 132, 227 * 1024)
+    compiled = sass.compile_kernel("birnn_forward_kernel", cell, getattr(torch, dtype), precision, *config[:5], cc=90,
+                                   hints=hints, fused=config.FUSED, timing=timing, variants=("tagged_exchange",))
+    code = sass.cuobjdump(compiled, "--dump-sass")
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", sass.cuobjdump(compiled, "--dump-resource-usage")))
+    print(json.dumps(dict(config=str(config), resident=config.RESIDENT, K=config.NK * config.BK,
+                          spills=sass.round_shape(code)["LOOP_SPILLS"], local=int(usage["LOCAL"]),
+                          registers=int(usage["REG"]))), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tagged_builds_36():
+    if not TRITON36:
+        pytest.skip("BIRNN_FAST_TRITON36 is not set (make triton36)")
+    result = subprocess.run([sys.executable, "-c", TAGGED_CHILD, ROOT, json.dumps(TAGGED_BUILDS)], env=env_36(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == len(TAGGED_BUILDS)
+    return records
+
+
+def tagged_id(build):
+    cell, dtype, precision, _, H, hints, timing, _ = build
+    return f"{cell}-{dtype}-{precision}-H{H}{'-hinted' if hints else ''}{'-timing' if timing else ''}"
+
+
+@pytest.mark.parametrize("index", range(len(TAGGED_BUILDS)), ids=[tagged_id(build) for build in TAGGED_BUILDS])
+def test_triton_36_tagged_exchange_compiles_without_spills(tagged_builds_36, index):
+    """sm_90, Triton 3.6: the tagged forward's step loop without spills (a resident tile's exchange
+    addresses are one base and constant offsets: kernels/forward.py PADDED), resident where the device
+    check's launch is (K = 1024 included)."""
+    record = tagged_builds_36[index]
+    assert record["resident"] == TAGGED_BUILDS[index][-1], record
+    assert record["spills"] == 0 and record["local"] == 0, f"the tagged build spills under Triton 3.6: {record}"
