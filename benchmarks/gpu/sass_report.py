@@ -3,15 +3,22 @@ waits on, compiled offline for sm_90 as the launcher launches it (fp32 state, di
 at H, B, T multiples of 16).
 
     TRITON_INTERPRET=0 python -m benchmarks.gpu.sass_report --out benchmarks/results/sass_after.md
+    TRITON_INTERPRET=0 python -m benchmarks.gpu.sass_report --out tagged.md --kernels forward \
+        --variants tagged_exchange --resident-k 1024
+
+(--variants: launch options of kernels/forward.py and backward.py VARIANTS, each kernel those it has;
+--resident-k: the resident configurations' K; --kernels: forward, backward or both.)
 
 Columns (sass.round_shape): the chain of dependent global loads a round waits on before its first
 matrix product (from the round's start, or from the barrier's poll when the round follows it), all
 global loads there, the dependent global loads from the barrier's wait to the program's next arrive
 and the loads issued between its arrive and wait, the dependent global loads of a streamed K chunk, CTA barriers (BAR) per step at one round (+ per K chunk where W_hh streams), spill instructions in the
-time loop, registers per thread.
+time loop, registers per thread, and a digest of the SASS (the same digest in two reports: the same
+code).
 """
 import argparse
 import datetime
+import hashlib
 import re
 import subprocess
 import sys
@@ -33,27 +40,44 @@ RESIDENT_K = 256
 CC = 90
 
 
-def family_config(cell, resident):
+def family_config(cell, resident, resident_k=RESIDENT_K):
     if resident:
-        return (*kernels.RESIDENT_TILE, *kernels.split_k(RESIDENT_K, True), True)
+        return (*kernels.RESIDENT_TILE, *kernels.split_k(resident_k, True), True)
     return (16, 16, kernels.STREAM_NK, kernels.STREAM_BK, False)
+
+
+def sass_digest(code):
+    """A short digest of a cuobjdump --dump-sass, without its header lines (the temporary file's name)."""
+    body = "\n".join(line for line in code.splitlines() if line.lstrip().startswith("/*"))
+    return hashlib.sha1(body.encode()).hexdigest()[:10]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="")
+    parser.add_argument("--variants", default="", help="comma-separated VARIANTS names to switch on")
+    parser.add_argument("--resident-k", type=int, default=RESIDENT_K)
+    parser.add_argument("--kernels", choices=("forward", "backward", "both"), default="both")
     args = parser.parse_args(argv)
+    wanted = [name for name in args.variants.split(",") if name]
+    unknown = set(wanted) - set().union(*map(set, sass.KERNEL_VARIANTS.values()))
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], capture_output=True, text=True).stdout.strip()
     rows = []
     started = time.perf_counter()
     for fn_name, cell, dtype, precision, resident in FAMILIES:
-        config = family_config(cell, resident)
-        compiled = sass.compile_kernel(fn_name, cell, dtype, precision, *config, cc=CC, hints=True)
-        shape = sass.round_shape(sass.cuobjdump(compiled, "--dump-sass"))
+        if args.kernels != "both" and fn_name != f"birnn_{args.kernels}_kernel":
+            continue
+        config = family_config(cell, resident, args.resident_k)
+        variants = [name for name in wanted if name in sass.KERNEL_VARIANTS[fn_name]]
+        compiled = sass.compile_kernel(fn_name, cell, dtype, precision, *config, cc=CC, hints=True, variants=variants)
+        code = sass.cuobjdump(compiled, "--dump-sass")
+        shape = sass.round_shape(code)
         registers = int(re.search(r"REG:(\d+)", sass.cuobjdump(compiled, "--dump-resource-usage")).group(1))
-        variant = f"resident K{RESIDENT_K}" if resident else "streamed 16x16"
+        variant = f"resident K{args.resident_k}" if resident else "streamed 16x16"
         barriers = shape["BARRIERS"] + (shape["BARRIERS_PER_K_CHUNK"] if resident else 0)
         barrier_text = str(barriers) if resident else f"{barriers} + {shape['BARRIERS_PER_K_CHUNK']} per K chunk"
         dependent = "-" if shape["DEPENDENT_LOADS"] is None else str(shape["DEPENDENT_LOADS"])
@@ -62,13 +86,14 @@ def main(argv=None):
         rows.append(f"| {fn_name.split('_')[1]} | {cell} | {sass.SIGNATURE_DTYPES[dtype]}-{precision} | {variant} | "
                     f"{dependent} | {loads} | {shape['WAIT_TO_ARRIVE']} | {shape['ARRIVE_TO_WAIT']} | {chunk} | {barrier_text} | "
                     f"{shape['LOOP_SPILLS']} | "
-                    f"{registers} |")
+                    f"{registers} | {sass_digest(code)} |")
         print(rows[-1], flush=True)
     text = "\n".join([
         f"# SASS report{': ' + args.title if args.title else ''}",
         "",
         f"Kernels at {commit}{' (kernels/ modified)' if dirty else ''}, Triton {triton.__version__}, sm_{CC}, "
-        f"{datetime.date.today()}: `make sass-report` ({time.perf_counter() - started:.0f} s). Each configuration "
+        f"{datetime.date.today()}: `make sass-report` ({time.perf_counter() - started:.0f} s"
+        f"{', variants ' + ', '.join(wanted) if wanted else ''}). Each configuration "
         "compiled as launched on a grid with a barrier: fp32 state, divisibility-by-16 hints (H, B, T multiples "
         "of 16, aligned tensors), SAVE=True.",
         "",
@@ -87,11 +112,12 @@ def main(argv=None):
         "products; '-': resident, or the dot runs on FMA units.",
         "- CTA barriers: BAR instructions in one step's code at one round (each poll of the grid barrier adds its own).",
         "- spills: STL / LDL in the time loop.",
+        "- SASS: a digest of the kernel's SASS (the same in two reports: the same code).",
         "",
         "| kernel | cell | dtype-dot | W_hh | dependent loads before 1st MMA | loads before 1st MMA | dependent loads "
         "wait -> arrive | loads arrive -> wait | dependent loads per K chunk | CTA barriers per step | loop spills | "
-        "registers |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "registers | SASS |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
         *rows,
         "",
     ])
