@@ -137,7 +137,8 @@ def test_options_follow_checked_triton():
 # the LSTM in bf16 at H 512 and 1024, in fp32 under TF32 at H 1024, on an H100's 132 SMs, as select_config
 # picks under 3.6's rules), each as the JIT launches aligned tensors at H a multiple of 16 (hinted) and
 # its TIMING build; the K = 1024 LSTM also unhinted (H not a multiple of 16); the GRU and RNN resident at
-# K = 1024, the widest resident tile. (cell, dtype, precision, B, H, hints, timing, resident)
+# K = 1024, the widest resident tile; the LSTM and GRU in fp32 under TF32 resident at K = 512, the widest
+# resident fp32 tile. (cell, dtype, precision, B, H, hints, timing, resident)
 TAGGED_BUILDS = [("LSTM", "bfloat16", "ieee", 16, 1024, True, False, True),
                  ("LSTM", "bfloat16", "ieee", 16, 1024, True, True, True),
                  ("LSTM", "bfloat16", "ieee", 16, 1024, False, False, True),
@@ -146,7 +147,9 @@ TAGGED_BUILDS = [("LSTM", "bfloat16", "ieee", 16, 1024, True, False, True),
                  ("LSTM", "float32", "tf32", 16, 1024, True, False, False),
                  ("LSTM", "float32", "tf32", 16, 1024, True, True, False),
                  ("GRU", "bfloat16", "ieee", 16, 1024, True, False, True),
-                 ("RNN_TANH", "bfloat16", "ieee", 16, 1024, True, False, True)]
+                 ("RNN_TANH", "bfloat16", "ieee", 16, 1024, True, False, True),
+                 ("LSTM", "float32", "tf32", 16, 512, True, False, True),
+                 ("GRU", "float32", "tf32", 16, 512, True, False, True)]
 TAGGED_CHILD = r"""
 import json, re, sys, torch, triton
 sys.path.insert(0, sys.argv[1])
