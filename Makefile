@@ -23,12 +23,14 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 # The tests (what CI runs): the suite, the CPU kernel's tests again under the AVX2 ceiling, the GPU
-# check's script interpreted on the CPU, the benchmarks once each, untimed, and the wheels installed.
+# check's script interpreted on the CPU, the benchmarks once each, untimed, the step-tagged forward's
+# builds under the GPU image's Triton 3.6 (no spills), and the wheels installed.
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 	$(MAKE) test-avx2
 	$(MAKE) gpu-selftest
 	$(PY) -m pytest benchmarks --benchmark-disable -q
+	$(MAKE) triton36 TRITON36_ARGS='-k tagged'
 	$(MAKE) test-wheel
 
 bench: $(VENV)/.installed
