@@ -203,21 +203,21 @@ def plan(cell, hidden, batch, dtype, fit=True):
     split_k = max(1, 8 // unit_warps)
     if split_k not in SPLITS and fit:
         raise ValueError(f"H = {hidden} needs {units} units a CTA: more than one cluster of {MAX_CLUSTER} "
-                         "CTAs can hold (the multi-cluster kernel is not built)")
+                         "CTAs can hold (l2_plan: the l2 exchange)")
     warp_k_tiles = ceil_div(k_tiles, split_k)
     reg_k_tiles = 4 if warp_k_tiles <= 4 else 8
     if dtype in FP32_DTYPES and split_k == 2 and reg_k_tiles == 8:
         reg_k_tiles = 6
     if fit and dtype in FP32_DTYPES and (split_k, reg_k_tiles) not in FP32_VARIANTS:
         raise ValueError(f"H = {hidden} in fp32 needs {units} units a CTA: its W_hh does not fit one cluster "
-                         "(the multi-cluster kernel is not built)")
+                         "(l2_plan: the l2 exchange)")
     n_tiles = ceil_div(min(max(batch, 1), ROWS_PER_CLUSTER), 8)
     result = Plan(cell, dtype, hidden, batch, gates, units, cluster, slices, unit_warps, split_k, k_tiles,
                   warp_k_tiles, reg_k_tiles, max(0, warp_k_tiles - reg_k_tiles), n_tiles,
                   ceil_div(max(batch, 1), ROWS_PER_CLUSTER))
     if fit and result.smem_bytes > SMEM_LIMIT:
         raise ValueError(f"H = {hidden}, B = {batch} ({dtype}) needs {result.smem_bytes} bytes of shared memory "
-                         f"a CTA, more than {SMEM_LIMIT} (the multi-cluster kernel is not built)")
+                         f"a CTA, more than {SMEM_LIMIT} in one cluster (l2_plan: the l2 exchange)")
     return result
 
 

@@ -83,14 +83,14 @@ def test_plan_sizes():
         assert p.slices * p.units >= 16 * p.k_tiles and p.split_k * p.warp_k_tiles >= p.k_tiles
         assert (p.split_k, p.reg_k_tiles) in {(s, r) for _, _, s, r in schedule.INSTANCES}
         assert p.threads <= 1024 and p.slice_bytes % 16 == 0 and p.smem_bytes <= schedule.SMEM_LIMIT
-    with pytest.raises(ValueError, match="multi-cluster"):
+    with pytest.raises(ValueError, match="l2_plan"):
         schedule.plan("LSTM", 1024, 64, "bf16")
     with pytest.raises(ValueError, match="bf16"):
         schedule.plan("LSTM", 64, 4, "fp64")
 
 
 # The largest H one cluster a direction holds in fp32 (W_hh, the h buffers and the split-K partials
-# within shared memory), by cell and batch; past it the plan refuses (the multi-cluster kernel).
+# within shared memory), by cell and batch; past it the plan refuses (l2_plan takes it).
 FP32_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 416, ("LSTM", 1): 480, ("GRU", 64): 264, ("GRU", 16): 416,
                 ("RNN_TANH", 64): 336, ("RNN_TANH", 16): 512}
 
@@ -107,7 +107,7 @@ def test_fp32_plans(cell, B):
         assert (p.split_k, p.reg_k_tiles) in built and p.smem_bytes <= schedule.SMEM_LIMIT
         assert p.k_tiles == -(-H // 8) and p.slices * p.units >= 8 * p.k_tiles and p.threads <= 256
         assert p.kernel.startswith(f"birnn_forward_{schedule.FAMILIES[cell]}_fp32_") and p.cubin.endswith("_fp32")
-    with pytest.raises(ValueError, match="multi-cluster"):
+    with pytest.raises(ValueError, match="l2_plan"):
         schedule.plan(cell, largest + 8, B, "fp32")
 
 
@@ -133,7 +133,7 @@ def test_fp32_backward_plans(cell, B):
         assert p.kernel == f"birnn_backward_{schedule.FAMILIES[cell]}_fp32_r{p.chunk_rows}"
         assert p.cubin == f"backward_{schedule.FAMILIES[cell]}_fp32"
         assert (cell if cell != "RNN_RELU" else "RNN_TANH", "fp32", p.chunk_rows) in schedule.BACKWARD_INSTANCES
-    with pytest.raises(ValueError, match="shared memory|multi-cluster"):
+    with pytest.raises(ValueError, match="shared memory|l2_plan"):
         schedule.backward_plan(cell, largest + 8, B, "fp32")
 
 
