@@ -358,15 +358,21 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     return output, h_n, c_n, workspace
 
 
-def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None):
+def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None, exchange=None):
     """The forward's launch into given results (output (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or
-    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first."""
+    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first.
+    ``exchange="l2"`` takes the l2 exchange's plan even where a cluster holds the layer (the device
+    check's odd sizes)."""
     T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     xg = input_projection(input, weights, gates, H)
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
     b_hh = torch.stack([weights[3], weights[7]]).contiguous()
     h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
-    plan = forward_plan(cell, H, B, kernel_dtype(input.dtype), _arch(input.device), _sm_count(input.device))
+    arch, sms = _arch(input.device), _sm_count(input.device)
+    if exchange == "l2":
+        plan = schedule.l2_plan(cell, H, B, kernel_dtype(input.dtype), sms, schedule.L2_ARCHS[arch][1])
+    else:
+        plan = forward_plan(cell, H, B, kernel_dtype(input.dtype), arch, sms)
     pointers = dict(
         xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), b_hh=b_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(),
         lengths=lengths.data_ptr(),
