@@ -77,7 +77,8 @@ triton36: $(VENV)/.installed
 	BIRNN_FAST_TRITON36=$(CURDIR)/build/triton36 $(PY) -m pytest tests/test_triton_36.py -q $(TRITON36_ARGS)
 
 # `cubins`: the CUDA kernels (csrc/cuda/build.py -> birnn_fast/cubins/, no GPU needed; the
-# architectures from BIRNN_FAST_CUDA_ARCHS, default sm_90a and sm_100a). Standard library only.
+# architectures from BIRNN_FAST_CUDA_ARCHS, default sm_90a, sm_100a and sm_80: the l2 exchange's units
+# only there). Standard library only.
 .PHONY: cubins
 cubins:
 	$(PYTHON) csrc/cuda/build.py

@@ -10,7 +10,9 @@ csrc/cuda/README.md.
 
 So far: the forward and the backward of every cell in bfloat16 / float16 and float32 (where one
 cluster a direction holds W_hh: cuda_schedule.plan and backward_plan), without projections, on
-sm_90 / sm_100. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read
+sm_90 / sm_100; where one cluster cannot hold it, and on sm_80 (no clusters), the forward with the
+l2 exchange (cuda_schedule.l2_plan: a cooperative launch of plain CTAs exchanging step-tagged words
+through L2, whose status word is read after the launch) and the Triton backward on its workspace. float32 follows cuDNN's RNN precision rule (kernels/config.py's fp32_precision), read
 at each launch: TF32 MMAs where it says "tf32", else 3xTF32 (as exact as IEEE fp32), and the
 launcher's GEMMs (the input projection, grad_input, the weight gradients) under the same rule. Where
 the CUDA backward cannot run a layer (``why_not(..., backward=True)``: e.g. the fp32 LSTM at B <= 16
@@ -54,7 +56,8 @@ except ImportError:
 CUBIN_DIR = pathlib.Path(os.environ.get("BIRNN_FAST_CUBIN_DIR") or pathlib.Path(__file__).resolve().parent / "cubins")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Compute capability -> the cubin's architecture (build.py's names).
-ARCHS = {(9, 0): "90a", (10, 0): "100a"}
+ARCHS = {(8, 0): "80", (9, 0): "90a", (10, 0): "100a"}
+CLUSTER_ARCHS = ("90a", "100a")  # the others run only the l2 exchange's forward
 
 
 class ForwardParams(ctypes.Structure):
@@ -64,6 +67,12 @@ class ForwardParams(ctypes.Structure):
                [(name, ctypes.c_int32) for name in
                 ("T", "B", "H", "units", "cluster", "slices", "unit_warps", "k_tiles", "warp_k_tiles", "smem_k_tiles",
                  "n_tiles", "relu")]
+
+
+class L2Params(ctypes.Structure):
+    """csrc/cuda/schedule.cuh's L2Params, field by field: the l2 exchange's kernels' argument."""
+    _fields_ = [("p", ForwardParams), ("words", ctypes.c_void_p), ("status", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int32) for name in ("chunks", "word_rows", "partial_slices", "max_polls")]
 
 
 class BackwardParams(ctypes.Structure):
@@ -80,11 +89,29 @@ def cubin_path(arch, name="forward_lstm"):
     return CUBIN_DIR / f"{name}.sm_{arch}.cubin"
 
 
+def forward_plan(cell, hidden, batch, dtype, arch="90a", sms=None):
+    """The forward's plan on an architecture (build.py's name) with ``sms`` SMs (default
+    cuda_schedule.L2_ARCHS'): the cluster kernel's where the architecture has clusters and one a
+    direction holds W_hh, else the l2 exchange's; a ValueError naming both reasons otherwise."""
+    default_sms, smem_limit = schedule.L2_ARCHS.get(arch, schedule.L2_ARCHS["90a"])
+    cluster_reason = "sm_80 has no thread-block clusters"
+    if arch in CLUSTER_ARCHS:
+        try:
+            return schedule.plan(cell, hidden, batch, dtype)
+        except ValueError as error:
+            cluster_reason = str(error)
+    try:
+        return schedule.l2_plan(cell, hidden, batch, dtype, sms or default_sms, smem_limit)
+    except ValueError as error:
+        raise ValueError(f"{cluster_reason}; and the l2 exchange: {error}") from None
+
+
 def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backward=False):
     """The reason the CUDA kernels cannot run one layer (tensors of this device and dtype, cell,
     hidden size, batch and, with ``projections``, an LSTM with proj_size), or None if they can;
     without ``hidden``, whether they can run that device, dtype and cell at all. With ``backward``,
-    the same for the backward kernel."""
+    the same for the backward kernel. The forward: the cluster kernel or, where it cannot take the
+    layer or the device has no clusters (sm_80), the l2 exchange's (forward_plan)."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"the cuda backend runs CUDA tensors, got a {device.type} tensor"
@@ -94,7 +121,10 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
         return "the cuda backend's kernels do not take proj_size > 0 (LSTM projections) yet"
     try:
         if hidden is not None:
-            (schedule.backward_plan if backward else schedule.plan)(cell, hidden, batch, DTYPES[dtype])
+            if backward:
+                schedule.backward_plan(cell, hidden, batch, DTYPES[dtype])
+            else:
+                forward_plan(cell, hidden, batch, DTYPES[dtype])
         elif backward:
             schedule.backward_plan(cell, 8, batch, DTYPES[dtype])
     except ValueError as error:
@@ -108,13 +138,33 @@ def why_not(device, dtype, cell, hidden=None, batch=1, projections=False, backwa
     capability = torch.cuda.get_device_capability(device)
     arch = ARCHS.get(capability)
     if arch is None:
-        return (f"the cuda backend's kernels need thread-block clusters, built for sm_90a / sm_100a; this device is "
-                f"sm_{capability[0]}{capability[1]} (the sm_80 variant is not built)")
+        return (f"the cuda backend's kernels are built for sm_80, sm_90a and sm_100a; this device is "
+                f"sm_{capability[0]}{capability[1]}")
+    if backward and arch not in CLUSTER_ARCHS:
+        return f"the cuda backend's backward needs thread-block clusters (sm_90 or later); this device is sm_{arch}"
+    exchange = "cluster"
+    if not backward and hidden is not None:
+        try:
+            exchange = forward_plan(cell, hidden, batch, DTYPES[dtype], arch, _sm_count(device)).exchange
+        except ValueError as error:
+            return f"the cuda backend cannot run this layer on this device: {error}"
+    elif arch not in CLUSTER_ARCHS:
+        exchange = "l2"
     path = cubin_path(arch, schedule.backward_cubin_name(cell, DTYPES[dtype]) if backward else
-                      schedule.cubin_name(cell, DTYPES[dtype]))
+                      schedule.cubin_name(cell, DTYPES[dtype], exchange))
     if not path.exists():
         return f"{path} is missing (make cubins, or set BIRNN_FAST_CUBIN_DIR)"
     return None
+
+
+def _sm_count(device):
+    """The device's SMs (the l2 plan fills them one CTA each)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _arch(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ARCHS[torch.cuda.get_device_capability(index)]
 
 
 def _check(result):
@@ -154,31 +204,43 @@ def module(device, name):
 
 
 def _function(device, plan):
-    """The plan's forward kernel, its shared-memory limit raised and clusters of 16 allowed."""
+    """The plan's forward kernel, its shared-memory limit raised and (cluster kernels) clusters of 16
+    allowed."""
     name = plan.kernel
     loaded, functions = module(device, plan.cubin)
     with _lock:
         if name not in functions:
             function = _check(driver.cuModuleGetFunction(loaded, name.encode()))
             attribute = driver.CUfunction_attribute
+            limit = schedule.SMEM_LIMIT
+            l2 = getattr(plan, "exchange", "cluster") == "l2"  # (a backward plan: clusters)
+            if l2:
+                limit = schedule.L2_ARCHS.get(_arch(device), schedule.L2_ARCHS["90a"])[1]
             _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                             schedule.SMEM_LIMIT))
-            _check(driver.cuFuncSetAttribute(function, attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                                             1))
+                                             limit))
+            if not l2:
+                _check(driver.cuFuncSetAttribute(
+                    function, attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1))
             functions[name] = function
         return functions[name]
 
 
 def launch_config(plan, stream=0):
-    """The cuLaunchKernelEx configuration of a plan: grid (C, 2, chunks), C x 1 x 1 clusters."""
+    """The cuLaunchKernelEx configuration of a plan: grid (C, 2, chunks), C x 1 x 1 clusters; the l2
+    exchange's: the same grid, cooperative (the driver refuses a grid that cannot be resident at
+    once, whose polls would wait for CTAs that never run)."""
     config = driver.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = plan.grid
     config.blockDimX, config.blockDimY, config.blockDimZ = plan.threads, 1, 1
     config.sharedMemBytes = plan.smem_bytes
     config.hStream = driver.CUstream(stream)
     attribute = driver.CUlaunchAttribute()
-    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-    attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = plan.cluster, 1, 1
+    if getattr(plan, "exchange", "cluster") == "l2":  # (a backward plan: clusters)
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+        attribute.value.cooperative = 1
+    else:
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = plan.cluster, 1, 1
     config.attrs = [attribute]
     config.numAttrs = 1
     return config
@@ -191,6 +253,17 @@ def forward_params(plan, T, pointers):
                          slices=plan.slices, unit_warps=plan.unit_warps, k_tiles=plan.k_tiles,
                          warp_k_tiles=plan.warp_k_tiles, smem_k_tiles=plan.smem_k_tiles, n_tiles=plan.n_tiles,
                          relu=int(plan.cell == "RNN_RELU"))
+
+
+def l2_params(plan, T, pointers, words, status, max_polls):
+    """The l2 kernels' argument: forward_params and the exchange's buffer, status word and bound."""
+    return L2Params(p=forward_params(plan, T, pointers), words=words, status=status, chunks=plan.chunks,
+                    word_rows=plan.word_rows, partial_slices=plan.partial_slices, max_polls=max_polls)
+
+
+def max_polls():
+    """The l2 kernels' bound on a poll (kernels/config.py's MAX_POLLS on a GPU, as the Triton kernels')."""
+    return _fp32_rule.MAX_POLLS["cuda"] if _fp32_rule is not None else 1 << 22
 
 
 def max_active_clusters(plan, device=None):
@@ -285,26 +358,56 @@ def forward_op(cell, input, weights, h0, c0, lengths, save_workspace):
     return output, h_n, c_n, workspace
 
 
-def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None):
+def forward_into(cell, input, weights, h0, c0, lengths, output, h_n, c_n, workspace=None, exchange=None):
     """The forward's launch into given results (output (T, B, 2H), h_n (2, B, H), c_n (2, B, H) or
-    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first."""
+    (0,), workspace (T, B, 2, W*H) fp32 or None), all contiguous: the device check poisons them first.
+    ``exchange="l2"`` takes the l2 exchange's plan even where a cluster holds the layer (the device
+    check's odd sizes)."""
     T, B, _, gates, H = check_inputs(cell, input, weights, h0, c0, lengths)
     xg = input_projection(input, weights, gates, H)
     w_hh = torch.stack([weights[1], weights[5]]).contiguous()
     b_hh = torch.stack([weights[3], weights[7]]).contiguous()
     h0, c0, lengths = h0.contiguous(), c0.contiguous(), lengths.contiguous()
-    plan = schedule.plan(cell, H, B, kernel_dtype(input.dtype))
-    params = forward_params(plan, T, dict(
+    arch, sms = _arch(input.device), _sm_count(input.device)
+    if exchange == "l2":
+        plan = schedule.l2_plan(cell, H, B, kernel_dtype(input.dtype), sms, schedule.L2_ARCHS[arch][1])
+    else:
+        plan = forward_plan(cell, H, B, kernel_dtype(input.dtype), arch, sms)
+    pointers = dict(
         xg=xg.data_ptr(), w_hh=w_hh.data_ptr(), b_hh=b_hh.data_ptr(), h0=h0.data_ptr(), c0=c0.data_ptr(),
         lengths=lengths.data_ptr(),
         output=output.data_ptr(), h_n=h_n.data_ptr(), c_n=c_n.data_ptr(),
-        workspace=workspace.data_ptr() if workspace is not None else 0))
+        workspace=workspace.data_ptr() if workspace is not None else 0)
+    if plan.exchange == "l2":
+        # Every word tag -1 (no step's: an earlier launch's words are never taken for this one's),
+        # queued before the kernel on its stream.
+        words = torch.full((plan.exchange_words,), -1, dtype=torch.int64, device=input.device)
+        status = torch.zeros(1, dtype=torch.int32, device=input.device)
+        polls = max_polls()
+        params = l2_params(plan, T, pointers, words.data_ptr(), status.data_ptr(), polls)
+    else:
+        params = forward_params(plan, T, pointers)
     arguments = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     function = _function(input.device, plan)
     stream = torch.cuda.current_stream(input.device).cuda_stream
-    # xg, w_hh and the contiguous copies live until the kernel has read them: the caching allocator
-    # reuses their memory only for work queued after this launch on the same stream.
+    # xg, w_hh, the words and the contiguous copies live until the kernel has read them: the caching
+    # allocator reuses their memory only for work queued after this launch on the same stream.
     _check(driver.cuLaunchKernelEx(launch_config(plan, stream), function, ctypes.addressof(arguments), 0))
+    if plan.exchange == "l2":
+        check_status(status, plan, polls)
+
+
+def check_status(status, plan, polls):
+    """After an l2 launch: a RuntimeError naming the kernel and plan if a poll gave up (the grid was
+    not resident at once; the results are garbage). A host sync; skipped inside a CUDA graph capture,
+    where none is allowed (the bounded polls still end the launch)."""
+    if torch.cuda.is_current_stream_capturing():
+        return
+    if int(status.item()):
+        raise RuntimeError(
+            f"birnn_fast cuda backend: {plan.kernel} with {plan}: a CTA waited for the step-tagged words of the "
+            f"others for more than {polls} polls, so its grid of {plan.ctas} CTAs was not resident at once (a GPU "
+            "with fewer free SMs than the plan assumed); its results are garbage")
 
 
 def backward_op(cell, grad_output, grad_h_n, grad_c_n, input, weights, h0, c0, lengths, output, workspace,

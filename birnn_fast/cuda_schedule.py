@@ -41,14 +41,18 @@ CELLS_BUILT = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 FAMILIES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}
 
 
-def kernel_name(cell, dtype, split_k, reg_k_tiles):
-    return f"birnn_forward_{FAMILIES[cell]}_{dtype}_s{split_k}_r{reg_k_tiles}"
+def kernel_name(cell, dtype, split_k, reg_k_tiles, exchange="cluster"):
+    l2 = "_l2" if exchange == "l2" else ""
+    return f"birnn_forward_{FAMILIES[cell]}_{dtype}{l2}_s{split_k}_r{reg_k_tiles}"
 
 
-def cubin_name(cell, dtype="bf16"):
+def cubin_name(cell, dtype="bf16", exchange="cluster"):
     """The cubin (csrc/cuda/build.py's UNITS) holding a cell's forward kernels of a dtype: the 16-bit
-    ones in forward_<family>, fp32's (tf32 and fp32) in forward_<family>_fp32."""
-    return f"forward_{FAMILIES[cell]}" + ("_fp32" if dtype in FP32_DTYPES else "")
+    ones in forward_<family>, fp32's (tf32 and fp32) in forward_<family>_fp32; the l2 exchange's in
+    forward_<family>_l2 and forward_<family>_l2_fp32 (apart: the cluster cubins stay as they were,
+    and sm_80 builds only these)."""
+    return (f"forward_{FAMILIES[cell]}" + ("_l2" if exchange == "l2" else "") +
+            ("_fp32" if dtype in FP32_DTYPES else ""))
 
 
 def tile_k(dtype):
@@ -62,6 +66,17 @@ INSTANCES = tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TAN
                   for split in SPLITS for reg in REGISTER_TILES) + \
     tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in FP32_DTYPES
           for split, reg in FP32_VARIANTS)
+
+
+# The l2 exchange's kernels: every (S, R) of the cluster ones, in their own cubins (l2_plan).
+L2_INSTANCES = tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in HALF_DTYPES
+                     for split in SPLITS for reg in REGISTER_TILES) + \
+    tuple((cell, dtype, split, reg) for cell in ("LSTM", "GRU", "RNN_TANH") for dtype in FP32_DTYPES
+          for split, reg in FP32_VARIANTS)
+# Per architecture (build.py's names): the SMs the l2 plan may fill with one CTA each, and the
+# shared memory a CTA may opt in to. The launcher passes the device's own SM count.
+L2_ARCHS = {"90a": (132, SMEM_LIMIT), "100a": (148, SMEM_LIMIT), "80": (108, 166912)}
+L2_UNITS = (32, 24, 16, 8)  # the slices the l2 plan tries, fewest CTAs first (S = 2, 2, 4, 8)
 
 
 def ceil_div(a, b):
@@ -91,6 +106,10 @@ class Plan:
     smem_k_tiles: int  # the rest, in shared memory
     n_tiles: int  # batch tiles of 8 of a chunk: ceil(min(B, 64) / 8)
     chunks: int  # clusters per direction: ceil(B / 64)
+    # "cluster": one thread-block cluster a (direction, chunk), h through DSMEM. "l2": C plain CTAs a
+    # (direction, chunk), h through L2 as step-tagged words, a cooperative launch (l2_plan).
+    exchange: str = "cluster"
+    partial_slices: int = 0  # l2: the split-K partials in this many h slices of hbuf (0: their own area)
 
     @property
     def threads(self):
@@ -107,7 +126,9 @@ class Plan:
 
     @property
     def hbuf_bytes(self):
-        return 2 * self.slices * self.slice_bytes
+        """Two h buffers (the cluster exchange: one receives while the other is read), or one (l2:
+        the CTA stages the step's words into it between two CTA barriers)."""
+        return (1 if self.exchange == "l2" else 2) * self.slices * self.slice_bytes
 
     @property
     def wsm_bytes(self):
@@ -120,8 +141,32 @@ class Plan:
     @property
     def smem_bytes(self):
         """Dynamic shared memory: hbuf, W_hh's shared part, the split-K partials, two mbarriers
-        (the layout of smem_layout in schedule.cuh)."""
+        (the layout of smem_layout in schedule.cuh). l2: no mbarriers, and the partials in hbuf's
+        slices where partial_slices says so."""
+        if self.exchange == "l2":
+            return self.hbuf_bytes + self.wsm_bytes + (0 if self.partial_slices else self.partial_bytes)
         return self.hbuf_bytes + self.wsm_bytes + self.partial_bytes + 16
+
+    @property
+    def ctas(self):
+        """CTAs of the grid, all resident at once (l2: a cooperative launch, one CTA an SM)."""
+        return self.cluster * 2 * self.chunks
+
+    @property
+    def rows_per_word(self):
+        """l2: the rows of one unit a tagged word carries (32 bits of payload: two 16-bit h or one fp32)."""
+        return 4 // DTYPE_BYTES[self.dtype]
+
+    @property
+    def word_rows(self):
+        """l2: tagged words along the rows of a slice (rows / rows_per_word)."""
+        return self.rows // self.rows_per_word
+
+    @property
+    def exchange_words(self):
+        """l2: the 64-bit words of the global exchange buffer: 2 parities x chunks x 2 directions x
+        C slices x word_rows x U."""
+        return 2 * self.chunks * 2 * self.cluster * self.word_rows * self.units
 
     @property
     def expect_bytes(self):
@@ -134,11 +179,11 @@ class Plan:
 
     @property
     def kernel(self):
-        return kernel_name(self.cell, self.dtype, self.split_k, self.reg_k_tiles)
+        return kernel_name(self.cell, self.dtype, self.split_k, self.reg_k_tiles, self.exchange)
 
     @property
     def cubin(self):
-        return cubin_name(self.cell, self.dtype)
+        return cubin_name(self.cell, self.dtype, self.exchange)
 
 
 def plan(cell, hidden, batch, dtype, fit=True):
@@ -158,22 +203,74 @@ def plan(cell, hidden, batch, dtype, fit=True):
     split_k = max(1, 8 // unit_warps)
     if split_k not in SPLITS and fit:
         raise ValueError(f"H = {hidden} needs {units} units a CTA: more than one cluster of {MAX_CLUSTER} "
-                         "CTAs can hold (the multi-cluster kernel is not built)")
+                         "CTAs can hold (l2_plan: the l2 exchange)")
     warp_k_tiles = ceil_div(k_tiles, split_k)
     reg_k_tiles = 4 if warp_k_tiles <= 4 else 8
     if dtype in FP32_DTYPES and split_k == 2 and reg_k_tiles == 8:
         reg_k_tiles = 6
     if fit and dtype in FP32_DTYPES and (split_k, reg_k_tiles) not in FP32_VARIANTS:
         raise ValueError(f"H = {hidden} in fp32 needs {units} units a CTA: its W_hh does not fit one cluster "
-                         "(the multi-cluster kernel is not built)")
+                         "(l2_plan: the l2 exchange)")
     n_tiles = ceil_div(min(max(batch, 1), ROWS_PER_CLUSTER), 8)
     result = Plan(cell, dtype, hidden, batch, gates, units, cluster, slices, unit_warps, split_k, k_tiles,
                   warp_k_tiles, reg_k_tiles, max(0, warp_k_tiles - reg_k_tiles), n_tiles,
                   ceil_div(max(batch, 1), ROWS_PER_CLUSTER))
     if fit and result.smem_bytes > SMEM_LIMIT:
         raise ValueError(f"H = {hidden}, B = {batch} ({dtype}) needs {result.smem_bytes} bytes of shared memory "
-                         f"a CTA, more than {SMEM_LIMIT} (the multi-cluster kernel is not built)")
+                         f"a CTA, more than {SMEM_LIMIT} in one cluster (l2_plan: the l2 exchange)")
     return result
+
+
+def l2_plan(cell, hidden, batch, dtype, sms=L2_ARCHS["90a"][0], smem_limit=SMEM_LIMIT, fit=True):
+    """The launch plan of one layer with the l2 exchange (where one cluster a direction cannot hold
+    W_hh, and on sm_80), or a ValueError saying why it cannot run. C CTAs a (direction, chunk of 64
+    rows), CTA ``rank`` owning U units with all their gates as the cluster plan's, W_hh on chip as
+    there; the largest U of L2_UNITS (at most the cluster plan's) whose grid, one CTA an SM, fits
+    ``sms`` and whose shared memory fits ``smem_limit``. Every CTA of the grid must be resident at
+    once (the readers poll the writers' words): the launch is cooperative and the plan says how many
+    CTAs it needs (``ctas``). ``fit=False``: the largest U within ``sms``, shared memory and the
+    compiled (S, R) unchecked (the CPU model)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"the CUDA kernels take {', '.join(DTYPE_BYTES)}, got {dtype}")
+    if cell not in CELLS_BUILT and fit:
+        raise ValueError(f"the CUDA kernels run {', '.join(CELLS_BUILT)} so far, got {cell}")
+    gates = cell_of(cell).gates
+    widest = max(8, 8 * ceil_div(ceil_div(hidden, MAX_CLUSTER), 8))
+    k_tiles = ceil_div(hidden, tile_k(dtype))
+    n_tiles = ceil_div(min(max(batch, 1), ROWS_PER_CLUSTER), 8)
+    chunks = ceil_div(max(batch, 1), ROWS_PER_CLUSTER)
+    candidates = []
+    for units in (u for u in L2_UNITS if u <= widest):
+        cluster = ceil_div(hidden, units)
+        slices = max(cluster, ceil_div(tile_k(dtype) * k_tiles, units))
+        unit_warps = units // 8
+        split_k = 8 // unit_warps
+        warp_k_tiles = ceil_div(k_tiles, split_k)
+        reg_k_tiles = 4 if warp_k_tiles <= 4 else 8
+        if dtype in FP32_DTYPES and split_k == 2 and reg_k_tiles == 8:
+            reg_k_tiles = 6
+        result = Plan(cell, dtype, hidden, batch, gates, units, cluster, slices, unit_warps, split_k, k_tiles,
+                      warp_k_tiles, reg_k_tiles, max(0, warp_k_tiles - reg_k_tiles), n_tiles, chunks, "l2")
+        # The partials alias hbuf's slices past the CTA's own (partial_slice) where 2P <= C: hbuf holds
+        # only staged h, rewritten each step after the CTA barrier that ends the partials' reads.
+        needed = ceil_div(result.partial_bytes, result.slice_bytes)
+        if result.partial_bytes and 2 * needed <= cluster:
+            result = dataclasses.replace(result, partial_slices=needed)
+        candidates.append(result)
+        built = dtype not in FP32_DTYPES or (split_k, result.reg_k_tiles) in FP32_VARIANTS
+        if built and result.ctas <= sms and result.smem_bytes <= smem_limit:
+            return result
+    if not fit:  # the largest U within the SMs (the model's tests force a U by sms), else the largest
+        return next((c for c in candidates if c.ctas <= sms), candidates[0])
+    resident = [c for c in candidates if c.ctas <= sms]
+    if not resident:
+        raise ValueError(f"H = {hidden}, B = {batch} ({dtype}) needs at least {candidates[0].ctas} CTAs resident at "
+                         f"once with the l2 exchange (U = {candidates[0].units}), more than the {sms} SMs")
+    built = [c for c in resident if dtype not in FP32_DTYPES or (c.split_k, c.reg_k_tiles) in FP32_VARIANTS]
+    if not built:
+        raise ValueError(f"H = {hidden}, B = {batch} ({dtype}): no compiled (S, R) of the l2 exchange within {sms} SMs")
+    raise ValueError(f"H = {hidden}, B = {batch} ({dtype}) needs {min(c.smem_bytes for c in built)} bytes of shared "
+                     f"memory a CTA with the l2 exchange within {sms} SMs, more than {smem_limit}")
 
 
 # --- The index functions (schedule.cuh mirrors each, same name and arguments) -------------------
@@ -268,6 +365,37 @@ def phase_parity(s):
     steps 1, 3, 5..., full[0] for 2, 4, 6... (each armed at the start, then re-armed by the step that
     waited on it, for the step two later)."""
     return ((s - 1) >> 1) & 1
+
+
+def word_tag(s):
+    """l2: the tag of the words carrying h_s (h0 is never exchanged: tags start at 1). A word's slot is
+    (parity s % 2, slice, word row, column); the launcher fills the buffer with tag -1 first, so no
+    word of an earlier launch is taken for this one's."""
+    return s
+
+
+def exchange_word(p, word_rows, chunks, parity, direction, chunk, slice_, word_row, col):
+    """l2: the 64-bit word (payload: 32 bits of h, ``rows_per_word`` rows of unit ``col`` of the
+    slice; tag: word_tag of its step) in the global buffer [2][chunks][2][C][word_rows][U]: a
+    slice's words contiguous (its owner's stores), a word row's U words contiguous (a warp's loads)."""
+    return ((((parity * chunks + chunk) * 2 + direction) * p.cluster + slice_) * word_rows + word_row) * p.units + col
+
+
+def staged_word(p, word_rows, rank, w):
+    """l2: (slice, word row, column) of the w-th word CTA ``rank`` stages at a step: every word of the
+    other C-1 slices (its own it wrote itself; the K padding's slices are zero and never exchanged)."""
+    per_slice = word_rows * p.units
+    other = w // per_slice
+    within = w - other * per_slice
+    return other + (other >= rank) * 1, within // p.units, within % p.units
+
+
+def partial_slice(partial_slices, rank):
+    """l2 with partial_slices = P > 0: the first of the P h slices of hbuf the split-K partials take
+    in CTA ``rank``: never its own slice (the cell math reads its h_s there after the partials'
+    writes), never the K padding's (zeros the MMA reads): 0 .. P-1, or rank+1 .. rank+P for ranks
+    below P (the plan has 2P <= C)."""
+    return 0 if rank >= partial_slices else rank + 1
 
 
 def xg_gates(gates):
@@ -423,13 +551,16 @@ def _b_offsets(p, buffer, nt, kt):
     return offsets, set(slices.tolist())
 
 
-def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel_dtype="bf16"):
+def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel_dtype="bf16", exchange="cluster",
+                parities=2, sms=L2_ARCHS["90a"][0]):
     """``birnn_fast::forward`` computed by the model of the CUDA schedule: (output, h_n, c_n,
     workspace) as numpy arrays of input's dtype (float64 or float32 arrays or CPU tensors), NaN
     where nothing wrote; every cell, without projections, as the kernels. ``seed`` picks the
     interleaving of the CTAs' steps and the copies' deliveries; ``kernel_dtype`` the kernels' plan
     and fragment layouts (16-bit: "bf16"; fp32: "tf32" or "fp32", one layout), the arithmetic
-    being input's."""
+    being input's. ``exchange="l2"``: the l2 plan (``sms``) and exchange, each tagged word a store
+    of its own landing at a random time; ``parities`` the slots a word has by step (2, the kernel's;
+    1 shows why one is not enough: an AssertionError)."""
     input, h0, c0 = (np.asarray(x) for x in (input, h0, c0))
     weights = [np.asarray(w) for w in weights]
     lengths = np.asarray(lengths).astype(np.int64)
@@ -438,7 +569,8 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
     if len(weights) != 8:
         raise ValueError("the model runs layers without projections, as the kernels")
     H = weights[1].shape[0] // G
-    p = plan(cell, H, B, kernel_dtype, fit=fit)
+    l2 = exchange == "l2"
+    p = l2_plan(cell, H, B, kernel_dtype, sms=sms, fit=fit) if l2 else plan(cell, H, B, kernel_dtype, fit=fit)
     hbuf_offset = _hbuf_offset(p)
     dtype = input.dtype
     rng = random.Random(seed)
@@ -462,6 +594,17 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
                 for d in range(2) for chunk in range(p.chunks)}
     in_flight = []  # (destination CTA, buffer, slice, data, source CTA, step of the data)
     lanes, columns = np.arange(32)[:, None], np.arange(2)[None, :]  # an owner's elements: [32, 2]
+    # l2: the global buffer of tagged words of each (direction, chunk): tags and payloads (the
+    # rows_per_word values of a word) of [parity][slice][word row][column], filled with tag -1 by
+    # the launcher. A word is one store and one load (single-copy atomic): its tag and payload land
+    # together. in_flight holds ("word", group, slot, values, tag) stores not yet visible.
+    words, arrived = {}, {}  # arrived[(direction, chunk)][tag]: words landed with that tag, by slice
+    if l2:
+        rpw = p.rows_per_word
+        for key in clusters:
+            words[key] = (np.full((parities, p.cluster, p.word_rows, p.units), -1),
+                          np.zeros((parities, p.cluster, p.word_rows, p.units, rpw), dtype=dtype))
+            arrived[key] = {}
 
     def owned(cta, unit_warp, nt):
         """The (unit, batch row, chunk row) of each owner lane's two elements of batch tile nt: [32, 2]."""
@@ -476,6 +619,7 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
     def prologue(cta):
         # h0 into buffer 0, every slice (no exchange needed for it); buffer 1 and the K padding zero.
         d = cta.direction
+        cta.staged = 0  # l2: the last step whose words the CTA has read (h0: none to read)
         for slice_ in range(p.slices):
             padding = slice_ >= p.cluster
             cta.tags[:, slice_] = (-2, -2) if padding else (0, -1)
@@ -494,8 +638,66 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
                 ok = (unit < H) & (b < B)
                 if cell == "LSTM":
                     cta.c[unit_warp, nt] = np.where(ok, c0[d, np.minimum(b, B - 1), np.minimum(unit, H - 1)], 0.0)
-        cta.full[1].arrive_expect_tx(p.expect_bytes)  # for step 1
-        cta.full[0].arrive_expect_tx(p.expect_bytes)  # for step 2
+        if not l2:
+            cta.full[1].arrive_expect_tx(p.expect_bytes)  # for step 1
+            cta.full[0].arrive_expect_tx(p.expect_bytes)  # for step 2
+
+    def l2_ready(cta, s):
+        """Every word CTA ``cta`` stages at step s has landed with word_tag(s) (the kernel's polls
+        succeed; l2_stage checks each word's tag itself)."""
+        counts = arrived[cta.direction, cta.chunk].get(word_tag(s))
+        if counts is None:
+            return p.cluster == 1  # one CTA a direction: nothing to stage
+        return int(counts.sum() - counts[cta.rank]) == (p.cluster - 1) * p.word_rows * p.units
+
+    def l2_stage(cta, s):
+        """The polls and staging of step s: every word of the other slices, as the kernel's threads
+        walk them (staged_word), into hbuf (buffer 0) rows rows_per_word * word_row + j."""
+        tags, values = words[cta.direction, cta.chunk]
+        seen = np.zeros((p.cluster, p.word_rows, p.units), dtype=np.int64)
+        slice_, word_row, col = staged_word(p, p.word_rows, cta.rank, np.arange((p.cluster - 1) * p.word_rows * p.units))
+        assert (slice_ != cta.rank).all() and (0 <= slice_).all() and (slice_ < p.cluster).all()
+        index = exchange_word(p, p.word_rows, p.chunks, s % 2, cta.direction, cta.chunk, slice_, word_row, col)
+        assert (0 <= index).all() and (index < p.exchange_words).all()
+        assert (tags[s % parities, slice_, word_row, col] == word_tag(s)).all(), "a word of another step staged"
+        np.add.at(seen, (slice_, word_row, col), 1)
+        for j in range(rpw):
+            cta.hbuf[hbuf_offset(p, 0, slice_, rpw * word_row + j, col)] = values[s % parities, slice_, word_row, col, j]
+        others = [slice_ for slice_ in range(p.cluster) if slice_ != cta.rank]
+        assert (seen[others] == 1).all() and (seen[cta.rank] == 0).all(), "a word staged twice or not at all"
+        cta.tags[0, others] = s
+        cta.staged = s
+
+    def l2_publish(cta, s, h_slice_values):
+        """The owners' stores of h_{s+1} (their slice): one word a lane and batch tile (16-bit: its two
+        rows, e = 0, 1) or two (fp32: one a row), tag word_tag(s + 1), each landing on its own."""
+        written = np.zeros((p.word_rows, p.units), dtype=np.int64)
+        for unit_warp, nt, h in h_slice_values:
+            col = np.broadcast_to(8 * unit_warp + (lanes >> 2), (32, 2))
+            row = 8 * nt + 2 * (lanes & 3) + columns  # [32, 2]
+            for lane in range(32):
+                for e in range(2 // rpw):
+                    word_row = row[lane, rpw * e] // rpw
+                    assert all(row[lane, rpw * e + j] == rpw * word_row + j for j in range(rpw))
+                    payload = h[lane, rpw * e:rpw * e + rpw].copy()
+                    written[word_row, col[lane, 0]] += 1
+                    in_flight.append(("word", (cta.direction, cta.chunk), ((s + 1) % parities, cta.rank, word_row,
+                                                                             col[lane, 0]), payload, s + 1, cta))
+        assert (written == 1).all(), "a word of the slice written twice or not at all in a step"
+
+    def l2_deliver(copy):
+        _, key, slot, payload, tag, writer = copy
+        tags, values = words[key]
+        old = tags[slot]
+        assert old < tag, "a word's stores landed out of their order"
+        readers = [cta for cta in clusters[key] if cta is not writer]
+        assert old < 1 or all(reader.staged >= old for reader in readers), \
+            "a word overwrote one a reader had not read yet"
+        tags[slot] = tag
+        values[slot] = payload
+        counts = arrived[key].setdefault(tag, np.zeros(p.cluster, dtype=np.int64))
+        counts[slot[1]] += 1
+        return [reader for reader in readers if reader.step == tag]
 
     def b_tile(cta, buffer, nt, kt):
         offsets, slices = b_offsets[buffer, nt, kt]
@@ -505,7 +707,9 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
 
     def compute_step(cta, s):
         d, steps = cta.direction, cta.steps
-        buffer = read_buffer(s)
+        buffer = 0 if l2 else read_buffer(s)
+        if l2 and s >= 1:
+            l2_stage(cta, s)
         acc = {}
         for warp in range(p.unit_warps * p.split_k):
             unit_warp, ks = warp % p.unit_warps, warp // p.unit_warps
@@ -526,7 +730,18 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
                 index = partial_index(p, unit_warp, nt, partial_slot(ks, owner), mt)
                 assert index not in partials and 0 <= index * FRAGMENT_BYTES < p.partial_bytes
                 partials[index] = value
-        next_buffer = read_buffer(s + 1)
+        if l2 and p.partial_slices:
+            # The partials in hbuf's slices (after a CTA barrier: every warp's products are done):
+            # never the CTA's own slice or the K padding; garbage there until the next step's staging.
+            first = partial_slice(p.partial_slices, cta.rank)
+            assert not first <= cta.rank < first + p.partial_slices and first + p.partial_slices <= p.cluster
+            assert p.partial_bytes <= p.partial_slices * p.slice_bytes
+            for slice_ in range(first, first + p.partial_slices):
+                low = hbuf_offset(p, 0, slice_, 0, 0)
+                cta.hbuf[low:low + p.rows * p.units] = np.nan
+                cta.tags[0, slice_] = -3
+        next_buffer = 0 if l2 else read_buffer(s + 1)
+        published = []
         for unit_warp in range(p.unit_warps):
             for nt in range(p.n_tiles):
                 owner = tile_owner(p, nt)
@@ -583,7 +798,12 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
                 if cell == "LSTM":
                     c_n[d, b[last], unit[last]] = c_new[last]
                 cta.hbuf[hbuf_offset(p, next_buffer, slices, row, cols)] = h
-        if s + 1 < steps:
+                published.append((unit_warp, nt, h))
+        if l2:
+            cta.tags[0, cta.rank] = s + 1
+            if s + 1 < steps and p.cluster > 1:  # (one CTA a direction: no reader, nothing to publish)
+                l2_publish(cta, s, published)
+        elif s + 1 < steps:
             # Our own slice of the next buffer (last read in step s-1: read_done >= s-1), sent to each peer.
             cta.tags[next_buffer, cta.rank] = s + 1
             low = hbuf_offset(p, next_buffer, cta.rank, 0, 0)
@@ -593,6 +813,8 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
                     in_flight.append((peer, next_buffer, cta.rank, data, cta, s + 1))
 
     def deliver(copy):
+        if copy[0] == "word":
+            return l2_deliver(copy)
         peer, buffer, slice_, data, source, step = copy
         # A bulk copy reads its source while in flight: the source must still hold that step's h,
         # and the peer must have finished reading what it overwrites (the h of step - 2).
@@ -605,18 +827,40 @@ def run_forward(cell, input, weights, h0, c0, lengths, seed=0, fit=False, kernel
         peer.full[buffer].complete_tx(p.slice_bytes)
 
     ctas = [cta for group in clusters.values() for cta in group]
-    for cta in ctas:
+    for index, cta in enumerate(ctas):
+        cta.index = index
         cta.steps = cluster_steps(cta)
         prologue(cta)
-    while True:
+
+    def l2_can_run(cta):
+        return cta.step < cta.steps and (cta.step == 0 or l2_ready(cta, cta.step))
+
+    # l2: only a CTA's step (its own) or a word landing (the readers waiting for its tag) changes
+    # whether a CTA can run.
+    runnable = {cta.index for cta in ctas if l2_can_run(cta)} if l2 else set()
+    while l2 and (runnable or in_flight):
+        order = sorted(runnable)
+        choice = rng.randrange(len(order) + len(in_flight))
+        if choice < len(order):
+            cta = ctas[order[choice]]
+            compute_step(cta, cta.step)
+            cta.step += 1
+            affected = [cta]
+        else:
+            in_flight[choice - len(order)], in_flight[-1] = in_flight[-1], in_flight[choice - len(order)]
+            affected = deliver(in_flight.pop())
+        for cta in affected:
+            (runnable.add if l2_can_run(cta) else runnable.discard)(cta.index)
+    while not l2:
         runnable = [cta for cta in ctas if cta.step < cta.steps and
-                    (cta.step == 0 or cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step)))]
+                    (cta.step == 0 or (l2_ready(cta, cta.step) if l2 else
+                                       cta.full[read_buffer(cta.step)].ready(phase_parity(cta.step))))]
         if not runnable and not in_flight:
             break
         choice = rng.randrange(len(runnable) + len(in_flight))
         if choice < len(runnable):
             cta = runnable[choice]
-            if cta.step >= 1:
+            if cta.step >= 1 and not l2:
                 # Re-armed for step + 2 (the kernel: after the step's first CTA barrier, once every
                 # thread has seen this phase complete).
                 cta.full[read_buffer(cta.step)].arrive_expect_tx(p.expect_bytes)

@@ -1,8 +1,10 @@
-"""The CUDA kernels built from the checkout (csrc/cuda/build.py, sm_90a, no GPU needed) and what
-their compiled code says: every instance the plan can pick is there, no local memory, spills or stack,
-and the step loop of each is the design (csrc/cuda/README.md): tensor-core MMAs on h from shared
-memory, W_hh never re-read from global memory, h sent to the peers by bulk copies into their shared
-memory and waited for on mbarriers, no GPU-wide fence. Skipped where nvcc is missing."""
+"""The CUDA kernels built from the checkout (csrc/cuda/build.py, sm_90a, and sm_80 for the l2
+exchange's, no GPU needed) and what their compiled code says: every instance the plan can pick is
+there, no local memory, spills or stack, and the step loop of each is the design
+(csrc/cuda/README.md): tensor-core MMAs on h from shared memory, W_hh never re-read from global
+memory, h sent to the peers by bulk copies into their shared memory and waited for on mbarriers
+(the cluster kernels) or as step-tagged words through L2 polled with GPU-scope loads (the l2
+kernels), no GPU-wide fence. Skipped where nvcc is missing."""
 import importlib.util
 import os
 import pathlib
@@ -43,8 +45,40 @@ def cubins(tmp_path_factory):
         pytest.skip("nvcc is not installed")
     out = tmp_path_factory.mktemp("cubins")
     paths = build.build(out, archs="90a")
-    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_90a.cubin" for unit in build.UNITS)
+    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_90a.cubin" for unit in build.units("90a"))
     return out
+
+
+@pytest.fixture(scope="session")
+def cubins_80(tmp_path_factory):
+    """The sm_80 cubins (the l2 exchange's units only: no clusters there) built once per session."""
+    if build.nvcc() is None:
+        pytest.skip("nvcc is not installed")
+    out = tmp_path_factory.mktemp("cubins_80")
+    paths = build.build(out, archs="80")
+    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_80.cubin" for unit in build.L2_UNITS)
+    return out
+
+
+def addressed_sass(folder, pattern):
+    """{function: [(address, instruction)]} of the cubins in folder matching pattern."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump (Triton's wheel carries one) is not installed")
+    functions = {}
+    for cubin in sorted(folder.glob(pattern)):
+        text = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        for block in re.split(r"\n\s*Function : ", text)[1:]:
+            name, _, body = block.partition("\n")
+            functions[name.strip()] = [(int(m.group(1), 16), m.group(2).strip())
+                                       for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    return functions
+
+
+@pytest.fixture(scope="session")
+def l2_sass(cubins, cubins_80):
+    """The l2 kernels' SASS by architecture: {"90a": {function: [(address, instruction)]}, "80": ...}."""
+    return {"90a": addressed_sass(cubins, "forward_*_l2*.cubin"), "80": addressed_sass(cubins_80, "*.cubin")}
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +96,23 @@ def sass(cubins):
     return functions
 
 
-def test_every_instance_is_built_without_local_memory(cubins):
-    report = "".join(path.read_text() for path in sorted(cubins.glob("*.ptxas.txt")))
-    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n.*?Function properties for \1\n"
-                         r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
-                         r"ptxas info\s*: Used (\d+) registers([^\n]*)", report, re.S)
-    names = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES}
+def ptxas_entries(folder, arch):
+    report = "".join(path.read_text() for path in sorted(folder.glob("*.ptxas.txt")))
+    return re.findall(rf"Compiling entry function '(\w+)' for 'sm_{arch}'\n.*?Function properties for \1\n"
+                      r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+                      r"ptxas info\s*: Used (\d+) registers([^\n]*)", report, re.S)
+
+
+L2_NAMES = sorted(schedule.kernel_name(*instance, "l2") for instance in schedule.L2_INSTANCES)
+
+
+def test_every_instance_is_built_without_local_memory(cubins, cubins_80):
+    entries = ptxas_entries(cubins, "90a")
+    names = {schedule.kernel_name(*instance) for instance in schedule.INSTANCES} | set(L2_NAMES)
     assert {entry[0] for entry in entries if entry[0].startswith("birnn_forward_")} == names
+    entries_80 = ptxas_entries(cubins_80, "80")
+    assert {entry[0] for entry in entries_80} == set(L2_NAMES)
+    entries += entries_80
     names = {schedule.backward_kernel_name(*instance) for instance in schedule.BACKWARD_INSTANCES}
     assert {entry[0] for entry in entries if entry[0].startswith("birnn_backward_")} == names
     for name, stack, spill_stores, spill_loads, registers, rest in entries:
@@ -190,8 +234,70 @@ def test_build_honours_the_arch_list(monkeypatch):
         pytest.skip("nvcc is not installed")
     monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "sm_90a")
     assert build.archs_to_build(build.nvcc()) == ("90a",)
-    monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "80;90a")
-    with pytest.raises(SystemExit, match="sm_80 is not built: the kernels need thread-block clusters"):
+    monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "8.0;90a")
+    assert build.archs_to_build(build.nvcc()) == ("80", "90a")
+    assert build.units("80") == build.L2_UNITS and set(build.L2_UNITS) < set(build.units("90a"))
+    monkeypatch.setenv("BIRNN_FAST_CUDA_ARCHS", "75;90a")
+    with pytest.raises(SystemExit, match="sm_75 is not built: the kernels need sm_80 or thread-block clusters"):
         build.archs_to_build(build.nvcc())
     monkeypatch.delenv("BIRNN_FAST_CUDA_ARCHS")
     assert "90a" in build.archs_to_build(build.nvcc())
+
+
+def l2_step_loop(instructions):
+    """The l2 kernel's step loop: the innermost loop (a backward branch and its target) holding every
+    MMA, poll and publishing store."""
+    def opcode(text):
+        parts = text.split()
+        return parts[1] if parts[0].startswith("@") else parts[0]
+
+    marks = [address for address, text in instructions
+             if opcode(text).startswith("HMMA") or "STRONG.GPU" in opcode(text)]
+    low, high = min(marks), max(marks)
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA (?:\S+ )?0x([0-9a-f]+)", text)
+        if branch and opcode(text) == "BRA" and int(branch.group(1), 16) <= low and address >= high:
+            loops.append((address - int(branch.group(1), 16), int(branch.group(1), 16), address))
+    assert loops, "no loop holds the MMAs, the polls and the publishing stores"
+    _, start, end = min(loops)
+    return [opcode(text) for address, text in instructions if start <= address <= end]
+
+
+@pytest.mark.parametrize("arch", ["90a", "80"])
+@pytest.mark.parametrize("name", L2_NAMES)
+def test_l2_step_loop_is_the_design(l2_sass, arch, name):
+    """The l2 kernel's step loop: the MMAs of its dtype on h from shared memory (ldmatrix), the
+    other CTAs' words polled with GPU-scope 64-bit loads (LDG.E.64.STRONG.GPU: at L2, never a stale
+    L1 line) and h_{s+1} published with GPU-scope 64-bit stores, no fence, atomic or L1 invalidation
+    (the tag in each word replaces them: no grid barrier), CTA barriers only, W_hh not re-read from
+    global memory; on sm_80 no cluster instruction anywhere."""
+    instructions = l2_sass[arch][name]
+    loop = l2_step_loop(instructions)
+    wide = "_tf32_" in name or "_fp32_" in name
+    mma = "HMMA.1688.F32.TF32" if wide else "HMMA.16816.F32.BF16" if "_bf16_" in name else "HMMA.16816.F32"
+    assert mma in loop and not [op for op in loop if op.startswith("HMMA") and op != mma]
+    assert "LDSM.16.M88.4" in loop, "h's B fragments by ldmatrix.x4 from the staged buffer"
+    polls = [op for op in loop if op == "LDG.E.64.STRONG.GPU"]
+    # kL2Batch words issued at once, and re-read (the compiler may emit either twice).
+    assert 8 <= len(polls) <= 4 * 8, len(polls)
+    publishes = [op for op in loop if op == "STG.E.64.STRONG.GPU"]
+    split = int(re.search(r"_s(\d+)_", name).group(1))
+    assert 0 < len(publishes) <= 2 * (2 if wide else 1) * -(-8 // split), len(publishes)
+    # Global loads besides the polls: the input projection's, as the cluster kernels' (one a column of
+    # each batch tile the warp owns, on at most two paths). One K tile of W_hh would add 8 a warp.
+    loads = [op for op in loop if op.startswith("LDG") and op != "LDG.E.64.STRONG.GPU"]
+    width = {(False, True): "LDG.E.U16", (False, False): "LDG.E.64", (True, True): "LDG.E",
+             (True, False): "LDG.E.128"}[wide, "_elman_" in name]
+    assert 0 < len(loads) <= 2 * 2 * -(-8 // split), loads
+    assert set(loads) == {width}, sorted(set(loads))
+    assert not [op for op in loop if "STRONG" in op and op not in ("LDG.E.64.STRONG.GPU", "STG.E.64.STRONG.GPU")]
+    forbidden = [op for op in loop if op.startswith(("MEMBAR", "ATOM", "RED", "ERRBAR", "UCGABAR", "SYNCS", "UBLKCP",
+                                                     "STAS", "FENCE")) or (op.startswith("CCTL") and op != "CCTL.E.PF1")]
+    assert not forbidden, f"a fence, atomic or cluster instruction in the l2 step loop: {forbidden}"
+    barriers = [op for op in loop if op.startswith("BAR")]
+    assert barriers and set(barriers) == {"BAR.SYNC.DEFER_BLOCKING"} and len(barriers) <= 4, barriers
+    everywhere = [text.split()[1] if text.startswith("@") else text.split()[0] for _, text in instructions]
+    assert not [op for op in everywhere if op.startswith(("LDL", "STL"))], "local memory"
+    assert not [op for op in everywhere if op.startswith(("MEMBAR", "ATOM", "RED", "UCGABAR", "SYNCS", "UBLKCP",
+                                                          "STAS", "MAPA"))], "a fence, atomic or cluster instruction"

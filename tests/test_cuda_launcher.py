@@ -3,6 +3,7 @@ cannot run, its kernel argument is the CUDA struct byte for byte, its input proj
 layout the schedule reads, its launch configurations follow the plan, and the Triton backward it
 hands the gradients to reads the forward's workspace (the model's, run on the CPU) correctly."""
 import ctypes
+import itertools
 import pathlib
 import shutil
 import subprocess
@@ -22,8 +23,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_reasons_without_a_gpu():
     assert "CUDA tensors" in cuda_kernels.why_not("cpu", torch.bfloat16, "LSTM", 64)
     assert "float64" in cuda_kernels.why_not("cuda", torch.float64, "LSTM", 64)
-    assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float16, "LSTM", 1024, 64)
-    assert "multi-cluster" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 272, 64)
+    # Past one cluster the l2 exchange's plan takes the layer (the device decides the rest); past it
+    # both reasons.
+    reason = cuda_kernels.why_not("cuda", torch.float16, "LSTM", 2048, 64)
+    assert "one cluster" in reason and "l2 exchange" in reason and "shared memory" in reason
+    assert "l2 exchange within 132 SMs" in cuda_kernels.why_not("cuda", torch.float32, "LSTM", 1024, 64)
+    for dtype, H in ((torch.float16, 1024), (torch.float32, 512), (torch.float32, 272)):
+        reason = cuda_kernels.why_not("cuda", dtype, "LSTM", H, 64)
+        assert reason is None or "cannot run this layer" not in reason, reason
     # fp32's backward takes the LSTM to H = 384 at B = 16, its forward to 416.
     assert cuda_kernels.why_not("cuda", torch.float32, "LSTM", 392, 16) == \
         cuda_kernels.why_not("cuda", torch.float32, "LSTM", 384, 16, backward=True)
@@ -45,7 +52,7 @@ def lstm_args(input, H):
     return weights, h0, torch.randn_like(h0), torch.full((B,), T, dtype=torch.int64), True
 
 
-@pytest.mark.parametrize("struct", ["ForwardParams", "BackwardParams"])
+@pytest.mark.parametrize("struct", ["ForwardParams", "BackwardParams", "L2Params"])
 def test_params_struct_matches_cuda(struct):
     """Offsets and size of the kernels' arguments as nvcc lays out schedule.cuh's structs."""
     if shutil.which("nvcc") is None:
@@ -100,18 +107,20 @@ def test_launch_config_follows_the_plan(H, B):
     assert (params.T, params.B, params.H, params.units, params.n_tiles) == (7, B, H, p.units, p.n_tiles)
 
 
-@pytest.mark.parametrize("cell, T, B, H", [("LSTM", 5, 3, 40), ("LSTM", 4, 9, 24), ("GRU", 5, 3, 40),
-                                           ("RNN_RELU", 4, 9, 24)])
-def test_triton_backward_reads_the_workspace(cell, T, B, H):
-    """The model's forward (the CUDA schedule) and its workspace, then the Triton backward (the cuda
-    backend's, interpreted here) on them: every gradient as the reference's, in float32."""
+@pytest.mark.parametrize("cell, T, B, H, exchange", [
+    ("LSTM", 5, 3, 40, "cluster"), ("LSTM", 4, 9, 24, "cluster"), ("GRU", 5, 3, 40, "cluster"),
+    ("RNN_RELU", 4, 9, 24, "cluster"), ("LSTM", 4, 9, 40, "l2"), ("GRU", 3, 5, 33, "l2"), ("RNN_TANH", 4, 3, 24, "l2")])
+def test_triton_backward_reads_the_workspace(cell, T, B, H, exchange):
+    """The model's forward (the CUDA schedule, either exchange) and its workspace, then the Triton
+    backward (the cuda backend's, interpreted here; the only backward where the l2 forward runs) on
+    them: every gradient as the reference's, in float32."""
     kernels = interpreted_triton(torch.float32)
     lengths = mixed_lengths(T, B, seed=B)
     input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=7, cell=cell)
     input, h0, c0 = (x.float() for x in (input, h0, c0))
     weights = [w.float() for w in weights]
     output, h_n, c_n, workspace = (torch.from_numpy(x) for x in
-                                   schedule.run_forward(cell, input, weights, h0, c0, lengths))
+                                   schedule.run_forward(cell, input, weights, h0, c0, lengths, exchange=exchange))
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(x.shape, generator=generator) for x in (output, h_n, c_n)]
     got = kernels.ops.backward_op(cell, *grads, input, weights, h0, c0, lengths, output, workspace)
@@ -227,6 +236,28 @@ def backward_mirror_calls(p):
     return calls
 
 
+L2_MIRROR_PLANS = [("LSTM", 1024, 64, "bf16"), ("GRU", 40, 13, "bf16"), ("LSTM", 512, 70, "fp32"),
+                   ("RNN_TANH", 777, 3, "fp16")]
+
+
+def l2_mirror_calls(p):
+    """(C++ call, Python value) of schedule.cuh's l2 exchange functions for l2 plan p ("P")."""
+    rows, keys = p.word_rows, []
+    for parity, direction, chunk in itertools.product(range(2), range(2), range(p.chunks)):
+        for slice_ in sorted({0, 1, p.cluster - 1}):
+            keys += [(parity, direction, chunk, slice_, r, c) for r in sorted({0, 1, rows - 1})
+                     for c in sorted({0, 7, p.units - 1})]
+    calls = [(f"exchange_word(P, {rows}, {p.chunks}, {', '.join(map(str, key))})",
+              schedule.exchange_word(p, rows, p.chunks, *key)) for key in keys]
+    for rank in sorted({0, 1, p.cluster - 1}):
+        for w in sorted({0, 1, p.units, rows * p.units - 1, rows * p.units, (p.cluster - 1) * rows * p.units - 1}):
+            for name, value in zip(("slice", "row", "column"), schedule.staged_word(p, rows, rank, w)):
+                calls.append((f"staged_{name}(P, {rows}, {rank}, {w})", value))
+    calls += [(f"partial_slice({q}, {r})", schedule.partial_slice(q, r)) for q in (1, 8, 24) for r in range(0, 64, 3)]
+    calls += [(f"word_tag({s})", schedule.word_tag(s)) for s in (0, 1, 5, 1 << 20)]
+    return calls
+
+
 def test_schedule_cuh_mirrors_the_python():
     """schedule.cuh's functions, compiled for the host by nvcc, equal cuda_schedule's on every plan."""
     if shutil.which("nvcc") is None:
@@ -248,6 +279,9 @@ static int item_group(const BackwardParams& p, int warp, int o) { int g, n; bwd_
 static int item_nt(const BackwardParams& p, int warp, int o) { int g, n; bwd_item(p, warp, o, g, n); return n; }
 static int ldmatrix_row_row(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return a; }
 static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(lane, pair, kt, a, b); return b; }
+static int staged_slice(const ForwardParams& p, int r, int k, int w) { int s, q, c; staged_word(p, r, k, w, s, q, c); return s; }
+static int staged_row(const ForwardParams& p, int r, int k, int w) { int s, q, c; staged_word(p, r, k, w, s, q, c); return q; }
+static int staged_column(const ForwardParams& p, int r, int k, int w) { int s, q, c; staged_word(p, r, k, w, s, q, c); return c; }
 """
     body, expected = [], []
 
@@ -277,6 +311,9 @@ static int ldmatrix_row_k(int lane, int pair, int kt) { int a, b; ldmatrix_row(l
                   ("plan.hbuf_bytes(4)", p.hbuf_bytes), ("plan.wsm_bytes()", p.wsm_bytes),
                   ("plan.partial_bytes()", p.partial_bytes)]
         block(forward_header(p), calls)
+    for cell, H, B, dtype in L2_MIRROR_PLANS:
+        p = schedule.l2_plan(cell, H, B, dtype, fit=False)
+        block(forward_header(p), list(l2_mirror_calls(p)))
     for cell, H, B, dtype in BACKWARD_MIRROR_PLANS:
         p = schedule.backward_plan(cell, H, B, dtype)
         block("  BackwardParams Q{};\n" + "".join(
@@ -303,7 +340,7 @@ class FakeDriver:
         CUDA_SUCCESS = 0
 
     def __init__(self, real, params_type=cuda_kernels.ForwardParams):
-        self.real, self.calls, self.params_type = real, [], params_type
+        self.real, self.calls, self.params_type, self.on_launch = real, [], params_type, None
         self.CUfunction_attribute = real.CUfunction_attribute
         self.CUlaunchConfig, self.CUlaunchAttribute = real.CUlaunchConfig, real.CUlaunchAttribute
         self.CUlaunchAttributeID, self.CUstream = real.CUlaunchAttributeID, real.CUstream
@@ -323,6 +360,8 @@ class FakeDriver:
                 pointer = ctypes.cast(args[2], ctypes.POINTER(ctypes.c_void_p))[0]
                 self.params = self.params_type.from_buffer_copy(ctypes.string_at(pointer, ctypes.sizeof(
                     self.params_type)))
+                if self.on_launch is not None:
+                    self.on_launch(self.params)
             return (0,)
         return call
 
@@ -363,14 +402,18 @@ def test_forward_launch_without_a_gpu(monkeypatch, tmp_path, cell, dtype, precis
     assert workspace.shape == (T, B, 2, schedule.cell_of(cell).saved * H) and c_n.shape == c0.shape
 
 
-def stand_in_for_a_gpu(monkeypatch, tmp_path, fake, cubin):
+def stand_in_for_a_gpu(monkeypatch, tmp_path, fake, cubin, capability=(9, 0)):
     monkeypatch.setattr(cuda_kernels, "driver", fake)
     monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
     monkeypatch.setattr(cuda_kernels, "_modules", {})
     monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", tmp_path)
-    (tmp_path / f"{cubin}.sm_90a.cubin").write_bytes(b"\x7fELF fake")
+    arch = cuda_kernels.ARCHS[capability]
+    (tmp_path / f"{cubin}.sm_{arch}.cubin").write_bytes(b"\x7fELF fake")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type(
+        "P", (), {"multi_processor_count": schedule.L2_ARCHS[arch][0]})())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
@@ -436,3 +479,63 @@ def test_backward_falls_back_to_triton(monkeypatch):
     monkeypatch.setattr(cuda_kernels, "_triton_ops", None)
     with pytest.raises(RuntimeError, match="Triton kernels it would fall back to"):
         cuda_kernels.backward_op("LSTM", *grads, input, weights, h0, c0, lengths, output, bad)
+
+
+@pytest.mark.parametrize("cell, H, B, dtype, precision, capability", [
+    ("LSTM", 1024, 64, torch.bfloat16, None, (9, 0)), ("GRU", 40, 70, torch.bfloat16, None, (8, 0)),
+    ("RNN_RELU", 520, 3, torch.float16, None, (8, 0)), ("LSTM", 512, 64, torch.float32, "ieee", (9, 0)),
+    ("GRU", 440, 17, torch.float32, "tf32", (9, 0))])
+def test_l2_launch_without_a_gpu(monkeypatch, tmp_path, cell, H, B, dtype, precision, capability):
+    """forward_op's host path where the l2 exchange runs (past one cluster on sm_90, every layer on
+    sm_80), the driver and torch.cuda stood in for: the l2 cubin and kernel, a cooperative launch
+    without clusters, the shared-memory limit of the architecture, the argument (L2Params: the
+    forward's fields, the words filled with tag -1, the status word, the plan's exchange fields) and
+    the RuntimeError naming kernel and plan when the status word says a poll gave up."""
+    bindings = pytest.importorskip("cuda.bindings.driver")
+    fake = FakeDriver(bindings, cuda_kernels.L2Params)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", "tf32": "tf32", "ieee": "fp32"}[precision or dtype]
+    if precision is not None:
+        monkeypatch.setattr(cuda_kernels._fp32_rule, "fp32_precision", lambda: precision)
+    arch = cuda_kernels.ARCHS[capability]
+    stand_in_for_a_gpu(monkeypatch, tmp_path, fake, schedule.cubin_name(cell, name, "l2"), capability)
+    T = 3
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, mixed_lengths(T, B, 2), seed=2, cell=cell)
+    input, h0, c0 = (x.to(dtype) for x in (input, h0, c0))
+    weights = [w.to(dtype) for w in weights]
+    sms, limit = schedule.L2_ARCHS[arch]
+    p = schedule.l2_plan(cell, H, B, name, sms, limit)
+    words = []
+    fake.on_launch = lambda params: words.append(ctypes.string_at(params.words, 8 * p.exchange_words))
+    output, h_n, c_n, workspace = cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
+    attributes = {args[1]: args[2] for name_, args in fake.calls if name_ == "cuFuncSetAttribute"}
+    assert attributes == {bindings.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: limit}
+    config, function = fake.calls[-1][1][:2]
+    assert function == f"function {p.kernel}" and "_l2_" in p.kernel
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (*p.grid, p.threads)
+    assert config.sharedMemBytes == p.smem_bytes <= limit and config.numAttrs == 1
+    assert config.attrs[0].id == bindings.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+    assert config.attrs[0].value.cooperative == 1
+    params = fake.params
+    assert (params.p.output, params.p.h_n) == (output.data_ptr(), h_n.data_ptr())
+    assert (params.p.T, params.p.B, params.p.H, params.p.units, params.p.cluster) == (T, B, H, p.units, p.cluster)
+    assert (params.chunks, params.word_rows, params.partial_slices) == (p.chunks, p.word_rows, p.partial_slices)
+    assert params.max_polls == cuda_kernels.max_polls() > 0 and params.status
+    assert words[0] == b"\xff" * (8 * p.exchange_words), "every word tag -1 before the launch"
+    # A poll that gave up: the kernel's plain store of 1 into the status word.
+    fake.on_launch = lambda params: ctypes.c_int32.from_address(params.status).__setattr__("value", 1)
+    with pytest.raises(RuntimeError, match=f"{p.kernel} with .*not resident at once"):
+        cuda_kernels.forward_op(cell, input, weights, h0, c0, lengths, True)
+
+
+def test_backward_on_sm80_is_tritons(monkeypatch):
+    """sm_80 has no clusters: why_not refuses the CUDA backward there (backward_op then runs the
+    Triton backward on the l2 forward's workspace), not the forward."""
+    monkeypatch.setattr(cuda_kernels, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("P", (), {"multi_processor_count": 108})())
+    monkeypatch.setattr(cuda_kernels, "CUBIN_DIR", pathlib.Path("/nonexistent"))
+    assert "needs thread-block clusters" in cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 40, 3, backward=True)
+    assert "forward_lstm_l2.sm_80.cubin is missing" in cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 40, 3)
+    assert "on this device" in cuda_kernels.why_not("cuda", torch.bfloat16, "LSTM", 1024, 64)

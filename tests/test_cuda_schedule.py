@@ -3,6 +3,7 @@ on the CPU: the plan's sizes, the fragment and buffer indexing, and the whole fo
 exchange delivered in random orders, against reference.py in float64."""
 import dataclasses
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -82,14 +83,14 @@ def test_plan_sizes():
         assert p.slices * p.units >= 16 * p.k_tiles and p.split_k * p.warp_k_tiles >= p.k_tiles
         assert (p.split_k, p.reg_k_tiles) in {(s, r) for _, _, s, r in schedule.INSTANCES}
         assert p.threads <= 1024 and p.slice_bytes % 16 == 0 and p.smem_bytes <= schedule.SMEM_LIMIT
-    with pytest.raises(ValueError, match="multi-cluster"):
+    with pytest.raises(ValueError, match="l2_plan"):
         schedule.plan("LSTM", 1024, 64, "bf16")
     with pytest.raises(ValueError, match="bf16"):
         schedule.plan("LSTM", 64, 4, "fp64")
 
 
 # The largest H one cluster a direction holds in fp32 (W_hh, the h buffers and the split-K partials
-# within shared memory), by cell and batch; past it the plan refuses (the multi-cluster kernel).
+# within shared memory), by cell and batch; past it the plan refuses (l2_plan takes it).
 FP32_LARGEST = {("LSTM", 64): 264, ("LSTM", 16): 416, ("LSTM", 1): 480, ("GRU", 64): 264, ("GRU", 16): 416,
                 ("RNN_TANH", 64): 336, ("RNN_TANH", 16): 512}
 
@@ -106,7 +107,7 @@ def test_fp32_plans(cell, B):
         assert (p.split_k, p.reg_k_tiles) in built and p.smem_bytes <= schedule.SMEM_LIMIT
         assert p.k_tiles == -(-H // 8) and p.slices * p.units >= 8 * p.k_tiles and p.threads <= 256
         assert p.kernel.startswith(f"birnn_forward_{schedule.FAMILIES[cell]}_fp32_") and p.cubin.endswith("_fp32")
-    with pytest.raises(ValueError, match="multi-cluster"):
+    with pytest.raises(ValueError, match="l2_plan"):
         schedule.plan(cell, largest + 8, B, "fp32")
 
 
@@ -132,7 +133,7 @@ def test_fp32_backward_plans(cell, B):
         assert p.kernel == f"birnn_backward_{schedule.FAMILIES[cell]}_fp32_r{p.chunk_rows}"
         assert p.cubin == f"backward_{schedule.FAMILIES[cell]}_fp32"
         assert (cell if cell != "RNN_RELU" else "RNN_TANH", "fp32", p.chunk_rows) in schedule.BACKWARD_INSTANCES
-    with pytest.raises(ValueError, match="shared memory|multi-cluster"):
+    with pytest.raises(ValueError, match="shared memory|l2_plan"):
         schedule.backward_plan(cell, largest + 8, B, "fp32")
 
 
@@ -299,3 +300,104 @@ def test_fp32_backward_model_matches_autograd(cell, case):
     fp32 forward's."""
     T, B, H, _ = case
     check_backward_model(cell, case, "fp32", layer_seed=T * 1000 + B + 2, grad_seed=T + B + 1, model_seeds=(H,))
+
+
+# --- The l2 exchange (cuda_schedule.l2_plan): C plain CTAs a direction, h through L2 as step-tagged
+# words. (cell, T, B, H, kernel dtype, sms): odd H (not a multiple of 8 or 16), B not a multiple of
+# 8 and past one chunk, the split-K partials in hbuf's slices (H = 500: U = 32, P = 8 or 4, C = 16)
+# and in their own area, sms forcing smaller slices (more CTAs).
+L2_CASES = [
+    ("LSTM", 5, 13, 40, "bf16", 132), ("LSTM", 4, 3, 500, "bf16", 132), ("LSTM", 3, 5, 100, "fp32", 26),
+    ("GRU", 4, 3, 72, "bf16", 132), ("GRU", 3, 3, 500, "tf32", 132), ("RNN_TANH", 3, 66, 33, "fp32", 132),
+    ("RNN_RELU", 3, 3, 500, "bf16", 132), ("RNN_TANH", 6, 1, 8, "bf16", 132), ("GRU", 3, 5, 130, "bf16", 34),
+]
+
+
+@pytest.mark.parametrize("cell, T, B, H, kernel_dtype, sms", L2_CASES)
+def test_l2_model_matches_reference(cell, T, B, H, kernel_dtype, sms):
+    """The l2 exchange's schedule run on the CPU (every word a store landing at a random time, the
+    polls' tags, the staging into hbuf, the partials in hbuf's slices) against reference.py."""
+    lengths = mixed_lengths(T, B, seed=H + B) if B > 1 else [T]
+    input, weights, h0, c0, lengths = lstm_layer(T, B, 5, H, lengths, seed=T * 1000 + B + H, cell=cell)
+    expected = reference.forward_op(cell, input, weights, h0, c0, lengths, True)[:3]
+    p = schedule.l2_plan(cell, H, B, kernel_dtype, sms=sms, fit=False)
+    assert p.exchange == "l2" and p.ctas <= sms and p.cluster * p.units >= H
+    if H == 500:
+        assert p.partial_slices and 2 * p.partial_slices <= p.cluster, "the case meant to alias the partials"
+    for seed in range(2):
+        output, h_n, c_n, workspace = schedule.run_forward(cell, input, weights, h0, c0, lengths, seed=seed,
+                                                           kernel_dtype=kernel_dtype, exchange="l2", sms=sms)
+        for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
+            assert not np.isnan(got).any(), f"{name}: elements nobody wrote"
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+        assert not np.isnan(workspace).any()
+        for b, length in enumerate(lengths.tolist()):
+            assert (workspace[length:, b] == 0).all() and (output[length:, b] == 0).all()
+
+
+def test_l2_one_parity_is_not_enough():
+    """A word slot per step parity is what makes the exchange safe: with one slot a writer that has
+    its step's h from every CTA overwrites h_s before a slower CTA has read it (the model's check on
+    every store); with two it cannot (csrc/cuda/README.md, the l2 exchange)."""
+    input, weights, h0, c0, lengths = lstm_layer(6, 3, 5, 40, [6, 6, 6], seed=3)
+    failures = 0
+    for seed in range(4):
+        with pytest.raises(AssertionError, match="overwrote one a reader had not read"):
+            schedule.run_forward("LSTM", input, weights, h0, c0, lengths, seed=seed, exchange="l2", parities=1)
+        failures += 1
+        schedule.run_forward("LSTM", input, weights, h0, c0, lengths, seed=seed, exchange="l2", parities=2)
+    assert failures == 4
+
+
+def test_l2_plans():
+    """The l2 plan where one cluster cannot hold W_hh: the device check's cases fit (bf16 H = 1024
+    and fp32 H = 512 at B = 64 on sm_90), every plan's kernel is compiled, its grid fits the SMs
+    one CTA each and its shared memory the limit; refusals say why."""
+    sms, limit = schedule.L2_ARCHS["90a"]
+    p = schedule.l2_plan("LSTM", 1024, 64, "bf16", sms, limit)
+    assert (p.units, p.cluster, p.split_k, p.reg_k_tiles, p.partial_slices, p.ctas) == (16, 64, 4, 8, 24, 128)
+    assert p.smem_bytes == 128 * 1024 + 64 * 1024 and p.grid == (64, 2, 1) and p.threads == 256
+    assert p.kernel == "birnn_forward_lstm_bf16_l2_s4_r8" and p.cubin == "forward_lstm_l2"
+    assert (p.rows_per_word, p.word_rows, p.exchange_words) == (2, 32, 2 * 2 * 64 * 32 * 16)
+    p = schedule.l2_plan("LSTM", 512, 64, "fp32", sms, limit)
+    assert (p.units, p.cluster, p.ctas, p.rows_per_word) == (16, 32, 64, 1) and p.cubin == "forward_lstm_l2_fp32"
+    built = {(schedule.FAMILIES[c], d, s, r) for c, d, s, r in schedule.L2_INSTANCES}
+    for arch, (sms, limit) in schedule.L2_ARCHS.items():
+        for cell, dtype, H, B in itertools.product(("LSTM", "GRU", "RNN_TANH"), ("bf16", "fp16", "tf32", "fp32"),
+                                                   (1, 8, 33, 127, 256, 300, 512, 520, 777, 1024), (1, 13, 64, 65)):
+            try:
+                p = schedule.l2_plan(cell, H, B, dtype, sms, limit)
+            except ValueError as error:
+                assert re.search("CTAs resident|bytes of shared memory|no compiled", str(error)), error
+                assert H > 256, (arch, cell, dtype, H, B, error)  # every H one cluster holds, l2 holds too
+                continue
+            assert (schedule.FAMILIES[cell], dtype, p.split_k, p.reg_k_tiles) in built
+            assert p.ctas <= sms and p.smem_bytes <= limit and p.threads <= 256
+            assert p.cluster * p.units >= H > (p.cluster - 1) * p.units and p.units in schedule.L2_UNITS
+            assert p.slices * p.units >= schedule.tile_k(dtype) * p.k_tiles
+            if p.partial_slices:
+                assert p.partial_bytes <= p.partial_slices * p.slice_bytes and 2 * p.partial_slices <= p.cluster
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        schedule.l2_plan("LSTM", 1024, 64, "bf16", *schedule.L2_ARCHS["80"])
+    with pytest.raises(ValueError, match="CTAs resident"):
+        schedule.l2_plan("LSTM", 1024, 130, "bf16", *schedule.L2_ARCHS["90a"])
+
+
+def test_l2_index_functions():
+    """The words: each (parity, chunk, direction, slice, word row, column) one index of the buffer;
+    a CTA stages every word of the other slices once; the partials' slices never a CTA's own."""
+    for H, B, dtype in ((40, 13, "bf16"), (500, 70, "fp32"), (1024, 64, "fp16")):
+        p = schedule.l2_plan("GRU", H, B, dtype, fit=False)
+        seen = {schedule.exchange_word(p, p.word_rows, p.chunks, *key)
+                for key in itertools.product(range(2), range(2), range(p.chunks), range(p.cluster),
+                                             range(p.word_rows), range(p.units))}
+        assert seen == set(range(p.exchange_words))
+        for rank in {0, 1, p.cluster - 1}:
+            staged = [schedule.staged_word(p, p.word_rows, rank, w)
+                      for w in range((p.cluster - 1) * p.word_rows * p.units)]
+            assert sorted(staged) == [(s, r, c) for s in range(p.cluster) if s != rank
+                                      for r in range(p.word_rows) for c in range(p.units)]
+    for partial_slices, cluster in ((1, 2), (8, 16), (24, 64)):
+        for rank in range(cluster):
+            first = schedule.partial_slice(partial_slices, rank)
+            assert first + partial_slices <= cluster and not first <= rank < first + partial_slices

@@ -7,6 +7,8 @@ most informative first; each prints a short table and appends it to --out (Markd
     python -m benchmarks.gpu.cuda_check --stage race         # the same forward and backward 10 times, bitwise equal
     python -m benchmarks.gpu.cuda_check --stage sanitizer    # compute-sanitizer racecheck / memcheck, tiny
     python -m benchmarks.gpu.cuda_check --stage timings      # per step against Triton, cuDNN and the floors
+    python -m benchmarks.gpu.cuda_check --stage l2           # the l2 exchange: fp64 reference, its backward
+                                                             # (Triton's), bf16 B 64 H 1024 T 512 against cuDNN
     python -m benchmarks.gpu.cuda_check --self-test          # CPU only (CI): every case's launch, consistent
 
 Needs the cubins (make cubins; carried to a GPU machine as birnn_fast/cubins) and cuda-bindings.
@@ -46,6 +48,19 @@ FP32_CASES = [("LSTM", 1, 1, 40, "equal"), ("LSTM", 33, 17, 72, "mixed"), ("LSTM
 FP32_BACKWARD = {("LSTM", 33, 17, 72, "mixed"), ("LSTM", 9, 130, 128, "mixed"), ("GRU", 7, 64, 264, "mixed"),
                  ("RNN_TANH", 5, 3, 40, "mixed"), ("RNN_RELU", 7, 40, 336, "mixed")}
 TINY = [(5, 3, 40, "mixed"), (4, 17, 256, "mixed")]  # under compute-sanitizer
+# The l2 exchange (a cooperative grid of plain CTAs, h through L2 as step-tagged words: past one
+# cluster, and every layer on sm_80): (cell, T, B, H, lengths, dtype, fp32 rule). The issue's sizes
+# (bf16 H = 1024, fp32 H = 512, B = 64, mixed lengths) and odd ones forced onto it (H not a multiple
+# of 8, B past one chunk, one CTA's slice of 24 units), every family.
+L2_CASES = [("LSTM", 9, 64, 1024, "mixed", torch.bfloat16, None), ("GRU", 9, 64, 1024, "mixed", torch.bfloat16, None),
+            ("RNN_TANH", 9, 64, 1024, "mixed", torch.bfloat16, None),
+            ("LSTM", 7, 64, 512, "mixed", torch.float32, "ieee"), ("GRU", 7, 64, 512, "mixed", torch.float32, "tf32"),
+            ("GRU", 5, 3, 40, "mixed", torch.float16, None), ("LSTM", 5, 70, 333, "mixed", torch.bfloat16, None),
+            ("RNN_RELU", 6, 17, 333, "mixed", torch.float32, "ieee")]
+# The l2 cases whose gradients are checked too: the backward (Triton's, where the CUDA one cannot run)
+# on the l2 forward's workspace.
+L2_BACKWARD = {("LSTM", 9, 64, 1024, "mixed", torch.bfloat16, None), ("GRU", 5, 3, 40, "mixed", torch.float16, None)}
+L2_TIMINGS = [(512, 64, 1024)]
 TIMINGS = [(512, B, H) for B in (16, 64) for H in (256, 512)]
 NAN = float("nan")
 
@@ -273,6 +288,85 @@ def correctness_fp32(out, cases=FP32_CASES, backward_cases=FP32_BACKWARD):
     out.append(table("fp32 forward and backward against fp64 (bound: 2x the error of the reference in fp32 at the "
                      "same rule + 1e-6)", ["case", "precision (kernel)", "result", "error", "bound", "verdict"], rows))
     return ok
+
+
+def correctness_l2(out, cases=L2_CASES, backward_cases=L2_BACKWARD):
+    """The l2 exchange's forward against the fp64 reference (2x the reference's own error in the
+    dtype + 1e-6), its poisoned results all written and 0 at padding, the l2 kernel named by the plan
+    (forced onto it where a cluster would hold the layer); on L2_BACKWARD, the op's backward
+    (backward_op: Triton's where the CUDA one cannot run) on this forward's workspace, every gradient
+    within the same rule."""
+    device = torch.device("cuda")
+    rows, ok = [], True
+    for cell, T, B, H, kind, dtype, precision in cases:
+        with fp32_rule(precision) if precision else contextlib.nullcontext():
+            input, weights, h0, c0, lengths = make_layer(T, B, H, kind, dtype, device, seed=T * 10007 + B * 101 + H,
+                                                         cell=cell)
+            results = poisoned_results(input, H, T, B, cell)
+            cuda_kernels.forward_into(cell, input, weights, h0, c0, lengths, *results, exchange="l2")
+            torch.cuda.synchronize()
+            wide = [x.double() for x in (input, h0, c0)]
+            exact = reference.forward_op(cell, wide[0], [w.double() for w in weights], wide[1], wide[2], lengths,
+                                         False)
+            same = reference.forward_op(cell, input, weights, h0, c0, lengths, False)
+            label = f"{cell} T {T} B {B} H {H} {kind} {str(dtype).removeprefix('torch.')} {precision or ''}"
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            arch = cuda_kernels._arch(device)
+            p = schedule.l2_plan(cell, H, B, cuda_kernels.kernel_dtype(dtype), sms, schedule.L2_ARCHS[arch][1])
+            verdicts = []
+            states = 3 if cell == "LSTM" else 2
+            for name, got, want, torch_own in list(zip(("output", "h_n", "c_n"), results, exact, same))[:states]:
+                error, bound = relative_error(got, want), 2 * relative_error(torch_own, want) + 1e-6
+                verdicts.append(error <= bound)
+                rows.append((label, f"{p.kernel} x {p.ctas}", name, f"{error:.2e}", f"{bound:.2e}",
+                             "ok" if error <= bound else "FAIL"))
+            padding = torch.arange(T, device=device)[:, None] >= lengths[None, :]
+            written = not results[3].isnan().any().item() and not results[0].isnan().any().item()
+            zeros = bool((results[0][padding] == 0).all() and (results[3][padding] == 0).all())
+            verdicts.append(written and zeros)
+            if not (written and zeros):
+                rows.append((label, p.kernel, "unwritten or nonzero padding", "", "", "FAIL"))
+            if (cell, T, B, H, kind, dtype, precision) in backward_cases:
+                generator = torch.Generator().manual_seed(T + B + H)
+                grads = [torch.randn(x.shape, generator=generator).to(device, dtype) for x in results[:3]]
+                got = cuda_kernels.backward_op(cell, *grads, input, weights, h0, c0, lengths, results[0], results[3])
+                exact = reference.backward_op(cell, *[g.double() for g in grads], wide[0],
+                                              [w.double() for w in weights], wide[1], wide[2], lengths, None, None)
+                same = reference.backward_op(cell, *grads, input, weights, h0, c0, lengths, None, None)
+                flat = lambda gs: [gs[0], *gs[1], gs[2]] + ([gs[3]] if cell == "LSTM" else [])  # noqa: E731
+                ratios = [relative_error(a, b) / (2 * relative_error(c, b) + 1e-6)
+                          for a, b, c in zip(flat(got), flat(exact), flat(same))]
+                verdicts.append(max(ratios) <= 1)
+                rows.append((label, "backward_op", "worst gradient (error / bound)", f"{max(ratios):.2f}", "1",
+                             "ok" if max(ratios) <= 1 else "FAIL"))
+            ok &= all(verdicts)
+    out.append(table("the l2 exchange against fp64 (bound: 2x the reference's own error in the dtype + 1e-6)",
+                     ["case", "kernel x CTAs", "result", "error", "bound", "verdict"], rows))
+    print(out[-1], flush=True)
+    return ok
+
+
+def timings_l2(out, args):
+    """The l2 exchange's forward per step against cuDNN (nn.LSTM, bidirectional), bf16."""
+    import triton.testing
+
+    device = torch.device("cuda")
+    rows = []
+    for T, B, H in L2_TIMINGS:
+        input, weights, h0, c0, lengths = make_layer(T, B, H, "equal", torch.bfloat16, device, seed=1, I=H)
+        ours = triton.testing.do_bench(lambda: cuda_kernels.forward_op("LSTM", input, weights, h0, c0, lengths, True),
+                                       warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        lstm = torch.nn.LSTM(H, H, bidirectional=True, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            cudnn = triton.testing.do_bench(lambda: lstm(input, (h0, c0)), warmup=args.warmup_ms, rep=args.rep_ms,
+                                            return_mode="median")
+        p = cuda_kernels.forward_plan("LSTM", H, B, "bf16", cuda_kernels._arch(device),
+                                      torch.cuda.get_device_properties(device).multi_processor_count)
+        rows.append((f"B {B} H {H} T {T}", f"{p.kernel} x {p.ctas}", f"{ours * 1e3 / T:.2f}", f"{cudnn * 1e3 / T:.2f}",
+                     f"{cudnn / ours:.2f}x"))
+    out.append(table("the l2 exchange's forward, bf16, us per step", ["case", "kernel x CTAs", "cuda", "cuDNN",
+                                                                       "vs cuDNN"], rows))
+    return True
 
 
 def backward_results(cell, T, B, H, dtype, device):
@@ -504,6 +598,37 @@ def self_test(out):
         rows.append((f"{cell} T {T} B {B} H {H} fp32", f"{p.grid}", p.threads, p.smem_bytes, p.kernel,
                      f"{b.grid}" if backward else "", b.smem_bytes if backward else "",
                      b.kernel if backward else "(not checked)"))
+    l2_instances = {schedule.kernel_name(*instance, "l2") for instance in schedule.L2_INSTANCES}
+    for cell, T, B, H, kind, dtype, precision in L2_CASES:
+        for arch in ("90a", "80"):
+            sms, limit = schedule.L2_ARCHS[arch]
+            name = cuda_kernels.DTYPES[dtype] if precision is None else "tf32" if precision == "tf32" else "fp32"
+            try:
+                p = schedule.l2_plan(cell, H, B, name, sms, limit)
+            except ValueError:
+                assert arch == "80" and H >= 512, (cell, H, B, dtype)  # sm_80's SMs and shared memory
+                continue
+            assert p.kernel in l2_instances and p.cubin == schedule.cubin_name(cell, name, "l2")
+            assert p.ctas <= sms and p.smem_bytes <= limit and p.threads <= 256
+            params = cuda_kernels.l2_params(p, T, dict(xg=16, w_hh=32, b_hh=40, h0=48, c0=64, lengths=80, output=96,
+                                                       h_n=112, c_n=128, workspace=0), 256, 512, 1 << 22)
+            assert (params.p.cluster, params.word_rows, params.partial_slices) == (p.cluster, p.word_rows,
+                                                                                   p.partial_slices)
+            try:
+                config = cuda_kernels.launch_config(p)
+            except AttributeError:  # no cuda-bindings here
+                config = None
+            if config is not None:
+                assert (config.gridDimX, config.gridDimY, config.gridDimZ) == p.grid
+                assert config.attrs[0].value.cooperative == 1 and config.sharedMemBytes == p.smem_bytes
+            rows.append((f"{cell} T {T} B {B} H {H} {name} l2 sm_{arch}", f"{p.grid}", p.threads, p.smem_bytes,
+                         p.kernel, "", "", "(backward_op)" if (cell, T, B, H, kind, dtype, precision) in L2_BACKWARD
+                         else "(not checked)"))
+    input, weights, h0, c0, lengths = make_layer(5, 3, 40, "mixed", torch.float64, "cpu", seed=1, cell="GRU")
+    got = schedule.run_forward("GRU", input, weights, h0, c0, lengths, exchange="l2")
+    want = reference.forward_op("GRU", input, weights, h0, c0, lengths, False)
+    for a, b in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-12)
     input, weights, h0, c0, lengths = make_layer(7, 40, 336, "mixed", torch.float64, "cpu", seed=1, cell="RNN_RELU")
     got = schedule.run_forward("RNN_RELU", input, weights, h0, c0, lengths, kernel_dtype="fp32")
     want = reference.forward_op("RNN_RELU", input, weights, h0, c0, lengths, False)
@@ -530,7 +655,7 @@ def self_test(out):
                                                        workspace, lengths)
     np.testing.assert_allclose(grad_input.numpy(), want[0].numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(grad_h0, want[2].numpy(), rtol=1e-10, atol=1e-12)
-    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases)",
+    out.append(table("self-test: launches (LSTM, bf16; the fp32 cases; the l2 cases)",
                      ["case", "grid", "threads", "smem", "kernel", "bwd grid", "bwd smem", "bwd kernel"], rows))
     return True
 
@@ -538,7 +663,7 @@ def self_test(out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("probes", "correctness", "fp32", "race", "sanitizer", "timings", "tiny",
-                                            "all"),
+                                            "l2", "all"),
                         default="all")
     parser.add_argument("--self-test", action="store_true")
     parser.add_argument("--out", default=None, help="Markdown to append to (default $OUT/cuda_check.md)")
@@ -558,8 +683,9 @@ def main():
         stages = {"probes": lambda: probes(out), "correctness": lambda: all([correctness(out), correctness_fp32(out)]),
                   "fp32": lambda: correctness_fp32(out),
                   "race": lambda: race(out), "sanitizer": lambda: sanitizer(out, args), "tiny": lambda: tiny(out),
-                  "timings": lambda: timings(out, args)}
-        names = ["probes", "correctness", "race", "sanitizer", "timings"] if args.stage == "all" else [args.stage]
+                  "timings": lambda: timings(out, args),
+                  "l2": lambda: all([correctness_l2(out), timings_l2(out, args)])}
+        names = ["probes", "correctness", "l2", "race", "sanitizer", "timings"] if args.stage == "all" else [args.stage]
         ok = True
         for name in names:
             started = time.time()

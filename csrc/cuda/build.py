@@ -4,8 +4,9 @@ ptxas's resource report beside each (<unit>.sm_<arch>.ptxas.txt). No GPU needed.
     python csrc/cuda/build.py [--out-dir DIR] [--archs "90a;100a"]
 
 Architectures: --archs, else BIRNN_FAST_CUDA_ARCHS, else DEFAULT_ARCHS (those this nvcc takes).
-The kernels need thread-block clusters (sm_90 and later): sm_80 has no variant yet and is refused.
-A cubin newer than its sources is kept. setup.py / a wheel build calls build(out_dir, archs).
+The cluster kernels need thread-block clusters (sm_90 and later); sm_80 builds only the l2
+exchange's units (L2_UNITS), which need none. A cubin newer than its sources is kept. setup.py / a
+wheel build calls build(out_dir, archs).
 """
 import argparse
 import concurrent.futures
@@ -23,8 +24,14 @@ UNITS = tuple((f"{kind}_{family}", f"{kind}.cu", (f"-DBIRNN_FAMILY={index}",)) f
     tuple((f"{kind}_{family}_fp32", f"{kind}.cu", (f"-DBIRNN_FAMILY={index}", "-DBIRNN_FP32"))
           for kind in ("forward", "backward") for index, family in enumerate(("lstm", "gru", "elman"))) + \
     (("probes", "probes.cu", ()),)
-DEFAULT_ARCHS = ("90a", "100a")
+# The l2 exchange's forward (plain CTAs, h through L2): once per cell family, 16-bit and fp32 apart,
+# in cubins of their own (the cluster cubins do not depend on them).
+L2_UNITS = tuple((f"forward_{family}_l2{suffix}", "forward.cu", (f"-DBIRNN_FAMILY={index}", "-DBIRNN_L2", *defines))
+                 for suffix, defines in (("", ()), ("_fp32", ("-DBIRNN_FP32",)))
+                 for index, family in enumerate(("lstm", "gru", "elman")))
+DEFAULT_ARCHS = ("90a", "100a", "80")
 CLUSTER_ARCHS = ("90a", "100a", "103a", "110a", "120a", "121a")
+L2_ONLY_ARCHS = ("80",)  # no clusters: the l2 units only
 DEFAULT_OUT = HERE.parent.parent / "birnn_fast" / "cubins"
 FLAGS = ("-std=c++17", "-O3", "-cubin", "-Xptxas", "-v", "--expt-relaxed-constexpr")
 
@@ -57,12 +64,17 @@ def archs_to_build(compiler, archs=None):
     if requested is None:
         return tuple(arch for arch in DEFAULT_ARCHS if arch.rstrip("a") in known)
     for arch in requested:
-        if arch not in CLUSTER_ARCHS:
-            raise SystemExit(f"BIRNN_FAST_CUDA_ARCHS: sm_{arch} is not built: the kernels need thread-block clusters "
-                             f"and the 'a' features (one of {', '.join(CLUSTER_ARCHS)})")
+        if arch not in CLUSTER_ARCHS + L2_ONLY_ARCHS:
+            raise SystemExit(f"BIRNN_FAST_CUDA_ARCHS: sm_{arch} is not built: the kernels need sm_80 or thread-block "
+                             f"clusters and the 'a' features (one of {', '.join(L2_ONLY_ARCHS + CLUSTER_ARCHS)})")
         if arch.rstrip("a") not in known:
             raise SystemExit(f"BIRNN_FAST_CUDA_ARCHS: this nvcc does not know sm_{arch} (it knows {sorted(known)})")
     return requested
+
+
+def units(arch):
+    """The compilation units built for an architecture: every one where clusters exist, else the l2 ones."""
+    return L2_UNITS if arch in L2_ONLY_ARCHS else UNITS + L2_UNITS
 
 
 def sources():
@@ -96,7 +108,7 @@ def build(out_dir=DEFAULT_OUT, archs=None, jobs=None):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
-    work = [(unit, arch) for arch in archs_to_build(compiler, archs) for unit in UNITS]
+    work = [(unit, arch) for arch in archs_to_build(compiler, archs) for unit in units(arch)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(lambda item: build_one(compiler, *item, out_dir), work))
 
@@ -105,7 +117,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT))
     parser.add_argument("--archs", default=None,
-                        help='e.g. "90a;100a" (default: BIRNN_FAST_CUDA_ARCHS, else those nvcc knows)')
+                        help='e.g. "90a;100a;80" (default: BIRNN_FAST_CUDA_ARCHS, else those nvcc knows)')
     args = parser.parse_args()
     for path in build(args.out_dir, args.archs):
         print(path)

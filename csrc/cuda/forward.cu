@@ -11,6 +11,12 @@
 #include "ptx.cuh"
 #include "schedule.cuh"
 
+// Thread-block clusters, DSMEM, bulk copies and mbarrier transaction counts exist from sm_90: below
+// it only the l2 exchange's kernels (-DBIRNN_L2) are built, which use none of them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900 && !defined(BIRNN_L2)
+#error "the cluster kernels need sm_90 or later: build only the l2 units (-DBIRNN_L2) for this architecture"
+#endif
+
 namespace birnn_fast::cuda {
 
 template <typename T>
@@ -112,11 +118,79 @@ __device__ __forceinline__ void load_x(const ForwardParams& p, XgRow (&x)[kOwned
   }
 }
 
+// The l2 exchange's polls and staging at step s >= 1: every word of the other C-1 slices, kL2Batch
+// loads in flight a thread, re-read until each carries word_tag(s), then its payload into hbuf (the
+// single buffer, where the MMA reads it: h_offset's swizzle). A poll that has not seen its tags
+// after max_polls rounds gives up: status set, `failed` kept, no later poll of the thread waits (the
+// launcher raises; a grid that is not resident at once then ends instead of hanging the GPU).
+constexpr int kL2Batch = 8;
+template <int kBytes>
+__device__ __forceinline__ void l2_stage(const ForwardParams& p, const L2Params& x, unsigned char* hbuf, int rank,
+                                         int direction, int s, bool& failed) {
+  const int per_step = (p.cluster - 1) * x.word_rows * p.units;
+  const uint32_t tag = word_tag(s);
+  const unsigned long long* words = x.words;
+  for (int first = threadIdx.x; first < per_step; first += kL2Batch * blockDim.x) {
+    unsigned long long w[kL2Batch];
+    int64_t at[kL2Batch];
+#pragma unroll
+    for (int u = 0; u < kL2Batch; ++u) {
+      int slice, word_row, column;
+      staged_word(p, x.word_rows, rank, min(first + u * static_cast<int>(blockDim.x), per_step - 1), slice, word_row,
+                  column);
+      at[u] = exchange_word(p, x.word_rows, x.chunks, s & 1, direction, blockIdx.z, slice, word_row, column);
+      w[u] = load_relaxed_gpu(words + at[u]);
+    }
+    for (int polls = 0; !failed; ++polls) {
+      bool ready = true;
+#pragma unroll
+      for (int u = 0; u < kL2Batch; ++u) ready &= static_cast<uint32_t>(w[u] >> 32) == tag;
+      if (ready) break;
+      if (polls >= x.max_polls) {
+        *x.status = 1;  // a plain store: the host reads it after the launch; every writer writes 1
+        failed = true;
+        break;
+      }
+#pragma unroll
+      for (int u = 0; u < kL2Batch; ++u) {
+        if (static_cast<uint32_t>(w[u] >> 32) != tag) w[u] = load_relaxed_gpu(words + at[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kL2Batch; ++u) {
+      const int i = first + u * static_cast<int>(blockDim.x);
+      if (i < per_step) {
+        int slice, word_row, column;
+        staged_word(p, x.word_rows, rank, i, slice, word_row, column);
+        const uint32_t payload = static_cast<uint32_t>(w[u]);
+        if constexpr (kBytes == 4) {
+          reinterpret_cast<uint32_t*>(hbuf)[hbuf_offset32(p, 0, slice, word_row, column)] = payload;
+        } else {  // rows 2 word_row (low half) and 2 word_row + 1 of the unit
+          uint16_t* h16 = reinterpret_cast<uint16_t*>(hbuf);
+          h16[hbuf_offset(p, 0, slice, 2 * word_row, column)] = static_cast<uint16_t>(payload & 0xffff);
+          h16[hbuf_offset(p, 0, slice, 2 * word_row + 1, column)] = static_cast<uint16_t>(payload >> 16);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits_of(T value) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(value);
+  } else {
+    return static_cast<uint32_t>(__half_as_ushort(*reinterpret_cast<const __half*>(&value)));
+  }
+}
+
 // One bidirectional layer's forward; kSplitK warps share a unit group's K tiles, the first kRegKT
 // of each warp's K tiles stay in registers. T: the layer's dtype (float: TF32 MMAs, one pass each
-// (kPasses 1) or the 3xTF32 split (kPasses 3)).
-template <typename Cell, typename T, int kSplitK, int kRegKT, int kPasses = 1>
-__device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
+// (kPasses 1) or the 3xTF32 split (kPasses 3)). kL2: the l2 exchange instead of
+// the cluster's (exchange: its parameters): plain CTAs, rank blockIdx.x, one h buffer staged from L2 each
+// step.
+template <typename Cell, typename T, int kSplitK, int kRegKT, int kPasses = 1, bool kL2 = false>
+__device__ __forceinline__ void forward_kernel(const ForwardParams& p, const L2Params* exchange = nullptr) {
   constexpr int kGates = Cell::kGates;
   constexpr int kMT = m_tiles(kGates);
   constexpr int kOwned = (kNTiles + kSplitK - 1) / kSplitK;  // batch tiles a warp runs the cell math of
@@ -126,7 +200,12 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   __shared__ int row_lengths[kRowsPerCluster];
 
   const Plan plan{p, kSplitK, kGates};
-  const int rank = static_cast<int>(cluster_ctarank());
+  int rank;
+  if constexpr (kL2) {
+    rank = blockIdx.x;
+  } else {
+    rank = static_cast<int>(cluster_ctarank());
+  }
   const int direction = blockIdx.y;
   const int rows0 = blockIdx.z * kRowsPerCluster;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -135,8 +214,18 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   const int H = p.H, B = p.B, GH = kGates * p.H;
 
   T* hbuf = reinterpret_cast<T*>(smem);
-  uint4* wsm = reinterpret_cast<uint4*>(smem + plan.hbuf_bytes(kBytes));
-  float4* partials = reinterpret_cast<float4*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes());
+  // l2: one h buffer, and the partials in its slices partial_slice .. + partial_slices where the plan
+  // puts them there (no mbarriers).
+  const uint32_t hbuf_bytes = kL2 ? plan.hbuf_bytes(kBytes) / 2 : plan.hbuf_bytes(kBytes);
+  uint4* wsm = reinterpret_cast<uint4*>(smem + hbuf_bytes);
+  float4* partials = reinterpret_cast<float4*>(smem + hbuf_bytes + plan.wsm_bytes());
+  bool alias_partials = false;
+  if constexpr (kL2) {
+    alias_partials = exchange->partial_slices > 0;
+    if (alias_partials) {
+      partials = reinterpret_cast<float4*>(smem + partial_slice(exchange->partial_slices, rank) * plan.slice_bytes(kBytes));
+    }
+  }
   uint64_t* full =
       reinterpret_cast<uint64_t*>(smem + plan.hbuf_bytes(kBytes) + plan.wsm_bytes() + plan.partial_bytes());
 
@@ -145,10 +234,12 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   T* output = static_cast<T*>(p.output);
 
   // --- Prologue: barriers, lengths, h0 into buffer 0, buffer 1 zero, W_hh on chip, the state.
-  if (threadIdx.x == 0) {
-    mbarrier_init(&full[0], 1);
-    mbarrier_init(&full[1], 1);
-    fence_mbarrier_init();
+  if constexpr (!kL2) {
+    if (threadIdx.x == 0) {
+      mbarrier_init(&full[0], 1);
+      mbarrier_init(&full[1], 1);
+      fence_mbarrier_init();
+    }
   }
   for (int r = threadIdx.x; r < kRowsPerCluster; r += blockDim.x) {
     row_lengths[r] = rows0 + r < B ? static_cast<int>(p.lengths[rows0 + r]) : 0;
@@ -161,7 +252,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     const T* h0 = static_cast<const T*>(p.h0);
     hbuf[hbuf_at<kBytes>(p, 0, slice, row, column)] =
         (b < B && k < H) ? h0[(static_cast<int64_t>(direction) * B + b) * H + k] : zero;
-    hbuf[hbuf_at<kBytes>(p, 1, slice, row, column)] = zero;
+    if constexpr (!kL2) hbuf[hbuf_at<kBytes>(p, 1, slice, row, column)] = zero;
   }
   uint32_t a[kRegKT][kMT][4];
 #pragma unroll
@@ -211,18 +302,21 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   __syncthreads();
   int steps = 0;
   for (int r = 0; r < kRowsPerCluster; ++r) steps = max(steps, row_lengths[r]);
-  if (threadIdx.x == 0) {
-    mbarrier_arrive_expect_tx(&full[1], plan.expect_bytes(kBytes));  // for step 1
-    mbarrier_arrive_expect_tx(&full[0], plan.expect_bytes(kBytes));  // for step 2
+  bool failed = false;  // l2: a poll of this thread gave up (l2_stage)
+  if constexpr (!kL2) {
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(&full[1], plan.expect_bytes(kBytes));  // for step 1
+      mbarrier_arrive_expect_tx(&full[0], plan.expect_bytes(kBytes));  // for step 2
+    }
+    // The buffers' generic-proxy writes above before any peer's bulk copy into them; the barriers'
+    // inits before any peer's complete_tx.
+    fence_proxy_async();
+    cluster_sync();
   }
-  // The buffers' generic-proxy writes above before any peer's bulk copy into them; the barriers'
-  // inits before any peer's complete_tx.
-  fence_proxy_async();
-  cluster_sync();
 
   // --- The recurrence.
   for (int s = 0; s < steps; ++s) {
-    const int buffer = read_buffer(s), next = read_buffer(s + 1);
+    const int buffer = kL2 ? 0 : read_buffer(s), next = kL2 ? 0 : read_buffer(s + 1);
     // The input projection of the owned elements, loaded before the wait (no peer writes it): a
     // unit's gates are adjacent in xg (the launcher's layout), one load an element. Where the fp32
     // rows would not fit the registers beside W_hh's and the accumulators (kLateX: 4 batch tiles a
@@ -248,7 +342,15 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
         }
       }
     }
-    if (s >= 1) mbarrier_wait(&full[buffer], phase_parity(s));
+    if constexpr (kL2) {
+      // The staging rewrites the other slices of the one buffer: where the partials were in them,
+      // every owner must have read its partials of step s - 1 first.
+      if (alias_partials && s >= 1) __syncthreads();
+      if (s >= 1 && p.cluster > 1) l2_stage<kBytes>(p, *exchange, smem, rank, direction, s, failed);
+      __syncthreads();  // the staged slices and our own (written by the cell math of step s - 1)
+    } else {
+      if (s >= 1) mbarrier_wait(&full[buffer], phase_parity(s));
+    }
 
     float acc[kMT][kNTiles][4];
 #pragma unroll
@@ -337,7 +439,11 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     if constexpr (kLateX) {
       load_x<kGates, kOwned, kSplitK>(p, x, row_lengths, xg, false, s, ks, lane, unit, direction, rows0);
     }
-    // The reduce-scatter: each split leaves the tiles it does not own in its partial slots.
+    // The reduce-scatter: each split leaves the tiles it does not own in its partial slots (l2 with
+    // the partials in hbuf's slices: once every warp's products have read them).
+    if constexpr (kL2) {
+      if (alias_partials) __syncthreads();
+    }
     if constexpr (kSplitK > 1) {
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
@@ -352,9 +458,11 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
       }
     }
     __syncthreads();  // every warp has read buffer `buffer` and left its partials
-    if (s >= 1 && threadIdx.x == 0) {
-      // Re-armed for step s + 2 only now: every thread of the CTA has seen this phase complete.
-      mbarrier_arrive_expect_tx(&full[buffer], plan.expect_bytes(kBytes));
+    if constexpr (!kL2) {
+      if (s >= 1 && threadIdx.x == 0) {
+        // Re-armed for step s + 2 only now: every thread of the CTA has seen this phase complete.
+        mbarrier_arrive_expect_tx(&full[buffer], plan.expect_bytes(kBytes));
+      }
     }
 #pragma unroll
     for (int o = 0; o < kOwned; ++o) {
@@ -386,6 +494,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
           sum[mt][3] += v.w;
         }
       }
+      T published[2];  // l2: h_{s+1} of the lane's two rows, for its tagged words
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int row = 8 * nt + 2 * (lane & 3) + e;
@@ -443,9 +552,33 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
           }
         }
         hbuf[hbuf_at<kBytes>(p, next, slice, row, column)] = h;
+        if constexpr (kL2) published[e] = h;
+      }
+      if constexpr (kL2) {
+        // h_{s+1} of the lane's elements (every row and unit of the slice, padding too: the readers
+        // stage them all) as tagged words, parity (s + 1) % 2: one word (16-bit: rows e = 0, 1 of
+        // the unit) or two (fp32). A store each, no fence: the tag travels with the value.
+        if (s + 1 < steps && p.cluster > 1) {
+          const int column = unit - rank * p.units;
+          const unsigned long long tag = static_cast<unsigned long long>(word_tag(s + 1)) << 32;
+          if constexpr (kBytes == 4) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int word_row = 8 * nt + 2 * (lane & 3) + e;
+              store_relaxed_gpu(exchange->words + exchange_word(p, exchange->word_rows, exchange->chunks, (s + 1) & 1, direction, blockIdx.z,
+                                                         rank, word_row, column),
+                                tag | bits_of(published[e]));
+            }
+          } else {
+            const int word_row = 4 * nt + (lane & 3);
+            store_relaxed_gpu(exchange->words + exchange_word(p, exchange->word_rows, exchange->chunks, (s + 1) & 1, direction, blockIdx.z,
+                                                       rank, word_row, column),
+                              tag | bits_of(published[0]) | (bits_of(published[1]) << 16));
+          }
+        }
       }
     }
-    if (s + 1 < steps) {
+    if (!kL2 && s + 1 < steps) {
       fence_proxy_async();  // this thread's h stores, before the bulk copies read them
       __syncthreads();
       // Lane r of warp 0 sends our slice of the next buffer to peer r.
@@ -474,7 +607,7 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
     }
   }
   // No CTA leaves while a peer may still address its shared memory.
-  cluster_sync();
+  if constexpr (!kL2) cluster_sync();
 }
 
 }  // namespace birnn_fast::cuda
@@ -501,7 +634,47 @@ __device__ __forceinline__ void forward_kernel(const ForwardParams& p) {
   BIRNN_FORWARD_KERNEL(CELL, NAME, fp32, float, 4, 8, 3)       \
   BIRNN_FORWARD_KERNEL(CELL, NAME, fp32, float, 2, 6, 3)
 
+// The l2 exchange's kernels (-DBIRNN_L2, their own cubins: forward_<family>_l2[_fp32]), every (S, R)
+// of the cluster ones: cuda_schedule.L2_INSTANCES.
+#define BIRNN_FORWARD_L2_KERNEL(CELL, NAME, DTYPE, TYPE, S, R, PASSES)                                     \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                                    \
+      birnn_forward_##NAME##_##DTYPE##_l2_s##S##_r##R(const birnn_fast::cuda::L2Params x) {               \
+    birnn_fast::cuda::forward_kernel<birnn_fast::cuda::CELL, TYPE, S, R, PASSES, true>(x.p, &x);          \
+  }
+#define BIRNN_FORWARD_L2_DTYPES(CELL, NAME, S, R)                                     \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, bf16, __nv_bfloat16, S, R, 1)                   \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, fp16, __half, S, R, 1)
+#define BIRNN_FORWARD_L2_HALF(CELL, NAME)    \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 2, 4)  \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 2, 8)  \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 4, 4)  \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 4, 8)  \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 8, 4)  \
+  BIRNN_FORWARD_L2_DTYPES(CELL, NAME, 8, 8)
+#define BIRNN_FORWARD_L2_FP32(CELL, NAME)                         \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, tf32, float, 8, 4, 1)       \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, tf32, float, 4, 8, 1)       \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, tf32, float, 2, 6, 1)       \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, fp32, float, 8, 4, 3)       \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, fp32, float, 4, 8, 3)       \
+  BIRNN_FORWARD_L2_KERNEL(CELL, NAME, fp32, float, 2, 6, 3)
+
+#if defined(BIRNN_L2)
 #if defined(BIRNN_FP32)
+#define BIRNN_FORWARD_L2_FAMILY BIRNN_FORWARD_L2_FP32
+#else
+#define BIRNN_FORWARD_L2_FAMILY BIRNN_FORWARD_L2_HALF
+#endif
+#if BIRNN_FAMILY == 0  // lstm
+BIRNN_FORWARD_L2_FAMILY(LstmCell, lstm)
+#endif
+#if BIRNN_FAMILY == 1  // gru
+BIRNN_FORWARD_L2_FAMILY(GruCell, gru)
+#endif
+#if BIRNN_FAMILY == 2  // elman
+BIRNN_FORWARD_L2_FAMILY(ElmanCell, elman)
+#endif
+#elif defined(BIRNN_FP32)
 #if BIRNN_FAMILY == 0  // lstm
 BIRNN_FORWARD_FP32(LstmCell, lstm)
 #endif

@@ -177,4 +177,18 @@ __device__ __forceinline__ void store_async_to_peer(uint32_t destination, float 
                : "memory");
 }
 
+// The l2 exchange's words: one 64-bit access each, single-copy atomic (naturally aligned, not a
+// vector), so that a reader sees a word's tag and value from the same store. Relaxed at GPU scope:
+// the store goes to L2 (the point of coherence of the GPU) and the load is served there, never by a
+// stale L1 line; no other order is needed (README.md, the l2 exchange).
+__device__ __forceinline__ unsigned long long load_relaxed_gpu(const unsigned long long* pointer) {
+  unsigned long long value;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];\n" : "=l"(value) : "l"(pointer) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void store_relaxed_gpu(unsigned long long* pointer, unsigned long long value) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;\n" ::"l"(pointer), "l"(value) : "memory");
+}
+
 }  // namespace birnn_fast::cuda

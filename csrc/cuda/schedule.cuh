@@ -129,6 +129,42 @@ BIRNN_HD int read_buffer(int s) { return s & 1; }
 // The phase parity of full[read_buffer(s)] that step s >= 1 waits for.
 BIRNN_HD uint32_t phase_parity(int s) { return ((s - 1) >> 1) & 1; }
 
+// --- The l2 exchange (cuda_schedule.l2_plan; the design: README.md, "The l2 exchange") ------------
+
+// The l2 kernels' launch: the cluster kernels' parameters and the exchange's, packed by the host in
+// this order (cuda_kernels.L2Params).
+struct L2Params {
+  ForwardParams p;
+  unsigned long long* words;  // [2][chunks][2][C][word_rows][U] tagged words (exchange_word), tag -1 first
+  int32_t* status;            // set to 1 by a poll that gave up (the grid was not resident)
+  int32_t chunks, word_rows, partial_slices, max_polls;
+};
+
+// The tag of the words carrying h_s (h0 is never exchanged).
+BIRNN_HD uint32_t word_tag(int s) { return static_cast<uint32_t>(s); }
+
+// The 64-bit word (low half: 32 bits of h, the word's rows of unit `column`; high half: its tag) of
+// (parity, direction, chunk, slice, word row, column) in the exchange buffer.
+BIRNN_HD int64_t exchange_word(const ForwardParams& p, int word_rows, int chunks, int parity, int direction, int chunk,
+                               int slice, int word_row, int column) {
+  return ((((static_cast<int64_t>(parity) * chunks + chunk) * 2 + direction) * p.cluster + slice) * word_rows +
+          word_row) * p.units + column;
+}
+
+// (slice, word row, column) of the w-th word CTA `rank` stages at a step: the other C-1 slices'.
+BIRNN_HD void staged_word(const ForwardParams& p, int word_rows, int rank, int w, int& slice, int& word_row,
+                          int& column) {
+  const int per_slice = word_rows * p.units;
+  const int other = w / per_slice;
+  const int within = w - other * per_slice;
+  slice = other + (other >= rank ? 1 : 0);
+  word_row = within / p.units;
+  column = within - word_row * p.units;
+}
+
+// The first of the partial_slices h slices the split-K partials take in CTA `rank` (never its own).
+BIRNN_HD int partial_slice(int partial_slices, int rank) { return rank >= partial_slices ? 0 : rank + 1; }
+
 // The input projection's slots per unit: 4 (one 8-byte load; GRU's fourth is 0) or 1 (RNN).
 BIRNN_HD constexpr int xg_gates(int gates) { return gates > 1 ? 4 : 1; }
 
