@@ -123,16 +123,17 @@ class BuildPy(build_py):
                                "--out", os.path.join(ROOT, "build", "aot", f"triton-{triton.__version__}"),
                                "--package", precompiled],
                               cwd=os.path.abspath(self.build_lib), env=env)
-        # csrc/cuda/'s kernels, for the listed capabilities that have thread-block clusters (sm_90,
-        # sm_100: "9.0" -> sm_90a), built with nvcc where it is here; else whatever cubins a
-        # `make cubins` left in birnn_fast/cubins/.
+        # csrc/cuda/'s kernels for the listed capabilities build.py takes (those with thread-block
+        # clusters, "9.0" -> sm_90a, all units; sm_80, the l2 units), built with nvcc where it is
+        # here; else whatever cubins a `make cubins` left in birnn_fast/cubins/.
         spec = importlib.util.spec_from_file_location("birnn_fast_cuda_build", os.path.join(ROOT, "csrc", "cuda", "build.py"))
         cuda_build = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cuda_build)
-        cluster_archs = [arch for arch in cuda_build.requested_archs(CUDA_ARCHS) if arch in cuda_build.CLUSTER_ARCHS]
+        built = cuda_build.CLUSTER_ARCHS + cuda_build.L2_ONLY_ARCHS
+        cuda_archs = [arch for arch in cuda_build.requested_archs(CUDA_ARCHS) if arch in built]
         ci_subset = os.environ.get("BIRNN_FAST_AOT_SUBSET") == "ci"  # CI's wheel replays Triton builds only
-        if cluster_archs and not ci_subset and cuda_build.nvcc() is not None:
-            cuda_build.build(os.path.join(package, "cubins"), ";".join(cluster_archs))
+        if cuda_archs and not ci_subset and cuda_build.nvcc() is not None:
+            cuda_build.build(os.path.join(package, "cubins"), ";".join(cuda_archs))
             for report in glob.glob(os.path.join(package, "cubins", "*.txt")):
                 os.remove(report)
             return
