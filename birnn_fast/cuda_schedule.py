@@ -186,15 +186,20 @@ class Plan:
         return cubin_name(self.cell, self.dtype, self.exchange)
 
 
-def plan(cell, hidden, batch, dtype, fit=True):
-    """The launch plan of one layer, or a ValueError saying why the kernels cannot take it. With
-    ``fit=False`` the limits of the hardware (cluster size, shared memory) are not applied: the
-    CPU model runs such plans too."""
+def _built_gates(cell, dtype, fit):
+    """The cell's gate count, or a ValueError where no kernel is built for the dtype (or, ``fit``, the cell)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"the CUDA kernels take {', '.join(DTYPE_BYTES)}, got {dtype}")
     if cell not in CELLS_BUILT and fit:
         raise ValueError(f"the CUDA kernels run {', '.join(CELLS_BUILT)} so far, got {cell}")
-    gates = cell_of(cell).gates
+    return cell_of(cell).gates
+
+
+def plan(cell, hidden, batch, dtype, fit=True):
+    """The launch plan of one layer, or a ValueError saying why the kernels cannot take it. With
+    ``fit=False`` the limits of the hardware (cluster size, shared memory) are not applied: the
+    CPU model runs such plans too."""
+    gates = _built_gates(cell, dtype, fit)
     units = max(8, 8 * ceil_div(ceil_div(hidden, MAX_CLUSTER), 8))
     cluster = ceil_div(hidden, units)
     k_tiles = ceil_div(hidden, tile_k(dtype))
@@ -230,11 +235,7 @@ def l2_plan(cell, hidden, batch, dtype, sms=L2_ARCHS["90a"][0], smem_limit=SMEM_
     once (the readers poll the writers' words): the launch is cooperative and the plan says how many
     CTAs it needs (``ctas``). ``fit=False``: the largest U within ``sms``, shared memory and the
     compiled (S, R) unchecked (the CPU model)."""
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"the CUDA kernels take {', '.join(DTYPE_BYTES)}, got {dtype}")
-    if cell not in CELLS_BUILT and fit:
-        raise ValueError(f"the CUDA kernels run {', '.join(CELLS_BUILT)} so far, got {cell}")
-    gates = cell_of(cell).gates
+    gates = _built_gates(cell, dtype, fit)
     widest = max(8, 8 * ceil_div(ceil_div(hidden, MAX_CLUSTER), 8))
     k_tiles = ceil_div(hidden, tile_k(dtype))
     n_tiles = ceil_div(min(max(batch, 1), ROWS_PER_CLUSTER), 8)

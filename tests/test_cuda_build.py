@@ -38,26 +38,26 @@ def cuobjdump():
     return str(tool) if tool.exists() else None
 
 
-@pytest.fixture(scope="session")
-def cubins(tmp_path_factory):
-    """The sm_90a cubins built once per session from the checkout's sources: their folder."""
+def built_cubins(tmp_path_factory, arch):
+    """arch's cubins (build.units(arch)) built once from the checkout's sources: their folder."""
     if build.nvcc() is None:
         pytest.skip("nvcc is not installed")
-    out = tmp_path_factory.mktemp("cubins")
-    paths = build.build(out, archs="90a")
-    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_90a.cubin" for unit in build.units("90a"))
+    out = tmp_path_factory.mktemp(f"cubins_{arch}")
+    paths = build.build(out, archs=arch)
+    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_{arch}.cubin" for unit in build.units(arch))
     return out
+
+
+@pytest.fixture(scope="session")
+def cubins(tmp_path_factory):
+    """The sm_90a cubins, built once per session."""
+    return built_cubins(tmp_path_factory, "90a")
 
 
 @pytest.fixture(scope="session")
 def cubins_80(tmp_path_factory):
-    """The sm_80 cubins (the l2 exchange's units only: no clusters there) built once per session."""
-    if build.nvcc() is None:
-        pytest.skip("nvcc is not installed")
-    out = tmp_path_factory.mktemp("cubins_80")
-    paths = build.build(out, archs="80")
-    assert sorted(path.name for path in paths) == sorted(f"{unit[0]}.sm_80.cubin" for unit in build.L2_UNITS)
-    return out
+    """The sm_80 cubins (the l2 exchange's units only: no clusters there), built once per session."""
+    return built_cubins(tmp_path_factory, "80")
 
 
 def addressed_sass(folder, pattern):
